@@ -1,0 +1,112 @@
+//! Command-line arguments.
+
+use crate::render::ArtifactKind;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+const ABOUT: &str = "Keep a Proxmox-hosted K3s or Talos homelab exactly as a git repository describes it.";
+
+const LONG_ABOUT: &str = "\
+Keep a Proxmox-hosted K3s or Talos homelab exactly as a git repository describes it.
+
+An infrastructure repository holds cluster.yaml, one file per node under nodes/, and
+Architecture Decision Records under adr/ whose accepted decisions carry config in a
+```yaml driftless block. driftless loads and validates it, renders each node's Proxmox
+guest config and its K3s or Talos config, and explains where every value came from.";
+
+const EXAMPLES: &str = "\
+Examples:
+  driftless --repo examples/homelab-k3s validate
+  driftless --repo examples/homelab-k3s render k3s-master --artifact proxmox-conf
+  driftless --repo examples/homelab-k3s render --out /tmp/rendered
+  driftless --repo examples/homelab-k3s explain k3s-master lxc.features.nesting
+  driftless --repo https://git.example.com/homelab.git --rev main validate
+  driftless --repo . --rev HEAD~1 render --output json";
+
+#[derive(Debug, Parser)]
+#[command(name = "driftless", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// The infrastructure repository: a directory, a local git repository, or a git URL
+    /// (https://, ssh://, file://). A directory without --rev is read as it is on disk,
+    /// uncommitted edits included.
+    #[arg(
+        long,
+        global = true,
+        env = "DRIFTLESS_REPO",
+        default_value = ".",
+        value_name = "PATH|URL"
+    )]
+    pub repo: String,
+
+    /// Read the repository from this git revision (branch, tag, commit) instead of the
+    /// directory; a URL without --rev reads the remote's default branch.
+    #[arg(long, global = true, env = "DRIFTLESS_REV", value_name = "REV")]
+    pub rev: Option<String>,
+
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = OutputFormat::Text)]
+    pub output: OutputFormat,
+
+    /// Treat a proposed ADR as accepted (repeatable), to see what accepting it would change.
+    #[arg(long = "assume-accepted", global = true, value_name = "ADR")]
+    pub assume_accepted: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check the repository: every problem at once, each as file:line:col with a hint.
+    ///
+    /// Loads cluster.yaml, nodes/*.yaml and the ADRs, applies accepted decisions, checks the
+    /// cross-file rules (unique vmid, name and address, addresses inside the network, roles,
+    /// raw LXC keys, K3s flags, secrets) and renders every template. Exit code 0 when valid,
+    /// 1 when not.
+    Validate,
+
+    /// Render each node's artifacts: the Proxmox guest config file and API parameters,
+    /// and the K3s config.yaml or Talos machine config.
+    ///
+    /// Secrets appear as <secret:NAME> placeholders; real values are filled in only when a
+    /// file is written to its target.
+    Render(RenderArgs),
+
+    /// Show a node's final values and the chain of files and ADRs that set them.
+    Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// Render only this node.
+    pub node: Option<String>,
+
+    /// Render only these artifacts (repeatable).
+    #[arg(long, value_enum)]
+    pub artifact: Vec<ArtifactKind>,
+
+    /// Write the artifacts to DIR/<node>/<file> instead of printing them.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    /// The node to explain.
+    pub node: String,
+
+    /// One key, such as `cores`, `lxc.features.nesting` or `k3s.config.write-kubeconfig-mode`;
+    /// every key when absent.
+    pub key: Option<String>,
+}

@@ -1,0 +1,10 @@
+//! driftless: pull-based GitOps reconciler for Proxmox-hosted K3s and Talos homelabs.
+//!
+//! The pipeline, one module each: `model` (load, resolve ADRs, validate), `render`
+//! (artifacts from templates), `source` (read a repository from a directory or git).
+pub mod cli;
+pub mod commands;
+pub mod model;
+pub mod pve;
+pub mod render;
+pub mod source;

@@ -1,0 +1,165 @@
+//! The desired state: what a valid repository says, fully resolved, with provenance.
+
+use super::diag::Location;
+use super::schema::*;
+use ipnet::IpNet;
+use serde::Serialize;
+use serde_json::Value as Json;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::IpAddr;
+
+/// Which layer set a value. Precedence, lowest first: built-in, ADR, cluster defaults, cluster, node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "layer", content = "name")]
+pub enum Source {
+    Builtin,
+    Adr(String),
+    ClusterDefaults(String),
+    Cluster,
+    Node,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Builtin => write!(f, "built-in default"),
+            Source::Adr(id) => write!(f, "{id}"),
+            Source::ClusterDefaults(k) => write!(f, "cluster defaults.{k}"),
+            Source::Cluster => write!(f, "cluster"),
+            Source::Node => write!(f, "node file"),
+        }
+    }
+}
+
+/// One layer's word on a key.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SetBy {
+    pub source: Source,
+    pub location: Location,
+    pub value: Json,
+    /// For list values: where each item is.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<Location>,
+}
+
+/// A final value and every layer that set it, lowest precedence first; the last one wins.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Setting {
+    pub value: Json,
+    pub chain: Vec<SetBy>,
+}
+
+impl Setting {
+    pub fn winner(&self) -> &SetBy {
+        self.chain.last().expect("a setting has at least one origin")
+    }
+
+    /// `adr/ADR-001-lxc.md:52` or `built-in default`: where a reader finds this value.
+    pub fn cite(&self) -> String {
+        let w = self.winner();
+        match w.source {
+            Source::Builtin => "built-in default".into(),
+            _ => format!("{}:{}", w.location.file, w.location.line),
+        }
+    }
+}
+
+pub type Provenance = BTreeMap<String, Setting>;
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Network {
+    pub cidr: IpNet,
+    pub gateway: IpAddr,
+    pub dns: Vec<IpAddr>,
+    pub search_domain: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Cluster {
+    pub name: String,
+    pub distribution: Distribution,
+    pub version: String,
+    pub kubernetes_version: Option<String>,
+    pub cni: String,
+    pub proxmox: ProxmoxSettings,
+    pub network: Network,
+    pub reconcile: ReconcilePolicy,
+    pub k3s: K3sCluster,
+    pub talos: TalosCluster,
+    pub secrets: BTreeMap<String, String>,
+    pub provenance: Provenance,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Node {
+    pub name: String,
+    pub file: String,
+    pub vmid: u32,
+    pub proxmox_node: String,
+    pub kind: GuestKind,
+    pub role: String,
+    pub address: IpNet,
+    pub adopt: bool,
+    pub settings: NodeSettings,
+    pub provenance: Provenance,
+}
+
+impl Node {
+    pub fn ip(&self) -> IpAddr {
+        self.address.addr()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AdrSummary {
+    pub id: String,
+    pub file: String,
+    pub title: String,
+    pub status: String,
+    pub applies: bool,
+    pub has_config: bool,
+}
+
+/// A user template from the repository's templates/ directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserTemplate {
+    pub file: String,
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub cluster: Cluster,
+    /// Control plane nodes first, then by name: the order changes are applied in.
+    pub nodes: Vec<Node>,
+    pub adrs: Vec<AdrSummary>,
+    /// Template name (`lxc.conf.j2`) -> the repository's override.
+    pub templates: BTreeMap<String, UserTemplate>,
+}
+
+impl Desired {
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    pub fn control_plane(&self) -> impl Iterator<Item = &Node> {
+        self.nodes
+            .iter()
+            .filter(|n| self.cluster.distribution.is_control_plane(&n.role))
+    }
+}
+
+/// How a key path is shown to people: `lxc.features.nesting`, `labels."node-role.kubernetes.io/worker"`.
+pub fn display_key(path: &[String]) -> String {
+    path.iter()
+        .map(|s| {
+            if s.contains(['.', '/', ' ', ':']) {
+                format!("\"{s}\"")
+            } else {
+                s.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}

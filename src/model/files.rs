@@ -1,0 +1,68 @@
+//! The files of an infrastructure repository, as read from a directory or a git tree.
+//! Loading works on this in-memory snapshot only, so it does no I/O of its own.
+
+use std::collections::BTreeMap;
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepoFiles {
+    /// Repository-relative path (with `/`) -> contents.
+    pub files: BTreeMap<String, Vec<u8>>,
+    /// Where the files came from, for messages: a directory, or a URL and commit.
+    pub origin: String,
+}
+
+impl RepoFiles {
+    pub fn new(origin: impl Into<String>) -> Self {
+        RepoFiles {
+            files: BTreeMap::new(),
+            origin: origin.into(),
+        }
+    }
+
+    pub fn insert(&mut self, path: impl Into<String>, contents: impl Into<Vec<u8>>) {
+        self.files.insert(path.into(), contents.into());
+    }
+
+    /// Whether driftless reads this path at all; sources skip everything else.
+    pub fn is_relevant(path: &str) -> bool {
+        path == "cluster.yaml"
+            || is_node_file(path)
+            || super::adr::is_adr_path(path)
+            || (path.starts_with("templates/") && path.ends_with(".j2"))
+    }
+
+    pub fn node_files(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.files
+            .iter()
+            .filter(|(p, _)| is_node_file(p))
+            .map(|(p, c)| (p.as_str(), c.as_slice()))
+    }
+
+    pub fn adr_files(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.files
+            .iter()
+            .filter(|(p, _)| super::adr::is_adr_path(p))
+            .map(|(p, c)| (p.as_str(), c.as_slice()))
+    }
+
+    pub fn template_files(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.files
+            .iter()
+            .filter(|(p, _)| p.starts_with("templates/") && p.ends_with(".j2"))
+            .map(|(p, c)| (p.as_str(), c.as_slice()))
+    }
+}
+
+/// `nodes/<name>.yaml` (or `.yml`), directly under nodes/.
+pub fn is_node_file(path: &str) -> bool {
+    path.strip_prefix("nodes/")
+        .is_some_and(|rest| !rest.contains('/') && (rest.ends_with(".yaml") || rest.ends_with(".yml")))
+}
+
+/// The node name a file implies: `nodes/k3s-master.yaml` -> `k3s-master`.
+pub fn node_stem(path: &str) -> &str {
+    let base = path.rsplit('/').next().unwrap_or(path);
+    base.strip_suffix(".yaml")
+        .or_else(|| base.strip_suffix(".yml"))
+        .unwrap_or(base)
+}

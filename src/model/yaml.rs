@@ -1,0 +1,387 @@
+//! YAML with positions. Every key and value keeps its line and column, so typing errors,
+//! unknown keys and the provenance of every final value point at the exact place in a file.
+//!
+//! Parsing uses saphyr-parser's event stream; scalars are resolved with the YAML 1.2 core
+//! schema (so `yes` stays a string and `"644"` stays a string), the way K3s and Talos read YAML.
+
+use saphyr_parser::{Event, Parser, ScalarStyle, Span};
+use serde_json::Value as Json;
+use std::collections::HashMap;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Pos {
+    pub line: u32,
+    pub col: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct YNode {
+    pub pos: Pos,
+    pub value: YValue,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum YValue {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+    Seq(Vec<YNode>),
+    Map(Vec<(YKey, YNode)>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct YKey {
+    pub name: String,
+    pub pos: Pos,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct YamlError {
+    pub pos: Pos,
+    pub message: String,
+}
+
+/// One step of a path into a document.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Seg {
+    Key(String),
+    Index(usize),
+}
+
+fn pos_of(span: &Span, line_offset: u32) -> Pos {
+    Pos {
+        line: span.start.line() as u32 + line_offset,
+        col: span.start.col() as u32 + 1,
+    }
+}
+
+enum Frame {
+    Seq {
+        pos: Pos,
+        anchor: usize,
+        items: Vec<YNode>,
+    },
+    Map {
+        pos: Pos,
+        anchor: usize,
+        entries: Vec<(YKey, YNode)>,
+        key: Option<YKey>,
+    },
+}
+
+/// Parse one YAML document. `line_offset` shifts reported lines, for YAML embedded in
+/// another file (an ADR's config block). An empty document is `Null`.
+pub fn parse(text: &str, line_offset: u32) -> Result<YNode, YamlError> {
+    let mut parser = Parser::new_from_str(text);
+    let mut stack: Vec<Frame> = Vec::new();
+    let mut anchors: HashMap<usize, YNode> = HashMap::new();
+    let mut root: Option<YNode> = None;
+    let mut documents = 0;
+
+    while let Some(ev) = parser.next_event() {
+        let (event, span) = ev.map_err(|e| YamlError {
+            pos: Pos {
+                line: e.marker().line() as u32 + line_offset,
+                col: e.marker().col() as u32 + 1,
+            },
+            message: format!("invalid YAML: {}", e.info()),
+        })?;
+        let pos = pos_of(&span, line_offset);
+        let done: Option<(YNode, usize)> = match event {
+            Event::DocumentStart(_) => {
+                documents += 1;
+                if documents > 1 {
+                    return Err(YamlError {
+                        pos,
+                        message: "expected one YAML document, found several (`---`)".into(),
+                    });
+                }
+                None
+            }
+            Event::Scalar(text, style, anchor, tag) => {
+                let is_str_tag = tag.as_ref().is_some_and(|t| t.suffix == "str");
+                let value = if style == ScalarStyle::Plain && !is_str_tag {
+                    resolve_plain(&text)
+                } else {
+                    YValue::Str(text.into_owned())
+                };
+                Some((YNode { pos, value }, anchor))
+            }
+            Event::Alias(id) => match anchors.get(&id) {
+                Some(n) => Some((
+                    YNode {
+                        pos,
+                        value: n.value.clone(),
+                    },
+                    0,
+                )),
+                None => {
+                    return Err(YamlError {
+                        pos,
+                        message: "alias to an unknown anchor".into(),
+                    });
+                }
+            },
+            Event::SequenceStart(anchor, _) => {
+                stack.push(Frame::Seq {
+                    pos,
+                    anchor,
+                    items: Vec::new(),
+                });
+                None
+            }
+            Event::MappingStart(anchor, _) => {
+                stack.push(Frame::Map {
+                    pos,
+                    anchor,
+                    entries: Vec::new(),
+                    key: None,
+                });
+                None
+            }
+            Event::SequenceEnd => match stack.pop() {
+                Some(Frame::Seq { pos, anchor, items }) => Some((
+                    YNode {
+                        pos,
+                        value: YValue::Seq(items),
+                    },
+                    anchor,
+                )),
+                _ => unreachable!("parser balances sequences"),
+            },
+            Event::MappingEnd => match stack.pop() {
+                Some(Frame::Map {
+                    pos, anchor, entries, ..
+                }) => Some((
+                    YNode {
+                        pos,
+                        value: YValue::Map(entries),
+                    },
+                    anchor,
+                )),
+                _ => unreachable!("parser balances mappings"),
+            },
+            _ => None,
+        };
+        let Some((node, anchor)) = done else { continue };
+        if anchor != 0 {
+            anchors.insert(anchor, node.clone());
+        }
+        match stack.last_mut() {
+            None => root = Some(node),
+            Some(Frame::Seq { items, .. }) => items.push(node),
+            Some(Frame::Map { entries, key, .. }) => match key.take() {
+                None => {
+                    let name = match &node.value {
+                        YValue::Str(s) => s.clone(),
+                        YValue::Int(i) => i.to_string(),
+                        YValue::Bool(b) => b.to_string(),
+                        YValue::Float(f) => f.to_string(),
+                        YValue::Null => String::new(),
+                        _ => {
+                            return Err(YamlError {
+                                pos: node.pos,
+                                message: "a mapping key must be a plain value".into(),
+                            });
+                        }
+                    };
+                    if let Some((first, _)) = entries.iter().find(|(k, _)| k.name == name) {
+                        return Err(YamlError {
+                            pos: node.pos,
+                            message: format!("duplicate key `{name}` (first at line {})", first.pos.line),
+                        });
+                    }
+                    *key = Some(YKey { name, pos: node.pos });
+                }
+                Some(k) => entries.push((k, node)),
+            },
+        }
+    }
+    Ok(root.unwrap_or(YNode {
+        pos: Pos {
+            line: 1 + line_offset,
+            col: 1,
+        },
+        value: YValue::Null,
+    }))
+}
+
+/// YAML 1.2 core schema resolution of a plain scalar.
+fn resolve_plain(s: &str) -> YValue {
+    match s {
+        "" | "~" | "null" | "Null" | "NULL" => return YValue::Null,
+        "true" | "True" | "TRUE" => return YValue::Bool(true),
+        "false" | "False" | "FALSE" => return YValue::Bool(false),
+        _ => {}
+    }
+    let digits = s.strip_prefix(['-', '+']).unwrap_or(s);
+    if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(i) = s.parse::<i64>() {
+            return YValue::Int(i);
+        }
+    }
+    if let Some(hex) = s.strip_prefix("0x") {
+        if let Ok(i) = i64::from_str_radix(hex, 16) {
+            return YValue::Int(i);
+        }
+    }
+    if let Some(oct) = s.strip_prefix("0o") {
+        if let Ok(i) = i64::from_str_radix(oct, 8) {
+            return YValue::Int(i);
+        }
+    }
+    let looks_float = digits.bytes().next().is_some_and(|b| b.is_ascii_digit() || b == b'.')
+        && digits
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'e' | b'E' | b'-' | b'+'));
+    if looks_float {
+        if let Ok(f) = s.parse::<f64>() {
+            return YValue::Float(f);
+        }
+    }
+    match s {
+        ".inf" | "+.inf" | ".Inf" => YValue::Float(f64::INFINITY),
+        "-.inf" | "-.Inf" => YValue::Float(f64::NEG_INFINITY),
+        _ => YValue::Str(s.to_string()),
+    }
+}
+
+impl YNode {
+    pub fn to_json(&self) -> Json {
+        match &self.value {
+            YValue::Null => Json::Null,
+            YValue::Bool(b) => Json::Bool(*b),
+            YValue::Int(i) => Json::from(*i),
+            YValue::Float(f) => serde_json::Number::from_f64(*f).map(Json::Number).unwrap_or(Json::Null),
+            YValue::Str(s) => Json::String(s.clone()),
+            YValue::Seq(items) => Json::Array(items.iter().map(YNode::to_json).collect()),
+            YValue::Map(entries) => Json::Object(entries.iter().map(|(k, v)| (k.name.clone(), v.to_json())).collect()),
+        }
+    }
+
+    pub fn as_map(&self) -> Option<&[(YKey, YNode)]> {
+        match &self.value {
+            YValue::Map(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Option<&YNode> {
+        self.as_map()?.iter().find(|(k, _)| k.name == key).map(|(_, v)| v)
+    }
+
+    pub fn key_pos(&self, key: &str) -> Option<Pos> {
+        self.as_map()?.iter().find(|(k, _)| k.name == key).map(|(k, _)| k.pos)
+    }
+
+    /// The position of what `path` names: the key, for a mapping entry (that is where a
+    /// reader looks), the item for a sequence element. Falls back to the deepest part found.
+    pub fn pos_at(&self, path: &[Seg]) -> Pos {
+        let mut node = self;
+        let mut pos = self.pos;
+        for seg in path {
+            match (seg, &node.value) {
+                (Seg::Key(k), YValue::Map(entries)) => match entries.iter().find(|(key, _)| &key.name == k) {
+                    Some((key, v)) => {
+                        pos = key.pos;
+                        node = v;
+                    }
+                    None => return pos,
+                },
+                (Seg::Index(i), YValue::Seq(items)) => match items.get(*i) {
+                    Some(v) => {
+                        pos = v.pos;
+                        node = v;
+                    }
+                    None => return pos,
+                },
+                _ => return pos,
+            }
+        }
+        pos
+    }
+
+    /// The position of the value (not the key) at `path`.
+    pub fn value_pos_at(&self, path: &[Seg]) -> Pos {
+        let mut node = self;
+        for seg in path {
+            let next = match (seg, &node.value) {
+                (Seg::Key(k), YValue::Map(entries)) => entries.iter().find(|(key, _)| &key.name == k).map(|(_, v)| v),
+                (Seg::Index(i), YValue::Seq(items)) => items.get(*i),
+                _ => None,
+            };
+            match next {
+                Some(n) => node = n,
+                None => return self.pos_at(path),
+            }
+        }
+        node.pos
+    }
+
+    pub fn type_name(&self) -> &'static str {
+        match &self.value {
+            YValue::Null => "null",
+            YValue::Bool(_) => "a boolean",
+            YValue::Int(_) => "an integer",
+            YValue::Float(_) => "a number",
+            YValue::Str(_) => "a string",
+            YValue::Seq(_) => "a list",
+            YValue::Map(_) => "a mapping",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_positions_of_keys_and_values() {
+        let doc = parse(
+            "name: a\nlxc:\n  features: {nesting: true}\n  raw:\n    - lxc.cap.drop: \"\"\n",
+            0,
+        )
+        .unwrap();
+        assert_eq!(doc.pos_at(&[Seg::Key("name".into())]), Pos { line: 1, col: 1 });
+        let nesting = [
+            Seg::Key("lxc".into()),
+            Seg::Key("features".into()),
+            Seg::Key("nesting".into()),
+        ];
+        assert_eq!(doc.pos_at(&nesting), Pos { line: 3, col: 14 });
+        assert_eq!(
+            doc.pos_at(&[Seg::Key("lxc".into()), Seg::Key("raw".into()), Seg::Index(0)])
+                .line,
+            5
+        );
+    }
+
+    #[test]
+    fn resolves_scalars_with_the_core_schema() {
+        let doc = parse("a: \"644\"\nb: 644\nc: yes\nd: true\ne: ~\nf: 1.5\n", 0)
+            .unwrap()
+            .to_json();
+        assert_eq!(
+            doc,
+            serde_json::json!({"a": "644", "b": 644, "c": "yes", "d": true, "e": null, "f": 1.5})
+        );
+    }
+
+    #[test]
+    fn reports_syntax_errors_and_duplicate_keys_with_line() {
+        let err = parse("a: 1\nb: [1, 2\n", 10).unwrap_err();
+        assert!(err.pos.line >= 12, "{err:?}");
+        let err = parse("a: 1\nb: 2\na: 3\n", 0).unwrap_err();
+        assert_eq!(err.pos.line, 3);
+        assert!(err.message.contains("duplicate key `a`"));
+    }
+
+    #[test]
+    fn line_offset_shifts_positions() {
+        let doc = parse("cores: 2\n", 40).unwrap();
+        assert_eq!(doc.pos_at(&[Seg::Key("cores".into())]).line, 41);
+    }
+}

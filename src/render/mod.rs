@@ -1,0 +1,264 @@
+//! Rendering: each node's artifacts from minijinja templates. Built-in templates are embedded
+//! in the binary; a template of the same name in the repository's templates/ overrides one.
+//! Pure and deterministic: the same desired state renders to the same bytes.
+
+pub mod context;
+mod proxmox;
+
+use crate::model::diag::{Diagnostic, Diagnostics, Location};
+use crate::model::schema::{Distribution, GuestKind};
+use crate::model::{Desired, Node};
+use context::{cluster_context, node_context};
+use minijinja::{Environment, UndefinedBehavior, Value};
+use serde::Serialize;
+use std::collections::BTreeSet;
+
+/// The built-in templates, by name.
+pub const BUILTIN_TEMPLATES: &[(&str, &str)] = &[
+    ("lxc.conf.j2", include_str!("../../templates/lxc.conf.j2")),
+    ("qemu.conf.j2", include_str!("../../templates/qemu.conf.j2")),
+    ("k3s-config.yaml.j2", include_str!("../../templates/k3s-config.yaml.j2")),
+    (
+        "talos-machineconfig.yaml.j2",
+        include_str!("../../templates/talos-machineconfig.yaml.j2"),
+    ),
+];
+
+/// What a rendered file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ArtifactKind {
+    /// The Proxmox guest config file (/etc/pve/lxc/VMID.conf or qemu-server/VMID.conf).
+    ProxmoxConf,
+    /// The Proxmox API parameters that create the guest.
+    ProxmoxApi,
+    /// /etc/rancher/k3s/config.yaml.
+    K3sConfig,
+    /// The Talos machine configuration.
+    TalosConfig,
+}
+
+impl ArtifactKind {
+    pub fn file_name(self) -> &'static str {
+        match self {
+            ArtifactKind::ProxmoxConf => "proxmox.conf",
+            ArtifactKind::ProxmoxApi => "proxmox-api.json",
+            ArtifactKind::K3sConfig => "k3s-config.yaml",
+            ArtifactKind::TalosConfig => "talos-machineconfig.yaml",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Artifact {
+    pub node: String,
+    pub kind: ArtifactKind,
+    /// Where this file lives on its target system.
+    pub target: String,
+    pub content: String,
+}
+
+/// The placeholder a secret renders to. Secrets are resolved only when a file is written to
+/// its target; everything shown to people carries this placeholder instead.
+pub fn secret_placeholder(name: &str, field: Option<&str>) -> String {
+    match field {
+        Some(f) => format!("<secret:{name}/{f}>"),
+        None => format!("<secret:{name}>"),
+    }
+}
+
+struct Renderer<'a> {
+    env: Environment<'a>,
+    desired: &'a Desired,
+}
+
+fn template_file(d: &Desired, name: &str) -> String {
+    d.templates
+        .get(name)
+        .map(|t| t.file.clone())
+        .unwrap_or_else(|| format!("(built-in) templates/{name}"))
+}
+
+fn template_error(d: &Desired, name: &str, node: &str, e: &minijinja::Error) -> Diagnostic {
+    let file = e
+        .name()
+        .map(|n| template_file(d, n))
+        .unwrap_or_else(|| template_file(d, name));
+    let line = e.line().unwrap_or(1) as u32;
+    let mut msg = format!("template error rendering `{name}` for node `{node}`: {}", e.kind());
+    if let Some(detail) = e.detail() {
+        msg.push_str(": ");
+        msg.push_str(detail);
+    }
+    Diagnostic::new(Location::new(file, line, 1), msg)
+        .hint("check the template against the values `driftless explain NODE` shows")
+}
+
+impl<'a> Renderer<'a> {
+    fn new(desired: &'a Desired) -> Result<Self, Diagnostics> {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        // Artifacts are config files, not HTML: values are quoted by the templates (`tojson`)
+        // where the format needs it, never escaped behind their back.
+        env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
+        env.set_syntax(
+            minijinja::syntax::SyntaxConfig::builder()
+                .trim_blocks(true)
+                .lstrip_blocks(true)
+                .keep_trailing_newline(true)
+                .build()
+                .expect("default delimiters are valid"),
+        );
+        let declared: BTreeSet<String> = desired.cluster.secrets.keys().cloned().collect();
+        // `secret("k3s-token")`, or one field of a bundle: `secret("talos-secrets", "certs.os.crt")`.
+        env.add_function(
+            "secret",
+            move |name: String, field: Option<String>| -> Result<String, minijinja::Error> {
+                if declared.contains(&name) {
+                    Ok(secret_placeholder(&name, field.as_deref()))
+                } else {
+                    Err(minijinja::Error::new(
+                        minijinja::ErrorKind::InvalidOperation,
+                        format!("unknown secret `{name}` (declare it under `secrets:` in cluster.yaml)"),
+                    ))
+                }
+            },
+        );
+        let mut diags = Diagnostics::default();
+        for (name, builtin) in BUILTIN_TEMPLATES {
+            let source = desired
+                .templates
+                .get(*name)
+                .map(|t| t.source.as_str())
+                .unwrap_or(builtin);
+            if let Err(e) = env.add_template_owned(name.to_string(), source.to_string()) {
+                let file = template_file(desired, name);
+                diags.push(
+                    Diagnostic::new(
+                        Location::new(file, e.line().unwrap_or(1) as u32, 1),
+                        format!("template syntax error: {}", e.detail().unwrap_or("invalid template")),
+                    )
+                    .hint("minijinja follows Jinja2 syntax"),
+                );
+            }
+        }
+        for (name, t) in &desired.templates {
+            if !BUILTIN_TEMPLATES.iter().any(|(n, _)| n == name) {
+                diags.push(
+                    Diagnostic::new(
+                        Location::file_start(&t.file),
+                        format!("`{name}` does not override any built-in template"),
+                    )
+                    .maybe_hint(crate::model::diag::did_you_mean(
+                        name,
+                        BUILTIN_TEMPLATES.iter().map(|(n, _)| *n),
+                    ))
+                    .hint(format!(
+                        "templates: {}",
+                        BUILTIN_TEMPLATES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
+                    )),
+                );
+            }
+        }
+        if !diags.is_empty() {
+            return Err(diags);
+        }
+        Ok(Renderer { env, desired })
+    }
+
+    fn render(&self, name: &str, node: &Node) -> Result<String, Diagnostic> {
+        let ctx = Value::from(minijinja::value::Serde(serde_json::json!({
+            "cluster": cluster_context(self.desired),
+            "node": node_context(self.desired, node),
+        })));
+        let tmpl = self
+            .env
+            .get_template(name)
+            .map_err(|e| template_error(self.desired, name, &node.name, &e))?;
+        tmpl.render(ctx)
+            .map_err(|e| template_error(self.desired, name, &node.name, &e))
+    }
+
+    /// Rendered YAML must parse: a template that emits broken YAML is a template error.
+    fn render_yaml(&self, name: &str, node: &Node) -> Result<String, Diagnostic> {
+        let text = self.render(name, node)?;
+        for doc in text.split("\n---\n") {
+            if let Err(e) = crate::model::yaml::parse(doc, 0) {
+                return Err(Diagnostic::new(
+                    Location::file_start(template_file(self.desired, name)),
+                    format!(
+                        "`{name}` rendered invalid YAML for node `{}`: line {}: {}",
+                        node.name, e.pos.line, e.message
+                    ),
+                ));
+            }
+        }
+        Ok(text)
+    }
+
+    fn node(&self, node: &Node) -> Result<Vec<Artifact>, Diagnostic> {
+        let mut out = Vec::new();
+        let (conf_template, conf_dir) = match node.kind {
+            GuestKind::Lxc => ("lxc.conf.j2", "lxc"),
+            GuestKind::Vm => ("qemu.conf.j2", "qemu-server"),
+        };
+        let raw = self.render(conf_template, node)?;
+        let conf = proxmox::canonical_conf(&raw, node.kind).map_err(|e| {
+            Diagnostic::new(
+                Location::file_start(template_file(self.desired, conf_template)),
+                format!(
+                    "`{conf_template}` rendered an invalid Proxmox config for node `{}`: {e}",
+                    node.name
+                ),
+            )
+        })?;
+        let api = proxmox::create_params(&conf, node);
+        out.push(Artifact {
+            node: node.name.clone(),
+            kind: ArtifactKind::ProxmoxConf,
+            target: format!("/etc/pve/nodes/{}/{conf_dir}/{}.conf", node.proxmox_node, node.vmid),
+            content: conf.write(),
+        });
+        let api_path = format!(
+            "/nodes/{}/{}",
+            node.proxmox_node,
+            if node.kind == GuestKind::Lxc { "lxc" } else { "qemu" }
+        );
+        out.push(Artifact {
+            node: node.name.clone(),
+            kind: ArtifactKind::ProxmoxApi,
+            target: format!("POST {api_path}"),
+            content: serde_json::to_string_pretty(&api).expect("params serialise") + "\n",
+        });
+        match self.desired.cluster.distribution {
+            Distribution::K3s => out.push(Artifact {
+                node: node.name.clone(),
+                kind: ArtifactKind::K3sConfig,
+                target: "/etc/rancher/k3s/config.yaml".into(),
+                content: self.render_yaml("k3s-config.yaml.j2", node)?,
+            }),
+            Distribution::Talos => out.push(Artifact {
+                node: node.name.clone(),
+                kind: ArtifactKind::TalosConfig,
+                target: format!("talos://{}:50000", node.ip()),
+                content: self.render_yaml("talos-machineconfig.yaml.j2", node)?,
+            }),
+        }
+        Ok(out)
+    }
+}
+
+/// Render every artifact of every node, in apply order. Any template error fails the whole
+/// render: a repository with an error renders nothing.
+pub fn render_all(desired: &Desired) -> Result<Vec<Artifact>, Diagnostics> {
+    let r = Renderer::new(desired)?;
+    let mut out = Vec::new();
+    let mut diags = Diagnostics::default();
+    for node in &desired.nodes {
+        match r.node(node) {
+            Ok(a) => out.extend(a),
+            Err(d) => diags.push(d),
+        }
+    }
+    if diags.is_empty() { Ok(out) } else { Err(diags.finish()) }
+}
