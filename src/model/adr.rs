@@ -233,25 +233,18 @@ fn find_status(lines: &[&str]) -> Option<(AdrStatus, u32)> {
     None
 }
 
-/// `Supersedes ADR-001`, `**Supersedes:** [ADR-001](...)`, front matter `supersedes: ADR-001`.
+/// `Supersedes ADR-001`, `**Supersedes:** [ADR-001](...), ADR-002`, front matter `supersedes: ADR-001`.
+/// Every ADR id after the word on that line counts; link targets and other words do not.
 fn find_supersedes(lines: &[&str]) -> Vec<u32> {
     let mut out = Vec::new();
     for line in lines {
-        let lower = line.to_ascii_lowercase().replace("**", "");
-        if let Some(idx) = lower.find("supersedes") {
-            let rest = &lower[idx + "supersedes".len()..];
-            for w in rest
-                .split([',', ' ', ':', '[', ']', '(', ')'])
-                .filter(|w| !w.is_empty())
-            {
-                if let Some(n) = parse_adr_ref(w.trim_end_matches('.')) {
-                    if w.contains("adr") || w.chars().all(|c| c.is_ascii_digit()) {
-                        out.push(n);
-                    }
-                } else if w.starts_with("adr") {
-                    continue;
-                } else if !out.is_empty() && w != "and" {
-                    break;
+        let lower = line.to_ascii_lowercase();
+        let Some(idx) = lower.find("supersedes") else { continue };
+        let rest = &lower[idx + "supersedes".len()..];
+        for w in rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_')) {
+            if w.starts_with("adr") {
+                if let Some(n) = parse_adr_ref(w) {
+                    out.push(n);
                 }
             }
         }
@@ -329,8 +322,10 @@ mod tests {
     #[test]
     fn reads_the_three_seed_status_forms() {
         let bold = "# ADR-001: LXC\n\n**Status:** Accepted\n**Date:** 2026-01-05\n";
-        let a = parse("adr/ADR-001-lxc.md", bold).unwrap();
-        assert!(a.is_none(), "no block, so not needed"); // no config: fine to skip
+        let a = parse("adr/ADR-001-lxc.md", bold)
+            .unwrap()
+            .expect("an ADR without config is still listed");
+        assert_eq!((a.number, a.block.is_none()), (1, true));
         let lines: Vec<&str> = bold.lines().collect();
         assert_eq!(find_status(&lines), Some((AdrStatus::Accepted, 3)));
 
@@ -387,6 +382,8 @@ mod tests {
     fn reads_supersedes() {
         let lines = ["**Supersedes:** [ADR-001](x.md), ADR-002"];
         assert_eq!(find_supersedes(&lines), vec![1, 2]);
+        assert_eq!(find_supersedes(&["supersedes: ADR-0004"]), vec![4]);
+        assert!(find_supersedes(&["This ADR supersedes nothing"]).is_empty());
         assert_eq!(find_supersedes(&["Status: Accepted, supersedes ADR-3"]), vec![3]);
     }
 }

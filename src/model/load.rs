@@ -66,6 +66,16 @@ fn parse_doc(file: &str, bytes: &[u8], line_offset: u32, diags: &mut Diagnostics
 /// Human words for serde's type names.
 fn humanize(msg: &str) -> String {
     let mut m = msg.to_string();
+    // A whole number out of range (`vlan: 70000`, `vmid: -1`) is still a whole number: say the range.
+    if m.starts_with("invalid value: integer") {
+        for (from, to) in [
+            ("expected u16", "expected a whole number from 0 to 65535"),
+            ("expected u32", "expected a whole number from 0 to 4294967295"),
+            ("expected u64", "expected a whole number from 0 up"),
+        ] {
+            m = m.replace(from, to);
+        }
+    }
     for (from, to) in [
         ("expected u32", "expected a whole number"),
         ("expected u16", "expected a whole number"),
@@ -98,10 +108,15 @@ pub(crate) fn typed<T: DeserializeOwned>(json: Json, doc: &Doc, base: &[Seg], ex
             }
         }
         let msg = e.into_inner().to_string();
-        let shown = display_path(&path);
+        let mut shown = display_path(&path);
         if let Some(rest) = msg.strip_prefix("unknown field ") {
             let words = backticked(rest);
             let field = words.first().copied().unwrap_or("");
+            // serde_path_to_error's path ends with the unknown key itself: say where it is.
+            if path.len() > base.len() && path.last() == Some(&Seg::Key(field.to_string())) {
+                path.pop();
+                shown = display_path(&path);
+            }
             let mut candidates: Vec<&str> = words.iter().skip(1).copied().collect();
             candidates.extend_from_slice(extra);
             path.push(Seg::Key(field.to_string()));
@@ -446,6 +461,9 @@ struct NodeInput {
     doc: Doc,
     identity: NodeIdentity,
     layer: Layer,
+    /// Whether the file's settings type-checked; a node whose settings did not is not resolved
+    /// (its errors are reported, and a half-read node would only add misleading ones).
+    settings_ok: bool,
 }
 
 pub fn load(files: &RepoFiles, opts: &LoadOptions) -> Result<Desired, Diagnostics> {
@@ -519,6 +537,7 @@ pub fn load(files: &RepoFiles, opts: &LoadOptions) -> Result<Desired, Diagnostic
     }
 
     // ADRs
+    let diags_before_adrs = diags.len();
     let mut adrs: Vec<Adr> = Vec::new();
     for (file, bytes) in files.adr_files() {
         let text = String::from_utf8_lossy(bytes);
@@ -618,6 +637,9 @@ pub fn load(files: &RepoFiles, opts: &LoadOptions) -> Result<Desired, Diagnostic
         });
     }
 
+    // An ADR that could not be read may be where a node's `kind` comes from.
+    let adrs_incomplete = diags.len() > diags_before_adrs;
+
     // node files
     let mut node_inputs: Vec<NodeInput> = Vec::new();
     for (file, bytes) in files.node_files() {
@@ -631,7 +653,9 @@ pub fn load(files: &RepoFiles, opts: &LoadOptions) -> Result<Desired, Diagnostic
         }
         let (id_json, settings_json) = split(&json, NODE_IDENTITY_KEYS);
         let identity = typed::<NodeIdentity>(id_json, &doc, &[], &[]);
+        let diags_before_settings = diags.len();
         let leaves = settings_leaves(settings_json, &doc, &[], NODE_IDENTITY_KEYS, &mut diags);
+        let settings_ok = diags.len() == diags_before_settings;
         match identity {
             Ok(identity) => {
                 let deviations = deviations_with_locations(&identity.deviations, &doc, &["deviations"]);
@@ -643,7 +667,12 @@ pub fn load(files: &RepoFiles, opts: &LoadOptions) -> Result<Desired, Diagnostic
                     supersedes: Vec::new(),
                     deviations,
                 };
-                node_inputs.push(NodeInput { doc, identity, layer });
+                node_inputs.push(NodeInput {
+                    doc,
+                    identity,
+                    layer,
+                    settings_ok,
+                });
             }
             Err(d) => diags.push(d),
         }
@@ -712,8 +741,10 @@ pub fn load(files: &RepoFiles, opts: &LoadOptions) -> Result<Desired, Diagnostic
     };
 
     // per node: resolve kind, then merge every applicable layer
+    let builtin_lxc = builtin_layer(GuestKind::Lxc);
+    let builtin_vm = builtin_layer(GuestKind::Vm);
     let mut nodes: Vec<Node> = Vec::new();
-    for input in &node_inputs {
+    for input in node_inputs.iter().filter(|n| n.settings_ok) {
         let name = input
             .identity
             .name
@@ -737,6 +768,7 @@ pub fn load(files: &RepoFiles, opts: &LoadOptions) -> Result<Desired, Diagnostic
             .find_map(|l| l.leaves.iter().find(|x| x.path == ["kind"]));
         let kind = match kind_leaf.map(|l| serde_json::from_value::<GuestKind>(l.value.clone())) {
             Some(Ok(k)) => k,
+            _ if adrs_incomplete => continue,
             _ => {
                 diags.push(
                     Diagnostic::new(
@@ -748,8 +780,12 @@ pub fn load(files: &RepoFiles, opts: &LoadOptions) -> Result<Desired, Diagnostic
                 continue;
             }
         };
-        let builtin = builtin_layer(kind);
-        let mut layers: Vec<&Layer> = vec![&builtin];
+        let builtin = if kind == GuestKind::Lxc {
+            &builtin_lxc
+        } else {
+            &builtin_vm
+        };
+        let mut layers: Vec<&Layer> = vec![builtin];
         let mut applicable_adrs: Vec<&Layer> = adr_layers
             .iter()
             .filter(|l| l.scope.matches(&name, Some(kind), role))
@@ -878,7 +914,9 @@ pub fn load(files: &RepoFiles, opts: &LoadOptions) -> Result<Desired, Diagnostic
     let Some(cluster) = cluster else {
         return Err(diags.finish());
     };
-    validate::nodes(&cluster, &mut nodes, &mut diags);
+    // Only a repository whose every node file was read can be said to lack a control plane node.
+    let all_nodes_loaded = nodes.len() == files.node_files().count();
+    validate::nodes(&cluster, &mut nodes, all_nodes_loaded, &mut diags);
     if !diags.is_empty() {
         return Err(diags.finish());
     }

@@ -337,7 +337,7 @@ fn setting_loc(node: &Node, k: &str) -> Location {
 }
 
 /// Per-node and cross-node rules.
-pub(crate) fn nodes(cluster: &Cluster, nodes: &mut [Node], diags: &mut Diagnostics) {
+pub(crate) fn nodes(cluster: &Cluster, nodes: &mut [Node], all_nodes_loaded: bool, diags: &mut Diagnostics) {
     let dist = cluster.distribution;
     let mut by_vmid: BTreeMap<u32, &Node> = BTreeMap::new();
     let mut by_name: BTreeMap<&str, &Node> = BTreeMap::new();
@@ -416,11 +416,19 @@ pub(crate) fn nodes(cluster: &Cluster, nodes: &mut [Node], diags: &mut Diagnosti
                     setting_loc(node, "role"),
                     format!("role `{}` is not a {} role", node.role, dist.as_str()),
                 )
-                .maybe_hint(
-                    did_you_mean(&node.role, dist.roles().iter().copied())
-                        .map(|h| format!("{h} ({} roles: {})", dist.as_str(), dist.roles().join(", "))),
-                )
-                .hint(format!("{} roles: {}", dist.as_str(), dist.roles().join(", "))),
+                .hint({
+                    let roles = format!("{} roles: {}", dist.as_str(), dist.roles().join(", "));
+                    match did_you_mean(&node.role, dist.roles().iter().copied()) {
+                        Some(h) => format!("{h} ({roles})"),
+                        None => roles,
+                    }
+                }),
+            );
+        }
+        if let Some(vlan) = node.settings.vlan.filter(|v| !(1..=4094).contains(v)) {
+            diags.push(
+                Diagnostic::new(setting_loc(node, "vlan"), format!("VLAN tag {vlan} is out of range"))
+                    .hint("Proxmox VLAN tags run from 1 to 4094; leave `vlan` out for an untagged NIC"),
             );
         }
         let net = &cluster.network;
@@ -485,7 +493,8 @@ pub(crate) fn nodes(cluster: &Cluster, nodes: &mut [Node], diags: &mut Diagnosti
         }
         let s = &node.settings;
         match node.kind {
-            GuestKind::Lxc if s.template.is_none() => diags.push(
+            // Talos in a container is reported above; a template would not make it right.
+            GuestKind::Lxc if s.template.is_none() && dist != Distribution::Talos => diags.push(
                 Diagnostic::new(
                     Location::file_start(&node.file),
                     format!("lxc node `{}` has no `template`", node.name),
@@ -529,7 +538,7 @@ pub(crate) fn nodes(cluster: &Cluster, nodes: &mut [Node], diags: &mut Diagnosti
             }
         }
     }
-    if !nodes.is_empty() && !nodes.iter().any(|n| dist.is_control_plane(&n.role)) {
+    if all_nodes_loaded && !nodes.is_empty() && !nodes.iter().any(|n| dist.is_control_plane(&n.role)) {
         let first = &nodes[0];
         diags.push(
             Diagnostic::new(

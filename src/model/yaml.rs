@@ -82,12 +82,15 @@ pub fn parse(text: &str, line_offset: u32) -> Result<YNode, YamlError> {
     let mut documents = 0;
 
     while let Some(ev) = parser.next_event() {
-        let (event, span) = ev.map_err(|e| YamlError {
-            pos: Pos {
-                line: e.marker().line() as u32 + line_offset,
-                col: e.marker().col() as u32 + 1,
-            },
-            message: format!("invalid YAML: {}", e.info()),
+        let (event, span) = ev.map_err(|e| {
+            let err = YamlError {
+                pos: Pos {
+                    line: e.marker().line() as u32 + line_offset,
+                    col: e.marker().col() as u32 + 1,
+                },
+                message: format!("invalid YAML: {}", e.info()),
+            };
+            unclosed_flow(text, line_offset, &stack, &err).unwrap_or(err)
         })?;
         let pos = pos_of(&span, line_offset);
         let done: Option<(YNode, usize)> = match event {
@@ -207,6 +210,35 @@ pub fn parse(text: &str, line_offset: u32) -> Result<YNode, YamlError> {
         },
         value: YValue::Null,
     }))
+}
+
+/// A `[` or `{` left open on its line (`tags: [a, b` and the next key below) makes the parser
+/// stumble lines later; the place to look is where the list or mapping was opened. Flow
+/// collections meant to span lines end their lines with `[`, `{` or `,` and are left alone.
+fn unclosed_flow(text: &str, line_offset: u32, stack: &[Frame], err: &YamlError) -> Option<YamlError> {
+    let open = match stack.last()? {
+        Frame::Seq { pos, .. } | Frame::Map { pos, .. } => *pos,
+    };
+    if open.line >= err.pos.line {
+        return None;
+    }
+    let line = text.lines().nth(open.line.checked_sub(line_offset + 1)? as usize)?;
+    let from_bracket: String = line.chars().skip(open.col as usize - 1).collect();
+    let bracket = from_bracket.chars().next().filter(|c| matches!(c, '[' | '{'))?;
+    let code = from_bracket.split(" #").next().unwrap_or("").trim_end();
+    if code.ends_with(['[', '{', ',']) {
+        return None;
+    }
+    let closer = if bracket == '[' { ']' } else { '}' };
+    Some(YamlError {
+        pos: open,
+        message: format!(
+            "invalid YAML: `{bracket}` is never closed (add `{closer}` at the end of the line; \
+             the parser stopped at line {}: {})",
+            err.pos.line,
+            err.message.trim_start_matches("invalid YAML: ")
+        ),
+    })
 }
 
 /// YAML 1.2 core schema resolution of a plain scalar.
@@ -377,6 +409,16 @@ mod tests {
         let err = parse("a: 1\nb: 2\na: 3\n", 0).unwrap_err();
         assert_eq!(err.pos.line, 3);
         assert!(err.message.contains("duplicate key `a`"));
+    }
+
+    #[test]
+    fn an_unclosed_flow_list_is_reported_where_it_opens() {
+        let err = parse("a: 1\ntags: [x, y\nb: 2\n", 0).unwrap_err();
+        assert_eq!(err.pos, Pos { line: 2, col: 7 }, "{err:?}");
+        assert!(err.message.contains("`[` is never closed"), "{err:?}");
+        // a list meant to span lines keeps the parser's own place
+        let err = parse("tags: [x,\n  y\nb: 2\n", 0).unwrap_err();
+        assert_eq!(err.pos.line, 3, "{err:?}");
     }
 
     #[test]

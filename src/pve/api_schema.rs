@@ -1395,6 +1395,43 @@ mod tests {
     }
 
     #[test]
+    fn talos_vm_create_passes() {
+        let s = ApiSchema::embedded();
+        let mut p = params(&[
+            ("vmid", "200"),
+            ("name", "talos-cp-1"),
+            ("memory", "4096"),
+            ("cores", "4"),
+            ("sockets", "1"),
+            ("cpu", "host"),
+            ("machine", "q35"),
+            ("scsihw", "virtio-scsi-single"),
+            ("scsi0", "local-lvm:32,iothread=1,discard=on,ssd=1"),
+            ("ide2", "local:iso/talos-v1.10.iso,media=cdrom"),
+            ("net0", "virtio,bridge=vmbr0,firewall=0"),
+            ("boot", "order=scsi0;ide2"),
+            ("ostype", "l26"),
+            ("agent", "1"),
+            ("tags", "driftless;talos"),
+            ("onboot", "1"),
+        ]);
+        s.validate_request("POST", "/nodes/pve/qemu", &p).unwrap();
+        p.insert("memory".into(), "8".into());
+        p.insert("agent".into(), "yes".into()); // default-key values are not normalised
+        let RequestError::Params(e) = s.validate_request("POST", "/nodes/pve/qemu", &p).unwrap_err() else {
+            panic!()
+        };
+        assert_eq!(
+            e.get("memory"),
+            Some("invalid format - format error\nmemory.current: value must have a minimum value of 16\n")
+        );
+        assert_eq!(
+            e.get("agent"),
+            Some("invalid format - format error\nagent.enabled: type check ('boolean') failed - got 'yes'\n")
+        );
+    }
+
+    #[test]
     fn proxmox_json_body() {
         let e = match post_lxc(&[("cores", "0"), ("bogus", "1")]) {
             Err(RequestError::Params(e)) => e,

@@ -70,6 +70,8 @@ pub fn secret_placeholder(name: &str, field: Option<&str>) -> String {
 struct Renderer<'a> {
     env: Environment<'a>,
     desired: &'a Desired,
+    /// Computed once: every template of every node sees the same cluster.
+    cluster: Value,
 }
 
 fn template_file(d: &Desired, name: &str) -> String {
@@ -109,6 +111,8 @@ impl<'a> Renderer<'a> {
                 .build()
                 .expect("default delimiters are valid"),
         );
+        // A description line as Proxmox writes it after `#` in a guest config (percent-encoded).
+        env.add_filter("pve_text", |s: String| crate::pve::conf::encode_text(&s));
         let declared: BTreeSet<String> = desired.cluster.secrets.keys().cloned().collect();
         // `secret("k3s-token")`, or one field of a bundle: `secret("talos-secrets", "certs.os.crt")`.
         env.add_function(
@@ -149,28 +153,25 @@ impl<'a> Renderer<'a> {
                         Location::file_start(&t.file),
                         format!("`{name}` does not override any built-in template"),
                     )
-                    .maybe_hint(crate::model::diag::did_you_mean(
-                        name,
-                        BUILTIN_TEMPLATES.iter().map(|(n, _)| *n),
-                    ))
-                    .hint(format!(
-                        "templates: {}",
-                        BUILTIN_TEMPLATES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ")
-                    )),
+                    .hint({
+                        let names = BUILTIN_TEMPLATES.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
+                        match crate::model::diag::did_you_mean(name, BUILTIN_TEMPLATES.iter().map(|(n, _)| *n)) {
+                            Some(h) => format!("{h} (templates: {names})"),
+                            None => format!("templates: {names}"),
+                        }
+                    }),
                 );
             }
         }
         if !diags.is_empty() {
             return Err(diags);
         }
-        Ok(Renderer { env, desired })
+        let cluster = Value::from(minijinja::value::Serde(cluster_context(desired)));
+        Ok(Renderer { env, desired, cluster })
     }
 
-    fn render(&self, name: &str, node: &Node) -> Result<String, Diagnostic> {
-        let ctx = Value::from(minijinja::value::Serde(serde_json::json!({
-            "cluster": cluster_context(self.desired),
-            "node": node_context(self.desired, node),
-        })));
+    fn render(&self, name: &str, node: &Node, node_ctx: &Value) -> Result<String, Diagnostic> {
+        let ctx = minijinja::context! { cluster => self.cluster.clone(), node => node_ctx.clone() };
         let tmpl = self
             .env
             .get_template(name)
@@ -180,8 +181,8 @@ impl<'a> Renderer<'a> {
     }
 
     /// Rendered YAML must parse: a template that emits broken YAML is a template error.
-    fn render_yaml(&self, name: &str, node: &Node) -> Result<String, Diagnostic> {
-        let text = self.render(name, node)?;
+    fn render_yaml(&self, name: &str, node: &Node, node_ctx: &Value) -> Result<String, Diagnostic> {
+        let text = self.render(name, node, node_ctx)?;
         for doc in text.split("\n---\n") {
             if let Err(e) = crate::model::yaml::parse(doc, 0) {
                 return Err(Diagnostic::new(
@@ -198,17 +199,20 @@ impl<'a> Renderer<'a> {
 
     fn node(&self, node: &Node) -> Result<Vec<Artifact>, Diagnostic> {
         let mut out = Vec::new();
+        let node_ctx = Value::from(minijinja::value::Serde(node_context(self.desired, node)));
         let (conf_template, conf_dir) = match node.kind {
             GuestKind::Lxc => ("lxc.conf.j2", "lxc"),
             GuestKind::Vm => ("qemu.conf.j2", "qemu-server"),
         };
-        let raw = self.render(conf_template, node)?;
+        let raw = self.render(conf_template, node, &node_ctx)?;
         let conf = proxmox::canonical_conf(&raw, node.kind).map_err(|e| {
             Diagnostic::new(
                 Location::file_start(template_file(self.desired, conf_template)),
                 format!(
-                    "`{conf_template}` rendered an invalid Proxmox config for node `{}`: {e}",
-                    node.name
+                    "`{conf_template}` rendered an invalid Proxmox config for node `{}`: {}",
+                    node.name,
+                    // Proxmox's messages may span lines; a diagnostic is one line.
+                    e.to_string().trim_end().replace('\n', "; ")
                 ),
             )
         })?;
@@ -235,13 +239,13 @@ impl<'a> Renderer<'a> {
                 node: node.name.clone(),
                 kind: ArtifactKind::K3sConfig,
                 target: "/etc/rancher/k3s/config.yaml".into(),
-                content: self.render_yaml("k3s-config.yaml.j2", node)?,
+                content: self.render_yaml("k3s-config.yaml.j2", node, &node_ctx)?,
             }),
             Distribution::Talos => out.push(Artifact {
                 node: node.name.clone(),
                 kind: ArtifactKind::TalosConfig,
                 target: format!("talos://{}:50000", node.ip()),
-                content: self.render_yaml("talos-machineconfig.yaml.j2", node)?,
+                content: self.render_yaml("talos-machineconfig.yaml.j2", node, &node_ctx)?,
             }),
         }
         Ok(out)
@@ -254,10 +258,20 @@ pub fn render_all(desired: &Desired) -> Result<Vec<Artifact>, Diagnostics> {
     let r = Renderer::new(desired)?;
     let mut out = Vec::new();
     let mut diags = Diagnostics::default();
+    // A template mistake fails every node the same way: report it once, for the first node.
+    let mut seen = BTreeSet::new();
     for node in &desired.nodes {
         match r.node(node) {
             Ok(a) => out.extend(a),
-            Err(d) => diags.push(d),
+            Err(d) => {
+                let key = (
+                    d.location.clone(),
+                    d.message.replace(&format!(" node `{}`", node.name), ""),
+                );
+                if seen.insert(key) {
+                    diags.push(d);
+                }
+            }
         }
     }
     if diags.is_empty() { Ok(out) } else { Err(diags.finish()) }
