@@ -5,6 +5,8 @@
 pub mod cli;
 pub mod commands;
 pub mod model;
+pub mod plan;
+pub mod ports;
 pub mod pve;
 pub mod render;
 pub mod source;

@@ -1,0 +1,258 @@
+//! Observe and apply: the effectful half of planning. `observe` reads Proxmox (one listing,
+//! one config read per guest driftless may touch); `apply` runs a plan's steps in order, one
+//! at a time, waits for every task, and stops at the first failure with a report of what was
+//! done and what was not. A digest conflict re-reads and re-plans that guest, never overwrites.
+
+use crate::hostshell;
+use crate::plan::{Action, Change, DesiredGuest, Observed, Plan, Step, Via, diff_guest, normalize_tags};
+use crate::ports::{HostShell, PowerAction, ProxmoxApi, ProxmoxError, PveKind, ShellError};
+use futures_util::future::join_all;
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    Proxmox(#[from] ProxmoxError),
+    #[error(transparent)]
+    Shell(#[from] ShellError),
+    #[error("{0}")]
+    HostShell(String),
+    #[error("this step needs the Proxmox host shell, and none is configured (proxmox.hosts in cluster.yaml)")]
+    NoHostShell,
+    #[error("the config of vmid {vmid} kept changing while driftless updated it ({attempts} attempts)")]
+    KeptChanging { vmid: u32, attempts: u32 },
+}
+
+/// Read what driftless needs from Proxmox for `guests`: the listing, and the config of each
+/// guest that is a node's vmid or carries the ownership tag.
+pub async fn observe<P: ProxmoxApi>(proxmox: &P, guests: &[DesiredGuest], ownership_tag: &str) -> Result<Observed, ProxmoxError> {
+    let listing = proxmox.list_guests().await?;
+    let tag = ownership_tag.to_ascii_lowercase();
+    let wanted: BTreeMap<u32, &DesiredGuest> = guests.iter().map(|g| (g.vmid, g)).collect();
+    // Only guests driftless may act on: a node's vmid (same kind and node: else it's a
+    // conflict and nothing is read) or, for prune, tagged ones (no config needed to delete).
+    let to_read: Vec<_> = listing
+        .iter()
+        .filter(|g| wanted.get(&g.vmid).is_some_and(|w| w.kind == g.kind && w.pve_node == g.node))
+        .collect();
+    let reads = join_all(to_read.iter().map(|g| async move { (g.vmid, proxmox.read_config(&g.node, g.kind, g.vmid).await) })).await;
+    let mut configs = BTreeMap::new();
+    for (vmid, r) in reads {
+        configs.insert(vmid, r?);
+    }
+    let _ = tag;
+    Ok(Observed { guests: listing, configs })
+}
+
+/// Where things are on the Proxmox host.
+#[derive(Debug, Clone)]
+pub struct HostSettings {
+    /// /etc/pve on a real host; the sandbox's state directory there.
+    pub pve_root: String,
+    /// `pct` on a real host.
+    pub pct_command: Vec<String>,
+}
+
+impl Default for HostSettings {
+    fn default() -> Self {
+        HostSettings { pve_root: "/etc/pve".into(), pct_command: vec!["pct".into()] }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepOutcome {
+    pub node: String,
+    pub vmid: u32,
+    pub action: &'static str,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What happened, in order: "created (task UPID:...)", "raw lxc keys written", ...
+    pub log: Vec<String>,
+}
+
+/// The result of one apply: each step attempted, and the steps not reached.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ApplyReport {
+    pub done: Vec<StepOutcome>,
+    pub not_done: Vec<String>,
+}
+
+impl ApplyReport {
+    pub fn ok(&self) -> bool {
+        self.done.iter().all(|s| s.ok)
+    }
+}
+
+/// Progress events for people watching a long apply.
+pub trait Progress {
+    fn step_started(&mut self, index: usize, total: usize, step: &Step);
+    fn step_finished(&mut self, outcome: &StepOutcome);
+}
+
+impl Progress for () {
+    fn step_started(&mut self, _: usize, _: usize, _: &Step) {}
+    fn step_finished(&mut self, _: &StepOutcome) {}
+}
+
+pub struct Applier<'a, P: ProxmoxApi, H: HostShell> {
+    pub proxmox: &'a P,
+    pub shell: Option<&'a H>,
+    pub host: HostSettings,
+}
+
+impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
+    pub async fn apply(&self, plan: &Plan, progress: &mut dyn Progress) -> ApplyReport {
+        let mut report = ApplyReport::default();
+        let total = plan.steps.len();
+        for (i, step) in plan.steps.iter().enumerate() {
+            progress.step_started(i, total, step);
+            let mut log = Vec::new();
+            let result = self.run_step(step, &mut log).await;
+            let outcome = StepOutcome {
+                node: step.node.clone(),
+                vmid: step.vmid,
+                action: step.action.verb(),
+                ok: result.is_ok(),
+                error: result.err().map(|e| e.to_string()),
+                log,
+            };
+            progress.step_finished(&outcome);
+            let failed = !outcome.ok;
+            report.done.push(outcome);
+            if failed {
+                report.not_done =
+                    plan.steps[i + 1..].iter().map(|s| format!("{} {} (vmid {})", s.action.verb(), s.node, s.vmid)).collect();
+                break;
+            }
+        }
+        report
+    }
+
+    fn shell(&self) -> Result<&H, ApplyError> {
+        self.shell.ok_or(ApplyError::NoHostShell)
+    }
+
+    async fn run_step(&self, step: &Step, log: &mut Vec<String>) -> Result<(), ApplyError> {
+        let (node, kind, vmid) = (step.pve_node.as_str(), step.kind, step.vmid);
+        match &step.action {
+            Action::Create { params, root_options, raw_lxc, .. } => {
+                let upid = self.proxmox.create(node, kind, params).await?;
+                self.proxmox.wait_task(&upid).await?;
+                log.push(format!("created ({})", upid.0));
+                if !root_options.is_empty() {
+                    hostshell::pct_set(self.shell()?, node, &self.host.pct_command, vmid, root_options)
+                        .await
+                        .map_err(|e| ApplyError::HostShell(e.to_string()))?;
+                    log.push(format!("set as root: {}", root_options.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")));
+                }
+                if !raw_lxc.is_empty() {
+                    self.write_raw(node, vmid, raw_lxc).await?;
+                    log.push(format!("wrote {} raw lxc keys", raw_lxc.len()));
+                }
+                let upid = self.proxmox.power(node, kind, vmid, PowerAction::Start).await?;
+                self.proxmox.wait_task(&upid).await?;
+                log.push("started".into());
+            }
+            Action::Update { changes, digest, desired } => {
+                self.update(step, changes.clone(), digest.clone(), desired, log).await?;
+            }
+            Action::Restart { .. } => {
+                let upid = self.proxmox.power(node, kind, vmid, PowerAction::Reboot).await?;
+                self.proxmox.wait_task(&upid).await?;
+                log.push("restarted".into());
+            }
+            Action::Start => {
+                let upid = self.proxmox.power(node, kind, vmid, PowerAction::Start).await?;
+                self.proxmox.wait_task(&upid).await?;
+                log.push("started".into());
+            }
+            Action::Delete { running } => {
+                if *running {
+                    let upid = self.proxmox.power(node, kind, vmid, PowerAction::Stop).await?;
+                    self.proxmox.wait_task(&upid).await?;
+                    log.push("stopped".into());
+                }
+                let upid = self.proxmox.delete_guest(node, kind, vmid).await?;
+                self.proxmox.wait_task(&upid).await?;
+                log.push("deleted".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// Raw keys go into the config file on the host, guarded by the digest the API reports now.
+    async fn write_raw(&self, node: &str, vmid: u32, raw: &[(String, String)]) -> Result<(), ApplyError> {
+        let live = self.proxmox.read_config(node, PveKind::Lxc, vmid).await?;
+        hostshell::apply_raw_lxc_keys(self.shell()?, &self.host.pve_root, node, vmid, raw, &[], &live.digest)
+            .await
+            .map_err(|e| ApplyError::HostShell(e.to_string()))?;
+        Ok(())
+    }
+
+    async fn update(
+        &self,
+        step: &Step,
+        mut changes: Vec<Change>,
+        mut digest: String,
+        desired: &DesiredGuest,
+        log: &mut Vec<String>,
+    ) -> Result<(), ApplyError> {
+        let (node, kind, vmid) = (step.pve_node.as_str(), step.kind, step.vmid);
+        const ATTEMPTS: u32 = 3;
+        for attempt in 1..=ATTEMPTS {
+            let mut set = BTreeMap::new();
+            let mut delete = Vec::new();
+            for c in changes.iter().filter(|c| c.via == Via::Api) {
+                match &c.new {
+                    Some(v) if c.key == "tags" => {
+                        set.insert(c.key.clone(), normalize_tags(&[v.clone()]).join(";"));
+                    }
+                    Some(v) => {
+                        set.insert(c.key.clone(), v.clone());
+                    }
+                    None => delete.push(c.key.clone()),
+                }
+            }
+            if set.is_empty() && delete.is_empty() {
+                break;
+            }
+            match self.proxmox.update_config(node, kind, vmid, &set, &delete, &digest).await {
+                Ok(()) => {
+                    log.push(format!("updated {}", set.keys().chain(delete.iter()).cloned().collect::<Vec<_>>().join(", ")));
+                    break;
+                }
+                Err(ProxmoxError::DigestMismatch) if attempt < ATTEMPTS => {
+                    // Someone changed the guest since it was read: read it again and re-plan
+                    // this guest from what is there now. Never overwrite their change blindly.
+                    log.push("config changed since it was read: observed again and re-planned".into());
+                    let live = self.proxmox.read_config(node, kind, vmid).await?;
+                    let running = self.proxmox.list_guests().await?.iter().any(|g| g.vmid == vmid && g.status == "running");
+                    let d = diff_guest_for(desired, &live, running);
+                    changes = d;
+                    digest = live.digest;
+                }
+                Err(ProxmoxError::DigestMismatch) => return Err(ApplyError::KeptChanging { vmid, attempts: ATTEMPTS }),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let root: Vec<(String, String)> =
+            changes.iter().filter(|c| c.via == Via::RootShell).map(|c| (c.key.clone(), c.new.clone().unwrap_or_default())).collect();
+        if !root.is_empty() {
+            hostshell::pct_set(self.shell()?, node, &self.host.pct_command, vmid, &root)
+                .await
+                .map_err(|e| ApplyError::HostShell(e.to_string()))?;
+            log.push(format!("set as root: {}", root.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")));
+        }
+        if changes.iter().any(|c| c.via == Via::ConfFile) {
+            self.write_raw(node, vmid, &desired.raw_lxc).await?;
+            log.push(format!("wrote {} raw lxc keys", desired.raw_lxc.len()));
+        }
+        Ok(())
+    }
+}
+
+fn diff_guest_for(desired: &DesiredGuest, live: &crate::ports::LiveConfig, running: bool) -> Vec<Change> {
+    diff_guest(desired, live, running).changes
+}

@@ -1,0 +1,291 @@
+//! Planning: desired state (rendered) against observed Proxmox state, as an ordered list of
+//! steps with reasons and provenance. Pure: a plan is a value, printable, comparable and
+//! serialisable; the same inputs give the same plan byte for byte.
+
+mod diff;
+pub mod display;
+
+use crate::model::Desired;
+use crate::ports::{GuestSummary, LiveConfig, PveKind};
+use serde::Serialize;
+use std::collections::BTreeMap;
+
+pub use diff::{DesiredGuest, desired_guests, diff_guest, normalize_tags};
+
+/// What driftless read from Proxmox: the guest listing, and the config of every guest it may
+/// touch (tagged, or a node's vmid).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Observed {
+    pub guests: Vec<GuestSummary>,
+    pub configs: BTreeMap<u32, LiveConfig>,
+}
+
+/// How a change reaches Proxmox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Via {
+    /// `PUT .../config` with the API token.
+    Api,
+    /// `pct set` as root@pam on the Proxmox host: what an API token may not change.
+    RootShell,
+    /// The raw `lxc.*` lines of the config file, edited on the Proxmox host.
+    ConfFile,
+}
+
+/// One key's change. `old`/`new` absent means the key is added/removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Change {
+    pub key: String,
+    pub old: Option<String>,
+    pub new: Option<String>,
+    pub via: Via,
+    /// Proxmox applies this only when the guest restarts.
+    pub needs_restart: bool,
+    /// Where the new value comes from: `adr/ADR-001-lxc.md:52`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub provenance: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "action")]
+pub enum Action {
+    /// Create the guest, then set what only root may set, write raw keys, and start it.
+    Create {
+        params: BTreeMap<String, String>,
+        root_options: Vec<(String, String)>,
+        raw_lxc: Vec<(String, String)>,
+        /// Provenance of the created values, by config key.
+        provenance: BTreeMap<String, String>,
+    },
+    /// Change config keys of an existing guest, updating with the digest read at observe time.
+    Update {
+        changes: Vec<Change>,
+        digest: String,
+        /// What the guest should be: apply re-plans from it when the digest no longer matches.
+        #[serde(skip)]
+        desired: DesiredGuest,
+    },
+    /// Restart so pending changes apply (reboot: Proxmox applies pending changes on it).
+    Restart { reason: String },
+    /// Start a stopped guest.
+    Start,
+    /// Remove a guest that carries the ownership tag and is in no node file (prune only).
+    Delete { running: bool },
+}
+
+impl Action {
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Action::Create { .. } => "create",
+            Action::Update { .. } => "update",
+            Action::Restart { .. } => "restart",
+            Action::Start => "start",
+            Action::Delete { .. } => "delete",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Step {
+    /// The node name (or the guest's name for a pruned guest).
+    pub node: String,
+    pub vmid: u32,
+    pub pve_node: String,
+    pub kind: PveKind,
+    /// Interrupts the node's workloads: at most one at a time, gated by health checks.
+    pub disruptive: bool,
+    #[serde(flatten)]
+    pub action: Action,
+}
+
+/// A guest driftless will not touch, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Conflict {
+    pub node: String,
+    pub vmid: u32,
+    pub pve_node: String,
+    pub reason: String,
+}
+
+/// A guest carrying the ownership tag that no node file describes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Orphan {
+    pub vmid: u32,
+    pub pve_node: String,
+    pub kind: PveKind,
+    pub name: Option<String>,
+    /// Deleted only with `reconcile.prune: true`.
+    pub pruned: bool,
+}
+
+/// A difference driftless sees but does not change (disk size, OS type), said out loud.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Notice {
+    pub node: String,
+    pub vmid: u32,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Plan {
+    pub cluster: String,
+    pub steps: Vec<Step>,
+    pub conflicts: Vec<Conflict>,
+    pub orphans: Vec<Orphan>,
+    pub notices: Vec<Notice>,
+}
+
+impl Plan {
+    /// No step to run (conflicts, orphans left alone and notices are reported, not applied).
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    pub fn count(&self, verb: &str) -> usize {
+        self.steps.iter().filter(|s| s.action.verb() == verb).count()
+    }
+}
+
+/// Compare the desired guests with what Proxmox has, and decide the steps.
+/// `guests` comes from `desired_guests` (the rendered configs); nodes are in apply order.
+pub fn plan(desired: &Desired, guests: &[DesiredGuest], observed: &Observed) -> Plan {
+    let tag = desired.cluster.reconcile.ownership_tag.to_ascii_lowercase();
+    let by_vmid: BTreeMap<u32, &GuestSummary> = observed.guests.iter().map(|g| (g.vmid, g)).collect();
+    let mut steps = Vec::new();
+    let mut conflicts = Vec::new();
+    let mut notices = Vec::new();
+
+    for want in guests {
+        let node = desired
+            .node(&want.node)
+            .expect("desired guests come from desired nodes");
+        let Some(live) = by_vmid.get(&want.vmid) else {
+            steps.push(diff::create_step(node, want));
+            continue;
+        };
+        let tagged = normalize_tags(&live.tags).contains(&tag);
+        let conflict = |reason: String| Conflict {
+            node: want.node.clone(),
+            vmid: want.vmid,
+            pve_node: live.node.clone(),
+            reason,
+        };
+        if live.kind != want.kind {
+            conflicts.push(conflict(format!(
+                "vmid {} is a {} guest, the node file describes a {}",
+                want.vmid,
+                live.kind.path(),
+                want.kind.path()
+            )));
+            continue;
+        }
+        if live.node != want.pve_node {
+            conflicts.push(conflict(format!(
+                "vmid {} lives on Proxmox node `{}`, the node file says `{}` (driftless does not migrate guests)",
+                want.vmid, live.node, want.pve_node
+            )));
+            continue;
+        }
+        if !tagged && !node.adopt {
+            conflicts.push(conflict(format!(
+                "vmid {} exists without the `{tag}` tag; driftless leaves it alone (set `adopt: true` in {} to manage it)",
+                want.vmid, node.file
+            )));
+            continue;
+        }
+        let Some(config) = observed.configs.get(&want.vmid) else {
+            conflicts.push(conflict(format!("the config of vmid {} could not be read", want.vmid)));
+            continue;
+        };
+        let running = live.status == "running";
+        let d = diff_guest(want, config, running);
+        notices.extend(d.notices.into_iter().map(|message| Notice {
+            node: want.node.clone(),
+            vmid: want.vmid,
+            message,
+        }));
+        let restart_keys: Vec<String> = d
+            .changes
+            .iter()
+            .filter(|c| c.needs_restart)
+            .map(|c| c.key.clone())
+            .collect();
+        if !d.changes.is_empty() {
+            steps.push(Step {
+                node: want.node.clone(),
+                vmid: want.vmid,
+                pve_node: want.pve_node.clone(),
+                kind: want.kind,
+                disruptive: false,
+                action: Action::Update {
+                    changes: d.changes,
+                    digest: config.digest.clone(),
+                    desired: want.clone(),
+                },
+            });
+        }
+        if running && !restart_keys.is_empty() {
+            steps.push(Step {
+                node: want.node.clone(),
+                vmid: want.vmid,
+                pve_node: want.pve_node.clone(),
+                kind: want.kind,
+                disruptive: true,
+                action: Action::Restart {
+                    reason: format!(
+                        "{} appl{} on restart",
+                        restart_keys.join(", "),
+                        if restart_keys.len() == 1 { "ies" } else { "y" }
+                    ),
+                },
+            });
+        } else if !running {
+            steps.push(Step {
+                node: want.node.clone(),
+                vmid: want.vmid,
+                pve_node: want.pve_node.clone(),
+                kind: want.kind,
+                disruptive: false,
+                action: Action::Start,
+            });
+        }
+    }
+
+    let wanted: BTreeMap<u32, ()> = guests.iter().map(|g| (g.vmid, ())).collect();
+    let prune = desired.cluster.reconcile.prune;
+    let mut orphans = Vec::new();
+    for g in &observed.guests {
+        if wanted.contains_key(&g.vmid) || !normalize_tags(&g.tags).contains(&tag) {
+            continue;
+        }
+        orphans.push(Orphan {
+            vmid: g.vmid,
+            pve_node: g.node.clone(),
+            kind: g.kind,
+            name: g.name.clone(),
+            pruned: prune,
+        });
+        if prune {
+            steps.push(Step {
+                node: g.name.clone().unwrap_or_else(|| format!("vmid-{}", g.vmid)),
+                vmid: g.vmid,
+                pve_node: g.node.clone(),
+                kind: g.kind,
+                disruptive: true,
+                action: Action::Delete {
+                    running: g.status == "running",
+                },
+            });
+        }
+    }
+    Plan {
+        cluster: desired.cluster.name.clone(),
+        steps,
+        conflicts,
+        orphans,
+        notices,
+    }
+}
+
+#[cfg(test)]
+mod tests;
