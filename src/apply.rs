@@ -26,7 +26,11 @@ pub enum ApplyError {
 
 /// Read what driftless needs from Proxmox for `guests`: the listing, and the config of each
 /// guest that is a node's vmid or carries the ownership tag.
-pub async fn observe<P: ProxmoxApi>(proxmox: &P, guests: &[DesiredGuest], ownership_tag: &str) -> Result<Observed, ProxmoxError> {
+pub async fn observe<P: ProxmoxApi>(
+    proxmox: &P,
+    guests: &[DesiredGuest],
+    ownership_tag: &str,
+) -> Result<Observed, ProxmoxError> {
     let listing = proxmox.list_guests().await?;
     let tag = ownership_tag.to_ascii_lowercase();
     let wanted: BTreeMap<u32, &DesiredGuest> = guests.iter().map(|g| (g.vmid, g)).collect();
@@ -34,15 +38,27 @@ pub async fn observe<P: ProxmoxApi>(proxmox: &P, guests: &[DesiredGuest], owners
     // conflict and nothing is read) or, for prune, tagged ones (no config needed to delete).
     let to_read: Vec<_> = listing
         .iter()
-        .filter(|g| wanted.get(&g.vmid).is_some_and(|w| w.kind == g.kind && w.pve_node == g.node))
+        .filter(|g| {
+            wanted
+                .get(&g.vmid)
+                .is_some_and(|w| w.kind == g.kind && w.pve_node == g.node)
+        })
         .collect();
-    let reads = join_all(to_read.iter().map(|g| async move { (g.vmid, proxmox.read_config(&g.node, g.kind, g.vmid).await) })).await;
+    let reads = join_all(
+        to_read
+            .iter()
+            .map(|g| async move { (g.vmid, proxmox.read_config(&g.node, g.kind, g.vmid).await) }),
+    )
+    .await;
     let mut configs = BTreeMap::new();
     for (vmid, r) in reads {
         configs.insert(vmid, r?);
     }
     let _ = tag;
-    Ok(Observed { guests: listing, configs })
+    Ok(Observed {
+        guests: listing,
+        configs,
+    })
 }
 
 /// Where things are on the Proxmox host.
@@ -56,7 +72,10 @@ pub struct HostSettings {
 
 impl Default for HostSettings {
     fn default() -> Self {
-        HostSettings { pve_root: "/etc/pve".into(), pct_command: vec!["pct".into()] }
+        HostSettings {
+            pve_root: "/etc/pve".into(),
+            pct_command: vec!["pct".into()],
+        }
     }
 }
 
@@ -122,8 +141,10 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
             let failed = !outcome.ok;
             report.done.push(outcome);
             if failed {
-                report.not_done =
-                    plan.steps[i + 1..].iter().map(|s| format!("{} {} (vmid {})", s.action.verb(), s.node, s.vmid)).collect();
+                report.not_done = plan.steps[i + 1..]
+                    .iter()
+                    .map(|s| format!("{} {} (vmid {})", s.action.verb(), s.node, s.vmid))
+                    .collect();
                 break;
             }
         }
@@ -137,7 +158,12 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
     async fn run_step(&self, step: &Step, log: &mut Vec<String>) -> Result<(), ApplyError> {
         let (node, kind, vmid) = (step.pve_node.as_str(), step.kind, step.vmid);
         match &step.action {
-            Action::Create { params, root_options, raw_lxc, .. } => {
+            Action::Create {
+                params,
+                root_options,
+                raw_lxc,
+                ..
+            } => {
                 let upid = self.proxmox.create(node, kind, params).await?;
                 self.proxmox.wait_task(&upid).await?;
                 log.push(format!("created ({})", upid.0));
@@ -145,7 +171,14 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
                     hostshell::pct_set(self.shell()?, node, &self.host.pct_command, vmid, root_options)
                         .await
                         .map_err(|e| ApplyError::HostShell(e.to_string()))?;
-                    log.push(format!("set as root: {}", root_options.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")));
+                    log.push(format!(
+                        "set as root: {}",
+                        root_options
+                            .iter()
+                            .map(|(k, _)| k.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
                 }
                 if !raw_lxc.is_empty() {
                     self.write_raw(node, vmid, raw_lxc).await?;
@@ -155,7 +188,11 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
                 self.proxmox.wait_task(&upid).await?;
                 log.push("started".into());
             }
-            Action::Update { changes, digest, desired } => {
+            Action::Update {
+                changes,
+                digest,
+                desired,
+            } => {
                 self.update(step, changes.clone(), digest.clone(), desired, log).await?;
             }
             Action::Restart { .. } => {
@@ -207,7 +244,7 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
             for c in changes.iter().filter(|c| c.via == Via::Api) {
                 match &c.new {
                     Some(v) if c.key == "tags" => {
-                        set.insert(c.key.clone(), normalize_tags(&[v.clone()]).join(";"));
+                        set.insert(c.key.clone(), normalize_tags(std::slice::from_ref(v)).join(";"));
                     }
                     Some(v) => {
                         set.insert(c.key.clone(), v.clone());
@@ -218,9 +255,16 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
             if set.is_empty() && delete.is_empty() {
                 break;
             }
-            match self.proxmox.update_config(node, kind, vmid, &set, &delete, &digest).await {
+            match self
+                .proxmox
+                .update_config(node, kind, vmid, &set, &delete, &digest)
+                .await
+            {
                 Ok(()) => {
-                    log.push(format!("updated {}", set.keys().chain(delete.iter()).cloned().collect::<Vec<_>>().join(", ")));
+                    log.push(format!(
+                        "updated {}",
+                        set.keys().chain(delete.iter()).cloned().collect::<Vec<_>>().join(", ")
+                    ));
                     break;
                 }
                 Err(ProxmoxError::DigestMismatch) if attempt < ATTEMPTS => {
@@ -228,22 +272,38 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
                     // this guest from what is there now. Never overwrite their change blindly.
                     log.push("config changed since it was read: observed again and re-planned".into());
                     let live = self.proxmox.read_config(node, kind, vmid).await?;
-                    let running = self.proxmox.list_guests().await?.iter().any(|g| g.vmid == vmid && g.status == "running");
+                    let running = self
+                        .proxmox
+                        .list_guests()
+                        .await?
+                        .iter()
+                        .any(|g| g.vmid == vmid && g.status == "running");
                     let d = diff_guest_for(desired, &live, running);
                     changes = d;
                     digest = live.digest;
                 }
-                Err(ProxmoxError::DigestMismatch) => return Err(ApplyError::KeptChanging { vmid, attempts: ATTEMPTS }),
+                Err(ProxmoxError::DigestMismatch) => {
+                    return Err(ApplyError::KeptChanging {
+                        vmid,
+                        attempts: ATTEMPTS,
+                    });
+                }
                 Err(e) => return Err(e.into()),
             }
         }
-        let root: Vec<(String, String)> =
-            changes.iter().filter(|c| c.via == Via::RootShell).map(|c| (c.key.clone(), c.new.clone().unwrap_or_default())).collect();
+        let root: Vec<(String, String)> = changes
+            .iter()
+            .filter(|c| c.via == Via::RootShell)
+            .map(|c| (c.key.clone(), c.new.clone().unwrap_or_default()))
+            .collect();
         if !root.is_empty() {
             hostshell::pct_set(self.shell()?, node, &self.host.pct_command, vmid, &root)
                 .await
                 .map_err(|e| ApplyError::HostShell(e.to_string()))?;
-            log.push(format!("set as root: {}", root.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")));
+            log.push(format!(
+                "set as root: {}",
+                root.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")
+            ));
         }
         if changes.iter().any(|c| c.via == Via::ConfFile) {
             self.write_raw(node, vmid, &desired.raw_lxc).await?;

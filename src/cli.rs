@@ -23,6 +23,21 @@ Examples:
   driftless --repo https://git.example.com/homelab.git --rev main validate
   driftless --repo . --rev HEAD~1 render --output json";
 
+const VALIDATE_EXAMPLES: &str = "\
+Examples:
+  driftless --repo examples/homelab-k3s validate
+  driftless --repo . --rev main validate --output json";
+
+const RENDER_EXAMPLES: &str = "\
+Examples:
+  driftless --repo examples/homelab-k3s render k3s-master --artifact proxmox-conf
+  driftless --repo examples/homelab-k3s render --out /tmp/rendered";
+
+const EXPLAIN_EXAMPLES: &str = "\
+Examples:
+  driftless --repo examples/homelab-k3s explain k3s-master lxc.features.nesting
+  driftless --repo examples/homelab-k3s explain k3s-master";
+
 #[derive(Debug, Parser)]
 #[command(name = "driftless", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
 pub struct Cli {
@@ -74,6 +89,7 @@ pub enum Command {
     /// cross-file rules (unique vmid, name and address, addresses inside the network, roles,
     /// raw LXC keys, K3s flags, secrets) and renders every template. Exit code 0 when valid,
     /// 1 when not.
+    #[command(after_help = VALIDATE_EXAMPLES)]
     Validate,
 
     /// Render each node's artifacts: the Proxmox guest config file and API parameters,
@@ -81,9 +97,11 @@ pub enum Command {
     ///
     /// Secrets appear as <secret:NAME> placeholders; real values are filled in only when a
     /// file is written to its target.
+    #[command(after_help = RENDER_EXAMPLES)]
     Render(RenderArgs),
 
     /// Show a node's final values and the chain of files and ADRs that set them.
+    #[command(after_help = EXPLAIN_EXAMPLES)]
     Explain(ExplainArgs),
 }
 

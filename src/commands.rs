@@ -88,13 +88,13 @@ fn validate(d: &Desired, out: OutputFormat) -> Result<()> {
 }
 
 fn render_cmd(d: &Desired, artifacts: Vec<Artifact>, args: &RenderArgs, out: OutputFormat) -> Result<()> {
-    if let Some(node) = &args.node {
-        if d.node(node).is_none() {
-            let names: Vec<&str> = d.nodes.iter().map(|n| n.name.as_str()).collect();
-            let hint = model::diag::did_you_mean(node, names.iter().copied())
-                .unwrap_or_else(|| format!("nodes: {}", names.join(", ")));
-            bail!("no node named `{node}` ({hint})");
-        }
+    if let Some(node) = &args.node
+        && d.node(node).is_none()
+    {
+        let names: Vec<&str> = d.nodes.iter().map(|n| n.name.as_str()).collect();
+        let hint = model::diag::did_you_mean(node, names.iter().copied())
+            .unwrap_or_else(|| format!("nodes: {}", names.join(", ")));
+        bail!("no node named `{node}` ({hint})");
     }
     let selected: Vec<Artifact> = artifacts
         .into_iter()

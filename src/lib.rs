@@ -2,11 +2,15 @@
 //!
 //! The pipeline, one module each: `model` (load, resolve ADRs, validate), `render`
 //! (artifacts from templates), `source` (read a repository from a directory or git).
+pub mod adapters;
+pub mod apply;
 pub mod cli;
 pub mod commands;
+pub mod hostshell;
 pub mod model;
 pub mod plan;
 pub mod ports;
 pub mod pve;
 pub mod render;
+pub mod secrets;
 pub mod source;

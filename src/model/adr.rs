@@ -224,10 +224,11 @@ fn find_status(lines: &[&str]) -> Option<(AdrStatus, u32)> {
         // `**Status:** Accepted`, `**Status**: Accepted`, `Status: Accepted`.
         let unbold = t.replace("**", "").replace("__", "");
         let unbold = unbold.trim_start();
-        if unbold.len() > 7 && unbold[..7].eq_ignore_ascii_case("status:") {
-            if let Some(s) = status_from_phrase(&unbold[7..]) {
-                return Some((s, i as u32 + 1));
-            }
+        if unbold.len() > 7
+            && unbold[..7].eq_ignore_ascii_case("status:")
+            && let Some(s) = status_from_phrase(&unbold[7..])
+        {
+            return Some((s, i as u32 + 1));
         }
     }
     None
@@ -242,10 +243,10 @@ fn find_supersedes(lines: &[&str]) -> Vec<u32> {
         let Some(idx) = lower.find("supersedes") else { continue };
         let rest = &lower[idx + "supersedes".len()..];
         for w in rest.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_')) {
-            if w.starts_with("adr") {
-                if let Some(n) = parse_adr_ref(w) {
-                    out.push(n);
-                }
+            if w.starts_with("adr")
+                && let Some(n) = parse_adr_ref(w)
+            {
+                out.push(n);
             }
         }
     }

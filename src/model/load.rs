@@ -376,17 +376,17 @@ pub(crate) fn merge(layers: &[&Layer], diags: &mut Diagnostics) -> Provenance {
                         .enumerate()
                         .rev()
                         .find(|(_, s)| matches!(s.source, Source::Adr(_)))
+                        && prev.value != leaf.value
                     {
-                        if prev.value != leaf.value {
-                            let prev_layer = layers.iter().find(|l| l.source == prev.source);
-                            let prev_num = prev_layer.and_then(|l| l.adr).unwrap_or(0);
-                            let prev_supersedes = prev_layer.is_some_and(|l| l.supersedes.contains(&this));
-                            if layer.supersedes.contains(&prev_num) {
-                                // this ADR replaces the earlier one for this key: it wins
-                            } else if prev_supersedes {
-                                insert_at = i;
-                            } else {
-                                diags.push(
+                        let prev_layer = layers.iter().find(|l| l.source == prev.source);
+                        let prev_num = prev_layer.and_then(|l| l.adr).unwrap_or(0);
+                        let prev_supersedes = prev_layer.is_some_and(|l| l.supersedes.contains(&this));
+                        if layer.supersedes.contains(&prev_num) {
+                            // this ADR replaces the earlier one for this key: it wins
+                        } else if prev_supersedes {
+                            insert_at = i;
+                        } else {
+                            diags.push(
                                     Diagnostic::new(
                                         leaf.location.clone(),
                                         format!(
@@ -402,7 +402,6 @@ pub(crate) fn merge(layers: &[&Layer], diags: &mut Diagnostics) -> Provenance {
                                         adr::adr_id(prev_num)
                                     )),
                                 );
-                            }
                         }
                     }
                 }
@@ -946,20 +945,20 @@ fn check_secrets(doc: &Doc, declared: &[&str], diags: &mut Diagnostics) {
     fn walk(v: &Json, path: &mut Vec<Seg>, doc: &Doc, declared: &[&str], diags: &mut Diagnostics) {
         match v {
             Json::Object(m) if is_secret_ref(v) => {
-                if let Some(Json::String(name)) = m.get("secret") {
-                    if !declared.contains(&name.as_str()) {
-                        path.push(Seg::Key("secret".into()));
-                        diags.push(
-                            Diagnostic::new(doc.value_loc(path), format!("unknown secret `{name}`")).maybe_hint(
-                                did_you_mean(name, declared.iter().copied()).or_else(|| {
-                                    Some(format!(
-                                        "declare it in cluster.yaml: `secrets: {{{name}: \"what it is\"}}`"
-                                    ))
-                                }),
-                            ),
-                        );
-                        path.pop();
-                    }
+                if let Some(Json::String(name)) = m.get("secret")
+                    && !declared.contains(&name.as_str())
+                {
+                    path.push(Seg::Key("secret".into()));
+                    diags.push(
+                        Diagnostic::new(doc.value_loc(path), format!("unknown secret `{name}`")).maybe_hint(
+                            did_you_mean(name, declared.iter().copied()).or_else(|| {
+                                Some(format!(
+                                    "declare it in cluster.yaml: `secrets: {{{name}: \"what it is\"}}`"
+                                ))
+                            }),
+                        ),
+                    );
+                    path.pop();
                 }
             }
             Json::Object(m) => {

@@ -89,9 +89,9 @@ impl Size {
 
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.mib % (1024 * 1024) == 0 && self.mib > 0 {
+        if self.mib.is_multiple_of(1024 * 1024) && self.mib > 0 {
             write!(f, "{}TiB", self.mib / (1024 * 1024))
-        } else if self.mib % 1024 == 0 && self.mib > 0 {
+        } else if self.mib.is_multiple_of(1024) && self.mib > 0 {
             write!(f, "{}GiB", self.mib / 1024)
         } else {
             write!(f, "{}MiB", self.mib)

@@ -39,29 +39,29 @@ pub(crate) fn cluster(
             None
         }
     };
-    if let Some(c) = cidr {
-        if c.trunc() != c {
-            diags.push(
-                Diagnostic::new(
-                    doc.value_loc(&key(&["network", "cidr"])),
-                    format!("`network.cidr`: `{c}` has host bits set"),
-                )
-                .hint(format!("the network is `{}`", c.trunc())),
-            );
-        }
+    if let Some(c) = cidr
+        && c.trunc() != c
+    {
+        diags.push(
+            Diagnostic::new(
+                doc.value_loc(&key(&["network", "cidr"])),
+                format!("`network.cidr`: `{c}` has host bits set"),
+            )
+            .hint(format!("the network is `{}`", c.trunc())),
+        );
     }
     let gateway = parse_ip(&net.gateway, doc, &["network", "gateway"], diags);
-    if let (Some(c), Some(g)) = (cidr, gateway) {
-        if !c.contains(&g) {
-            diags.push(
-                Diagnostic::new(
-                    doc.value_loc(&key(&["network", "gateway"])),
-                    format!("gateway {g} is outside the cluster network {c}"),
-                )
-                .related(doc.value_loc(&key(&["network", "cidr"])), "the network is set here")
-                .hint("the gateway must be an address inside network.cidr"),
-            );
-        }
+    if let (Some(c), Some(g)) = (cidr, gateway)
+        && !c.contains(&g)
+    {
+        diags.push(
+            Diagnostic::new(
+                doc.value_loc(&key(&["network", "gateway"])),
+                format!("gateway {g} is outside the cluster network {c}"),
+            )
+            .related(doc.value_loc(&key(&["network", "cidr"])), "the network is set here")
+            .hint("the gateway must be an address inside network.cidr"),
+        );
     }
     let mut dns = Vec::new();
     for (i, d) in net.dns.iter().enumerate() {
@@ -194,16 +194,16 @@ pub(crate) fn cluster(
             .hint("tags are letters, digits and - _ . +, starting with a letter or digit"),
         );
     }
-    if let Some(mode) = &cf.talos.apply_mode {
-        if !["auto", "no-reboot", "reboot", "staged", "try"].contains(&mode.as_str()) {
-            diags.push(
-                Diagnostic::new(
-                    doc.value_loc(&key(&["talos", "apply_mode"])),
-                    format!("unknown Talos apply mode `{mode}`"),
-                )
-                .hint("one of: auto, no-reboot, reboot, staged, try"),
-            );
-        }
+    if let Some(mode) = &cf.talos.apply_mode
+        && !["auto", "no-reboot", "reboot", "staged", "try"].contains(&mode.as_str())
+    {
+        diags.push(
+            Diagnostic::new(
+                doc.value_loc(&key(&["talos", "apply_mode"])),
+                format!("unknown Talos apply mode `{mode}`"),
+            )
+            .hint("one of: auto, no-reboot, reboot, staged, try"),
+        );
     }
 
     if diags.len() > before {

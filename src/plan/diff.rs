@@ -292,25 +292,26 @@ pub fn diff_guest(want: &DesiredGuest, live: &LiveConfig, running: bool) -> Gues
         });
     }
     for key in REMOVABLE {
-        if !want.options.contains_key(*key) && (kind == PveKind::Lxc || *key == "description") {
-            if let Some(l) = live.options.get(*key) {
-                if *key == "description" {
-                    continue; // a description nobody set in git is the operator's note: keep it
-                }
-                let via = if *key == "features" && features_need_root(Some(l)) {
-                    Via::RootShell
-                } else {
-                    Via::Api
-                };
-                changes.push(Change {
-                    key: key.to_string(),
-                    old: Some(l.clone()),
-                    new: None,
-                    via,
-                    needs_restart: running && !hotplug.contains(key),
-                    provenance: None,
-                });
+        if !want.options.contains_key(*key)
+            && (kind == PveKind::Lxc || *key == "description")
+            && let Some(l) = live.options.get(*key)
+        {
+            if *key == "description" {
+                continue; // a description nobody set in git is the operator's note: keep it
             }
+            let via = if *key == "features" && features_need_root(Some(l)) {
+                Via::RootShell
+            } else {
+                Via::Api
+            };
+            changes.push(Change {
+                key: key.to_string(),
+                old: Some(l.clone()),
+                new: None,
+                via,
+                needs_restart: running && !hotplug.contains(key),
+                provenance: None,
+            });
         }
     }
     if kind == PveKind::Lxc && !want.raw_lxc.is_empty() {

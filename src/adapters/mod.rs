@@ -1,0 +1,5 @@
+pub mod local_shell;
+pub mod proxmox;
+pub mod shell_quote;
+pub mod ssh;
+pub mod tls;

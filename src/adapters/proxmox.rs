@@ -1,0 +1,792 @@
+//! The Proxmox VE REST API over HTTPS: [`ProxmoxClient`] implements [`ProxmoxApi`].
+//!
+//! * Authentication with an API token (`Authorization: PVEAPIToken=USER@REALM!TOKENID=SECRET`);
+//!   the secret never appears in Debug, Display, errors or logs.
+//! * TLS verified as [`TlsTrust`] says (CA file, pinned fingerprint, system roots, or insecure).
+//! * Idempotent calls (GET, task polls) are retried with exponential backoff and jitter on
+//!   transport errors, 5xx and 429, and fail over to the next endpoint on transport errors.
+//!   POST/PUT/DELETE are sent once: a retried create could create twice. They only move to
+//!   the next endpoint when the connection could not be made at all (nothing was sent).
+//! * A semaphore bounds concurrent requests; every request has a timeout.
+
+use std::collections::BTreeMap;
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use reqwest::header::{AUTHORIZATION, HeaderValue};
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use tokio::sync::Semaphore;
+
+use crate::adapters::tls::{self, TlsTrust};
+use crate::ports::{GuestSummary, LiveConfig, PowerAction, ProxmoxApi, ProxmoxError, PveKind, Upid};
+
+/// A Proxmox API token: `USER@REALM!TOKENID` and its secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    user: String,
+    token_name: String,
+    secret: String,
+}
+
+/// Why an API token could not be read. Never contains the token or any part of it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TokenError(String);
+
+const TOKEN_SHAPE: &str = "an API token looks like USER@REALM!TOKENID=SECRET (optionally prefixed by PVEAPIToken=)";
+
+impl ApiToken {
+    /// Builds a token from its parts, checked like [`ApiToken::parse`].
+    pub fn new(user: &str, token_name: &str, secret: &str) -> Result<Self, TokenError> {
+        let (name, realm) = user
+            .split_once('@')
+            .ok_or_else(|| TokenError(format!("the user part has no @REALM: {TOKEN_SHAPE}")))?;
+        if name.is_empty()
+            || name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || ":/!=".contains(c))
+        {
+            return Err(TokenError(format!(
+                "the user name is empty or has invalid characters: {TOKEN_SHAPE}"
+            )));
+        }
+        if !is_identifier(realm) {
+            return Err(TokenError(format!(
+                "the realm is empty or has invalid characters: {TOKEN_SHAPE}"
+            )));
+        }
+        if !is_identifier(token_name) {
+            return Err(TokenError(format!(
+                "the token id must start with a letter and hold only letters, digits, '.', '-', '_': {TOKEN_SHAPE}"
+            )));
+        }
+        if secret.is_empty() || !secret.chars().all(|c| c.is_ascii_graphic()) {
+            return Err(TokenError(format!(
+                "the secret is empty or has invalid characters: {TOKEN_SHAPE}"
+            )));
+        }
+        Ok(ApiToken {
+            user: user.to_string(),
+            token_name: token_name.to_string(),
+            secret: secret.to_string(),
+        })
+    }
+
+    /// Parses `PVEAPIToken=USER@REALM!TOKENID=SECRET` or `USER@REALM!TOKENID=SECRET`
+    /// (surrounding whitespace ignored). `USER@REALM!TOKENID:SECRET` is accepted too; `=` is the
+    /// official separator. Errors never echo the input.
+    pub fn parse(text: &str) -> Result<Self, TokenError> {
+        let text = text.trim();
+        let rest = match text.get(..12) {
+            Some(prefix) if prefix.eq_ignore_ascii_case("PVEAPIToken=") => &text[12..],
+            _ => text,
+        };
+        let (user, after) = rest
+            .split_once('!')
+            .ok_or_else(|| TokenError(format!("no '!' before the token id: {TOKEN_SHAPE}")))?;
+        let split = after
+            .find(['=', ':'])
+            .ok_or_else(|| TokenError(format!("no '=' between the token id and the secret: {TOKEN_SHAPE}")))?;
+        ApiToken::new(user, &after[..split], &after[split + 1..])
+    }
+
+    /// Reads a token from a file (one line; surrounding whitespace and the newline ignored).
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self, TokenError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| TokenError(format!("cannot read the API token file {}: {e}", path.display())))?;
+        ApiToken::parse(&text).map_err(|e| TokenError(format!("API token file {}: {e}", path.display())))
+    }
+
+    /// Reads a token from an environment variable.
+    pub fn from_env(var: &str) -> Result<Self, TokenError> {
+        let text = match std::env::var(var) {
+            Ok(text) => text,
+            Err(std::env::VarError::NotPresent) => {
+                return Err(TokenError(format!(
+                    "the environment variable {var} (API token) is not set"
+                )));
+            }
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(TokenError(format!(
+                    "the environment variable {var} (API token) is not valid UTF-8"
+                )));
+            }
+        };
+        ApiToken::parse(&text).map_err(|e| TokenError(format!("environment variable {var}: {e}")))
+    }
+
+    /// `USER@REALM`.
+    pub fn user(&self) -> &str {
+        &self.user
+    }
+
+    /// `TOKENID`.
+    pub fn token_name(&self) -> &str {
+        &self.token_name
+    }
+
+    /// `USER@REALM!TOKENID`: the token's public identity.
+    pub fn id(&self) -> String {
+        format!("{}!{}", self.user, self.token_name)
+    }
+
+    /// The secret itself. Never log or print it.
+    pub fn expose_secret(&self) -> &str {
+        &self.secret
+    }
+
+    fn authorization(&self) -> HeaderValue {
+        let mut value = HeaderValue::from_str(&format!(
+            "PVEAPIToken={}!{}={}",
+            self.user, self.token_name, self.secret
+        ))
+        .expect("token characters are checked at construction");
+        value.set_sensitive(true);
+        value
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || ".-_".contains(c))
+}
+
+impl fmt::Display for ApiToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}!{}=<redacted>", self.user, self.token_name)
+    }
+}
+
+impl fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// How to reach and talk to Proxmox.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Base URLs, e.g. `https://192.168.2.10:8006`; tried in order when one is unreachable.
+    pub endpoints: Vec<String>,
+    pub token: ApiToken,
+    pub trust: TlsTrust,
+    /// Whole-request timeout (default 30 s).
+    pub timeout: Duration,
+    /// TCP + TLS connect timeout (default 10 s).
+    pub connect_timeout: Duration,
+    /// Retries of an idempotent call after the first attempt (default 4).
+    pub retries: u32,
+    /// Base of the exponential backoff between retries (default 200 ms; ×2 each retry, +0–25 % jitter).
+    pub backoff: Duration,
+    /// Requests in flight at once (default 8).
+    pub max_concurrent: usize,
+    /// Interval between task status polls (default 500 ms).
+    pub task_poll_interval: Duration,
+    /// How long [`ProxmoxApi::wait_task`] waits for a task to stop (default 10 min).
+    pub task_timeout: Duration,
+}
+
+impl ClientOptions {
+    /// Options with the defaults.
+    pub fn new(endpoints: Vec<String>, token: ApiToken, trust: TlsTrust) -> Self {
+        ClientOptions {
+            endpoints,
+            token,
+            trust,
+            timeout: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            retries: 4,
+            backoff: Duration::from_millis(200),
+            max_concurrent: 8,
+            task_poll_interval: Duration::from_millis(500),
+            task_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The longest pause between two retries.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// The Proxmox VE API over HTTPS.
+pub struct ProxmoxClient {
+    http: reqwest::Client,
+    endpoints: Vec<String>,
+    token: ApiToken,
+    authorization: HeaderValue,
+    retries: u32,
+    backoff: Duration,
+    task_poll_interval: Duration,
+    task_timeout: Duration,
+    in_flight: Semaphore,
+    requests: AtomicU64,
+    /// The endpoint that answered last: idempotent calls start there.
+    preferred: AtomicUsize,
+}
+
+impl fmt::Debug for ProxmoxClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ProxmoxClient")
+            .field("endpoints", &self.endpoints)
+            .field("token", &self.token)
+            .field("requests", &self.request_count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one HTTP exchange produced.
+struct Answer {
+    status: StatusCode,
+    reason: Option<String>,
+    body: Vec<u8>,
+}
+
+impl ProxmoxClient {
+    pub fn new(options: ClientOptions) -> Result<Self, ProxmoxError> {
+        if options.endpoints.is_empty() {
+            return Err(ProxmoxError::Other("no Proxmox endpoint configured".to_string()));
+        }
+        let mut endpoints = Vec::new();
+        for endpoint in &options.endpoints {
+            endpoints.push(normalize_endpoint(endpoint)?);
+        }
+        let http = tls::client_builder(&options.trust)
+            .map_err(|e| ProxmoxError::Other(e.to_string()))?
+            .timeout(options.timeout)
+            .connect_timeout(options.connect_timeout)
+            .user_agent(concat!("driftless/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| ProxmoxError::Other(format!("cannot build the HTTP client: {}", tls::error_chain(&e))))?;
+        Ok(ProxmoxClient {
+            http,
+            endpoints,
+            authorization: options.token.authorization(),
+            token: options.token,
+            retries: options.retries,
+            backoff: options.backoff,
+            task_poll_interval: options.task_poll_interval,
+            task_timeout: options.task_timeout,
+            in_flight: Semaphore::new(options.max_concurrent.max(1)),
+            requests: AtomicU64::new(0),
+            preferred: AtomicUsize::new(0),
+        })
+    }
+
+    /// HTTP requests sent so far, retries included.
+    pub fn request_count(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// The base URLs, normalized (no trailing `/`).
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// `GET /version`: the Proxmox VE version (a cheap check of address, TLS and token).
+    pub async fn version(&self) -> Result<String, ProxmoxError> {
+        let data = self.call(Method::GET, "/version", "", None).await?;
+        Ok(data.get("version").map(value_text).unwrap_or_default())
+    }
+
+    fn redact(&self, text: &str) -> String {
+        text.replace(self.token.expose_secret(), "<redacted>")
+    }
+
+    /// One API call: `path` below `/api2/json` (segments already encoded), `query` without `?`.
+    /// Returns the response's `data`.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        query: &str,
+        form: Option<&[(String, String)]>,
+    ) -> Result<Value, ProxmoxError> {
+        let what = format!("{method} {path}");
+        let idempotent = method == Method::GET;
+        let count = self.endpoints.len();
+        let mut endpoint = self.preferred.load(Ordering::Relaxed) % count;
+        let mut retries_left = if idempotent { self.retries } else { 0 };
+        let mut retry = 0u32;
+        let mut tried_this_round = 1usize;
+        loop {
+            let base = &self.endpoints[endpoint];
+            match self.send(&method, base, path, query, form).await {
+                Ok(answer) if answer.status.is_success() => {
+                    self.preferred.store(endpoint, Ordering::Relaxed);
+                    return parse_data(&answer.body).map_err(|e| ProxmoxError::Other(format!("{what}: {e}")));
+                }
+                Ok(answer) => {
+                    let status = answer.status;
+                    let retryable = (status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED)
+                        || status == StatusCode::TOO_MANY_REQUESTS;
+                    let error = self.api_error(&what, answer);
+                    if retryable && retries_left > 0 && error != ProxmoxError::DigestMismatch {
+                        retries_left -= 1;
+                        retry += 1;
+                        tracing::debug!(%what, status = status.as_u16(), retry, "retrying after an error status");
+                        tokio::time::sleep(backoff_delay(self.backoff, retry)).await;
+                        tried_this_round = 1;
+                        continue;
+                    }
+                    return Err(error);
+                }
+                Err(err) => {
+                    let tls_failure = tls::is_tls_error(&err);
+                    let mut message = self.redact(&tls::error_chain(&err));
+                    if tls_failure {
+                        message.push_str(
+                            " (the server's certificate is not trusted: check the CA file or the pinned fingerprint; \
+                             `pvenode cert info` on the node prints the fingerprint)",
+                        );
+                    }
+                    // Nothing was sent when the connection could not be made: any call may move on.
+                    let may_fail_over = idempotent || err.is_connect();
+                    tracing::debug!(%what, endpoint = %base, %message, "Proxmox request failed");
+                    if may_fail_over && tried_this_round < count {
+                        tried_this_round += 1;
+                        endpoint = (endpoint + 1) % count;
+                        continue;
+                    }
+                    if idempotent && !tls_failure && retries_left > 0 {
+                        retries_left -= 1;
+                        retry += 1;
+                        tokio::time::sleep(backoff_delay(self.backoff, retry)).await;
+                        tried_this_round = 1;
+                        endpoint = (endpoint + 1) % count;
+                        continue;
+                    }
+                    return Err(ProxmoxError::Transport {
+                        endpoint: base.clone(),
+                        message,
+                    });
+                }
+            }
+        }
+    }
+
+    /// One HTTP exchange, holding a permit of the concurrency bound.
+    async fn send(
+        &self,
+        method: &Method,
+        base: &str,
+        path: &str,
+        query: &str,
+        form: Option<&[(String, String)]>,
+    ) -> Result<Answer, reqwest::Error> {
+        let _permit = self.in_flight.acquire().await.expect("the semaphore is never closed");
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        let mut url = format!("{base}/api2/json{path}");
+        if !query.is_empty() {
+            url.push('?');
+            url.push_str(query);
+        }
+        let mut request = self
+            .http
+            .request(method.clone(), url)
+            .header(AUTHORIZATION, self.authorization.clone());
+        if let Some(form) = form {
+            request = request.form(form);
+        }
+        let response = request.send().await?;
+        let status = response.status();
+        let reason = response
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .map(|r| String::from_utf8_lossy(r.as_bytes()).into_owned());
+        let body = response.bytes().await?.to_vec();
+        Ok(Answer { status, reason, body })
+    }
+
+    /// The error for a non-2xx answer: Proxmox's reason phrase, plus the body's `message` and
+    /// per-parameter `errors` when present.
+    fn api_error(&self, what: &str, answer: Answer) -> ProxmoxError {
+        let status = answer.status;
+        let reason = answer
+            .reason
+            .or_else(|| status.canonical_reason().map(str::to_string))
+            .unwrap_or_default()
+            .trim()
+            .to_string();
+        let mut message = reason.clone();
+        match serde_json::from_slice::<Value>(&answer.body) {
+            Ok(body) => {
+                if let Some(text) = body.get("message").and_then(Value::as_str) {
+                    let text = text.trim();
+                    if !text.is_empty() && text != reason {
+                        push_part(&mut message, text, ": ");
+                    }
+                }
+                if let Some(errors) = body.get("errors").and_then(Value::as_object) {
+                    let list: Vec<String> = errors
+                        .iter()
+                        .map(|(param, msg)| format!("{param}: {}", value_text(msg).trim()))
+                        .collect();
+                    if !list.is_empty() {
+                        push_part(&mut message, &list.join("; "), " - ");
+                    }
+                }
+            }
+            Err(_) => {
+                let text = String::from_utf8_lossy(&answer.body);
+                let text = text.trim();
+                if !text.is_empty() && text != reason {
+                    push_part(&mut message, &text.chars().take(300).collect::<String>(), ": ");
+                }
+            }
+        }
+        let message = self.redact(&message);
+        let lower = message.to_lowercase();
+        if status == StatusCode::INTERNAL_SERVER_ERROR
+            && (lower.contains("detected modified configuration") || lower.contains("digest"))
+        {
+            return ProxmoxError::DigestMismatch;
+        }
+        ProxmoxError::Api {
+            status: status.as_u16(),
+            what: what.to_string(),
+            message,
+        }
+    }
+
+    fn guest_path(node: &str, kind: PveKind, vmid: u32) -> String {
+        format!("/nodes/{}/{}/{vmid}", encode(node), kind.path())
+    }
+
+    async fn task_call(&self, method: Method, path: &str, form: &[(String, String)]) -> Result<Upid, ProxmoxError> {
+        let data = self.call(method.clone(), path, "", Some(form)).await?;
+        match data {
+            Value::String(upid) => Ok(Upid(upid)),
+            other => Err(ProxmoxError::Other(format!(
+                "{method} {path}: expected a task id (UPID), got {other}"
+            ))),
+        }
+    }
+}
+
+fn push_part(message: &mut String, part: &str, separator: &str) {
+    if !message.is_empty() {
+        message.push_str(separator);
+    }
+    message.push_str(part);
+}
+
+fn normalize_endpoint(endpoint: &str) -> Result<String, ProxmoxError> {
+    let trimmed = endpoint.trim().trim_end_matches('/');
+    let trimmed = trimmed
+        .strip_suffix("/api2/json")
+        .unwrap_or(trimmed)
+        .trim_end_matches('/');
+    let url = reqwest::Url::parse(trimmed)
+        .map_err(|e| ProxmoxError::Other(format!("invalid Proxmox endpoint {endpoint:?}: {e}")))?;
+    match url.scheme() {
+        "https" => {}
+        "http" => tracing::warn!(
+            endpoint = trimmed,
+            "Proxmox endpoint uses plain HTTP: the API token travels unencrypted"
+        ),
+        other => {
+            return Err(ProxmoxError::Other(format!(
+                "invalid Proxmox endpoint {endpoint:?}: scheme {other:?}, expected https"
+            )));
+        }
+    }
+    if url.host_str().is_none() {
+        return Err(ProxmoxError::Other(format!(
+            "invalid Proxmox endpoint {endpoint:?}: no host"
+        )));
+    }
+    Ok(trimmed.to_string())
+}
+
+/// `base × 2^(retry-1)`, capped, plus up to 25 % jitter.
+fn backoff_delay(base: Duration, retry: u32) -> Duration {
+    let exponential = base
+        .saturating_mul(1u32 << retry.saturating_sub(1).min(16))
+        .min(MAX_BACKOFF);
+    let random = RandomState::new().build_hasher().finish();
+    let jitter = exponential.mul_f64((random % 1000) as f64 / 4000.0);
+    exponential + jitter
+}
+
+/// Percent-encodes one path segment or query component (everything but RFC 3986 unreserved).
+fn encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The `data` of a `{"data": ...}` body (`null` when absent or the body is empty).
+fn parse_data(body: &[u8]) -> Result<Value, String> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Value::Null);
+    }
+    let mut value: Value = serde_json::from_slice(body).map_err(|e| format!("the response is not JSON: {e}"))?;
+    Ok(value.get_mut("data").map(Value::take).unwrap_or(Value::Null))
+}
+
+/// A JSON value as Proxmox config text: strings as they are, numbers in decimal, booleans 1/0.
+fn value_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => if *b { "1" } else { "0" }.to_string(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+fn split_tags(tags: &str) -> Vec<String> {
+    tags.split([';', ',', ' '])
+        .filter(|t| !t.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+fn guest_summary(item: &Value) -> Result<Option<GuestSummary>, String> {
+    let kind = match item.get("type").and_then(Value::as_str) {
+        Some("lxc") => PveKind::Lxc,
+        Some("qemu") => PveKind::Qemu,
+        _ => return Ok(None),
+    };
+    let vmid = match item.get("vmid") {
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::String(s)) => s.parse().ok(),
+        _ => None,
+    }
+    .and_then(|v| u32::try_from(v).ok())
+    .ok_or_else(|| format!("a guest without a valid vmid: {item}"))?;
+    let node = item
+        .get("node")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("guest {vmid} has no node"))?
+        .to_string();
+    Ok(Some(GuestSummary {
+        vmid,
+        node,
+        kind,
+        name: item.get("name").and_then(Value::as_str).map(str::to_string),
+        status: item
+            .get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("unknown")
+            .to_string(),
+        tags: item
+            .get("tags")
+            .and_then(Value::as_str)
+            .map(split_tags)
+            .unwrap_or_default(),
+    }))
+}
+
+fn live_config(data: Value) -> Result<LiveConfig, String> {
+    let Value::Object(map) = data else {
+        return Err(format!("expected an object, got {data}"));
+    };
+    let mut config = LiveConfig::default();
+    for (key, value) in map {
+        match (key.as_str(), value) {
+            ("digest", value) => config.digest = value_text(&value),
+            ("lxc", Value::Array(pairs)) => {
+                for pair in pairs {
+                    match pair.as_array().map(Vec::as_slice) {
+                        Some([k, v]) => config.raw_lxc.push((value_text(k), value_text(v))),
+                        _ => return Err(format!("unexpected raw lxc entry {pair}")),
+                    }
+                }
+            }
+            (_, Value::Null) => {}
+            (_, value) => {
+                config.options.insert(key, value_text(&value));
+            }
+        }
+    }
+    Ok(config)
+}
+
+impl ProxmoxApi for ProxmoxClient {
+    async fn list_guests(&self) -> Result<Vec<GuestSummary>, ProxmoxError> {
+        let data = self.call(Method::GET, "/cluster/resources", "type=vm", None).await?;
+        let Value::Array(items) = data else {
+            return Err(ProxmoxError::Other(format!(
+                "GET /cluster/resources: expected a list, got {data}"
+            )));
+        };
+        let mut guests = Vec::new();
+        for item in &items {
+            if let Some(guest) =
+                guest_summary(item).map_err(|e| ProxmoxError::Other(format!("GET /cluster/resources: {e}")))?
+            {
+                guests.push(guest);
+            }
+        }
+        Ok(guests)
+    }
+
+    async fn read_config(&self, node: &str, kind: PveKind, vmid: u32) -> Result<LiveConfig, ProxmoxError> {
+        let path = format!("{}/config", Self::guest_path(node, kind, vmid));
+        let data = self.call(Method::GET, &path, "", None).await?;
+        live_config(data).map_err(|e| ProxmoxError::Other(format!("GET {path}: {e}")))
+    }
+
+    async fn create(&self, node: &str, kind: PveKind, params: &BTreeMap<String, String>) -> Result<Upid, ProxmoxError> {
+        let path = format!("/nodes/{}/{}", encode(node), kind.path());
+        let form: Vec<(String, String)> = params.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        self.task_call(Method::POST, &path, &form).await
+    }
+
+    async fn update_config(
+        &self,
+        node: &str,
+        kind: PveKind,
+        vmid: u32,
+        set: &BTreeMap<String, String>,
+        delete: &[String],
+        digest: &str,
+    ) -> Result<(), ProxmoxError> {
+        let path = format!("{}/config", Self::guest_path(node, kind, vmid));
+        let mut form: Vec<(String, String)> = set.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        if !delete.is_empty() {
+            form.push(("delete".to_string(), delete.join(",")));
+        }
+        if !digest.is_empty() {
+            form.push(("digest".to_string(), digest.to_string()));
+        }
+        self.call(Method::PUT, &path, "", Some(&form)).await?;
+        Ok(())
+    }
+
+    async fn power(&self, node: &str, kind: PveKind, vmid: u32, action: PowerAction) -> Result<Upid, ProxmoxError> {
+        let path = format!("{}/status/{}", Self::guest_path(node, kind, vmid), action.as_str());
+        self.task_call(Method::POST, &path, &[]).await
+    }
+
+    async fn delete_guest(&self, node: &str, kind: PveKind, vmid: u32) -> Result<Upid, ProxmoxError> {
+        let path = Self::guest_path(node, kind, vmid);
+        let data = self.call(Method::DELETE, &path, "", None).await?;
+        match data {
+            Value::String(upid) => Ok(Upid(upid)),
+            other => Err(ProxmoxError::Other(format!(
+                "DELETE {path}: expected a task id (UPID), got {other}"
+            ))),
+        }
+    }
+
+    async fn wait_task(&self, upid: &Upid) -> Result<(), ProxmoxError> {
+        let node = match upid.node() {
+            Some(node) if upid.0.starts_with("UPID:") && !node.is_empty() => node,
+            _ => return Err(ProxmoxError::Other(format!("not a Proxmox task id: {:?}", upid.0))),
+        };
+        let path = format!("/nodes/{}/tasks/{}/status", encode(node), encode(&upid.0));
+        let deadline = tokio::time::Instant::now() + self.task_timeout;
+        loop {
+            let data = self.call(Method::GET, &path, "", None).await?;
+            let status = data.get("status").and_then(Value::as_str).unwrap_or("");
+            if status == "stopped" {
+                let exit = data.get("exitstatus").map(value_text).unwrap_or_default();
+                if exit == "OK" {
+                    return Ok(());
+                }
+                let exit_status = if exit.is_empty() {
+                    "no exit status".to_string()
+                } else {
+                    exit
+                };
+                return Err(ProxmoxError::TaskFailed {
+                    upid: upid.0.clone(),
+                    exit_status,
+                });
+            }
+            if tokio::time::Instant::now() + self.task_poll_interval > deadline {
+                return Err(ProxmoxError::Other(format!(
+                    "task {} still {} after {:?}",
+                    upid.0,
+                    if status.is_empty() { "running" } else { status },
+                    self.task_timeout
+                )));
+            }
+            tokio::time::sleep(self.task_poll_interval).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_parse_and_redact() {
+        for text in [
+            "PVEAPIToken=root@pam!ci=s3cr3t-uuid",
+            "root@pam!ci=s3cr3t-uuid\n",
+            "root@pam!ci:s3cr3t-uuid",
+        ] {
+            let token = ApiToken::parse(text).unwrap();
+            assert_eq!(token.id(), "root@pam!ci");
+            assert_eq!(token.expose_secret(), "s3cr3t-uuid");
+            assert_eq!(format!("{token:?}"), "root@pam!ci=<redacted>");
+            assert_eq!(token.to_string(), "root@pam!ci=<redacted>");
+        }
+        for bad in [
+            "s3cr3t-uuid",
+            "root!ci=s3cr3t-uuid",
+            "root@pam!ci=",
+            "root@pam!=s3cr3t-uuid",
+            "root@pam!ci s3cr3t",
+        ] {
+            let err = ApiToken::parse(bad).unwrap_err().to_string();
+            assert!(!err.contains("s3cr3t"), "{err}");
+        }
+    }
+
+    #[test]
+    fn config_values_become_text() {
+        let data = serde_json::json!({
+            "cores": 2, "cpulimit": 1.5, "hostname": "k3s-1", "onboot": 1, "digest": "abc",
+            "lxc": [["lxc.apparmor.profile", "unconfined"], ["lxc.cap.drop", ""]],
+        });
+        let config = live_config(data).unwrap();
+        assert_eq!(config.options["cores"], "2");
+        assert_eq!(config.options["cpulimit"], "1.5");
+        assert_eq!(config.options["hostname"], "k3s-1");
+        assert!(!config.options.contains_key("digest") && !config.options.contains_key("lxc"));
+        assert_eq!(config.digest, "abc");
+        assert_eq!(
+            config.raw_lxc[0],
+            ("lxc.apparmor.profile".to_string(), "unconfined".to_string())
+        );
+    }
+
+    #[test]
+    fn helpers() {
+        assert_eq!(
+            encode("UPID:pve:0000:1:2:vzcreate:100:root@pam!ci:"),
+            "UPID%3Apve%3A0000%3A1%3A2%3Avzcreate%3A100%3Aroot%40pam%21ci%3A"
+        );
+        assert_eq!(
+            split_tags("driftless;k3s, web  x"),
+            vec!["driftless", "k3s", "web", "x"]
+        );
+        assert_eq!(
+            normalize_endpoint("https://pve:8006/api2/json/").unwrap(),
+            "https://pve:8006"
+        );
+        assert!(normalize_endpoint("ftp://pve").is_err());
+        let d = backoff_delay(Duration::from_millis(200), 3);
+        assert!(
+            d >= Duration::from_millis(800) && d <= Duration::from_millis(1000),
+            "{d:?}"
+        );
+    }
+}

@@ -1,0 +1,477 @@
+//! The Proxmox host shell over SSH (russh): [`SshHostShell`] implements [`HostShell`].
+//!
+//! * One SSH connection per Proxmox node, opened on first use, shared by every command
+//!   (one channel each) and opened again when it dropped.
+//! * The server's host key must be in the node's known_hosts file: a different key is
+//!   [`ShellError::HostKeyMismatch`], no entry is [`ShellError::UnknownHost`]. Unknown keys
+//!   are never accepted or recorded.
+//! * Public-key authentication with the node's private key file (OpenSSH format).
+//! * argv is quoted into one command line ([`command_line`]); values never become shell
+//!   syntax. Compare-and-swap writes are one fixed remote script that takes the path and
+//!   the expected SHA-1 as positional parameters.
+//! * Key material, a passphrase, and command output are never logged or put in errors;
+//!   logs name the node and the program (argv\[0\]) only.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use russh::client::{self, Handle, Msg};
+use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate, check_known_hosts_path};
+use russh::{Channel, ChannelMsg};
+use tokio::sync::Mutex;
+use tokio::time::{Instant, timeout, timeout_at};
+
+use crate::adapters::shell_quote::{command_line, has_nul};
+use crate::ports::{CommandOutput, HostShell, ShellError};
+
+/// Where and how to reach the Proxmox host serving one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostTarget {
+    /// Normally `root`.
+    pub user: String,
+    /// Address or DNS name; also the name looked up in `known_hosts`.
+    pub host: String,
+    pub port: u16,
+    /// OpenSSH known_hosts file holding the host's key (`host` or `[host]:port` entries,
+    /// hashed entries work too).
+    pub known_hosts: PathBuf,
+    /// OpenSSH private key file (ed25519 recommended).
+    pub key_file: PathBuf,
+}
+
+impl HostTarget {
+    fn address(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A passphrase that never shows up in `Debug` output.
+#[derive(Clone)]
+struct Passphrase(String);
+
+impl fmt::Debug for Passphrase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Passphrase(<redacted>)")
+    }
+}
+
+struct Host {
+    target: HostTarget,
+    conn: Mutex<Option<Arc<Handle<Client>>>>,
+}
+
+/// [`HostShell`] over SSH; see the module documentation.
+pub struct SshHostShell {
+    hosts: BTreeMap<String, Host>,
+    passphrase: Option<Passphrase>,
+    connect_timeout: Duration,
+    command_timeout: Duration,
+}
+
+impl fmt::Debug for SshHostShell {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SshHostShell")
+            .field(
+                "hosts",
+                &self.hosts.iter().map(|(n, h)| (n, &h.target)).collect::<Vec<_>>(),
+            )
+            .field("passphrase", &self.passphrase)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("command_timeout", &self.command_timeout)
+            .finish()
+    }
+}
+
+/// Exit status of the compare-and-swap script when the file's SHA-1 is not the expected one.
+const CHANGED_STATUS: u32 = 79;
+
+/// Replace `$1` with stdin only if the SHA-1 of `$1` is `$2` (an absent file counts as the
+/// empty string). Temporary file in the same directory, mode copied, then `mv` (a rename).
+/// pmxcfs accepts this: its chmod allows the mode the file already has, and rename within a
+/// directory is how Proxmox itself replaces files.
+const WRITE_IF_UNCHANGED: &str = r#"p=$1 want=$2
+if [ -e "$p" ]; then
+  cur=$(sha1sum < "$p") || exit 70
+  cur=${cur%% *}
+else
+  cur=
+fi
+if [ "$cur" != "$want" ]; then
+  printf 'sha1 of %s is %s\n' "$p" "${cur:-absent}" >&2
+  exit 79
+fi
+tmp=$p.tmp.$$
+trap 'rm -f -- "$tmp"' EXIT
+trap 'exit 1' HUP INT TERM
+cat > "$tmp" || exit 71
+if [ -e "$p" ]; then chmod --reference="$p" -- "$tmp" || exit 72; fi
+mv -f -- "$tmp" "$p" || exit 73
+"#;
+
+impl SshHostShell {
+    /// One target per Proxmox node name. Nothing connects until the first command.
+    pub fn new(hosts: BTreeMap<String, HostTarget>) -> SshHostShell {
+        SshHostShell {
+            hosts: hosts
+                .into_iter()
+                .map(|(node, target)| {
+                    let host = Host {
+                        target,
+                        conn: Mutex::new(None),
+                    };
+                    (node, host)
+                })
+                .collect(),
+            passphrase: None,
+            connect_timeout: Duration::from_secs(20),
+            command_timeout: Duration::from_secs(600),
+        }
+    }
+
+    /// Passphrase for encrypted private key files (all nodes). Never logged.
+    pub fn with_key_passphrase(mut self, passphrase: impl Into<String>) -> SshHostShell {
+        self.passphrase = Some(Passphrase(passphrase.into()));
+        self
+    }
+
+    /// Limits: TCP connect + handshake + authentication, and one command from exec to exit.
+    pub fn with_timeouts(mut self, connect: Duration, command: Duration) -> SshHostShell {
+        self.connect_timeout = connect;
+        self.command_timeout = command;
+        self
+    }
+
+    /// The target configured for a Proxmox node.
+    pub fn target(&self, pve_node: &str) -> Option<&HostTarget> {
+        self.hosts.get(pve_node).map(|h| &h.target)
+    }
+
+    fn host(&self, pve_node: &str) -> Result<&Host, ShellError> {
+        self.hosts
+            .get(pve_node)
+            .ok_or_else(|| ShellError::Other(format!("no SSH host is configured for Proxmox node {pve_node}")))
+    }
+
+    /// Connect, check the host key, authenticate.
+    async fn connect(&self, target: &HostTarget) -> Result<Handle<Client>, ShellError> {
+        let address = target.address();
+        let connect_err = |message: String| ShellError::Connect {
+            host: address.clone(),
+            message,
+        };
+        let key = load_key(target, self.passphrase.as_ref()).map_err(&connect_err)?;
+        let config = Arc::new(client::Config {
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_max: 3,
+            nodelay: true,
+            ..Default::default()
+        });
+        let handler = Client {
+            host: target.host.clone(),
+            port: target.port,
+            address: address.clone(),
+            known_hosts: target.known_hosts.clone(),
+        };
+        let work = async {
+            let mut handle = client::connect(config, (target.host.as_str(), target.port), handler)
+                .await
+                .map_err(|e| match e {
+                    ClientError::Refused(err) => err,
+                    ClientError::Ssh(e) => connect_err(e.to_string()),
+                })?;
+            let hash_alg = if key.algorithm().is_rsa() {
+                handle.best_supported_rsa_hash().await.ok().flatten().flatten()
+            } else {
+                None
+            };
+            let auth = handle
+                .authenticate_publickey(target.user.clone(), PrivateKeyWithHashAlg::new(Arc::new(key), hash_alg))
+                .await
+                .map_err(|e| connect_err(format!("authentication did not complete: {e}")))?;
+            if !auth.success() {
+                return Err(ShellError::Auth { host: address.clone() });
+            }
+            Ok(handle)
+        };
+        let handle = timeout(self.connect_timeout, work)
+            .await
+            .map_err(|_| connect_err(format!("timed out after {:?}", self.connect_timeout)))??;
+        tracing::debug!(host = %address, user = %target.user, "ssh connected");
+        Ok(handle)
+    }
+
+    /// A session channel on the node's connection, connecting (again) when needed. A
+    /// failure to open a channel on a kept connection means it went stale: reconnect once.
+    async fn open_channel(&self, host: &Host) -> Result<Channel<Msg>, ShellError> {
+        let mut conn = host.conn.lock().await;
+        let mut reused = false;
+        loop {
+            let handle = match conn.as_ref() {
+                Some(h) if !h.is_closed() => {
+                    reused = true;
+                    h.clone()
+                }
+                _ => {
+                    *conn = None;
+                    let h = Arc::new(self.connect(&host.target).await?);
+                    *conn = Some(h.clone());
+                    h
+                }
+            };
+            match timeout(self.connect_timeout, handle.channel_open_session()).await {
+                Ok(Ok(channel)) => return Ok(channel),
+                Ok(Err(_)) | Err(_) if reused => {
+                    tracing::debug!(host = %host.target.address(), "ssh connection went stale; reconnecting");
+                    *conn = None;
+                    reused = false;
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    *conn = None;
+                    return Err(ShellError::Connect {
+                        host: host.target.address(),
+                        message: format!("cannot open a session channel: {e}"),
+                    });
+                }
+                Err(_) => {
+                    *conn = None;
+                    return Err(ShellError::Connect {
+                        host: host.target.address(),
+                        message: "timed out opening a session channel".into(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Run argv; `what` names the command in errors (defaults to the command line).
+    async fn run_described(
+        &self,
+        pve_node: &str,
+        argv: &[String],
+        stdin: &[u8],
+        what: Option<&str>,
+    ) -> Result<CommandOutput, ShellError> {
+        if argv.is_empty() {
+            return Err(ShellError::Other("empty command".into()));
+        }
+        if has_nul(argv) {
+            return Err(ShellError::Other(
+                "an argument contains a NUL byte, which SSH cannot carry".into(),
+            ));
+        }
+        let host = self.host(pve_node)?;
+        let line = command_line(argv);
+        let what = what.map(str::to_string).unwrap_or_else(|| line.clone());
+        tracing::debug!(node = pve_node, program = %argv[0], "ssh exec");
+        let channel = self.open_channel(host).await?;
+        exec(
+            channel,
+            line,
+            stdin,
+            Instant::now() + self.command_timeout,
+            &host.target.address(),
+            &what,
+        )
+        .await
+    }
+}
+
+/// Run one command on an open channel: exec, feed stdin then EOF while collecting
+/// stdout/stderr, until the server closes the channel.
+async fn exec(
+    channel: Channel<Msg>,
+    line: String,
+    stdin: &[u8],
+    deadline: Instant,
+    address: &str,
+    what: &str,
+) -> Result<CommandOutput, ShellError> {
+    let lost = |message: String| ShellError::Connect {
+        host: address.to_string(),
+        message,
+    };
+    let (mut read, write) = channel.split();
+    write
+        .exec(true, line)
+        .await
+        .map_err(|e| lost(format!("cannot start `{what}`: {e}")))?;
+
+    let writer = async {
+        write.data(stdin).await?;
+        write.eof().await
+    };
+    tokio::pin!(writer);
+    let mut writer_done = false;
+    let mut write_error = None;
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let mut status = None;
+    let mut signal = None;
+    let collected = timeout_at(deadline, async {
+        loop {
+            tokio::select! {
+                r = &mut writer, if !writer_done => {
+                    writer_done = true;
+                    write_error = r.err();
+                }
+                msg = read.wait() => match msg {
+                    None | Some(ChannelMsg::Close) => break Ok(()),
+                    Some(ChannelMsg::Data { data }) => stdout.extend_from_slice(&data),
+                    Some(ChannelMsg::ExtendedData { data, ext: 1 }) => stderr.extend_from_slice(&data),
+                    Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
+                    Some(ChannelMsg::ExitSignal { signal_name, .. }) => signal = Some(format!("{signal_name:?}")),
+                    Some(ChannelMsg::Failure) => break Err(ShellError::Other(format!(
+                        "{address} refused to run `{what}`"
+                    ))),
+                    Some(_) => {}
+                },
+            }
+        }
+    })
+    .await;
+    match collected {
+        Err(_) => {
+            let _ = write.close().await;
+            return Err(ShellError::Other(format!("`{what}` on {address} timed out")));
+        }
+        Ok(Err(e)) => return Err(e),
+        Ok(Ok(())) => {}
+    }
+    match (status, signal) {
+        (Some(status), _) => Ok(CommandOutput { status, stdout, stderr }),
+        (None, Some(signal)) => Err(ShellError::Other(format!(
+            "`{what}` on {address} was killed by signal {signal}"
+        ))),
+        (None, None) => Err(lost(match write_error {
+            Some(e) => format!("connection lost while sending input to `{what}`: {e}"),
+            None => format!("connection lost before `{what}` finished"),
+        })),
+    }
+}
+
+fn load_key(target: &HostTarget, passphrase: Option<&Passphrase>) -> Result<russh::keys::PrivateKey, String> {
+    let path = target.key_file.display();
+    russh::keys::load_secret_key(&target.key_file, passphrase.map(|p| p.0.as_str())).map_err(|e| {
+        // Only the kind of problem: never the key's bytes or the passphrase.
+        let why = match e {
+            russh::keys::Error::IO(io) => format!("cannot read it: {}", io.kind()),
+            russh::keys::Error::KeyIsEncrypted => "it is encrypted and no passphrase was given".to_string(),
+            _ if passphrase.is_some() => {
+                "it is not a usable OpenSSH private key or the passphrase is wrong".to_string()
+            }
+            _ => "it is not a usable OpenSSH private key".to_string(),
+        };
+        format!("private key {path}: {why}")
+    })
+}
+
+/// The russh event handler: checks the host key against known_hosts.
+struct Client {
+    host: String,
+    port: u16,
+    address: String,
+    known_hosts: PathBuf,
+}
+
+#[derive(Debug)]
+enum ClientError {
+    Ssh(russh::Error),
+    /// The host key check said no; carries the precise reason.
+    Refused(ShellError),
+}
+
+impl From<russh::Error> for ClientError {
+    fn from(e: russh::Error) -> Self {
+        ClientError::Ssh(e)
+    }
+}
+
+impl client::Handler for Client {
+    type Error = ClientError;
+
+    async fn check_server_key(&mut self, server_key: &PublicKeyOrCertificate) -> Result<bool, ClientError> {
+        let PublicKeyOrCertificate::PublicKey { key, .. } = server_key else {
+            return Err(ClientError::Refused(ShellError::Connect {
+                host: self.address.clone(),
+                message: "the server presented a host certificate; only known_hosts keys are accepted".into(),
+            }));
+        };
+        match check_known_hosts_path(&self.host, self.port, key, &self.known_hosts) {
+            Ok(true) => Ok(true),
+            Ok(false) => Err(ClientError::Refused(ShellError::UnknownHost {
+                host: self.address.clone(),
+                known_hosts: self.known_hosts.display().to_string(),
+            })),
+            Err(russh::keys::Error::KeyChanged { line }) => {
+                tracing::warn!(host = %self.address, known_hosts = %self.known_hosts.display(), line,
+                    "ssh host key does not match known_hosts");
+                Err(ClientError::Refused(ShellError::HostKeyMismatch {
+                    host: self.address.clone(),
+                }))
+            }
+            Err(e) => Err(ClientError::Refused(ShellError::Connect {
+                host: self.address.clone(),
+                message: format!("cannot check the host key against {}: {e}", self.known_hosts.display()),
+            })),
+        }
+    }
+}
+
+impl HostShell for SshHostShell {
+    async fn run(&self, pve_node: &str, argv: &[String], stdin: &[u8]) -> Result<CommandOutput, ShellError> {
+        self.run_described(pve_node, argv, stdin, None).await
+    }
+
+    async fn read_file(&self, pve_node: &str, path: &str) -> Result<Vec<u8>, ShellError> {
+        let argv = ["cat".to_string(), "--".to_string(), path.to_string()];
+        let out = self.run_described(pve_node, &argv, &[], None).await?;
+        if out.status != 0 {
+            return Err(ShellError::Command {
+                host: self.host(pve_node)?.target.address(),
+                command: command_line(&argv),
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim_end().to_string(),
+            });
+        }
+        Ok(out.stdout)
+    }
+
+    async fn write_file_if_unchanged(
+        &self,
+        pve_node: &str,
+        path: &str,
+        contents: &[u8],
+        expected_sha1: &str,
+    ) -> Result<(), ShellError> {
+        let argv: Vec<String> = ["sh", "-c", WRITE_IF_UNCHANGED, "sh", path, expected_sha1]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let what = format!("replace {path} if unchanged");
+        let out = self.run_described(pve_node, &argv, contents, Some(&what)).await?;
+        let host = self.host(pve_node)?.target.address();
+        match out.status {
+            0 => {
+                tracing::debug!(node = pve_node, path, "replaced file");
+                Ok(())
+            }
+            CHANGED_STATUS => Err(ShellError::Changed {
+                host,
+                path: path.to_string(),
+            }),
+            status => Err(ShellError::Command {
+                host,
+                command: what,
+                status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim_end().to_string(),
+            }),
+        }
+    }
+}

@@ -1,0 +1,352 @@
+//! A sandbox Proxmox VE: the API subset driftless uses, served on loopback over HTTPS with a
+//! self-signed certificate, backed by config files laid out like `/etc/pve`.
+//!
+//! * [`start`] serves it; [`SandboxHandle`] says where (URL, certificate fingerprint, CA PEM,
+//!   token) and holds the runtime [`Knobs`] (latency, injected errors, a concurrent edit,
+//!   request counters).
+//! * State: `STATE/nodes/<node>/lxc/<vmid>.conf` and `STATE/nodes/<node>/qemu-server/<vmid>.conf`
+//!   in Proxmox's exact format (written and parsed with [`crate::pve::conf`]), re-read on every
+//!   request, so an edit by another process is seen at once; power state in
+//!   `STATE/.sandbox/status.json`. Writes are atomic (temporary file, then rename).
+//! * [`pct`] edits the same files the way `pct set` / `pct config` does as `root@pam` on the
+//!   node (no API-token permission limits): what driftless runs over SSH.
+//!
+//! Behaviour follows pve-container, qemu-server, pve-http-server and pve-access-control (see
+//! `proxmox.rs` and `guest.rs` for what is mimicked and where the sandbox is simpler).
+
+mod guest;
+mod pct;
+mod proxmox;
+mod store;
+mod tls;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub use pct::pct;
+
+/// How to run the sandbox.
+#[derive(Clone)]
+pub struct SandboxOptions {
+    /// Where the `/etc/pve`-like tree lives (created when missing). Required.
+    pub state_dir: PathBuf,
+    /// Cluster node names (default `["pve"]`).
+    pub nodes: Vec<String>,
+    /// Serve HTTPS with a self-signed certificate (default); `false` serves plain HTTP.
+    pub tls: bool,
+    /// The one API token accepted: `USER@REALM!TOKENID=SECRET`.
+    pub token: String,
+    /// Added before every answer; tasks also take this long (plus a few ms).
+    pub latency: Duration,
+    /// Fraction of requests answered with HTTP 500, chosen deterministically from `seed`.
+    pub error_rate: f64,
+    /// Seeds the injected errors and generated values (MAC addresses, UUIDs, default token).
+    pub seed: u64,
+    /// Where to listen (default `127.0.0.1:0`: a free port on loopback).
+    pub bind: SocketAddr,
+}
+
+impl SandboxOptions {
+    /// Defaults for everything but the state directory.
+    pub fn new(state_dir: impl Into<PathBuf>) -> SandboxOptions {
+        SandboxOptions {
+            state_dir: state_dir.into(),
+            ..SandboxOptions::default()
+        }
+    }
+}
+
+impl Default for SandboxOptions {
+    fn default() -> SandboxOptions {
+        let seed = 0;
+        SandboxOptions {
+            state_dir: PathBuf::new(),
+            nodes: vec!["pve".to_string()],
+            tls: true,
+            token: default_token(seed),
+            latency: Duration::ZERO,
+            error_rate: 0.0,
+            seed,
+            bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
+}
+
+impl fmt::Debug for SandboxOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SandboxOptions")
+            .field("state_dir", &self.state_dir)
+            .field("nodes", &self.nodes)
+            .field("tls", &self.tls)
+            .field("token", &redact_token(&self.token))
+            .field("latency", &self.latency)
+            .field("error_rate", &self.error_rate)
+            .field("seed", &self.seed)
+            .field("bind", &self.bind)
+            .finish()
+    }
+}
+
+/// `root@pam!driftless=<uuid-like secret derived from seed>`.
+pub fn default_token(seed: u64) -> String {
+    format!("root@pam!driftless={}", store::uuid_from(seed, "api-token"))
+}
+
+/// The token with its secret replaced: safe to print.
+pub fn redact_token(token: &str) -> String {
+    match token.split_once('=') {
+        Some((id, _)) => format!("{id}=<secret>"),
+        None => "<invalid token>".to_string(),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("invalid sandbox options: {0}")]
+    Options(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// `pct` refused: the message is what pct prints (usage or Proxmox's error).
+    #[error("{0}")]
+    Pct(String),
+}
+
+impl SandboxError {
+    fn io(path: &Path, source: std::io::Error) -> SandboxError {
+        SandboxError::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// Settings that tests and benchmarks change while the sandbox runs, and its counters.
+pub struct Knobs {
+    latency_us: AtomicU64,
+    error_rate_bits: AtomicU64,
+    edit_between: AtomicBool,
+    seed: u64,
+    sequence: AtomicU64,
+    counts: Mutex<BTreeMap<String, u64>>,
+}
+
+impl Knobs {
+    fn new(opts: &SandboxOptions) -> Knobs {
+        let k = Knobs {
+            latency_us: AtomicU64::new(0),
+            error_rate_bits: AtomicU64::new(0),
+            edit_between: AtomicBool::new(false),
+            seed: opts.seed,
+            sequence: AtomicU64::new(0),
+            counts: Mutex::new(BTreeMap::new()),
+        };
+        k.set_latency(opts.latency);
+        k.set_error_rate(opts.error_rate);
+        k
+    }
+
+    pub fn latency(&self) -> Duration {
+        Duration::from_micros(self.latency_us.load(Ordering::Relaxed))
+    }
+
+    pub fn set_latency(&self, latency: Duration) {
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
+        self.latency_us.store(us, Ordering::Relaxed);
+    }
+
+    pub fn error_rate(&self) -> f64 {
+        f64::from_bits(self.error_rate_bits.load(Ordering::Relaxed))
+    }
+
+    /// Clamped to `0.0..=1.0`.
+    pub fn set_error_rate(&self, rate: f64) {
+        let rate = if rate.is_nan() { 0.0 } else { rate.clamp(0.0, 1.0) };
+        self.error_rate_bits.store(rate.to_bits(), Ordering::Relaxed);
+    }
+
+    /// When on, the next `PUT`/`POST .../config` first sees someone else edit the guest's
+    /// file (its description changes), so a digest read before no longer matches. One shot.
+    pub fn set_edit_between_read_and_write(&self, on: bool) {
+        self.edit_between.store(on, Ordering::SeqCst);
+    }
+
+    pub fn edit_between_read_and_write(&self) -> bool {
+        self.edit_between.load(Ordering::SeqCst)
+    }
+
+    fn take_edit_between(&self) -> bool {
+        self.edit_between.swap(false, Ordering::SeqCst)
+    }
+
+    /// Requests received, by `METHOD /path/template` (e.g. `PUT /nodes/{node}/lxc/{vmid}/config`).
+    pub fn request_counts(&self) -> BTreeMap<String, u64> {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn total_requests(&self) -> u64 {
+        self.request_counts().values().sum()
+    }
+
+    pub fn reset_request_counts(&self) {
+        self.counts.lock().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
+    fn count(&self, key: String) {
+        *self.counts.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_insert(0) += 1;
+    }
+
+    /// Whether this request gets an injected 500: the n-th decision is a fixed function of
+    /// (seed, n), so a sequential client sees the same failures on every run.
+    fn should_fail(&self) -> bool {
+        let rate = self.error_rate();
+        if rate <= 0.0 {
+            return false;
+        }
+        let n = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let r = store::splitmix64(self.seed ^ store::splitmix64(n)) >> 11;
+        (r as f64 / (1u64 << 53) as f64) < rate
+    }
+}
+
+/// A running sandbox. Dropping it leaves the server running until the runtime ends; call
+/// [`SandboxHandle::shutdown`] to stop it.
+pub struct SandboxHandle {
+    /// `https://127.0.0.1:PORT` (or `http://` without TLS); the API is under `/api2/json`.
+    pub url: String,
+    pub addr: SocketAddr,
+    /// SHA-256 of the certificate (DER), upper-case hex pairs joined by `:` like
+    /// `pvenode cert info`; empty without TLS.
+    pub fingerprint: String,
+    /// The self-signed certificate (PEM), usable as a CA file; empty without TLS.
+    pub ca_pem: String,
+    /// The accepted token, `USER@REALM!TOKENID=SECRET`.
+    pub token: String,
+    pub state_dir: PathBuf,
+    pub nodes: Vec<String>,
+    knobs: Arc<Knobs>,
+    server: proxmox::Server,
+}
+
+impl SandboxHandle {
+    pub fn knobs(&self) -> &Knobs {
+        &self.knobs
+    }
+
+    /// `url` + `/api2/json`.
+    pub fn api_url(&self) -> String {
+        format!("{}/api2/json", self.url)
+    }
+
+    /// The `Authorization` header value: `PVEAPIToken=USER@REALM!TOKENID=SECRET`.
+    pub fn auth_header(&self) -> String {
+        format!("PVEAPIToken={}", self.token)
+    }
+
+    pub fn request_counts(&self) -> BTreeMap<String, u64> {
+        self.knobs.request_counts()
+    }
+
+    /// Stop serving and wait for running tasks to finish.
+    pub async fn shutdown(self) {
+        self.server.shutdown().await;
+    }
+}
+
+impl fmt::Debug for SandboxHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SandboxHandle")
+            .field("url", &self.url)
+            .field("fingerprint", &self.fingerprint)
+            .field("token", &redact_token(&self.token))
+            .field("state_dir", &self.state_dir)
+            .field("nodes", &self.nodes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Start the sandbox: create the state tree, generate the certificate, bind and serve.
+pub async fn start(opts: SandboxOptions) -> Result<SandboxHandle, SandboxError> {
+    if opts.state_dir.as_os_str().is_empty() {
+        return Err(SandboxError::Options("state_dir is required".into()));
+    }
+    if opts.nodes.is_empty() {
+        return Err(SandboxError::Options("at least one node is required".into()));
+    }
+    for node in &opts.nodes {
+        if !store::valid_node_name(node) {
+            return Err(SandboxError::Options(format!("invalid node name '{node}'")));
+        }
+    }
+    let auth = proxmox::TokenAuth::parse(&opts.token).map_err(SandboxError::Options)?;
+    let store = store::Store::new(opts.state_dir.clone(), opts.nodes.clone());
+    store.init()?;
+
+    let listener = std::net::TcpListener::bind(opts.bind).map_err(|source| SandboxError::Bind {
+        addr: opts.bind,
+        source,
+    })?;
+    listener.set_nonblocking(true).map_err(|source| SandboxError::Bind {
+        addr: opts.bind,
+        source,
+    })?;
+    let addr = listener.local_addr().map_err(|source| SandboxError::Bind {
+        addr: opts.bind,
+        source,
+    })?;
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_string()
+    } else if addr.is_ipv6() {
+        format!("[{}]", addr.ip())
+    } else {
+        addr.ip().to_string()
+    };
+
+    let cert = if opts.tls {
+        Some(tls::SelfSigned::generate(&opts.nodes[0])?)
+    } else {
+        None
+    };
+    let knobs = Arc::new(Knobs::new(&opts));
+    let (fingerprint, ca_pem) = cert
+        .as_ref()
+        .map(|c| (c.fingerprint.clone(), c.pem.clone()))
+        .unwrap_or_default();
+    let server = proxmox::serve(proxmox::ServeArgs {
+        listener,
+        cert,
+        store,
+        knobs: knobs.clone(),
+        auth,
+        seed: opts.seed,
+        fingerprint: fingerprint.clone(),
+    })?;
+    let scheme = if opts.tls { "https" } else { "http" };
+    Ok(SandboxHandle {
+        url: format!("{scheme}://{host}:{}", addr.port()),
+        addr,
+        fingerprint,
+        ca_pem,
+        token: opts.token,
+        state_dir: opts.state_dir,
+        nodes: opts.nodes,
+        knobs,
+        server,
+    })
+}

@@ -1,0 +1,297 @@
+//! The sandbox's files: guest configs laid out like `/etc/pve`, the power state, and the
+//! deterministic values (MAC addresses, UUIDs) the sandbox generates.
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::SandboxError;
+use crate::pve::conf::{self, GuestConf, GuestKind};
+
+/// `splitmix64`: a small, well-mixed hash of a `u64`.
+pub(crate) fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn hash_bytes(seed: u64, parts: &[&str]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(seed.to_le_bytes());
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p.as_bytes());
+    }
+    h.finalize().into()
+}
+
+/// A UUID-shaped (version 4 bits set) value derived from `seed` and `what`.
+pub(crate) fn uuid_from(seed: u64, what: &str) -> String {
+    let mut b = hash_bytes(seed, &["uuid", what]);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b[..16].iter().map(|x| format!("{x:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// `PVE::Tools::random_ether_addr` with the datacenter default prefix `BC:24:11`, but
+/// deterministic: a function of the seed, the guest, the interface and what it was given.
+pub(crate) fn mac_from(seed: u64, vmid: u32, key: &str, salt: &str) -> String {
+    let b = hash_bytes(seed, &["mac", &vmid.to_string(), key, salt]);
+    format!("BC:24:11:{:02X}:{:02X}:{:02X}", b[0], b[1], b[2])
+}
+
+/// `pve-node` format.
+pub(crate) fn valid_node_name(node: &str) -> bool {
+    let b = node.as_bytes();
+    !b.is_empty()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+/// The directory under `nodes/<node>/` holding one kind of guest.
+pub(crate) fn kind_dir(kind: GuestKind) -> &'static str {
+    match kind {
+        GuestKind::Lxc => "lxc",
+        GuestKind::Qemu => "qemu-server",
+    }
+}
+
+/// A config file as read: raw bytes (for the digest) and the lenient parse.
+#[derive(Debug, Clone)]
+pub(crate) struct Loaded {
+    pub node: String,
+    pub kind: GuestKind,
+    pub vmid: u32,
+    pub digest: String,
+    pub conf: GuestConf,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct PowerFile {
+    #[serde(default)]
+    pub guests: BTreeMap<u32, PowerEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PowerEntry {
+    pub status: String,
+    /// Unix time the guest was started.
+    #[serde(default)]
+    pub since: u64,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Store {
+    pub root: PathBuf,
+    pub nodes: Vec<String>,
+}
+
+impl Store {
+    pub fn new(root: PathBuf, nodes: Vec<String>) -> Store {
+        Store { root, nodes }
+    }
+
+    /// A store over every node directory found under `root/nodes`.
+    pub fn discover(root: &Path) -> Result<Store, SandboxError> {
+        let dir = root.join("nodes");
+        let mut nodes = Vec::new();
+        let entries = std::fs::read_dir(&dir).map_err(|e| SandboxError::io(&dir, e))?;
+        for entry in entries.flatten() {
+            if entry.path().is_dir()
+                && let Some(name) = entry.file_name().to_str()
+                && valid_node_name(name)
+            {
+                nodes.push(name.to_string());
+            }
+        }
+        nodes.sort();
+        Ok(Store::new(root.to_path_buf(), nodes))
+    }
+
+    pub fn init(&self) -> Result<(), SandboxError> {
+        for node in &self.nodes {
+            for kind in [GuestKind::Lxc, GuestKind::Qemu] {
+                let dir = self.root.join("nodes").join(node).join(kind_dir(kind));
+                std::fs::create_dir_all(&dir).map_err(|e| SandboxError::io(&dir, e))?;
+            }
+        }
+        let dir = self.root.join(".sandbox");
+        std::fs::create_dir_all(&dir).map_err(|e| SandboxError::io(&dir, e))?;
+        Ok(())
+    }
+
+    pub fn conf_path(&self, node: &str, kind: GuestKind, vmid: u32) -> PathBuf {
+        self.root
+            .join("nodes")
+            .join(node)
+            .join(kind_dir(kind))
+            .join(format!("{vmid}.conf"))
+    }
+
+    /// The path as Proxmox names it in messages (`nodes/pve/lxc/100.conf`).
+    pub fn cfs_path(node: &str, kind: GuestKind, vmid: u32) -> String {
+        format!("nodes/{node}/{}/{vmid}.conf", kind_dir(kind))
+    }
+
+    pub fn has_node(&self, node: &str) -> bool {
+        self.nodes.iter().any(|n| n == node)
+    }
+
+    /// Read and parse a guest config; `None` when the file does not exist.
+    pub fn load(&self, node: &str, kind: GuestKind, vmid: u32) -> std::io::Result<Option<Loaded>> {
+        let path = self.conf_path(node, kind, vmid);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        let (conf, _warnings) = conf::parse_lenient(&text, kind);
+        Ok(Some(Loaded {
+            node: node.to_string(),
+            kind,
+            vmid,
+            digest: conf::digest_bytes(&bytes),
+            conf,
+        }))
+    }
+
+    pub fn write(&self, node: &str, kind: GuestKind, vmid: u32, conf: &GuestConf) -> std::io::Result<()> {
+        atomic_write(&self.conf_path(node, kind, vmid), conf.write().as_bytes())
+    }
+
+    pub fn remove(&self, node: &str, kind: GuestKind, vmid: u32) -> std::io::Result<()> {
+        match std::fs::remove_file(self.conf_path(node, kind, vmid)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// Every guest config file: (node, kind, vmid), sorted by vmid.
+    pub fn guest_ids(&self) -> Vec<(String, GuestKind, u32)> {
+        let mut out = Vec::new();
+        for node in &self.nodes {
+            for kind in [GuestKind::Lxc, GuestKind::Qemu] {
+                let dir = self.root.join("nodes").join(node).join(kind_dir(kind));
+                let Ok(entries) = std::fs::read_dir(&dir) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let name = entry.file_name();
+                    let Some(name) = name.to_str() else { continue };
+                    if let Some(vmid) = name.strip_suffix(".conf").and_then(|v| v.parse::<u32>().ok())
+                        && vmid >= 100
+                    {
+                        out.push((node.clone(), kind, vmid));
+                    }
+                }
+            }
+        }
+        out.sort_by_key(|(_, _, vmid)| *vmid);
+        out
+    }
+
+    /// Where a vmid lives (vmids are unique in the cluster).
+    pub fn find(&self, vmid: u32) -> Option<(String, GuestKind)> {
+        for node in &self.nodes {
+            for kind in [GuestKind::Lxc, GuestKind::Qemu] {
+                if self.conf_path(node, kind, vmid).is_file() {
+                    return Some((node.clone(), kind));
+                }
+            }
+        }
+        None
+    }
+
+    pub fn list(&self) -> Vec<Loaded> {
+        self.guest_ids()
+            .into_iter()
+            .filter_map(|(node, kind, vmid)| self.load(&node, kind, vmid).ok().flatten())
+            .collect()
+    }
+
+    fn power_path(&self) -> PathBuf {
+        self.root.join(".sandbox").join("status.json")
+    }
+
+    pub fn power(&self) -> PowerFile {
+        std::fs::read(self.power_path())
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    pub fn is_running(&self, vmid: u32) -> bool {
+        self.power().guests.get(&vmid).is_some_and(|e| e.status == "running")
+    }
+
+    /// Seconds since the guest started, when it runs.
+    pub fn uptime(&self, vmid: u32, now: u64) -> Option<u64> {
+        self.power()
+            .guests
+            .get(&vmid)
+            .filter(|e| e.status == "running")
+            .map(|e| now.saturating_sub(e.since))
+    }
+
+    pub fn set_running(&self, vmid: u32, running: bool, now: u64) -> std::io::Result<()> {
+        let mut p = self.power();
+        if running {
+            p.guests.insert(
+                vmid,
+                PowerEntry {
+                    status: "running".into(),
+                    since: now,
+                },
+            );
+        } else {
+            p.guests.remove(&vmid);
+        }
+        let text = serde_json::to_vec_pretty(&p).map_err(std::io::Error::other)?;
+        let path = self.power_path();
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        atomic_write(&path, &text)
+    }
+}
+
+/// Write a temporary file in the same directory, then rename it over `path`.
+pub(crate) fn atomic_write(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.flush()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_values_are_deterministic_and_well_formed() {
+        assert_eq!(mac_from(1, 100, "net0", "x"), mac_from(1, 100, "net0", "x"));
+        assert_ne!(mac_from(1, 100, "net0", "x"), mac_from(2, 100, "net0", "x"));
+        let mac = mac_from(7, 100, "net0", "");
+        assert!(mac.starts_with("BC:24:11:") && mac.len() == 17, "{mac}");
+        let u = uuid_from(3, "a");
+        assert_eq!(u.len(), 36);
+        assert_eq!(&u[14..15], "4");
+        assert!(valid_node_name("pve-1") && !valid_node_name("-x") && !valid_node_name("a_b"));
+    }
+}
