@@ -176,3 +176,16 @@ fn validation_errors_from_git_point_at_repository_paths() {
     // The previous commit is still valid.
     common::run(["--repo", dir, "--rev", "HEAD~1", "validate"]).expect_code(0, "HEAD~1");
 }
+
+#[test]
+fn a_directory_inside_a_bigger_repository_reads_its_own_subtree() {
+    let outer = tempfile::tempdir().unwrap();
+    let inner = outer.path().join("infra/homelab");
+    common::copy_dir(&common::example("homelab-k3s"), &inner);
+    git(outer.path(), &["-c", "init.defaultBranch=main", "init", "-q"]);
+    git(outer.path(), &["add", "-A"]);
+    git(outer.path(), &["commit", "-q", "-m", "homelab under infra/"]);
+    let from_dir = render(path_str(&inner), None);
+    assert_eq!(render(path_str(&inner), Some("HEAD")), from_dir);
+    assert_eq!(render(path_str(&inner), Some("main")), from_dir);
+}

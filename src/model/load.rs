@@ -686,6 +686,7 @@ pub fn load(files: &RepoFiles, opts: &LoadOptions) -> Result<Desired, Diagnostic
                 (Some(doc), Some(cf)) => deviations_with_locations(&cf.deviations, doc, &["deviations"]),
                 _ => Vec::new(),
             });
+    let adr_ids: Vec<String> = adrs.iter().map(Adr::id).collect();
     for (d, loc) in all_devs
         .iter()
         .chain(node_inputs.iter().flat_map(|n| n.layer.deviations.iter()))
@@ -697,7 +698,7 @@ pub fn load(files: &RepoFiles, opts: &LoadOptions) -> Result<Desired, Diagnostic
                     loc.clone(),
                     format!("deviation names `{}`, which is not an ADR in this repository", d.adr),
                 )
-                .maybe_hint(did_you_mean(&d.adr, adrs.iter().map(|a| a.file.as_str())).or_else(|| {
+                .maybe_hint(did_you_mean(&d.adr, adr_ids.iter().map(String::as_str)).or_else(|| {
                     Some(format!(
                         "known ADRs: {}",
                         adrs.iter().map(Adr::id).collect::<Vec<_>>().join(", ")

@@ -99,11 +99,20 @@ pub fn read_dir(root: &Path) -> Result<RepoFiles, SourceError> {
 pub fn read_git(repo: &str, rev: Option<&str>) -> Result<RepoFiles, SourceError> {
     let is_local = !repo.contains("://") && Path::new(repo).exists();
     let _tmp;
+    // A directory inside a work tree (examples/homelab-k3s in a bigger repository) reads that
+    // directory's subtree of the commit, as the directory itself would read.
+    let mut subdir = PathBuf::new();
     let repository = if is_local {
-        gix::discover(repo).map_err(|e| SourceError::Open {
+        let r = gix::discover(repo).map_err(|e| SourceError::Open {
             repo: repo.into(),
             message: e.to_string(),
-        })?
+        })?;
+        if let (Some(workdir), Ok(given)) = (r.workdir(), Path::new(repo).canonicalize())
+            && let Ok(rel) = given.strip_prefix(workdir.canonicalize().unwrap_or_else(|_| workdir.to_path_buf()))
+        {
+            subdir = rel.to_path_buf();
+        }
+        r
     } else {
         let tmp = tempfile::tempdir().map_err(|source| SourceError::Io {
             path: std::env::temp_dir(),
@@ -136,7 +145,14 @@ pub fn read_git(repo: &str, rev: Option<&str>) -> Result<RepoFiles, SourceError>
         .map_err(|e| tree_err(&e))?
         .peel_to_commit()
         .map_err(|e| tree_err(&e))?;
-    let tree = commit.tree().map_err(|e| tree_err(&e))?;
+    let mut tree = commit.tree().map_err(|e| tree_err(&e))?;
+    if !subdir.as_os_str().is_empty() {
+        let entry = tree
+            .peel_to_entry_by_path(&subdir)
+            .map_err(|e| tree_err(&e))?
+            .ok_or_else(|| tree_err(&format!("{} is not in that commit", subdir.display())))?;
+        tree = repository.find_tree(entry.oid()).map_err(|e| tree_err(&e))?;
+    }
     let mut recorder = gix::traverse::tree::Recorder::default();
     tree.traverse().breadthfirst(&mut recorder).map_err(|e| tree_err(&e))?;
     let mut files = RepoFiles::new(format!("{repo} @ {rev} ({})", commit.id().to_hex_with_len(12)));
