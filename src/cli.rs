@@ -38,6 +38,18 @@ Examples:
   driftless --repo examples/homelab-k3s explain k3s-master lxc.features.nesting
   driftless --repo examples/homelab-k3s explain k3s-master";
 
+const PLAN_EXAMPLES: &str = "\
+Examples:
+  driftless --repo . plan
+  driftless --repo . plan --output markdown > plan.md
+  driftless --repo . plan --detailed-exitcode --proxmox-url https://127.0.0.1:8006 \\
+      --proxmox-token-file token --proxmox-fingerprint AB:CD:...";
+
+const APPLY_EXAMPLES: &str = "\
+Examples:
+  driftless --repo . apply
+  driftless --repo . apply --auto-approve --secrets-dir /etc/driftless/secrets";
+
 #[derive(Debug, Parser)]
 #[command(name = "driftless", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
 pub struct Cli {
@@ -79,6 +91,8 @@ pub struct GlobalArgs {
 pub enum OutputFormat {
     Text,
     Json,
+    /// For plan and drift: a markdown report, for a pull request.
+    Markdown,
 }
 
 #[derive(Debug, Subcommand)]
@@ -100,9 +114,50 @@ pub enum Command {
     #[command(after_help = RENDER_EXAMPLES)]
     Render(RenderArgs),
 
+    /// Compare the repository with Proxmox and show what applying would change.
+    ///
+    /// Reads Proxmox (one listing, one config read per guest driftless may touch) and prints
+    /// the steps in the order apply runs them: + create, ~ update (key: old -> new, with the
+    /// file and line that set the new value), ! restart, > start, - delete (only with
+    /// `reconcile.prune: true` and the ownership tag), and conflicts that are never touched.
+    #[command(after_help = PLAN_EXAMPLES)]
+    Plan(PlanArgs),
+
+    /// The same read-only pass as plan, worded as a drift report: what differs from git.
+    Drift(PlanArgs),
+
+    /// Show the plan, ask for confirmation, and apply it: one step at a time, every Proxmox
+    /// task awaited, stopping at the first failure with a report of what was and was not done.
+    #[command(after_help = APPLY_EXAMPLES)]
+    Apply(ApplyArgs),
+
+    /// The sandbox: a Proxmox VE API on loopback that behaves like the real one, for trying
+    /// driftless without a homelab (`sandbox demo`), for tests, and for benchmarks.
+    #[command(subcommand)]
+    Sandbox(SandboxCommand),
+
     /// Show a node's final values and the chain of files and ADRs that set them.
     #[command(after_help = EXPLAIN_EXAMPLES)]
     Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    /// Exit 0 when there is nothing to change, 2 when there is, 1 on errors.
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+    #[command(flatten)]
+    pub connect: crate::connect::ConnectArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// Apply without asking (for automation). Without it, apply asks on a terminal and
+    /// refuses when there is no terminal to ask on.
+    #[arg(long)]
+    pub auto_approve: bool,
+    #[command(flatten)]
+    pub connect: crate::connect::ConnectArgs,
 }
 
 #[derive(Debug, Args)]
@@ -127,4 +182,38 @@ pub struct ExplainArgs {
     /// One key, such as `cores`, `lxc.features.nesting` or `k3s.config.write-kubeconfig-mode`;
     /// every key when absent.
     pub key: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SandboxCommand {
+    /// Show the whole loop on this machine: start a sandbox Proxmox, plan and apply an
+    /// example homelab into it, plan again (nothing to do), change a node file and apply
+    /// just that, change a guest behind driftless's back and report the drift.
+    Demo {
+        /// The example under examples/ to use.
+        #[arg(long, default_value = "homelab-k3s")]
+        example: String,
+        /// Keep the sandbox's state here (a temporary directory otherwise, removed at the end).
+        #[arg(long, value_name = "DIR")]
+        state: Option<std::path::PathBuf>,
+    },
+    /// Serve the sandbox Proxmox API until interrupted, and print how to connect to it.
+    Serve {
+        /// The sandbox's /etc/pve: config files live under DIR/nodes/<node>/.
+        #[arg(long, value_name = "DIR")]
+        state: std::path::PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8006", value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+        /// Serve plain HTTP instead of HTTPS.
+        #[arg(long)]
+        plain_http: bool,
+    },
+    /// `pct` for the sandbox: what a root shell on the sandbox's host runs (`pct set VMID
+    /// --features ...`), editing the sandbox's config files.
+    Pct {
+        #[arg(long, value_name = "DIR")]
+        state: std::path::PathBuf,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+        args: Vec<String>,
+    },
 }

@@ -1,7 +1,10 @@
 //! The subcommands: each runs a prefix of the pipeline (source -> load -> render) and prints.
 
-use crate::cli::{Cli, Command, ExplainArgs, OutputFormat, RenderArgs};
+use crate::apply::{Applier, ApplyReport, Progress, StepOutcome, observe};
+use crate::cli::{ApplyArgs, Cli, Command, ExplainArgs, OutputFormat, PlanArgs, RenderArgs};
 use crate::model::{self, Desired, Diagnostics, LoadOptions, Setting};
+use crate::plan::display::{self, Wording};
+use crate::plan::{Plan, Step, desired_guests};
 use crate::render::{self, Artifact};
 use crate::source;
 use anyhow::{Context, Result, bail};
@@ -10,11 +13,16 @@ use std::io::Write;
 /// What a command ended with, for the exit code.
 pub enum Outcome {
     Ok,
+    /// `--detailed-exitcode`: the plan has changes (exit 2).
+    Changes,
     /// The repository is invalid; the diagnostics were printed.
     Invalid,
 }
 
 pub fn run(cli: &Cli) -> Result<Outcome> {
+    if let Command::Sandbox(cmd) = &cli.command {
+        return crate::quickstart::sandbox(cmd);
+    }
     let spec = source::classify(&cli.global.repo, cli.global.rev.as_deref());
     let files = source::read(&spec)?;
     let mut opts = LoadOptions::default();
@@ -23,6 +31,10 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
             .push(model::adr::parse_adr_ref(a).with_context(|| format!("`{a}` is not an ADR id such as ADR-004"))?);
     }
     let out = cli.global.output;
+    if out == OutputFormat::Markdown && !matches!(cli.command, Command::Plan(_) | Command::Drift(_) | Command::Apply(_))
+    {
+        bail!("--output markdown is for plan, drift and apply; use text or json here");
+    }
     let loaded = model::load(&files, &opts).and_then(|d| render::render_all(&d).map(|a| (d, a)));
     let (desired, artifacts) = match loaded {
         Ok(v) => v,
@@ -35,13 +47,17 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         Command::Validate => validate(&desired, out)?,
         Command::Render(args) => render_cmd(&desired, artifacts, args, out)?,
         Command::Explain(args) => explain(&desired, args, out)?,
+        Command::Plan(args) => return plan_cmd(&desired, &artifacts, args, out, Wording::Plan),
+        Command::Drift(args) => return plan_cmd(&desired, &artifacts, args, out, Wording::Drift),
+        Command::Apply(args) => return apply_cmd(&desired, &artifacts, args, out),
+        Command::Sandbox(_) => unreachable!("handled before loading"),
     }
     Ok(Outcome::Ok)
 }
 
 fn report_invalid(diags: &Diagnostics, out: OutputFormat) -> Result<()> {
     match out {
-        OutputFormat::Text => eprintln!("{diags}"),
+        OutputFormat::Text | OutputFormat::Markdown => eprintln!("{diags}"),
         OutputFormat::Json => {
             println!(
                 "{}",
@@ -55,7 +71,7 @@ fn report_invalid(diags: &Diagnostics, out: OutputFormat) -> Result<()> {
 fn validate(d: &Desired, out: OutputFormat) -> Result<()> {
     let applied = d.adrs.iter().filter(|a| a.applies && a.has_config).count();
     match out {
-        OutputFormat::Text => {
+        OutputFormat::Text | OutputFormat::Markdown => {
             println!(
                 "valid: cluster `{}` ({} {}), {} node{}, {} ADR{} ({} applied)",
                 d.cluster.name,
@@ -124,7 +140,7 @@ fn render_cmd(d: &Desired, artifacts: Vec<Artifact>, args: &RenderArgs, out: Out
     match out {
         OutputFormat::Json => writeln!(stdout, "{}", serde_json::to_string_pretty(&selected)?)?,
         OutputFormat::Text if selected.len() == 1 => write!(stdout, "{}", selected[0].content)?,
-        OutputFormat::Text => {
+        OutputFormat::Text | OutputFormat::Markdown => {
             for (i, a) in selected.iter().enumerate() {
                 if i > 0 {
                     writeln!(stdout)?;
@@ -174,7 +190,7 @@ fn explain(d: &Desired, args: &ExplainArgs, out: OutputFormat) -> Result<()> {
                 serde_json::to_string_pretty(&serde_json::json!({"node": node.name, "keys": map}))?
             );
         }
-        OutputFormat::Text if args.key.is_some() => {
+        OutputFormat::Text | OutputFormat::Markdown if args.key.is_some() => {
             for (k, s) in &entries {
                 println!("{}: {k} = {}", node.name, model_show(&s.value));
                 for (i, set) in s.chain.iter().enumerate().rev() {
@@ -192,7 +208,7 @@ fn explain(d: &Desired, args: &ExplainArgs, out: OutputFormat) -> Result<()> {
                 }
             }
         }
-        OutputFormat::Text => {
+        OutputFormat::Text | OutputFormat::Markdown => {
             let width = entries.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
             for (k, s) in &entries {
                 println!("{k:width$}  {:<28}  {}", model_show(&s.value), cite(s));
@@ -215,5 +231,157 @@ fn model_show(v: &serde_json::Value) -> String {
     match v {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
+    }
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// Read Proxmox and plan. Shared by plan, drift and apply.
+pub async fn observe_and_plan(
+    desired: &Desired,
+    artifacts: &[Artifact],
+    client: &crate::adapters::proxmox::ProxmoxClient,
+) -> Result<Plan> {
+    let guests = desired_guests(desired, artifacts);
+    let observed = observe(client, &guests, &desired.cluster.reconcile.ownership_tag)
+        .await
+        .context("cannot read the guests from Proxmox")?;
+    Ok(crate::plan::plan(desired, &guests, &observed))
+}
+
+fn print_plan(plan: &Plan, out: OutputFormat, wording: Wording) -> Result<()> {
+    use std::io::IsTerminal;
+    match out {
+        OutputFormat::Text => print!("{}", display::text(plan, wording, std::io::stdout().is_terminal())),
+        OutputFormat::Markdown => print!("{}", display::markdown(plan, wording)),
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(plan)?),
+    }
+    Ok(())
+}
+
+fn plan_cmd(
+    desired: &Desired,
+    artifacts: &[Artifact],
+    args: &PlanArgs,
+    out: OutputFormat,
+    wording: Wording,
+) -> Result<Outcome> {
+    let client = args.connect.proxmox_client(&desired.cluster)?;
+    let plan = runtime()?.block_on(observe_and_plan(desired, artifacts, &client))?;
+    print_plan(&plan, out, wording)?;
+    Ok(if args.detailed_exitcode && !plan.is_empty() {
+        Outcome::Changes
+    } else {
+        Outcome::Ok
+    })
+}
+
+/// Prints each step as it starts and ends: a long apply shows where it is.
+pub struct StderrProgress;
+
+impl Progress for StderrProgress {
+    fn step_started(&mut self, index: usize, total: usize, step: &Step) {
+        eprint!(
+            "[{}/{}] {} {} (vmid {}) ... ",
+            index + 1,
+            total,
+            step.action.verb(),
+            step.node,
+            step.vmid
+        );
+    }
+    fn step_finished(&mut self, outcome: &StepOutcome) {
+        match &outcome.error {
+            None => eprintln!("ok ({})", outcome.log.join(", ")),
+            Some(e) => eprintln!("FAILED: {e}"),
+        }
+    }
+}
+
+fn confirm(plan: &Plan, desired: &Desired) -> Result<bool> {
+    use std::io::{BufRead, IsTerminal};
+    if !std::io::stdin().is_terminal() {
+        bail!("refusing to apply without confirmation: stdin is not a terminal (pass --auto-approve)");
+    }
+    eprint!(
+        "Apply these {} step{} to cluster `{}`? Only `yes` is accepted: ",
+        plan.steps.len(),
+        if plan.steps.len() == 1 { "" } else { "s" },
+        desired.cluster.name
+    );
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    Ok(answer.trim() == "yes")
+}
+
+fn apply_cmd(desired: &Desired, artifacts: &[Artifact], args: &ApplyArgs, out: OutputFormat) -> Result<Outcome> {
+    let client = args.connect.proxmox_client(&desired.cluster)?;
+    let shell = args.connect.host_shell(&desired.cluster)?;
+    let rt = runtime()?;
+    let plan = rt.block_on(observe_and_plan(desired, artifacts, &client))?;
+    if out != OutputFormat::Json {
+        print_plan(&plan, out, Wording::Plan)?;
+    }
+    if plan.is_empty() {
+        if out == OutputFormat::Json {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&serde_json::json!({"plan": plan, "report": ApplyReport::default()}))?
+            );
+        } else {
+            println!("Nothing to apply.");
+        }
+        return Ok(Outcome::Ok);
+    }
+    if !args.auto_approve && !confirm(&plan, desired)? {
+        bail!("apply cancelled: nothing was changed");
+    }
+    let applier = Applier {
+        proxmox: &client,
+        shell: shell.as_ref(),
+        host: args.connect.host_settings(),
+    };
+    let report = rt.block_on(applier.apply(&plan, &mut StderrProgress));
+    report_apply(&plan, &report, out)
+}
+
+/// Print what an apply did; a failed step makes the command fail.
+pub fn report_apply(plan: &Plan, report: &ApplyReport, out: OutputFormat) -> Result<Outcome> {
+    if out == OutputFormat::Json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"plan": plan, "report": report}))?
+        );
+    } else {
+        let ok = report.done.iter().filter(|s| s.ok).count();
+        println!(
+            "Applied {ok} of {} step{}.",
+            plan.steps.len(),
+            if plan.steps.len() == 1 { "" } else { "s" }
+        );
+        if let Some(failed) = report.done.iter().find(|s| !s.ok) {
+            println!(
+                "Stopped at {} {} (vmid {}): {}",
+                failed.action,
+                failed.node,
+                failed.vmid,
+                failed.error.as_deref().unwrap_or("failed")
+            );
+            if !report.not_done.is_empty() {
+                println!("Not done: {}", report.not_done.join("; "));
+            }
+        }
+    }
+    if report.ok() {
+        Ok(Outcome::Ok)
+    } else {
+        bail!("apply failed; run `driftless plan` to see what is left")
     }
 }

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
     };
     match commands::run(&cli) {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::Changes) => ExitCode::from(2),
         Ok(Outcome::Invalid) => ExitCode::from(1),
         Err(e) => {
             eprintln!("error: {e:#}");

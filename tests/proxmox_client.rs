@@ -807,3 +807,203 @@ async fn task_timeout_is_respected() {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert!(fake.count() >= 2);
 }
+
+// ---------------------------------------------------------------- end to end against the sandbox
+
+mod sandbox_e2e {
+    use super::*;
+    use driftless::sandbox::{self, SandboxHandle, SandboxOptions};
+
+    async fn start(dir: &std::path::Path) -> SandboxHandle {
+        sandbox::start(SandboxOptions::new(dir.join("state"))).await.unwrap()
+    }
+
+    fn client_for(sb: &SandboxHandle, trust: TlsTrust) -> ProxmoxClient {
+        let mut options = ClientOptions::new(vec![sb.url.clone()], ApiToken::parse(&sb.token).unwrap(), trust);
+        options.backoff = Duration::from_millis(1);
+        options.task_poll_interval = Duration::from_millis(10);
+        options.task_timeout = Duration::from_secs(20);
+        ProxmoxClient::new(options).unwrap()
+    }
+
+    fn create_params(vmid: u32) -> BTreeMap<String, String> {
+        [
+            ("vmid", vmid.to_string()),
+            ("hostname", "k3s-server-1".to_string()),
+            (
+                "ostemplate",
+                "local:vztmpl/debian-12-standard_12.7-1_amd64.tar.zst".to_string(),
+            ),
+            ("rootfs", "local-lvm:8".to_string()),
+            ("memory", "1024".to_string()),
+            ("cores", "2".to_string()),
+            ("net0", "name=eth0,bridge=vmbr0,ip=dhcp".to_string()),
+            ("tags", "driftless;k3s".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    #[tokio::test]
+    async fn lxc_lifecycle_with_a_pinned_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let sb = start(dir.path()).await;
+        let client = client_for(&sb, TlsTrust::Fingerprint(sb.fingerprint.clone()));
+        assert!(!client.version().await.unwrap().is_empty());
+
+        let upid = client.create("pve", PveKind::Lxc, &create_params(150)).await.unwrap();
+        assert!(upid.0.starts_with("UPID:pve:"), "{upid:?}");
+        client.wait_task(&upid).await.unwrap();
+
+        let guests = client.list_guests().await.unwrap();
+        let guest = guests
+            .iter()
+            .find(|g| g.vmid == 150)
+            .expect("the new container is listed");
+        assert_eq!(
+            (guest.kind, guest.node.as_str(), guest.status.as_str()),
+            (PveKind::Lxc, "pve", "stopped")
+        );
+        assert_eq!(guest.name.as_deref(), Some("k3s-server-1"));
+        assert_eq!(guest.tags, vec!["driftless", "k3s"]);
+
+        let config = client.read_config("pve", PveKind::Lxc, 150).await.unwrap();
+        assert_eq!(config.options["hostname"], "k3s-server-1");
+        assert_eq!(config.options["cores"], "2");
+        assert_eq!(config.options["memory"], "1024");
+        assert_eq!(config.digest.len(), 40, "{config:?}");
+
+        // Update with the digest just read.
+        let set = BTreeMap::from([("cores".to_string(), "4".to_string())]);
+        client
+            .update_config("pve", PveKind::Lxc, 150, &set, &[], &config.digest)
+            .await
+            .unwrap();
+        let updated = client.read_config("pve", PveKind::Lxc, 150).await.unwrap();
+        assert_eq!(updated.options["cores"], "4");
+        assert_ne!(updated.digest, config.digest);
+
+        // The old digest is stale now.
+        let set = BTreeMap::from([("memory".to_string(), "2048".to_string())]);
+        let err = client
+            .update_config("pve", PveKind::Lxc, 150, &set, &[], &config.digest)
+            .await
+            .unwrap_err();
+        assert_eq!(err, ProxmoxError::DigestMismatch);
+
+        // Someone edits the guest between our read and our write.
+        let fresh = client.read_config("pve", PveKind::Lxc, 150).await.unwrap();
+        sb.knobs().set_edit_between_read_and_write(true);
+        let err = client
+            .update_config("pve", PveKind::Lxc, 150, &set, &[], &fresh.digest)
+            .await
+            .unwrap_err();
+        assert_eq!(err, ProxmoxError::DigestMismatch);
+
+        // Delete an option.
+        let fresh = client.read_config("pve", PveKind::Lxc, 150).await.unwrap();
+        client
+            .update_config(
+                "pve",
+                PveKind::Lxc,
+                150,
+                &BTreeMap::new(),
+                &["tags".to_string()],
+                &fresh.digest,
+            )
+            .await
+            .unwrap();
+        assert!(
+            !client
+                .read_config("pve", PveKind::Lxc, 150)
+                .await
+                .unwrap()
+                .options
+                .contains_key("tags")
+        );
+
+        // Power.
+        let upid = client
+            .power("pve", PveKind::Lxc, 150, PowerAction::Start)
+            .await
+            .unwrap();
+        client.wait_task(&upid).await.unwrap();
+        let status = |guests: Vec<driftless::ports::GuestSummary>| {
+            guests
+                .into_iter()
+                .find(|g| g.vmid == 150)
+                .map(|g| g.status)
+                .unwrap_or_default()
+        };
+        assert_eq!(status(client.list_guests().await.unwrap()), "running");
+        let err = client
+            .power("pve", PveKind::Lxc, 150, PowerAction::Start)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, ProxmoxError::Api { status: 500, message, .. } if message.contains("already running")),
+            "{err:?}"
+        );
+        let upid = client
+            .power("pve", PveKind::Lxc, 150, PowerAction::Shutdown)
+            .await
+            .unwrap();
+        client.wait_task(&upid).await.unwrap();
+        assert_eq!(status(client.list_guests().await.unwrap()), "stopped");
+
+        // Delete.
+        let upid = client.delete_guest("pve", PveKind::Lxc, 150).await.unwrap();
+        client.wait_task(&upid).await.unwrap();
+        assert!(client.list_guests().await.unwrap().iter().all(|g| g.vmid != 150));
+        let err = client.read_config("pve", PveKind::Lxc, 150).await.unwrap_err();
+        assert!(matches!(err, ProxmoxError::Api { status: 500, .. }), "{err:?}");
+        sb.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn sandbox_ca_pem_works_as_a_ca_file_and_bad_tokens_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sb = start(dir.path()).await;
+        let ca = dir.path().join("pve-root-ca.pem");
+        std::fs::write(&ca, &sb.ca_pem).unwrap();
+        let client = client_for(&sb, TlsTrust::CaFile(ca));
+        // The certificate names the node and loopback; either way the CA file must verify it.
+        match client.list_guests().await {
+            Ok(_) => {}
+            Err(err) => panic!("CA file from the sandbox refused: {err}"),
+        }
+
+        let wrong = ApiToken::new("root@pam", "driftless", "00000000-0000-0000-0000-000000000000").unwrap();
+        let options = ClientOptions::new(
+            vec![sb.url.clone()],
+            wrong,
+            TlsTrust::Fingerprint(sb.fingerprint.clone()),
+        );
+        let err = ProxmoxClient::new(options).unwrap().list_guests().await.unwrap_err();
+        assert!(matches!(err, ProxmoxError::Api { status: 401, .. }), "{err:?}");
+        sb.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn injected_errors_are_retried_for_reads_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let sb = start(dir.path()).await;
+        let client = client_for(&sb, TlsTrust::Fingerprint(sb.fingerprint.clone()));
+        sb.knobs().set_error_rate(0.3);
+        for _ in 0..10 {
+            client.list_guests().await.unwrap();
+        }
+        assert!(client.request_count() > 10, "some reads were retried");
+        assert_eq!(client.request_count(), sb.knobs().total_requests());
+        sb.knobs().set_error_rate(1.0);
+        let before = client.request_count();
+        let err = client
+            .create("pve", PveKind::Lxc, &create_params(151))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ProxmoxError::Api { status: 500, .. }), "{err:?}");
+        assert_eq!(client.request_count(), before + 1, "a create is sent once");
+        sb.shutdown().await;
+    }
+}

@@ -209,7 +209,12 @@ impl Knobs {
     }
 
     fn count(&self, key: String) {
-        *self.counts.lock().unwrap_or_else(|e| e.into_inner()).entry(key).or_insert(0) += 1;
+        *self
+            .counts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_insert(0) += 1;
     }
 
     /// Whether this request gets an injected 500: the n-th decision is a fixed function of
@@ -297,6 +302,7 @@ pub async fn start(opts: SandboxOptions) -> Result<SandboxHandle, SandboxError> 
     let auth = proxmox::TokenAuth::parse(&opts.token).map_err(SandboxError::Options)?;
     let store = store::Store::new(opts.state_dir.clone(), opts.nodes.clone());
     store.init()?;
+    store.write_seed(opts.seed)?;
 
     let listener = std::net::TcpListener::bind(opts.bind).map_err(|source| SandboxError::Bind {
         addr: opts.bind,

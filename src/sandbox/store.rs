@@ -55,10 +55,7 @@ pub(crate) fn mac_from(seed: u64, vmid: u32, key: &str, salt: &str) -> String {
 /// `pve-node` format.
 pub(crate) fn valid_node_name(node: &str) -> bool {
     let b = node.as_bytes();
-    !b.is_empty()
-        && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
+    !b.is_empty() && b.iter().all(|c| c.is_ascii_alphanumeric() || *c == b'-') && b[0] != b'-' && b[b.len() - 1] != b'-'
 }
 
 /// The directory under `nodes/<node>/` holding one kind of guest.
@@ -221,6 +218,23 @@ impl Store {
             .into_iter()
             .filter_map(|(node, kind, vmid)| self.load(&node, kind, vmid).ok().flatten())
             .collect()
+    }
+
+    fn seed_path(&self) -> PathBuf {
+        self.root.join(".sandbox").join("seed")
+    }
+
+    /// Remember the seed, so `pct` generates the same values as the server.
+    pub fn write_seed(&self, seed: u64) -> Result<(), SandboxError> {
+        let path = self.seed_path();
+        atomic_write(&path, format!("{seed}\n").as_bytes()).map_err(|e| SandboxError::io(&path, e))
+    }
+
+    pub fn read_seed(&self) -> u64 {
+        std::fs::read_to_string(self.seed_path())
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     fn power_path(&self) -> PathBuf {

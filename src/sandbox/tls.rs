@@ -39,9 +39,8 @@ impl SelfSigned {
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, SandboxError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let cert = rustls::pki_types::CertificateDer::from(self.der.clone());
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(
-            self.key_der.clone(),
-        ));
+        let key =
+            rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(self.key_der.clone()));
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| SandboxError::Tls(e.to_string()))?
