@@ -516,6 +516,23 @@ async fn knobs_inject_errors_and_concurrent_edits() {
         (Some(7), Some(sha1_hex(&edited).as_str()))
     );
 
+    // raw lxc.* keys written on the host are shown read-only, in order
+    let with_raw = format!("{edited}lxc.apparmor.profile: unconfined\nlxc.cap.drop: \n");
+    std::fs::write(&path, &with_raw).unwrap();
+    let a = api(&c, &h, "GET", "/nodes/pve/lxc/100/config", &[]).await;
+    assert_eq!(
+        a.data()["lxc"],
+        serde_json::json!([["lxc.apparmor.profile", "unconfined"], ["lxc.cap.drop", ""]])
+    );
+
+    // a task that fails reports Proxmox's error as its exit status
+    let a = api(&c, &h, "PUT", "/nodes/pve/lxc/100/config", &[("template", "1")]).await;
+    assert_eq!(a.status, 200);
+    let task = run_task(&c, &h, "POST", "/nodes/pve/lxc/100/status/start", &[]).await;
+    assert_eq!(task["exitstatus"], "you can't start a CT if it's a template");
+    let a = api(&c, &h, "GET", "/nodes/pve/lxc/100/status/current", &[]).await;
+    assert_eq!(a.data()["status"], "stopped");
+
     // latency is added to every answer
     h.knobs().set_latency(Duration::from_millis(60));
     let t = std::time::Instant::now();

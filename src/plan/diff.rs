@@ -242,9 +242,15 @@ pub struct GuestDiff {
     pub notices: Vec<String>,
 }
 
-/// Features other than `nesting` may be changed only by root@pam: an API token cannot.
-fn features_need_root(value: Option<&str>) -> bool {
-    value.is_some_and(|v| pairs(v).iter().any(|(k, _)| k != "nesting"))
+/// Features other than `nesting`, and any feature of a privileged container, may be changed
+/// only by root@pam: an API token cannot (pve-container's check_ct_modify_config_perm).
+fn features_need_root(value: Option<&str>, privileged: bool) -> bool {
+    value.is_some_and(|v| privileged || pairs(v).iter().any(|(k, _)| k != "nesting"))
+}
+
+/// Proxmox creates containers unprivileged unless told `unprivileged: 0`.
+fn privileged(options: &BTreeMap<String, String>) -> bool {
+    options.get("unprivileged").is_some_and(|v| v == "0")
 }
 
 pub fn diff_guest(want: &DesiredGuest, live: &LiveConfig, running: bool) -> GuestDiff {
@@ -274,9 +280,11 @@ pub fn diff_guest(want: &DesiredGuest, live: &LiveConfig, running: bool) -> Gues
         } else {
             value.clone()
         };
+        let privileged = privileged(&want.options) || privileged(&live.options);
         let via = if kind == PveKind::Lxc
             && key == "features"
-            && (features_need_root(Some(value)) || features_need_root(live_value.map(String::as_str)))
+            && (features_need_root(Some(value), privileged)
+                || features_need_root(live_value.map(String::as_str), privileged))
         {
             Via::RootShell
         } else {
@@ -299,7 +307,9 @@ pub fn diff_guest(want: &DesiredGuest, live: &LiveConfig, running: bool) -> Gues
             if *key == "description" {
                 continue; // a description nobody set in git is the operator's note: keep it
             }
-            let via = if *key == "features" && features_need_root(Some(l)) {
+            let via = if *key == "features"
+                && features_need_root(Some(l), privileged(&want.options) || privileged(&live.options))
+            {
                 Via::RootShell
             } else {
                 Via::Api
@@ -346,10 +356,14 @@ pub fn diff_guest(want: &DesiredGuest, live: &LiveConfig, running: bool) -> Gues
 pub fn create_step(node: &Node, want: &DesiredGuest) -> Step {
     let mut params = want.create_params.clone();
     let mut root_options = Vec::new();
-    if want.kind == PveKind::Lxc && features_need_root(params.get("features").map(String::as_str)) {
+    let privileged = privileged(&params);
+    if want.kind == PveKind::Lxc && features_need_root(params.get("features").map(String::as_str), privileged) {
         let full = params.remove("features").expect("checked above");
-        // An API token may set `nesting` at creation; the rest goes through `pct set` as root.
-        if let Some((_, v)) = pairs(&full).into_iter().find(|(k, _)| k == "nesting") {
+        // An API token may set `nesting` on an unprivileged container at creation; the rest
+        // goes through `pct set` as root.
+        if let Some((_, v)) = pairs(&full).into_iter().find(|(k, _)| k == "nesting")
+            && !privileged
+        {
             params.insert("features".into(), format!("nesting={v}"));
         }
         root_options.push(("features".to_string(), full));

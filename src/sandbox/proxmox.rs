@@ -20,6 +20,12 @@
 //!   "CT 100 already exists on node 'pve'", "unable to destroy CT 100 - container is running",
 //!   "CT 100 already running", the digest mismatch) and which happen inside a task (the UPID's
 //!   exit status). Tasks take a few milliseconds plus the latency knob.
+//!
+//! Simpler than Proxmox: one API token with every privilege (a root token without privilege
+//! separation); no tickets, CSRF, pools, HA, snapshots, backups/restore, firewall; storages
+//! are not simulated (`local` holds templates/ISOs only, any other id holds disks, templates
+//! are not checked to exist); the OS type comes from the template's file name; task logs are
+//! not kept and tasks are forgotten on restart (the guests and their power state are not).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -1219,6 +1225,12 @@ impl Shared {
                 let mut conf = g.conf;
                 if !(action == "stop" && kind == GuestKind::Qemu) {
                     check_lock(kind, &conf)?;
+                }
+                if action == "start" && conf.options.get("template").map(String::as_str) == Some("1") {
+                    return Err(ApiError::die(match kind {
+                        GuestKind::Lxc => "you can't start a CT if it's a template",
+                        GuestKind::Qemu => "you can't start a vm if it's a template",
+                    }));
                 }
                 match action.as_str() {
                     "start" | "reboot" => {
