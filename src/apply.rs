@@ -96,11 +96,14 @@ pub struct StepOutcome {
 pub struct ApplyReport {
     pub done: Vec<StepOutcome>,
     pub not_done: Vec<String>,
+    /// A shutdown stopped the apply between two steps.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
 }
 
 impl ApplyReport {
     pub fn ok(&self) -> bool {
-        self.done.iter().all(|s| s.ok)
+        self.done.iter().all(|s| s.ok) && !self.stopped
     }
 }
 
@@ -119,6 +122,8 @@ pub struct Applier<'a, P: ProxmoxApi, H: HostShell> {
     pub proxmox: &'a P,
     pub shell: Option<&'a H>,
     pub host: HostSettings,
+    /// Set by a shutdown: the apply stops between steps, never inside one.
+    pub stop: Option<&'a std::sync::atomic::AtomicBool>,
 }
 
 impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
@@ -126,6 +131,14 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
         let mut report = ApplyReport::default();
         let total = plan.steps.len();
         for (i, step) in plan.steps.iter().enumerate() {
+            if self.stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+                report.not_done = plan.steps[i..]
+                    .iter()
+                    .map(|s| format!("{} {} (vmid {})", s.action.verb(), s.node, s.vmid))
+                    .collect();
+                report.stopped = true;
+                break;
+            }
             progress.step_started(i, total, step);
             let mut log = Vec::new();
             let result = self.run_step(step, &mut log).await;

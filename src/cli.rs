@@ -45,6 +45,13 @@ Examples:
   driftless --repo . plan --detailed-exitcode --proxmox-url https://127.0.0.1:8006 \\
       --proxmox-token-file token --proxmox-fingerprint AB:CD:...";
 
+const DAEMON_EXAMPLES: &str = "\
+Examples:
+  driftless daemon --repository https://git.example.com/homelab.git --branch main \\
+      --plan-refs 'refs/pull/*/head' --webhook-secret-file /etc/driftless/webhook \\
+      --secrets-dir /etc/driftless/secrets --state-dir /var/lib/driftless
+  driftless daemon --config /etc/driftless/daemon.yaml --log-format json";
+
 const APPLY_EXAMPLES: &str = "\
 Examples:
   driftless --repo . apply
@@ -131,6 +138,17 @@ pub enum Command {
     #[command(after_help = APPLY_EXAMPLES)]
     Apply(ApplyArgs),
 
+    /// Run the GitOps loop: fetch the repository on an interval (and at once on a signed
+    /// webhook), apply each new revision of the branch, plan pull request refs without
+    /// applying, check drift on a schedule, and commit a status report for every run to the
+    /// status branch. Serves /healthz, /readyz, /metrics and /webhook. Stops cleanly on
+    /// SIGTERM (between two steps, never inside one).
+    #[command(after_help = DAEMON_EXAMPLES)]
+    Daemon(DaemonCmd),
+
+    /// Show the last status report the daemon committed for a ref.
+    Status(StatusArgs),
+
     /// The sandbox: a Proxmox VE API on loopback that behaves like the real one, for trying
     /// driftless without a homelab (`sandbox demo`), for tests, and for benchmarks.
     #[command(subcommand)]
@@ -139,6 +157,40 @@ pub enum Command {
     /// Show a node's final values and the chain of files and ADRs that set them.
     #[command(after_help = EXPLAIN_EXAMPLES)]
     Explain(ExplainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DaemonCmd {
+    #[command(flatten)]
+    pub daemon: crate::daemon::config::DaemonArgs,
+    #[command(flatten)]
+    pub connect: crate::connect::ConnectArgs,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "DRIFTLESS_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The infrastructure repository the daemon reports to (URL or path).
+    #[arg(long, env = "DRIFTLESS_REPOSITORY", value_name = "URL")]
+    pub repository: String,
+    /// The ref whose report to show.
+    #[arg(long = "ref", default_value = "refs/heads/main", value_name = "REF")]
+    pub git_ref: String,
+    #[arg(
+        long,
+        env = "DRIFTLESS_STATUS_BRANCH",
+        default_value = "driftless/status",
+        value_name = "BRANCH"
+    )]
+    pub status_branch: String,
 }
 
 #[derive(Debug, Args)]

@@ -20,8 +20,11 @@ pub enum Outcome {
 }
 
 pub fn run(cli: &Cli) -> Result<Outcome> {
-    if let Command::Sandbox(cmd) = &cli.command {
-        return crate::quickstart::sandbox(cmd);
+    match &cli.command {
+        Command::Sandbox(cmd) => return crate::quickstart::sandbox(cmd),
+        Command::Daemon(cmd) => return daemon_cmd(cmd),
+        Command::Status(args) => return status_cmd(args, cli.global.output),
+        _ => {}
     }
     let spec = source::classify(&cli.global.repo, cli.global.rev.as_deref());
     let files = source::read(&spec)?;
@@ -50,7 +53,7 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         Command::Plan(args) => return plan_cmd(&desired, &artifacts, args, out, Wording::Plan),
         Command::Drift(args) => return plan_cmd(&desired, &artifacts, args, out, Wording::Drift),
         Command::Apply(args) => return apply_cmd(&desired, &artifacts, args, out),
-        Command::Sandbox(_) => unreachable!("handled before loading"),
+        Command::Sandbox(_) | Command::Daemon(_) | Command::Status(_) => unreachable!("handled before loading"),
     }
     Ok(Outcome::Ok)
 }
@@ -347,6 +350,7 @@ fn apply_cmd(desired: &Desired, artifacts: &[Artifact], args: &ApplyArgs, out: O
         proxmox: &client,
         shell: shell.as_ref(),
         host: args.connect.host_settings(),
+        stop: None,
     };
     let report = rt.block_on(applier.apply(&plan, &mut StderrProgress));
     report_apply(&plan, &report, out)
@@ -384,4 +388,50 @@ pub fn report_apply(plan: &Plan, report: &ApplyReport, out: OutputFormat) -> Res
     } else {
         bail!("apply failed; run `driftless plan` to see what is left")
     }
+}
+
+fn init_logging(format: crate::cli::LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DRIFTLESS_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,notify=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        crate::cli::LogFormat::Json => builder.json().try_init(),
+        crate::cli::LogFormat::Text => builder.try_init(),
+    };
+}
+
+fn daemon_cmd(cmd: &crate::cli::DaemonCmd) -> Result<Outcome> {
+    init_logging(cmd.log_format);
+    let settings = cmd.daemon.resolve()?;
+    runtime()?.block_on(crate::daemon::run::run(settings, cmd.connect.clone()))?;
+    Ok(Outcome::Ok)
+}
+
+fn status_cmd(args: &crate::cli::StatusArgs, out: OutputFormat) -> Result<Outcome> {
+    use crate::daemon::{gitops, status};
+    let cache = tempfile::tempdir()?;
+    let mirror = gitops::Mirror::open_or_init(&args.repository, cache.path(), gitops::GitAuth::default())?;
+    let git_ref = if args.git_ref.starts_with("refs/") {
+        args.git_ref.clone()
+    } else {
+        format!("refs/heads/{}", args.git_ref)
+    };
+    let (md_path, json_path) = status::report_paths(&git_ref);
+    let Some(json) = mirror.read_status(&args.status_branch, &json_path)? else {
+        bail!("no status report for {git_ref} on branch {} yet", args.status_branch);
+    };
+    match out {
+        OutputFormat::Json => println!("{}", String::from_utf8_lossy(&json)),
+        _ => {
+            let summary = status::parse_summary(&json)?;
+            println!("{}", summary.one_line());
+            if let Some(md) = mirror.read_status(&args.status_branch, &md_path)? {
+                println!();
+                print!("{}", String::from_utf8_lossy(&md));
+            }
+        }
+    }
+    Ok(Outcome::Ok)
 }

@@ -2,11 +2,13 @@
 //! `DRIFTLESS_*` environment variables (CI jobs and tests point a repository at another
 //! Proxmox that way), with secrets resolved on this host.
 
+use crate::adapters::local_shell::LocalShell;
 use crate::adapters::proxmox::{ApiToken, ClientOptions, ProxmoxClient};
 use crate::adapters::ssh::{HostTarget, SshHostShell};
 use crate::adapters::tls::TlsTrust;
 use crate::apply::HostSettings;
 use crate::model::Cluster;
+use crate::ports::{CommandOutput, HostShell, ShellError};
 use crate::secrets::{SecretError, SecretStore};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -71,6 +73,10 @@ pub struct ConnectArgs {
         help_heading = "Connection"
     )]
     pub ssh_known_hosts: Option<PathBuf>,
+    /// How to reach the Proxmox host's root shell: `ssh` (proxmox.hosts in cluster.yaml), or
+    /// `local` when driftless runs on the Proxmox host itself (or against the sandbox).
+    #[arg(long, env = "DRIFTLESS_HOST_SHELL", value_enum, default_value_t = HostShellKind::Ssh, help_heading = "Connection")]
+    pub host_shell: HostShellKind,
     /// Where /etc/pve is on the Proxmox host.
     #[arg(
         long,
@@ -99,6 +105,46 @@ pub struct ConnectArgs {
         help_heading = "Connection"
     )]
     pub secrets_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum HostShellKind {
+    #[default]
+    Ssh,
+    Local,
+}
+
+/// The host shell a run uses.
+pub enum AnyHostShell {
+    Ssh(SshHostShell),
+    Local(LocalShell),
+}
+
+impl HostShell for AnyHostShell {
+    async fn run(&self, pve_node: &str, argv: &[String], stdin: &[u8]) -> Result<CommandOutput, ShellError> {
+        match self {
+            AnyHostShell::Ssh(s) => s.run(pve_node, argv, stdin).await,
+            AnyHostShell::Local(s) => s.run(pve_node, argv, stdin).await,
+        }
+    }
+    async fn read_file(&self, pve_node: &str, path: &str) -> Result<Vec<u8>, ShellError> {
+        match self {
+            AnyHostShell::Ssh(s) => s.read_file(pve_node, path).await,
+            AnyHostShell::Local(s) => s.read_file(pve_node, path).await,
+        }
+    }
+    async fn write_file_if_unchanged(
+        &self,
+        pve_node: &str,
+        path: &str,
+        contents: &[u8],
+        expected_sha1: &str,
+    ) -> Result<(), ShellError> {
+        match self {
+            AnyHostShell::Ssh(s) => s.write_file_if_unchanged(pve_node, path, contents, expected_sha1).await,
+            AnyHostShell::Local(s) => s.write_file_if_unchanged(pve_node, path, contents, expected_sha1).await,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,7 +218,10 @@ impl ConnectArgs {
 
     /// The host shell of every Proxmox node in cluster.yaml `proxmox.hosts`; `None` when no
     /// host is listed (then steps that need it fail with a clear error).
-    pub fn host_shell(&self, cluster: &Cluster) -> Result<Option<SshHostShell>, ConnectError> {
+    pub fn host_shell(&self, cluster: &Cluster) -> Result<Option<AnyHostShell>, ConnectError> {
+        if self.host_shell == HostShellKind::Local {
+            return Ok(Some(AnyHostShell::Local(LocalShell)));
+        }
         if cluster.proxmox.hosts.is_empty() {
             return Ok(None);
         }
@@ -204,7 +253,7 @@ impl ConnectArgs {
                 },
             );
         }
-        Ok(Some(SshHostShell::new(targets)))
+        Ok(Some(AnyHostShell::Ssh(SshHostShell::new(targets))))
     }
 }
 

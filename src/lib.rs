@@ -7,6 +7,7 @@ pub mod apply;
 pub mod cli;
 pub mod commands;
 pub mod connect;
+pub mod daemon;
 pub mod hostshell;
 pub mod model;
 pub mod plan;

@@ -61,7 +61,7 @@ fn write_connection(handle: &SandboxHandle) -> Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot find the driftless binary")?;
     let env = dir.join("connection.env");
     let mut text = format!(
-        "DRIFTLESS_PROXMOX_URL={}\nDRIFTLESS_PROXMOX_TOKEN_FILE={}\nDRIFTLESS_PVE_ROOT={}\nDRIFTLESS_PCT_COMMAND=\"{} sandbox pct --state {}\"\n",
+        "DRIFTLESS_PROXMOX_URL={}\nDRIFTLESS_PROXMOX_TOKEN_FILE={}\nDRIFTLESS_PVE_ROOT={}\nDRIFTLESS_PCT_COMMAND=\"{} sandbox pct --state {}\"\nDRIFTLESS_HOST_SHELL=local\n",
         handle.url,
         token.display(),
         handle.state_dir.display(),
@@ -182,6 +182,7 @@ fn demo(example: &str, state: Option<&Path>) -> Result<Outcome> {
             proxmox: &client,
             shell: Some(&shell),
             host,
+            stop: None,
         };
 
         say(&format!("1. Plan examples/{example} against the empty Proxmox"));

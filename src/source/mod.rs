@@ -129,7 +129,23 @@ pub fn read_git(repo: &str, rev: Option<&str>) -> Result<RepoFiles, SourceError>
         _tmp = tmp;
         repository
     };
-    let rev = rev.unwrap_or("HEAD");
+    let subdir = (!subdir.as_os_str().is_empty()).then_some(subdir.as_path());
+    files_at_named(&repository, repo, rev.unwrap_or("HEAD"), subdir)
+}
+
+/// Read the files driftless uses from the tree of `rev` (a commit id, branch or any revision
+/// gix resolves) in an open repository, or from the subtree `subdir` of that commit.
+pub fn files_at(repo: &gix::Repository, rev: &str, subdir: Option<&Path>) -> Result<RepoFiles, SourceError> {
+    files_at_named(repo, &repo.path().display().to_string(), rev, subdir)
+}
+
+/// [`files_at`], naming the repository `repo` (a URL, say) in messages and in the files' origin.
+pub fn files_at_named(
+    repository: &gix::Repository,
+    repo: &str,
+    rev: &str,
+    subdir: Option<&Path>,
+) -> Result<RepoFiles, SourceError> {
     let id = repository.rev_parse_single(rev).map_err(|e| SourceError::Revision {
         repo: repo.into(),
         rev: rev.into(),
@@ -146,9 +162,9 @@ pub fn read_git(repo: &str, rev: Option<&str>) -> Result<RepoFiles, SourceError>
         .peel_to_commit()
         .map_err(|e| tree_err(&e))?;
     let mut tree = commit.tree().map_err(|e| tree_err(&e))?;
-    if !subdir.as_os_str().is_empty() {
+    if let Some(subdir) = subdir.filter(|s| !s.as_os_str().is_empty()) {
         let entry = tree
-            .peel_to_entry_by_path(&subdir)
+            .peel_to_entry_by_path(subdir)
             .map_err(|e| tree_err(&e))?
             .ok_or_else(|| tree_err(&format!("{} is not in that commit", subdir.display())))?;
         tree = repository.find_tree(entry.oid()).map_err(|e| tree_err(&e))?;

@@ -1,0 +1,220 @@
+//! The daemon's settings: a small YAML file, each key also a flag and a `DRIFTLESS_*`
+//! variable (flags win over the file).
+
+use crate::daemon::forge::ForgeKind;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The config file. Every key is optional here; defaults are applied in `DaemonSettings`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonFile {
+    pub repository: Option<String>,
+    pub branch: Option<String>,
+    pub poll_interval: Option<String>,
+    pub status_branch: Option<String>,
+    #[serde(default)]
+    pub plan_refs: Vec<String>,
+    pub drift_schedule: Option<String>,
+    pub auto_correct: Option<bool>,
+    pub listen: Option<String>,
+    pub webhook_secret_file: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    pub ssh_key: Option<PathBuf>,
+    pub known_hosts: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub forge: Option<ForgeFile>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForgeFile {
+    /// gitea | forgejo | github | gitlab
+    pub kind: String,
+    /// API root: https://api.github.com, https://git.example/api/v1, https://gitlab.example/api/v4
+    pub api: String,
+    /// owner/name (GitLab: project id or path)
+    pub repo: String,
+    pub token_file: PathBuf,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct DaemonArgs {
+    /// Daemon config file (YAML; keys as the flags below, with `_` for `-`).
+    #[arg(long, env = "DRIFTLESS_DAEMON_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The infrastructure repository: https://, ssh://, file:// URL or a local path.
+    #[arg(long, env = "DRIFTLESS_REPOSITORY", value_name = "URL")]
+    pub repository: Option<String>,
+    /// The branch to apply [default: main].
+    #[arg(long, env = "DRIFTLESS_BRANCH")]
+    pub branch: Option<String>,
+    /// How often to fetch, e.g. 30s, 5m [default: cluster.yaml reconcile.interval, else 1m]; up to
+    /// 10% random jitter is added.
+    #[arg(long, env = "DRIFTLESS_POLL_INTERVAL", value_name = "DURATION")]
+    pub poll_interval: Option<String>,
+    /// Where status reports are committed [default: driftless/status]; never a watched branch.
+    #[arg(long, env = "DRIFTLESS_STATUS_BRANCH", value_name = "BRANCH")]
+    pub status_branch: Option<String>,
+    /// Refs to plan but never apply (repeatable): refs/heads/pr/*, refs/pull/*/head,
+    /// refs/merge-requests/*/head.
+    #[arg(
+        long = "plan-refs",
+        env = "DRIFTLESS_PLAN_REFS",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    pub plan_refs: Vec<String>,
+    /// Drift check schedule, crontab syntax [default: cluster.yaml reconcile.drift_schedule].
+    #[arg(long, env = "DRIFTLESS_DRIFT_SCHEDULE", value_name = "CRON")]
+    pub drift_schedule: Option<String>,
+    /// Run the drift check at this interval instead of a cron schedule (for tests and demos).
+    #[arg(long, env = "DRIFTLESS_DRIFT_INTERVAL", value_name = "DURATION", hide = true)]
+    pub drift_interval: Option<String>,
+    /// Apply drift when found [default: cluster.yaml reconcile.auto_correct].
+    #[arg(long, env = "DRIFTLESS_AUTO_CORRECT")]
+    pub auto_correct: Option<bool>,
+    /// Address for /healthz, /readyz, /metrics and /webhook [default: 127.0.0.1:9090].
+    #[arg(long, env = "DRIFTLESS_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// File holding the webhook secret (GitHub, Gitea/Forgejo HMAC or GitLab token); webhooks
+    /// are off without it.
+    #[arg(long, env = "DRIFTLESS_WEBHOOK_SECRET_FILE", value_name = "FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Where the daemon keeps its mirror of the repository [default: ./driftless-state].
+    #[arg(long, env = "DRIFTLESS_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// SSH key for ssh:// repositories.
+    #[arg(long, env = "DRIFTLESS_GIT_SSH_KEY", value_name = "FILE")]
+    pub ssh_key: Option<PathBuf>,
+    /// known_hosts for ssh:// repositories (host keys are always checked).
+    #[arg(long, env = "DRIFTLESS_GIT_KNOWN_HOSTS", value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// File holding a token for https:// repositories.
+    #[arg(long, env = "DRIFTLESS_GIT_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Resolved settings.
+#[derive(Debug, Clone)]
+pub struct DaemonSettings {
+    pub repository: String,
+    pub branch: String,
+    pub poll_interval: Option<Duration>,
+    pub status_branch: String,
+    pub plan_refs: Vec<String>,
+    pub drift_schedule: Option<String>,
+    pub drift_interval: Option<Duration>,
+    pub auto_correct: Option<bool>,
+    pub listen: String,
+    pub webhook_secret_file: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    pub ssh_key: Option<PathBuf>,
+    pub known_hosts: Option<PathBuf>,
+    pub token_file: Option<PathBuf>,
+    pub forge: Option<(ForgeKind, String, String, PathBuf)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the daemon config {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("{path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("no repository: give --repository, DRIFTLESS_REPOSITORY or `repository:` in the config file")]
+    NoRepository,
+    #[error("`{value}` is not a duration (write it like 30s, 5m or 1h)")]
+    Duration { value: String },
+    #[error("the status branch `{0}` is the watched branch: reports would trigger reconciles")]
+    StatusIsWatched(String),
+    #[error("unknown forge kind `{0}` (gitea, forgejo, github, gitlab)")]
+    ForgeKind(String),
+}
+
+fn duration(s: &str) -> Result<Duration, ConfigError> {
+    crate::model::parse_duration(s)
+        .map(Duration::from_secs)
+        .ok_or_else(|| ConfigError::Duration { value: s.into() })
+}
+
+fn read_file(path: &Path) -> Result<DaemonFile, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: path.into(),
+        message: e.to_string(),
+    })?;
+    yaml_serde::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.into(),
+        message: e.to_string(),
+    })
+}
+
+impl DaemonArgs {
+    pub fn resolve(&self) -> Result<DaemonSettings, ConfigError> {
+        let file = match &self.config {
+            Some(p) => read_file(p)?,
+            None => DaemonFile::default(),
+        };
+        let repository = self
+            .repository
+            .clone()
+            .or(file.repository)
+            .ok_or(ConfigError::NoRepository)?;
+        let branch = self.branch.clone().or(file.branch).unwrap_or_else(|| "main".into());
+        let status_branch = self
+            .status_branch
+            .clone()
+            .or(file.status_branch)
+            .unwrap_or_else(|| "driftless/status".into());
+        if status_branch == branch {
+            return Err(ConfigError::StatusIsWatched(status_branch));
+        }
+        let poll_interval = self
+            .poll_interval
+            .clone()
+            .or(file.poll_interval)
+            .map(|s| duration(&s))
+            .transpose()?;
+        let forge = match file.forge {
+            None => None,
+            Some(f) => {
+                let kind = match f.kind.as_str() {
+                    "gitea" | "forgejo" => ForgeKind::Gitea,
+                    "github" => ForgeKind::GitHub,
+                    "gitlab" => ForgeKind::GitLab,
+                    other => return Err(ConfigError::ForgeKind(other.into())),
+                };
+                Some((kind, f.api, f.repo, f.token_file))
+            }
+        };
+        Ok(DaemonSettings {
+            repository,
+            branch,
+            poll_interval,
+            status_branch,
+            plan_refs: if self.plan_refs.is_empty() {
+                file.plan_refs
+            } else {
+                self.plan_refs.clone()
+            },
+            drift_schedule: self.drift_schedule.clone().or(file.drift_schedule),
+            drift_interval: self.drift_interval.as_deref().map(duration).transpose()?,
+            auto_correct: self.auto_correct.or(file.auto_correct),
+            listen: self
+                .listen
+                .clone()
+                .or(file.listen)
+                .unwrap_or_else(|| "127.0.0.1:9090".into()),
+            webhook_secret_file: self.webhook_secret_file.clone().or(file.webhook_secret_file),
+            state_dir: self
+                .state_dir
+                .clone()
+                .or(file.state_dir)
+                .unwrap_or_else(|| PathBuf::from("driftless-state")),
+            ssh_key: self.ssh_key.clone().or(file.ssh_key),
+            known_hosts: self.known_hosts.clone().or(file.known_hosts),
+            token_file: self.token_file.clone().or(file.token_file),
+            forge,
+        })
+    }
+}
