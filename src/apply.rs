@@ -127,7 +127,7 @@ pub struct Applier<'a, P: ProxmoxApi, H: HostShell> {
 }
 
 impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
-    pub async fn apply(&self, plan: &Plan, progress: &mut dyn Progress) -> ApplyReport {
+    pub async fn apply(&self, plan: &Plan, progress: &mut (dyn Progress + Send)) -> ApplyReport {
         let mut report = ApplyReport::default();
         let total = plan.steps.len();
         for (i, step) in plan.steps.iter().enumerate() {

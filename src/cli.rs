@@ -144,7 +144,7 @@ pub enum Command {
     /// status branch. Serves /healthz, /readyz, /metrics and /webhook. Stops cleanly on
     /// SIGTERM (between two steps, never inside one).
     #[command(after_help = DAEMON_EXAMPLES)]
-    Daemon(DaemonCmd),
+    Daemon(Box<DaemonCmd>),
 
     /// Show the last status report the daemon committed for a ref.
     Status(StatusArgs),
@@ -245,8 +245,9 @@ pub enum SandboxCommand {
         /// The example under examples/ to use.
         #[arg(long, default_value = "homelab-k3s")]
         example: String,
-        /// Keep the sandbox's state here (a temporary directory otherwise, removed at the end).
-        #[arg(long, value_name = "DIR")]
+        /// Keep everything (the sandbox's /etc/pve, the git repository with its status
+        /// branch) in DIR, to look around afterwards; a temporary directory otherwise.
+        #[arg(long = "keep", value_name = "DIR")]
         state: Option<std::path::PathBuf>,
     },
     /// Serve the sandbox Proxmox API until interrupted, and print how to connect to it.

@@ -1,15 +1,8 @@
 //! `driftless sandbox ...`: the sandbox Proxmox as a server, its `pct`, and the demo that
 //! shows a newcomer the loop on one machine.
 
-use crate::adapters::local_shell::LocalShell;
-use crate::adapters::proxmox::{ApiToken, ClientOptions, ProxmoxClient};
-use crate::adapters::tls::TlsTrust;
-use crate::apply::{Applier, HostSettings};
 use crate::cli::SandboxCommand;
-use crate::commands::{Outcome, StderrProgress, observe_and_plan, runtime};
-use crate::model::{self, Desired, LoadOptions};
-use crate::plan::display::{self, Wording};
-use crate::render::{self, Artifact};
+use crate::commands::{Outcome, runtime};
 use crate::sandbox::{self, SandboxHandle, SandboxOptions};
 use anyhow::{Context, Result, bail};
 use std::io::IsTerminal;
@@ -124,12 +117,6 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-fn load_repo(dir: &Path) -> Result<(Desired, Vec<Artifact>)> {
-    let files = crate::source::read_dir(dir)?;
-    let loaded = model::load(&files, &LoadOptions::default()).and_then(|d| render::render_all(&d).map(|a| (d, a)));
-    loaded.map_err(|diags| anyhow::anyhow!("the repository is invalid:\n{diags}"))
-}
-
 fn say(title: &str) {
     let line = format!("==> {title}");
     if std::io::stdout().is_terminal() {
@@ -139,122 +126,153 @@ fn say(title: &str) {
     }
 }
 
+fn git(dir: &Path, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "homelab operator")
+        .env("GIT_AUTHOR_EMAIL", "operator@homelab.invalid")
+        .env("GIT_COMMITTER_NAME", "homelab operator")
+        .env("GIT_COMMITTER_EMAIL", "operator@homelab.invalid")
+        .output()
+        .context("the demo needs the git CLI")?;
+    if !out.status.success() {
+        bail!("git {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Wait until the status branch holds a report for main at `commit` satisfying `want`.
+async fn wait_report(
+    bare: &Path,
+    commit: &str,
+    want: impl Fn(&serde_json::Value) -> bool,
+) -> Result<serde_json::Value> {
+    for _ in 0..600 {
+        if let Ok(text) = git(bare, &["show", "driftless/status:status/heads/main.json"])
+            && let Ok(v) = serde_json::from_str::<serde_json::Value>(&text)
+            && v["revision"] == commit
+            && want(&v)
+        {
+            return Ok(v);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    bail!("the daemon did not report on {commit} within a minute")
+}
+
+fn show_report(bare: &Path) -> Result<()> {
+    let md = git(bare, &["show", "driftless/status:status/heads/main.md"])?;
+    for line in md.lines() {
+        println!("  | {line}");
+    }
+    Ok(())
+}
+
 fn demo(example: &str, state: Option<&Path>) -> Result<Outcome> {
     let source = example_dir(example)?;
-    let work = tempfile::tempdir()?;
-    let repo = work.path().join("repo");
-    copy_tree(&source, &repo)?;
-    let state_dir = match state {
-        Some(s) => s.to_path_buf(),
-        None => work.path().join("pve"),
-    };
-    let color = std::io::stdout().is_terminal();
+    // Everything lives in one directory: a temporary one, or --keep DIR to look around after.
+    let temp = tempfile::tempdir()?;
+    let root = state
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| temp.path().to_path_buf());
+    std::fs::create_dir_all(&root)?;
+    let bare = root.join("homelab.git");
+    let clone = root.join("homelab");
+    let state_dir = root.join("pve");
+    struct Work(PathBuf);
+    impl Work {
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+    let work = Work(root.clone());
     let rt = runtime()?;
     rt.block_on(async {
         let handle = sandbox::start(sandbox_options(&state_dir, "127.0.0.1:0".parse()?, true)).await?;
-        say(&format!(
-            "A sandbox Proxmox VE API is listening at {} (TLS pinned by fingerprint)",
-            handle.url
-        ));
-        println!(
-            "Its config files live in {}/nodes/pve/, laid out like /etc/pve.",
-            state_dir.display()
-        );
-        let token = ApiToken::parse(&handle.token).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let client = ProxmoxClient::new(ClientOptions::new(
-            vec![handle.url.clone()],
-            token,
-            TlsTrust::Fingerprint(handle.fingerprint.clone()),
-        ))?;
+        say(&format!("A sandbox Proxmox VE API listens at {} (HTTPS, pinned by fingerprint)", handle.url));
+        println!("Its config files live in {}/nodes/pve/, laid out like /etc/pve.", state_dir.display());
+
+        git(work.path(), &["-c", "init.defaultBranch=main", "init", "-q", "--bare", &bare.display().to_string()])?;
+        git(work.path(), &["-c", "init.defaultBranch=main", "init", "-q", &clone.display().to_string()])?;
+        copy_tree(&source, &clone)?;
+        git(&clone, &["add", "-A"])?;
+        git(&clone, &["commit", "-q", "-m", "The seed homelab"])?;
+        git(&clone, &["push", "-q", &bare.display().to_string(), "main"])?;
+        let first = git(&clone, &["rev-parse", "HEAD"])?;
+        say(&format!("A git repository {} holds examples/{example} on main", bare.display()));
+
+        let token_file = work.path().join("pve-token");
+        std::fs::write(&token_file, format!("{}\n", handle.token))?;
         let exe = std::env::current_exe()?;
-        let host = HostSettings {
+        let connect = crate::connect::ConnectArgs {
+            proxmox_url: Some(handle.url.clone()),
+            proxmox_token_file: Some(token_file),
+            proxmox_fingerprint: Some(handle.fingerprint.clone()),
+            host_shell: crate::connect::HostShellKind::Local,
             pve_root: state_dir.display().to_string(),
-            pct_command: vec![
-                exe.display().to_string(),
-                "sandbox".into(),
-                "pct".into(),
-                "--state".into(),
-                state_dir.display().to_string(),
-            ],
+            pct_command: format!("{} sandbox pct --state {}", exe.display(), state_dir.display()),
+            secrets_dir: work.path().join("secrets"),
+            ..Default::default()
         };
-        let shell = LocalShell;
-        let applier = Applier {
-            proxmox: &client,
-            shell: Some(&shell),
-            host,
-            stop: None,
+        let settings = crate::daemon::config::DaemonSettings {
+            repository: bare.display().to_string(),
+            branch: "main".into(),
+            poll_interval: Some(std::time::Duration::from_secs(30)),
+            status_branch: "driftless/status".into(),
+            plan_refs: vec!["refs/heads/pr/*".into()],
+            drift_schedule: None,
+            drift_interval: Some(std::time::Duration::from_secs(5)),
+            auto_correct: Some(false),
+            listen: "127.0.0.1:0".into(),
+            webhook_secret_file: None,
+            state_dir: work.path().join("daemon"),
+            ssh_key: None,
+            known_hosts: None,
+            token_file: None,
+            forge: None,
         };
+        let control = crate::daemon::run::Control::default();
+        let daemon = tokio::spawn(crate::daemon::run::run_until(settings, connect, control.clone()));
+        say("driftless daemon watches it: it fetches, plans, applies, and commits a status report to driftless/status");
 
-        say(&format!("1. Plan examples/{example} against the empty Proxmox"));
-        let (desired, artifacts) = load_repo(&repo)?;
-        let plan = observe_and_plan(&desired, &artifacts, &client).await?;
-        print!("{}", display::text(&plan, Wording::Plan, color));
-
-        say("2. Apply it");
-        let report = applier.apply(&plan, &mut StderrProgress).await;
-        if !report.ok() {
-            bail!("the demo's apply failed: {}", serde_json::to_string(&report)?);
-        }
-        let first = desired.nodes.first().context("the example has nodes")?;
-        let dir = if first.kind == model::schema::GuestKind::Lxc {
-            "lxc"
-        } else {
-            "qemu-server"
-        };
-        let conf = state_dir.join(format!("nodes/{}/{dir}/{}.conf", first.proxmox_node, first.vmid));
-        println!("\n{} now holds:\n{}", conf.display(), std::fs::read_to_string(&conf)?);
-
-        say("3. Plan again: nothing to do");
-        let plan = observe_and_plan(&desired, &artifacts, &client).await?;
-        print!("{}", display::text(&plan, Wording::Plan, color));
-
-        let last = desired.nodes.last().context("the example has nodes")?;
-        say(&format!(
-            "4. Commit a change: {} gets 6 GiB of memory (a recorded deviation from the ADR)",
-            last.name
-        ));
-        let node_file = repo.join(&last.file);
-        let mut text = std::fs::read_to_string(&node_file)?;
-        let adr = desired
-            .adrs
-            .iter()
-            .find(|a| a.applies && a.has_config)
-            .map(|a| a.id.clone());
-        text.push_str("memory: 6GiB\n");
-        if let Some(adr) = &adr {
-            text.push_str(&format!(
-                "deviations:\n  - adr: {adr}\n    keys: [memory]\n    reason: \"this node runs the database\"\n"
-            ));
-        }
-        std::fs::write(&node_file, text)?;
-        let (desired, artifacts) = load_repo(&repo)?;
-        let plan = observe_and_plan(&desired, &artifacts, &client).await?;
-        print!("{}", display::text(&plan, Wording::Plan, color));
-        let report = applier.apply(&plan, &mut StderrProgress).await;
-        if !report.ok() {
-            bail!("the demo's second apply failed: {}", serde_json::to_string(&report)?);
+        say("1. The first apply: three K3s containers with the seed's LXC settings");
+        wait_report(&bare, &first, |r| r["outcome"] == "applied").await?;
+        show_report(&bare)?;
+        let conf = state_dir.join("nodes/pve/lxc/100.conf");
+        println!("\n{} now holds:", conf.display());
+        for line in std::fs::read_to_string(&conf)?.lines() {
+            println!("  {line}");
         }
 
-        let victim = &desired.nodes[0];
-        say(&format!(
-            "5. Someone changes {} by hand (`pct set {} --cores 8` on the host)",
-            victim.name, victim.vmid
-        ));
-        let args: Vec<String> = ["set", &victim.vmid.to_string(), "--cores", "8"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        say("2. A commit gives k3s-worker-2 6 GiB of memory (a recorded deviation from ADR-001)");
+        let node = clone.join("nodes/k3s-worker-2.yaml");
+        let mut text = std::fs::read_to_string(&node)?;
+        text.push_str("memory: 6GiB\ndeviations:\n  - adr: ADR-001\n    keys: [memory]\n    reason: \"this node runs the database\"\n");
+        std::fs::write(&node, text)?;
+        git(&clone, &["commit", "-qam", "k3s-worker-2: 6 GiB for the database"])?;
+        git(&clone, &["push", "-q", &bare.display().to_string(), "main"])?;
+        let second = git(&clone, &["rev-parse", "HEAD"])?;
+        wait_report(&bare, &second, |r| r["outcome"] == "applied").await?;
+        show_report(&bare)?;
+
+        say("3. Someone runs `pct set 101 --cores 8` on the host, behind driftless's back");
+        let args: Vec<String> = ["set", "101", "--cores", "8"].iter().map(|s| s.to_string()).collect();
         sandbox::pct(&state_dir, &args).map_err(|e| anyhow::anyhow!("pct: {e}"))?;
-        let plan = observe_and_plan(&desired, &artifacts, &client).await?;
-        print!("{}", display::text(&plan, Wording::Drift, color));
+        wait_report(&bare, &second, |r| r["outcome"] == "drift_found").await?;
+        println!("The scheduled drift check reports it (auto_correct is off, so it is only reported):");
+        show_report(&bare)?;
 
-        say("Where to look next");
-        println!(
-            "- driftless --repo examples/{example} explain {} lxc.features.nesting",
-            first.name
-        );
-        println!("- driftless --repo examples/{example} render {}", first.name);
-        println!("- driftless sandbox serve --state DIR, then plan/apply with the settings it prints");
+        say("Where things are");
+        println!("- status reports: git -C {} show driftless/status:status/heads/main.md", bare.display());
+        println!("- or: driftless status --repository {}", bare.display());
+        println!("- the history: git -C {} log --oneline driftless/status", bare.display());
+        println!("- on your own homelab: driftless daemon --help (deploy/ has a systemd unit and a config)");
+        if state.is_none() {
+            println!("(these files are removed when the demo ends: run `driftless sandbox demo --keep DIR` to keep them)");
+        }
+        control.request_stop();
+        daemon.await??;
         handle.shutdown().await;
         Ok(Outcome::Ok)
     })

@@ -347,9 +347,10 @@ fn fetch_and_publish_over_git_daemon() {
     let forge = Forge::new();
     let port = free_port();
     let base = path_str(&forge.base).to_string();
-    let child = Command::new("git")
+    // `git daemon` runs git-daemon as a child: start that directly, so killing it stops it.
+    let exec_path = git(&forge.base, &["--exec-path"]);
+    let child = Command::new(Path::new(&exec_path).join("git-daemon"))
         .args([
-            "daemon",
             "--reuseaddr",
             &format!("--base-path={base}"),
             "--export-all",

@@ -389,8 +389,41 @@ fn next_drift(settings: &DaemonSettings, cluster_schedule: Option<&str>) -> Opti
     Some(Instant::now() + wait)
 }
 
+/// Stops a running daemon: set `stop`, then `notify_waiters` on `shutdown`.
+#[derive(Clone, Default)]
+pub struct Control {
+    pub stop: Arc<AtomicBool>,
+    pub shutdown: Arc<Notify>,
+}
+
+impl Control {
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.shutdown.notify_waiters();
+    }
+}
+
 /// Run the daemon until SIGTERM or SIGINT.
 pub async fn run(settings: DaemonSettings, connect: ConnectArgs) -> Result<()> {
+    let control = Control::default();
+    {
+        let control = control.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            tracing::info!("shutting down: finishing the current step");
+            control.request_stop();
+        });
+    }
+    run_until(settings, connect, control).await
+}
+
+/// Run the daemon until `control` asks it to stop.
+pub async fn run_until(settings: DaemonSettings, connect: ConnectArgs, control: Control) -> Result<()> {
     std::fs::create_dir_all(&settings.state_dir)
         .with_context(|| format!("cannot create the state directory {}", settings.state_dir.display()))?;
     let auth = GitAuth {
@@ -417,8 +450,7 @@ pub async fn run(settings: DaemonSettings, connect: ConnectArgs) -> Result<()> {
     };
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
-    let stop = Arc::new(AtomicBool::new(false));
-    let shutdown = Arc::new(Notify::new());
+    let (stop, shutdown) = (control.stop.clone(), control.shutdown.clone());
     let (trigger_tx, mut trigger_rx) = mpsc::channel::<Trigger>(1);
 
     let webhook_secret = match &settings.webhook_secret_file {
@@ -447,21 +479,6 @@ pub async fn run(settings: DaemonSettings, connect: ConnectArgs) -> Result<()> {
     // A local repository is watched: a commit there is noticed at once.
     let (watch_tx, mut watch_rx) = mpsc::channel::<()>(1);
     let _watcher = watch_local(&settings.repository, watch_tx);
-
-    {
-        let (stop, shutdown) = (stop.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let mut term =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("signal handler");
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-            tracing::info!("shutting down: finishing the current step");
-            stop.store(true, Ordering::SeqCst);
-            shutdown.notify_waiters();
-        });
-    }
 
     let mut daemon = Daemon {
         settings,

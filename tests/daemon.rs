@@ -1,0 +1,321 @@
+//! The daemon end to end: a bare repository served by the real git CLI, the sandbox Proxmox,
+//! and `driftless daemon` as a process; the status branch is read back with the git CLI.
+
+#[path = "support/daemon_env.rs"]
+mod env;
+
+use env::{Setup, git, wait_until, worker2_with_memory};
+use hmac::Mac;
+use std::time::Duration;
+
+const SECRET: &str = "webhook-test-secret";
+
+fn github_signature(body: &[u8], secret: &str) -> String {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(body);
+    let bytes = mac.finalize().into_bytes();
+    format!(
+        "sha256={}",
+        bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+/// A plain HTTP/1.1 POST, as a forge sends it; returns the status code.
+fn post_webhook(port: u16, body: &str, signature: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let request = format!(
+        "POST /webhook HTTP/1.1\r\nHost: 127.0.0.1\r\nX-GitHub-Event: push\r\nX-Hub-Signature-256: {signature}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_pushed_commit_is_applied_within_one_poll_interval_over_git_daemon() {
+    let mut s = Setup::new("homelab-k3s");
+    let url = s.serve_git();
+    s.start_daemon(&url, &["--poll-interval", "2s"]);
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str()
+    });
+    assert_eq!(r["outcome"], "applied", "{r}");
+    assert!(s.conf(100).contains("lxc.apparmor.profile: unconfined"));
+
+    let second = s.push_change(
+        "nodes/k3s-worker-2.yaml",
+        &worker2_with_memory(&s.work, 6),
+        "worker-2: 6 GiB",
+        "main",
+    );
+    let r = s.wait_report("heads/main", Duration::from_secs(30), |r| {
+        r["revision"] == second.as_str()
+    });
+    assert_eq!(r["outcome"], "applied", "{r}");
+    assert_eq!(r["last_applied_revision"], second.as_str());
+    assert!(s.conf(102).contains("memory: 6144"), "{}", s.conf(102));
+    // The report is also for people, and the watched branch never gets a daemon commit.
+    let md = git(&s.bare, &["show", "driftless/status:status/heads/main.md"]);
+    assert!(md.contains(&second) && md.contains("memory"), "{md}");
+    assert_eq!(git(&s.bare, &["rev-parse", "main"]), second);
+}
+
+#[test]
+fn a_signed_webhook_applies_at_once_and_a_bad_signature_is_refused() {
+    let mut s = Setup::new("homelab-k3s");
+    std::fs::write(s.dir.path().join("webhook"), SECRET).unwrap();
+    let secret_file = s.dir.path().join("webhook").display().to_string();
+    // Served over git://: a local path would also be watched, which notices pushes by itself.
+    let url = s.serve_git();
+    s.start_daemon(&url, &["--poll-interval", "1h", "--webhook-secret-file", &secret_file]);
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str()
+    });
+
+    // A bad signature: 401, nothing fetched, nothing reported.
+    let second = s.push_change(
+        "nodes/k3s-worker-2.yaml",
+        &worker2_with_memory(&s.work, 6),
+        "worker-2: 6 GiB",
+        "main",
+    );
+    let before = s.status_commits();
+    let body = r#"{"ref":"refs/heads/main"}"#;
+    assert_eq!(
+        post_webhook(s.listen, body, &github_signature(body.as_bytes(), "not-the-secret")),
+        401
+    );
+    assert_eq!(post_webhook(s.listen, body, "sha256=00"), 401);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(s.status_commits(), before, "a refused webhook triggers nothing");
+    assert!(!s.conf(102).contains("memory: 6144"));
+
+    // The signed one: applied at once although the poll interval is an hour.
+    assert_eq!(
+        post_webhook(s.listen, body, &github_signature(body.as_bytes(), SECRET)),
+        202
+    );
+    let r = s.wait_report("heads/main", Duration::from_secs(20), |r| {
+        r["revision"] == second.as_str()
+    });
+    assert_eq!(r["outcome"], "applied", "{r}");
+    assert!(s.conf(102).contains("memory: 6144"));
+}
+
+#[test]
+fn a_pull_request_ref_gets_a_plan_and_changes_nothing() {
+    let mut s = Setup::new("homelab-k3s");
+    let url = s.file_url();
+    s.start_daemon(&url, &["--poll-interval", "2s", "--plan-refs", "refs/heads/pr/*"]);
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str()
+    });
+
+    let pr = s.push_change(
+        "nodes/k3s-worker-2.yaml",
+        &worker2_with_memory(&s.work, 8),
+        "worker-2: 8 GiB",
+        "pr/7",
+    );
+    let r = s.wait_report("heads/pr/7", Duration::from_secs(30), |r| r["revision"] == pr.as_str());
+    assert_eq!(r["outcome"], "planned", "{r}");
+    assert_eq!(r["kind"], "pull_request", "{r}");
+    let md = git(&s.bare, &["show", "driftless/status:status/heads/pr/7.md"]);
+    assert!(md.contains("memory") && md.contains("8192"), "{md}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        s.conf(102).contains("memory: 4096"),
+        "a pull request is never applied: {}",
+        s.conf(102)
+    );
+    assert_eq!(s.report("heads/main").unwrap()["revision"], first.as_str());
+}
+
+#[test]
+fn drift_made_behind_the_daemons_back_is_reported_on_schedule() {
+    let mut s = Setup::new("homelab-k3s");
+    let url = s.file_url();
+    s.start_daemon(&url, &["--poll-interval", "1h", "--drift-interval", "2s"]);
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str() && r["outcome"] == "applied"
+    });
+    driftless::sandbox::pct(&s.state, &["set".into(), "101".into(), "--cores".into(), "8".into()]).unwrap();
+    let r = s.wait_report("heads/main", Duration::from_secs(30), |r| r["outcome"] == "drift_found");
+    assert_eq!(r["kind"], "drift");
+    let md = git(&s.bare, &["show", "driftless/status:status/heads/main.md"]);
+    assert!(md.contains("cores") && md.contains("k3s-worker-1"), "{md}");
+    assert!(
+        s.conf(101).contains("cores: 8"),
+        "without auto_correct drift is only reported"
+    );
+}
+
+#[test]
+fn a_concurrent_push_to_the_status_branch_is_retried_and_both_histories_survive() {
+    let mut s = Setup::new("homelab-k3s");
+    let url = s.file_url();
+    s.start_daemon(&url, &["--poll-interval", "1s"]);
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str()
+    });
+    // Someone else commits to the status branch.
+    let other = s.dir.path().join("other");
+    git(
+        s.dir.path(),
+        &[
+            "clone",
+            "-q",
+            "--branch",
+            "driftless/status",
+            s.bare.to_str().unwrap(),
+            other.to_str().unwrap(),
+        ],
+    );
+    std::fs::write(other.join("NOTES.md"), "kept by a person\n").unwrap();
+    git(&other, &["add", "-A"]);
+    git(&other, &["commit", "-q", "-m", "a person's note"]);
+    git(&other, &["push", "-q", "origin", "driftless/status"]);
+    let theirs = git(&other, &["rev-parse", "HEAD"]);
+    // The daemon's next report lands on top of it, never replacing it.
+    let second = s.push_change(
+        "nodes/k3s-worker-2.yaml",
+        &worker2_with_memory(&s.work, 6),
+        "worker-2: 6 GiB",
+        "main",
+    );
+    s.wait_report("heads/main", Duration::from_secs(30), |r| {
+        r["revision"] == second.as_str()
+    });
+    git(&s.bare, &["merge-base", "--is-ancestor", &theirs, "driftless/status"]);
+    assert_eq!(git(&s.bare, &["show", "driftless/status:NOTES.md"]), "kept by a person");
+}
+
+#[test]
+fn an_invalid_revision_stalls_and_is_reported_never_half_applied() {
+    let mut s = Setup::new("homelab-k3s");
+    let url = s.file_url();
+    s.start_daemon(&url, &["--poll-interval", "1s"]);
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str()
+    });
+    let node = std::fs::read_to_string(s.work.join("nodes/k3s-worker-1.yaml")).unwrap();
+    let bad = s.push_change("nodes/k3s-worker-1.yaml", &format!("{node}cors: 4\n"), "a typo", "main");
+    let r = s.wait_report("heads/main", Duration::from_secs(30), |r| r["revision"] == bad.as_str());
+    assert_eq!(r["outcome"], "invalid", "{r}");
+    assert!(
+        r["errors"][0].as_str().unwrap().contains("nodes/k3s-worker-1.yaml:"),
+        "{r}"
+    );
+    assert_eq!(r["last_applied_revision"], first.as_str());
+    // Not retried: the status branch does not grow while nothing new is pushed.
+    let commits = s.status_commits();
+    std::thread::sleep(Duration::from_secs(4));
+    assert_eq!(
+        s.status_commits(),
+        commits,
+        "an invalid revision stalls until a new commit"
+    );
+}
+
+#[test]
+fn sigterm_during_an_apply_stops_between_steps_and_leaves_no_half_written_file() {
+    let mut s = Setup::new("homelab-k3s");
+    s.sandbox().knobs().set_latency(Duration::from_millis(300));
+    let url = s.file_url();
+    s.start_daemon(&url, &["--poll-interval", "1h"]);
+    wait_until(Duration::from_secs(60), || s.log().contains("applying").then_some(())).expect("an apply starts");
+    let pid = s.daemon.as_ref().unwrap().0.id();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exited = wait_until(Duration::from_secs(60), || {
+        s.daemon.as_mut().unwrap().0.try_wait().ok().flatten()
+    });
+    let code = exited.unwrap_or_else(|| panic!("the daemon exits after SIGTERM\n{}", s.log()));
+    assert!(code.success(), "clean exit: {code:?}\n{}", s.log());
+    // Every config file is whole: Proxmox's strict parser reads each one.
+    let dir = s.state.join("nodes/pve/lxc");
+    let confs: Vec<_> = std::fs::read_dir(&dir)
+        .map(|d| d.filter_map(|e| e.ok()).collect())
+        .unwrap_or_default();
+    assert!(confs.len() < 3, "the apply stopped before the end: {}", confs.len());
+    for e in &confs {
+        let text = std::fs::read_to_string(e.path()).unwrap();
+        driftless::pve::conf::parse(&text, driftless::pve::conf::GuestKind::Lxc)
+            .unwrap_or_else(|err| panic!("{} is not a whole config: {err}\n{text}", e.path().display()));
+        assert!(
+            !e.file_name().to_string_lossy().contains(".tmp"),
+            "no temporary file left"
+        );
+    }
+    let r = s.report("heads/main").expect("the interrupted run is reported");
+    assert_eq!(r["outcome"], "failed", "{r}");
+    assert!(r.to_string().contains("stopped by shutdown"), "{r}");
+}
+
+#[test]
+fn a_commit_to_a_local_repository_is_noticed_without_waiting_for_the_poll() {
+    let mut s = Setup::new("homelab-k3s");
+    let url = s.bare.display().to_string();
+    s.start_daemon(&url, &["--poll-interval", "1h"]);
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str()
+    });
+    let second = s.push_change(
+        "nodes/k3s-worker-2.yaml",
+        &worker2_with_memory(&s.work, 6),
+        "worker-2: 6 GiB",
+        "main",
+    );
+    let r = s.wait_report("heads/main", Duration::from_secs(20), |r| {
+        r["revision"] == second.as_str()
+    });
+    assert_eq!(r["outcome"], "applied", "{r}");
+}
+
+#[test]
+fn the_quickstart_demo_shows_the_whole_loop() {
+    let keep = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
+        .args(["sandbox", "demo", "--keep"])
+        .arg(keep.path())
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "1. The first apply",
+        "outcome | **applied**",
+        "`memory` | 4096 | 6144",
+        "drift found",
+        "`cores` | 8 | 2",
+    ] {
+        assert!(stdout.contains(want), "the demo shows {want:?}:\n{stdout}");
+    }
+    // What the demo points at is really there.
+    let bare = keep.path().join("homelab.git");
+    let log = git(&bare, &["log", "--oneline", "driftless/status"]);
+    assert!(log.lines().count() >= 3, "{log}");
+    assert!(keep.path().join("pve/nodes/pve/lxc/100.conf").exists());
+}

@@ -1,0 +1,285 @@
+//! A whole GitOps setup on one machine for daemon tests and benchmarks: a bare repository
+//! served by the real git CLI (file:// or `git daemon` on loopback) holding an example
+//! homelab, the sandbox Proxmox, and `driftless daemon` as a child process against them.
+#![allow(dead_code)]
+
+use driftless::sandbox::{self, SandboxHandle, SandboxOptions};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .env("GIT_AUTHOR_NAME", "homelab operator")
+        .env("GIT_AUTHOR_EMAIL", "operator@homelab.invalid")
+        .env("GIT_COMMITTER_NAME", "homelab operator")
+        .env("GIT_COMMITTER_EMAIL", "operator@homelab.invalid")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `git` that may fail (e.g. `show` of a file not there yet).
+pub fn git_try(dir: &Path, args: &[&str]) -> Option<String> {
+    let out = Command::new("git")
+        .current_dir(dir)
+        .args(args)
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct Setup {
+    pub dir: tempfile::TempDir,
+    pub bare: PathBuf,
+    pub work: PathBuf,
+    pub state: PathBuf,
+    pub rt: tokio::runtime::Runtime,
+    pub sandbox: Option<SandboxHandle>,
+    pub token_file: PathBuf,
+    pub git_daemon: Option<(Killed, u16)>,
+    pub daemon: Option<Killed>,
+    pub daemon_log: PathBuf,
+    pub listen: u16,
+}
+
+impl Setup {
+    /// A bare repository with `example` committed on main, and the sandbox.
+    pub fn new(example: &str) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let bare = dir.path().join("homelab.git");
+        let work = dir.path().join("work");
+        let state = dir.path().join("pve");
+        git(
+            dir.path(),
+            &[
+                "-c",
+                "init.defaultBranch=main",
+                "init",
+                "-q",
+                "--bare",
+                bare.to_str().unwrap(),
+            ],
+        );
+        git(
+            dir.path(),
+            &["-c", "init.defaultBranch=main", "init", "-q", work.to_str().unwrap()],
+        );
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(example);
+        copy_dir(&src, &work);
+        git(&work, &["add", "-A"]);
+        git(&work, &["commit", "-q", "-m", "The seed homelab"]);
+        git(&work, &["push", "-q", bare.to_str().unwrap(), "main"]);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let sandbox = rt.block_on(sandbox::start(SandboxOptions::new(&state))).unwrap();
+        let token_file = dir.path().join("pve-token");
+        std::fs::write(&token_file, &sandbox.token).unwrap();
+        let daemon_log = dir.path().join("daemon.log");
+        Setup {
+            dir,
+            bare,
+            work,
+            state,
+            rt,
+            sandbox: Some(sandbox),
+            token_file,
+            git_daemon: None,
+            daemon: None,
+            daemon_log,
+            listen: free_port(),
+        }
+    }
+
+    pub fn sandbox(&self) -> &SandboxHandle {
+        self.sandbox.as_ref().unwrap()
+    }
+
+    pub fn file_url(&self) -> String {
+        format!("file://{}", self.bare.display())
+    }
+
+    /// Serve the bare repository with `git daemon` (push allowed) and return its URL.
+    pub fn serve_git(&mut self) -> String {
+        let port = free_port();
+        let base = self.dir.path().display().to_string();
+        let child = Command::new("git")
+            .args([
+                "daemon",
+                "--reuseaddr",
+                &format!("--base-path={base}"),
+                "--export-all",
+                "--enable=receive-pack",
+                "--listen=127.0.0.1",
+                &format!("--port={port}"),
+                &base,
+            ])
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("git daemon starts");
+        wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })
+        .expect("git daemon listens");
+        self.git_daemon = Some((Killed(child), port));
+        format!("git://127.0.0.1:{port}/homelab.git")
+    }
+
+    /// Start `driftless daemon` against `url` with extra flags.
+    pub fn start_daemon(&mut self, url: &str, extra: &[&str]) {
+        let exe = env!("CARGO_BIN_EXE_driftless");
+        let log = std::fs::File::create(&self.daemon_log).unwrap();
+        let s = self.sandbox();
+        let mut cmd = Command::new(exe);
+        cmd.args(["daemon", "--repository", url, "--state-dir"])
+            .arg(self.dir.path().join("daemon-state"))
+            .args(["--listen", &format!("127.0.0.1:{}", self.listen)])
+            .args(extra)
+            .env("DRIFTLESS_PROXMOX_URL", &s.url)
+            .env("DRIFTLESS_PROXMOX_TOKEN_FILE", &self.token_file)
+            .env("DRIFTLESS_PROXMOX_FINGERPRINT", &s.fingerprint)
+            .env("DRIFTLESS_PVE_ROOT", &self.state)
+            .env(
+                "DRIFTLESS_PCT_COMMAND",
+                format!("{exe} sandbox pct --state {}", self.state.display()),
+            )
+            .env("DRIFTLESS_HOST_SHELL", "local")
+            .env("DRIFTLESS_SECRETS_DIR", self.dir.path().join("secrets"))
+            .env("GIT_CONFIG_GLOBAL", "/dev/null")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        self.daemon = Some(Killed(cmd.spawn().expect("daemon starts")));
+        let port = self.listen;
+        wait_until(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })
+        .unwrap_or_else(|| panic!("the daemon listens\n{}", self.log()));
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.daemon_log).unwrap_or_default()
+    }
+
+    /// Commit a change in the work tree and push it; returns the new commit.
+    pub fn push_change(&self, rel: &str, text: &str, message: &str, branch: &str) -> String {
+        std::fs::write(self.work.join(rel), text).unwrap();
+        git(&self.work, &["add", "-A"]);
+        git(&self.work, &["commit", "-q", "-m", message]);
+        git(
+            &self.work,
+            &[
+                "push",
+                "-q",
+                "-f",
+                self.bare.to_str().unwrap(),
+                &format!("HEAD:refs/heads/{branch}"),
+            ],
+        );
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    /// The status report JSON for a ref (`heads/main`), read with the git CLI.
+    pub fn report(&self, name: &str) -> Option<serde_json::Value> {
+        let text = git_try(&self.bare, &["show", &format!("driftless/status:status/{name}.json")])?;
+        serde_json::from_str(&text).ok()
+    }
+
+    pub fn wait_report(
+        &self,
+        name: &str,
+        timeout: Duration,
+        f: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_until(timeout, || self.report(name).filter(|r| f(r))).unwrap_or_else(|| {
+            panic!(
+                "no matching report for {name}: {:?}\n--- daemon log\n{}",
+                self.report(name),
+                self.log()
+            )
+        })
+    }
+
+    pub fn conf(&self, vmid: u32) -> String {
+        std::fs::read_to_string(self.state.join(format!("nodes/pve/lxc/{vmid}.conf"))).unwrap_or_default()
+    }
+
+    pub fn status_commits(&self) -> usize {
+        git_try(&self.bare, &["rev-list", "--count", "driftless/status"])
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        self.daemon.take();
+        if let Some(s) = self.sandbox.take() {
+            self.rt.block_on(s.shutdown());
+        }
+    }
+}
+
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), &t).unwrap();
+        }
+    }
+}
+
+/// The worker-2 change used by several tests: 6 GiB of memory, a recorded deviation.
+pub fn worker2_with_memory(work: &Path, gib: u32) -> String {
+    let base = "# A K3s worker (Stories 1.2 and 1.3): the same LXC configuration as the control plane.\nvmid: 102\nproxmox_node: pve\nkind: lxc\nrole: agent\naddress: 192.168.2.22/24\n";
+    let _ = work;
+    format!(
+        "{base}memory: {gib}GiB\ndeviations:\n  - adr: ADR-001\n    keys: [memory]\n    reason: runs the database\n"
+    )
+}
