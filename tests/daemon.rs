@@ -319,3 +319,66 @@ fn the_quickstart_demo_shows_the_whole_loop() {
     assert!(log.lines().count() >= 3, "{log}");
     assert!(keep.path().join("pve/nodes/pve/lxc/100.conf").exists());
 }
+
+#[test]
+fn suspend_plans_and_reports_without_applying() {
+    let mut s = Setup::new("homelab-k3s");
+    let cluster = std::fs::read_to_string(s.work.join("cluster.yaml")).unwrap();
+    let suspended = s.push_change(
+        "cluster.yaml",
+        &cluster.replace("ownership_tag: driftless", "ownership_tag: driftless\n  suspend: true"),
+        "suspend",
+        "main",
+    );
+    let url = s.file_url();
+    s.start_daemon(&url, &["--poll-interval", "1h"]);
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == suspended.as_str()
+    });
+    assert_eq!(r["outcome"], "suspended", "{r}");
+    assert_eq!(
+        r["plan"]["steps"].as_array().unwrap().len(),
+        3,
+        "the plan is still reported: {r}"
+    );
+    assert!(s.conf(100).is_empty(), "nothing was applied");
+    // `driftless status` reads the report back from the status branch.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
+        .args(["status", "--repository", &url])
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        stdout.starts_with(&format!("refs/heads/main @ {}: reconcile suspended", &suspended[..12])),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn auto_correct_applies_drift_back() {
+    let mut s = Setup::new("homelab-k3s");
+    let url = s.file_url();
+    s.start_daemon(
+        &url,
+        &[
+            "--poll-interval",
+            "1h",
+            "--drift-interval",
+            "2s",
+            "--auto-correct",
+            "true",
+        ],
+    );
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str() && r["outcome"] == "applied"
+    });
+    driftless::sandbox::pct(&s.state, &["set".into(), "101".into(), "--cores".into(), "8".into()]).unwrap();
+    let r = s.wait_report("heads/main", Duration::from_secs(30), |r| {
+        r["outcome"] == "drift_found" && r["applied"].is_object()
+    });
+    assert_eq!(r["applied"]["done"][0]["ok"], true, "{r}");
+    assert!(s.conf(101).contains("cores: 2\n"), "corrected: {}", s.conf(101));
+}
