@@ -49,7 +49,6 @@ fn main() {
         .unwrap();
     let handle = rt.block_on(sandbox::start(SandboxOptions::new(state.path()))).unwrap();
     let token = ApiToken::parse(&handle.token).unwrap();
-    let tag = desired.cluster.reconcile.ownership_tag.clone();
 
     let mut times = Vec::new();
     let mut requests = Vec::new();
@@ -62,7 +61,7 @@ fn main() {
         ))
         .unwrap();
         let t = Instant::now();
-        let observed = rt.block_on(observe(&client, &guests, &tag)).expect("observe");
+        let observed = rt.block_on(observe(&client, &guests)).expect("observe");
         let p = plan(&desired, &guests, &observed);
         times.push(t.elapsed());
         requests.push(client.request_count());

@@ -25,14 +25,9 @@ pub enum ApplyError {
 }
 
 /// Read what driftless needs from Proxmox for `guests`: the listing, and the config of each
-/// guest that is a node's vmid or carries the ownership tag.
-pub async fn observe<P: ProxmoxApi>(
-    proxmox: &P,
-    guests: &[DesiredGuest],
-    ownership_tag: &str,
-) -> Result<Observed, ProxmoxError> {
+/// guest that is a node's vmid (tagged orphans need no config to be pruned).
+pub async fn observe<P: ProxmoxApi>(proxmox: &P, guests: &[DesiredGuest]) -> Result<Observed, ProxmoxError> {
     let listing = proxmox.list_guests().await?;
-    let tag = ownership_tag.to_ascii_lowercase();
     let wanted: BTreeMap<u32, &DesiredGuest> = guests.iter().map(|g| (g.vmid, g)).collect();
     // Only guests driftless may act on: a node's vmid (same kind and node: else it's a
     // conflict and nothing is read) or, for prune, tagged ones (no config needed to delete).
@@ -54,7 +49,6 @@ pub async fn observe<P: ProxmoxApi>(
     for (vmid, r) in reads {
         configs.insert(vmid, r?);
     }
-    let _ = tag;
     Ok(Observed {
         guests: listing,
         configs,
@@ -291,8 +285,7 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
                         .await?
                         .iter()
                         .any(|g| g.vmid == vmid && g.status == "running");
-                    let d = diff_guest_for(desired, &live, running);
-                    changes = d;
+                    changes = diff_guest(desired, &live, running).changes;
                     digest = live.digest;
                 }
                 Err(ProxmoxError::DigestMismatch) => {
@@ -324,8 +317,4 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
         }
         Ok(())
     }
-}
-
-fn diff_guest_for(desired: &DesiredGuest, live: &crate::ports::LiveConfig, running: bool) -> Vec<Change> {
-    diff_guest(desired, live, running).changes
 }

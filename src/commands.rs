@@ -252,7 +252,7 @@ pub async fn observe_and_plan(
     client: &crate::adapters::proxmox::ProxmoxClient,
 ) -> Result<Plan> {
     let guests = desired_guests(desired, artifacts);
-    let observed = observe(client, &guests, &desired.cluster.reconcile.ownership_tag)
+    let observed = observe(client, &guests)
         .await
         .context("cannot read the guests from Proxmox")?;
     Ok(crate::plan::plan(desired, &guests, &observed))
