@@ -26,6 +26,7 @@
 pub mod adapters;
 pub mod apply;
 pub mod cli;
+pub mod cluster;
 pub mod commands;
 pub mod connect;
 pub mod daemon;

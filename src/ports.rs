@@ -189,3 +189,198 @@ pub trait HostShell: Send + Sync {
         expected_sha1: &str,
     ) -> impl Future<Output = Result<(), ShellError>> + Send;
 }
+
+/// A command or file operation on one cluster node: an LXC container reached through its
+/// Proxmox host (`pct exec` / `pct push`), or a VM over SSH. Arguments are argv, quoted by
+/// the implementation.
+pub trait NodeShell: Send + Sync {
+    /// Where commands go, for messages: `k3s-master (pct exec 100 on pve)`.
+    fn describe(&self) -> String;
+    fn run(&self, argv: &[String], stdin: &[u8]) -> impl Future<Output = Result<CommandOutput, ShellError>> + Send;
+    /// The file's contents, or `None` when it does not exist.
+    fn read_file(&self, path: &str) -> impl Future<Output = Result<Option<Vec<u8>>, ShellError>> + Send;
+    /// Replace `path` atomically (a temporary file in the same directory, then rename), with
+    /// `mode` (octal, `0600`) and owner `root:root`; parent directories are created.
+    fn write_file(
+        &self,
+        path: &str,
+        contents: &[u8],
+        mode: u32,
+    ) -> impl Future<Output = Result<(), ShellError>> + Send;
+}
+
+/// A Kubernetes taint: `key[=value]:Effect`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+pub struct Taint {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
+    pub effect: String,
+}
+
+impl Taint {
+    /// `key=value:Effect` or `key:Effect`, as node files and K3s's `node-taint` write them.
+    pub fn parse(s: &str) -> Option<Taint> {
+        let (kv, effect) = s.rsplit_once(':')?;
+        let (key, value) = match kv.split_once('=') {
+            Some((k, v)) => (k, Some(v.to_string())),
+            None => (kv, None),
+        };
+        if key.is_empty() || effect.is_empty() {
+            return None;
+        }
+        Some(Taint {
+            key: key.to_string(),
+            value,
+            effect: effect.to_string(),
+        })
+    }
+}
+
+impl std::fmt::Display for Taint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.value {
+            Some(v) => write!(f, "{}={}:{}", self.key, v, self.effect),
+            None => write!(f, "{}:{}", self.key, self.effect),
+        }
+    }
+}
+
+/// A Kubernetes node as the health gates and label reconciliation see it.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct KubeNode {
+    pub name: String,
+    /// The `Ready` condition is `True`.
+    pub ready: bool,
+    /// The `Ready` condition's message when not ready (`kubelet stopped posting node status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_ready_reason: Option<String>,
+    /// `status.nodeInfo.kubeletVersion`: `v1.31.4+k3s1`.
+    pub kubelet_version: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub taints: Vec<Taint>,
+}
+
+/// What to change on a node: a JSON merge patch of its labels and annotations (`None`
+/// removes the key) and, when given, its whole taint list.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct NodePatch {
+    pub labels: BTreeMap<String, Option<String>>,
+    pub annotations: BTreeMap<String, Option<String>>,
+    pub taints: Option<Vec<Taint>>,
+}
+
+/// A pod's name and phase, for the cluster health view.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PodSummary {
+    pub name: String,
+    /// `Running`, `Pending`, ...
+    pub phase: String,
+    /// Every container ready.
+    pub ready: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KubeError {
+    #[error("cannot reach the Kubernetes API at {server}: {message}")]
+    Transport { server: String, message: String },
+    #[error("the Kubernetes API answered {status}: {message}")]
+    Api { status: u16, message: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The Kubernetes API, the calls driftless makes (kube-rs with the cluster's kubeconfig).
+pub trait KubeApi: Send + Sync {
+    /// `GET /readyz`: `Ok(())` when the API server says `ok`; the failing checks otherwise.
+    fn readyz(&self) -> impl Future<Output = Result<(), KubeError>> + Send;
+    fn nodes(&self) -> impl Future<Output = Result<Vec<KubeNode>, KubeError>> + Send;
+    fn patch_node(&self, name: &str, patch: &NodePatch) -> impl Future<Output = Result<(), KubeError>> + Send;
+    fn pods(&self, namespace: &str) -> impl Future<Output = Result<Vec<PodSummary>, KubeError>> + Send;
+}
+
+/// How Talos applies a new machine config (`talosctl apply-config --mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TalosApplyMode {
+    Auto,
+    NoReboot,
+    Reboot,
+    Staged,
+    Try,
+}
+
+impl TalosApplyMode {
+    pub fn parse(s: &str) -> Option<TalosApplyMode> {
+        Some(match s {
+            "auto" => TalosApplyMode::Auto,
+            "no-reboot" => TalosApplyMode::NoReboot,
+            "reboot" => TalosApplyMode::Reboot,
+            "staged" => TalosApplyMode::Staged,
+            "try" => TalosApplyMode::Try,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TalosApplyMode::Auto => "auto",
+            TalosApplyMode::NoReboot => "no-reboot",
+            TalosApplyMode::Reboot => "reboot",
+            TalosApplyMode::Staged => "staged",
+            TalosApplyMode::Try => "try",
+        }
+    }
+}
+
+/// What a Talos node is, as far as its API tells.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum TalosNodeState {
+    /// Booted without a config: takes its first one without client certificates.
+    Maintenance,
+    /// Configured and answering over mTLS; `version` is the Talos tag (`v1.13.9`).
+    Configured { version: String },
+}
+
+/// The answer to ApplyConfiguration.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct TalosApplyResult {
+    /// The mode Talos used (`auto` resolves to reboot or no-reboot).
+    pub mode: String,
+    /// Talos's own words: for a dry run, the diff of the running config against the new one.
+    pub mode_details: String,
+    pub warnings: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TalosError {
+    #[error("cannot reach the Talos API of {node}: {message}")]
+    Transport { node: String, message: String },
+    /// A gRPC status other than OK: `code` as gRPC names it (`InvalidArgument`).
+    #[error("Talos on {node} answered {code}: {message}")]
+    Api { node: String, code: String, message: String },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The Talos API (gRPC over mTLS with the talosconfig credentials). `node` is the node's
+/// address; requests go to the configured endpoint with `node` metadata, as talosctl's
+/// `--nodes` does, except in maintenance mode, where the node is reached without client
+/// certificates.
+pub trait TalosApi: Send + Sync {
+    fn probe(&self, node: &str) -> impl Future<Output = Result<TalosNodeState, TalosError>> + Send;
+    fn apply_configuration(
+        &self,
+        node: &str,
+        config: &[u8],
+        mode: TalosApplyMode,
+        dry_run: bool,
+        maintenance: bool,
+    ) -> impl Future<Output = Result<TalosApplyResult, TalosError>> + Send;
+    /// Bootstrap etcd on the first control plane node; `Ok(false)` when it already was.
+    fn bootstrap(&self, node: &str) -> impl Future<Output = Result<bool, TalosError>> + Send;
+    /// The admin kubeconfig (`talosctl kubeconfig`).
+    fn kubeconfig(&self, node: &str) -> impl Future<Output = Result<Vec<u8>, TalosError>> + Send;
+}

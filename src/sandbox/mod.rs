@@ -14,10 +14,13 @@
 //! Behaviour follows pve-container, qemu-server, pve-http-server and pve-access-control (see
 //! `proxmox.rs` and `guest.rs` for what is mimicked and where the sandbox is simpler).
 
+pub mod cluster_state;
 mod guest;
+pub mod kube_api;
 mod pct;
 mod proxmox;
 mod store;
+pub mod talos_api;
 mod tls;
 
 use std::collections::BTreeMap;

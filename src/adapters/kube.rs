@@ -1,0 +1,1 @@
+//! Kubernetes API adapter (kube-rs): to be written.

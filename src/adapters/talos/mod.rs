@@ -1,0 +1,1 @@
+//! Talos API adapter (gRPC over mTLS): to be written.

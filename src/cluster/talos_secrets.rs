@@ -1,0 +1,1 @@
+//! The Talos secrets bundle: to be written.
