@@ -22,6 +22,23 @@ pub enum ApplyError {
     NoHostShell,
     #[error("the config of vmid {vmid} kept changing while driftless updated it ({attempts} attempts)")]
     KeptChanging { vmid: u32, attempts: u32 },
+    #[error("{0}")]
+    Cluster(String),
+    #[error("this is a cluster step and the cluster layer is not set up for this run")]
+    NoClusterLayer,
+}
+
+/// The boxed future a [`ClusterSteps`] method returns (the trait is used as `dyn`).
+pub type StepFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// Runs the cluster layer's steps (K3s on the node, Talos API, Kubernetes API) and the
+/// health gates; implemented by `cluster::ClusterAccess`. Errors are messages ready for a
+/// report: they never carry a secret.
+pub trait ClusterSteps: Send + Sync {
+    fn run<'a>(&'a self, step: &'a Step, log: &'a mut Vec<String>) -> StepFuture<'a>;
+    /// After a guest step that interrupted a node (restart, start): wait until it is Ready
+    /// again when it is a cluster member.
+    fn after_guest_step<'a>(&'a self, step: &'a Step, log: &'a mut Vec<String>) -> StepFuture<'a>;
 }
 
 /// Read what driftless needs from Proxmox for `guests`: the listing, and the config of each
@@ -118,6 +135,9 @@ pub struct Applier<'a, P: ProxmoxApi, H: HostShell> {
     pub host: HostSettings,
     /// Set by a shutdown: the apply stops between steps, never inside one.
     pub stop: Option<&'a std::sync::atomic::AtomicBool>,
+    /// The cluster layer; `None` applies guest steps only (a plan made without it has no
+    /// cluster steps).
+    pub cluster: Option<&'a dyn ClusterSteps>,
 }
 
 impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
@@ -163,6 +183,20 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
     }
 
     async fn run_step(&self, step: &Step, log: &mut Vec<String>) -> Result<(), ApplyError> {
+        if step.action.is_cluster() {
+            let cluster = self.cluster.ok_or(ApplyError::NoClusterLayer)?;
+            return cluster.run(step, log).await.map_err(ApplyError::Cluster);
+        }
+        self.run_guest_step(step, log).await?;
+        if let Some(cluster) = self.cluster
+            && matches!(step.action, Action::Restart { .. } | Action::Start)
+        {
+            cluster.after_guest_step(step, log).await.map_err(ApplyError::Cluster)?;
+        }
+        Ok(())
+    }
+
+    async fn run_guest_step(&self, step: &Step, log: &mut Vec<String>) -> Result<(), ApplyError> {
         let (node, kind, vmid) = (step.pve_node.as_str(), step.kind, step.vmid);
         match &step.action {
             Action::Create {
@@ -222,6 +256,7 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
                 self.proxmox.wait_task(&upid).await?;
                 log.push("deleted".into());
             }
+            _ => unreachable!("cluster steps are run by the cluster layer"),
         }
         Ok(())
     }

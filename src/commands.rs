@@ -2,9 +2,12 @@
 
 use crate::apply::{Applier, ApplyReport, Progress, StepOutcome, observe};
 use crate::cli::{ApplyArgs, Cli, Command, ExplainArgs, OutputFormat, PlanArgs, RenderArgs};
+use crate::cluster::access::ClusterAccess;
+use crate::connect::AnyHostShell;
 use crate::model::{self, Desired, Diagnostics, LoadOptions, Setting};
 use crate::plan::display::{self, Wording};
 use crate::plan::{Plan, Step, desired_guests};
+use crate::ports::HostShell;
 use crate::render::{self, Artifact};
 use crate::source;
 use anyhow::{Context, Result, bail};
@@ -245,17 +248,51 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-/// Read Proxmox and plan. Shared by plan, drift and apply.
+/// Read Proxmox and plan the guests only (what the benchmarks and `--guests-only` use).
 pub async fn observe_and_plan(
     desired: &Desired,
     artifacts: &[Artifact],
     client: &crate::adapters::proxmox::ProxmoxClient,
 ) -> Result<Plan> {
+    observe_and_plan_all::<AnyHostShell>(desired, artifacts, client, None).await
+}
+
+/// Read Proxmox, then (with `cluster`) the nodes and the Kubernetes API, and plan both
+/// layers. Shared by plan, drift, apply and the daemon.
+pub async fn observe_and_plan_all<H: HostShell>(
+    desired: &Desired,
+    artifacts: &[Artifact],
+    client: &crate::adapters::proxmox::ProxmoxClient,
+    cluster: Option<&ClusterAccess<'_, H>>,
+) -> Result<Plan> {
     let guests = desired_guests(desired, artifacts);
     let observed = observe(client, &guests)
         .await
         .context("cannot read the guests from Proxmox")?;
-    Ok(crate::plan::plan(desired, &guests, &observed))
+    let plan = crate::plan::plan(desired, &guests, &observed);
+    let Some(cluster) = cluster else { return Ok(plan) };
+    let (seen, notices) = cluster
+        .observe(&observed)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot observe the cluster: {e}"))?;
+    let mut plan = crate::cluster::plan::merge(desired, artifacts, &seen, plan);
+    plan.notices
+        .extend(notices.into_iter().map(|message| crate::plan::Notice {
+            node: "cluster".into(),
+            vmid: 0,
+            message,
+        }));
+    Ok(plan)
+}
+
+/// The cluster layer for this run, unless `--guests-only`.
+pub fn cluster_access<'a>(
+    desired: &'a Desired,
+    artifacts: &'a [Artifact],
+    connect: &crate::connect::ConnectArgs,
+    shell: Option<&'a AnyHostShell>,
+) -> Option<ClusterAccess<'a, AnyHostShell>> {
+    (!connect.guests_only).then(|| ClusterAccess::new(desired, artifacts, shell, connect.cluster_settings()))
 }
 
 fn print_plan(plan: &Plan, out: OutputFormat, wording: Wording) -> Result<()> {
@@ -276,7 +313,9 @@ fn plan_cmd(
     wording: Wording,
 ) -> Result<Outcome> {
     let client = args.connect.proxmox_client(&desired.cluster)?;
-    let plan = runtime()?.block_on(observe_and_plan(desired, artifacts, &client))?;
+    let shell = args.connect.host_shell(&desired.cluster)?;
+    let access = cluster_access(desired, artifacts, &args.connect, shell.as_ref());
+    let plan = runtime()?.block_on(observe_and_plan_all(desired, artifacts, &client, access.as_ref()))?;
     print_plan(&plan, out, wording)?;
     Ok(if args.detailed_exitcode && !plan.is_empty() {
         Outcome::Changes
@@ -327,8 +366,9 @@ fn confirm(plan: &Plan, desired: &Desired) -> Result<bool> {
 fn apply_cmd(desired: &Desired, artifacts: &[Artifact], args: &ApplyArgs, out: OutputFormat) -> Result<Outcome> {
     let client = args.connect.proxmox_client(&desired.cluster)?;
     let shell = args.connect.host_shell(&desired.cluster)?;
+    let access = cluster_access(desired, artifacts, &args.connect, shell.as_ref());
     let rt = runtime()?;
-    let plan = rt.block_on(observe_and_plan(desired, artifacts, &client))?;
+    let plan = rt.block_on(observe_and_plan_all(desired, artifacts, &client, access.as_ref()))?;
     if out != OutputFormat::Json {
         print_plan(&plan, out, Wording::Plan)?;
     }
@@ -351,6 +391,7 @@ fn apply_cmd(desired: &Desired, artifacts: &[Artifact], args: &ApplyArgs, out: O
         shell: shell.as_ref(),
         host: args.connect.host_settings(),
         stop: None,
+        cluster: access.as_ref().map(|a| a as &dyn crate::apply::ClusterSteps),
     };
     let report = rt.block_on(applier.apply(&plan, &mut StderrProgress));
     report_apply(&plan, &report, out)
@@ -405,6 +446,8 @@ fn init_logging(format: crate::cli::LogFormat) {
 fn daemon_cmd(cmd: &crate::cli::DaemonCmd) -> Result<Outcome> {
     init_logging(cmd.log_format);
     let settings = cmd.daemon.resolve()?;
+    // Before the runtime's threads exist, so they share the arenas.
+    crate::daemon::memory::limit_arenas();
     runtime()?.block_on(crate::daemon::run::run(settings, cmd.connect.clone()))?;
     Ok(Outcome::Ok)
 }

@@ -7,6 +7,7 @@ use crate::adapters::proxmox::{ApiToken, ClientOptions, ProxmoxClient};
 use crate::adapters::ssh::{HostTarget, SshHostShell};
 use crate::adapters::tls::TlsTrust;
 use crate::apply::HostSettings;
+use crate::cluster::access::{ClusterSettings, NodeSsh};
 use crate::model::Cluster;
 use crate::ports::{CommandOutput, HostShell, ShellError};
 use crate::secrets::{SecretError, SecretStore};
@@ -105,6 +106,90 @@ pub struct ConnectArgs {
         help_heading = "Connection"
     )]
     pub secrets_dir: PathBuf,
+    /// Plan and apply the Proxmox guests only: no K3s, Talos or Kubernetes step.
+    #[arg(long, env = "DRIFTLESS_GUESTS_ONLY", help_heading = "Cluster layer")]
+    pub guests_only: bool,
+    /// Reach the Kubernetes API at this URL instead of the kubeconfig's server (a tunnel,
+    /// or the sandbox).
+    #[arg(
+        long,
+        env = "DRIFTLESS_KUBE_SERVER",
+        value_name = "URL",
+        help_heading = "Cluster layer"
+    )]
+    pub kube_server: Option<String>,
+    /// Reach every Talos node's API through this endpoint (`HOST:PORT`), with the node in
+    /// gRPC metadata as `talosctl --endpoints E --nodes N` does.
+    #[arg(
+        long,
+        env = "DRIFTLESS_TALOS_ENDPOINT",
+        value_name = "HOST:PORT",
+        help_heading = "Cluster layer"
+    )]
+    pub talos_endpoint: Option<String>,
+    /// How long a node may take to be Ready (and the API server ready) after a disruptive
+    /// step before the wave stops: `300s`, `5m`.
+    #[arg(long, env = "DRIFTLESS_GATE_TIMEOUT", value_name = "DURATION", default_value = "5m", value_parser = parse_duration, help_heading = "Cluster layer")]
+    pub gate_timeout: std::time::Duration,
+    /// SSH user for VM nodes running K3s.
+    #[arg(
+        long,
+        env = "DRIFTLESS_NODE_SSH_USER",
+        value_name = "USER",
+        default_value = "root",
+        help_heading = "Cluster layer"
+    )]
+    pub node_ssh_user: String,
+    /// SSH port of VM nodes.
+    #[arg(
+        long,
+        env = "DRIFTLESS_NODE_SSH_PORT",
+        value_name = "PORT",
+        default_value_t = 22,
+        help_heading = "Cluster layer"
+    )]
+    pub node_ssh_port: u16,
+    /// Private key for VM nodes (default: the host shell's key, or ~/.ssh/id_ed25519).
+    #[arg(
+        long,
+        env = "DRIFTLESS_NODE_SSH_KEY_FILE",
+        value_name = "FILE",
+        help_heading = "Cluster layer"
+    )]
+    pub node_ssh_key_file: Option<PathBuf>,
+    /// known_hosts holding the VM nodes' host keys (default: the host shell's, or
+    /// ~/.ssh/known_hosts). Unknown keys are refused.
+    #[arg(
+        long,
+        env = "DRIFTLESS_NODE_SSH_KNOWN_HOSTS",
+        value_name = "FILE",
+        help_heading = "Cluster layer"
+    )]
+    pub node_ssh_known_hosts: Option<PathBuf>,
+    /// Connect to this host instead of each VM node's address.
+    #[arg(
+        long,
+        env = "DRIFTLESS_NODE_SSH_HOST",
+        value_name = "HOST",
+        help_heading = "Cluster layer"
+    )]
+    pub node_ssh_host: Option<String>,
+    /// A directory every node path is under (tests, or nodes whose root is mounted here).
+    #[arg(
+        long,
+        env = "DRIFTLESS_NODE_ROOT",
+        value_name = "DIR",
+        default_value = "",
+        hide_default_value = true,
+        help_heading = "Cluster layer"
+    )]
+    pub node_root: String,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    crate::model::parse_duration(s)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("`{s}` is not a duration like 90s, 5m or 1h"))
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -172,6 +257,47 @@ impl ConnectArgs {
         HostSettings {
             pve_root: self.pve_root.clone(),
             pct_command: self.pct_command.split_whitespace().map(str::to_string).collect(),
+        }
+    }
+
+    /// The cluster layer's settings for this run.
+    pub fn cluster_settings(&self) -> ClusterSettings {
+        ClusterSettings {
+            secrets: self.secrets(),
+            pct_command: self.host_settings().pct_command,
+            node_root: self.node_root.clone(),
+            node_ssh: NodeSsh {
+                user: if self.node_ssh_user.is_empty() {
+                    "root".into()
+                } else {
+                    self.node_ssh_user.clone()
+                },
+                // 0: a ConnectArgs built in code with Default, not by clap.
+                port: if self.node_ssh_port == 0 {
+                    22
+                } else {
+                    self.node_ssh_port
+                },
+                key_file: self
+                    .node_ssh_key_file
+                    .clone()
+                    .or_else(|| self.ssh_key_file.clone())
+                    .unwrap_or_else(|| home().join(".ssh/id_ed25519")),
+                known_hosts: self
+                    .node_ssh_known_hosts
+                    .clone()
+                    .or_else(|| self.ssh_known_hosts.clone())
+                    .unwrap_or_else(|| home().join(".ssh/known_hosts")),
+                host_override: self.node_ssh_host.clone(),
+            },
+            kube_server: self.kube_server.clone(),
+            talos_endpoint: self.talos_endpoint.clone(),
+            gate_timeout: if self.gate_timeout.is_zero() {
+                std::time::Duration::from_secs(300)
+            } else {
+                self.gate_timeout
+            },
+            gate_interval: std::time::Duration::from_millis(500),
         }
     }
 

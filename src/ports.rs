@@ -196,17 +196,18 @@ pub trait HostShell: Send + Sync {
 pub trait NodeShell: Send + Sync {
     /// Where commands go, for messages: `k3s-master (pct exec 100 on pve)`.
     fn describe(&self) -> String;
+    /// A node path as the node's commands see it: the same on real nodes; under a prefix
+    /// when the node's root is a directory (tests). `read_file`/`write_file` apply it.
+    fn path(&self, path: &str) -> String {
+        path.to_string()
+    }
     fn run(&self, argv: &[String], stdin: &[u8]) -> impl Future<Output = Result<CommandOutput, ShellError>> + Send;
     /// The file's contents, or `None` when it does not exist.
     fn read_file(&self, path: &str) -> impl Future<Output = Result<Option<Vec<u8>>, ShellError>> + Send;
     /// Replace `path` atomically (a temporary file in the same directory, then rename), with
     /// `mode` (octal, `0600`) and owner `root:root`; parent directories are created.
-    fn write_file(
-        &self,
-        path: &str,
-        contents: &[u8],
-        mode: u32,
-    ) -> impl Future<Output = Result<(), ShellError>> + Send;
+    fn write_file(&self, path: &str, contents: &[u8], mode: u32)
+    -> impl Future<Output = Result<(), ShellError>> + Send;
 }
 
 /// A Kubernetes taint: `key[=value]:Effect`.
@@ -360,7 +361,11 @@ pub enum TalosError {
     Transport { node: String, message: String },
     /// A gRPC status other than OK: `code` as gRPC names it (`InvalidArgument`).
     #[error("Talos on {node} answered {code}: {message}")]
-    Api { node: String, code: String, message: String },
+    Api {
+        node: String,
+        code: String,
+        message: String,
+    },
     #[error("{0}")]
     Other(String),
 }

@@ -5,12 +5,22 @@ use crate::cli::SandboxCommand;
 use crate::commands::{Outcome, runtime};
 use crate::sandbox::{self, SandboxHandle, SandboxOptions};
 use anyhow::{Context, Result, bail};
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub fn sandbox(cmd: &SandboxCommand) -> Result<Outcome> {
     match cmd {
+        SandboxCommand::Pct { state, args } if args.first().is_some_and(|a| a == "exec") => {
+            let out = sandbox::pct_exec(state, &args[1..]).map_err(|e| anyhow::anyhow!("pct: {e}"))?;
+            let mut stdout = std::io::stdout();
+            let mut stderr = std::io::stderr();
+            stdout.write_all(&out.stdout)?;
+            stderr.write_all(&out.stderr)?;
+            stdout.flush()?;
+            // `pct exec` exits with the command's status, which the caller reads.
+            std::process::exit(out.status);
+        }
         SandboxCommand::Pct { state, args } => {
             let out = sandbox::pct(state, args).map_err(|e| anyhow::anyhow!("pct: {e}"))?;
             print!("{out}");

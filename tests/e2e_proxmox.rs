@@ -69,6 +69,8 @@ impl Env {
             self.state.path().display().to_string(),
             "--pct-command".into(),
             format!("{exe} sandbox pct --state {}", self.state.path().display()),
+            // The Proxmox layer alone: tests/e2e_cluster.rs covers K3s and Kubernetes.
+            "--guests-only".into(),
         ]
     }
 

@@ -1,6 +1,7 @@
 pub mod config;
 pub mod forge;
 pub mod gitops;
+pub mod memory;
 pub mod metrics;
 pub mod run;
 pub mod server;

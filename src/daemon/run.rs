@@ -10,7 +10,9 @@ use super::metrics::{self, ApiSystem, Metrics, ReconcileKind};
 use super::server::{self, ServerState, Trigger};
 use super::status::{self, Outcome, RunKind, StatusReport};
 use crate::apply::{Applier, ApplyReport, Progress, StepOutcome};
-use crate::commands::observe_and_plan;
+use crate::cluster::access::ClusterAccess;
+use crate::commands::{cluster_access, observe_and_plan_all};
+use crate::connect::AnyHostShell;
 use crate::connect::ConnectArgs;
 use crate::model::{self, Desired, LoadOptions, RepoFiles};
 use crate::plan::{Plan, Step};
@@ -103,16 +105,21 @@ impl Daemon {
             .collect()
     }
 
-    async fn apply(&self, desired: &Desired, plan: &Plan) -> Result<ApplyReport> {
-        let client = self.connect.proxmox_client(&desired.cluster)?;
-        let shell = self.connect.host_shell(&desired.cluster)?;
+    async fn apply(
+        &self,
+        client: &crate::adapters::proxmox::ProxmoxClient,
+        shell: Option<&AnyHostShell>,
+        cluster: Option<&ClusterAccess<'_, AnyHostShell>>,
+        plan: &Plan,
+    ) -> ApplyReport {
         let applier = Applier {
-            proxmox: &client,
-            shell: shell.as_ref(),
+            proxmox: client,
+            shell,
             host: self.connect.host_settings(),
             stop: Some(&self.stop),
+            cluster: cluster.map(|a| a as &dyn crate::apply::ClusterSteps),
         };
-        Ok(applier.apply(plan, &mut LogProgress).await)
+        applier.apply(plan, &mut LogProgress).await
     }
 
     async fn publish(&self, report: &StatusReport, secrets: &[String]) {
@@ -239,6 +246,7 @@ impl Daemon {
         self.forge_status(commit, state, context, report.outcome.explain())
             .await;
         self.publish(&report, &secrets).await;
+        super::memory::release_free_memory();
     }
 
     async fn plan_and_maybe_apply(
@@ -255,7 +263,15 @@ impl Daemon {
                 return;
             }
         };
-        let plan = match observe_and_plan(desired, artifacts, &client).await {
+        let shell = match self.connect.host_shell(&desired.cluster) {
+            Ok(s) => s,
+            Err(e) => {
+                report.errors.push(format!("{e:#}"));
+                return;
+            }
+        };
+        let access = cluster_access(desired, artifacts, &self.connect, shell.as_ref());
+        let plan = match observe_and_plan_all(desired, artifacts, &client, access.as_ref()).await {
             Ok(p) => p,
             Err(e) => {
                 self.metrics.record_api_error(ApiSystem::Proxmox);
@@ -286,24 +302,17 @@ impl Daemon {
             self.metrics.set_drifted_guests(drifted);
         }
         if apply && !plan.is_empty() {
-            match self.apply(desired, &plan).await {
-                Ok(applied) => {
-                    if !applied.ok() {
-                        report.outcome = Outcome::Failed;
-                        report
-                            .errors
-                            .extend(applied.done.iter().filter_map(|s| s.error.clone()));
-                        if applied.stopped {
-                            report.errors.push("stopped by shutdown between two steps".into());
-                        }
-                    }
-                    report.applied = Some(applied);
-                }
-                Err(e) => {
-                    report.outcome = Outcome::Failed;
-                    report.errors.push(format!("{e:#}"));
+            let applied = self.apply(&client, shell.as_ref(), access.as_ref(), &plan).await;
+            if !applied.ok() {
+                report.outcome = Outcome::Failed;
+                report
+                    .errors
+                    .extend(applied.done.iter().filter_map(|s| s.error.clone()));
+                if applied.stopped {
+                    report.errors.push("stopped by shutdown between two steps".into());
                 }
             }
+            report.applied = Some(applied);
         }
         report.plan = Some(plan);
     }

@@ -51,6 +51,52 @@ fn symbol(a: &Action) -> &'static str {
         Action::Restart { .. } => "!",
         Action::Start => ">",
         Action::Delete { .. } => "-",
+        Action::K3sInstall { installed: None, .. } => "+",
+        Action::K3sInstall { .. } | Action::K3sConfigure { .. } | Action::TalosApply { .. } => "~",
+        Action::NodeMetadata { .. } => "~",
+        Action::TalosBootstrap => "+",
+    }
+}
+
+/// What a cluster step does, in one line each, for the text and markdown forms.
+fn cluster_lines(a: &Action) -> Vec<String> {
+    match a {
+        Action::K3sInstall {
+            version,
+            installed,
+            source,
+        } => vec![match installed {
+            Some(old) => format!("k3s {old} -> {version} (from {source})"),
+            None => format!("k3s {version} (from {source})"),
+        }],
+        Action::K3sConfigure {
+            restart, kubeconfig, ..
+        } => {
+            let mut v = Vec::new();
+            if !restart.is_empty() {
+                v.push(format!("restart: {restart}; then wait until the node is Ready"));
+            }
+            if *kubeconfig {
+                v.push("then fetch the cluster's kubeconfig into the secrets directory".into());
+            }
+            v
+        }
+        Action::TalosApply {
+            mode,
+            maintenance,
+            diff,
+            ..
+        } => {
+            let mut v = vec![if *maintenance {
+                format!("first config, sent in maintenance mode (no client certificate yet); mode {mode}")
+            } else {
+                format!("mode {mode}")
+            }];
+            v.extend(diff.lines().map(str::to_string));
+            v
+        }
+        Action::TalosBootstrap => vec!["bootstrap etcd (once), then fetch the kubeconfig".into()],
+        _ => Vec::new(),
     }
 }
 
@@ -59,6 +105,8 @@ fn via_note(v: Via) -> &'static str {
         Via::Api => "",
         Via::RootShell => " [pct set, as root]",
         Via::ConfFile => " [config file, on the host]",
+        Via::NodeFile => " [file on the node]",
+        Via::KubeApi => " [Kubernetes API]",
     }
 }
 
@@ -153,6 +201,7 @@ pub fn text(plan: &Plan, wording: Wording, color: bool) -> String {
             Action::Update { .. } | Action::Start => st.yellow(&title),
             Action::Restart { .. } => st.magenta(&title),
             Action::Delete { .. } => st.red(&title),
+            _ => st.yellow(&title),
         };
         let disruptive = if step.disruptive {
             st.dim(" (disruptive)")
@@ -205,6 +254,19 @@ pub fn text(plan: &Plan, wording: Wording, color: bool) -> String {
                     "    carries the ownership tag and is in no node file (prune: true){}",
                     if *running { "; it is stopped first" } else { "" }
                 );
+            }
+            Action::K3sConfigure { changes, .. } | Action::NodeMetadata { changes, .. } => {
+                for c in changes {
+                    write_change(&mut out, c, &st);
+                }
+                for l in cluster_lines(&step.action) {
+                    let _ = writeln!(out, "    {l}");
+                }
+            }
+            other => {
+                for l in cluster_lines(other) {
+                    let _ = writeln!(out, "    {l}");
+                }
             }
         }
     }
@@ -314,7 +376,9 @@ pub fn markdown(plan: &Plan, wording: Wording) -> String {
                 step.action.verb().to_string()
             };
             match &step.action {
-                Action::Update { changes, .. } => {
+                Action::Update { changes, .. }
+                | Action::K3sConfigure { changes, .. }
+                | Action::NodeMetadata { changes, .. } => {
                     for c in changes {
                         let _ = writeln!(
                             out,
@@ -344,6 +408,18 @@ pub fn markdown(plan: &Plan, wording: Wording) -> String {
                 }
                 Action::Delete { .. } => {
                     let _ = writeln!(out, "| - | {verb} | {guest} | | | | prune: true |");
+                }
+                _ => {}
+            }
+            if step.action.is_cluster() {
+                let lines = cluster_lines(&step.action);
+                if !lines.is_empty() {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {verb} | {guest} | | | {} | |",
+                        symbol(&step.action),
+                        md_escape(&lines.join("\n"))
+                    );
                 }
             }
         }

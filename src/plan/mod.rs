@@ -30,6 +30,10 @@ pub enum Via {
     RootShell,
     /// The raw `lxc.*` lines of the config file, edited on the Proxmox host.
     ConfFile,
+    /// A file on the cluster node (K3s's config.yaml, the join token file).
+    NodeFile,
+    /// The Kubernetes API (node labels and taints).
+    KubeApi,
 }
 
 /// One key's change. `old`/`new` absent means the key is added/removed.
@@ -71,6 +75,46 @@ pub enum Action {
     Start,
     /// Remove a guest that carries the ownership tag and is in no node file (prune only).
     Delete { running: bool },
+    /// Install K3s `version` on the node (an upgrade when `installed` is another version).
+    /// The service is (re)started by the `K3sConfigure` step that follows.
+    K3sInstall {
+        version: String,
+        installed: Option<String>,
+        /// `https://get.k3s.io` or the binary on the Proxmox host (k3s.binary).
+        source: String,
+    },
+    /// Write /etc/rancher/k3s/config.yaml and the join token file where they differ, and
+    /// restart the service when anything changed or it is not running; then the node must
+    /// be Ready before the next step.
+    K3sConfigure {
+        changes: Vec<Change>,
+        /// Why the service restarts; empty when it does not.
+        restart: String,
+        /// Fetch the cluster's kubeconfig from this server into the secrets directory.
+        kubeconfig: bool,
+        /// The rendered config.yaml (it holds no secret: the token is in token-file).
+        #[serde(skip)]
+        config: String,
+    },
+    /// Send the node its Talos machine config: the first one in maintenance mode (no client
+    /// certificate yet), later ones over mTLS with the cluster's apply mode.
+    TalosApply {
+        mode: String,
+        maintenance: bool,
+        /// Talos's own dry-run diff (secrets redacted), or why there is none.
+        diff: String,
+        /// The rendered config, secrets still placeholders (filled when sent).
+        #[serde(skip)]
+        config: String,
+    },
+    /// Bootstrap etcd on the first control plane node, then fetch the kubeconfig.
+    TalosBootstrap,
+    /// Labels and taints declared in the node file, through the Kubernetes API.
+    NodeMetadata {
+        changes: Vec<Change>,
+        #[serde(skip)]
+        patch: crate::ports::NodePatch,
+    },
 }
 
 impl Action {
@@ -81,7 +125,25 @@ impl Action {
             Action::Restart { .. } => "restart",
             Action::Start => "start",
             Action::Delete { .. } => "delete",
+            Action::K3sInstall { installed: None, .. } => "install k3s",
+            Action::K3sInstall { .. } => "upgrade k3s",
+            Action::K3sConfigure { .. } => "configure k3s",
+            Action::TalosApply { .. } => "apply talos config",
+            Action::TalosBootstrap => "bootstrap talos",
+            Action::NodeMetadata { .. } => "label",
         }
+    }
+
+    /// A step of the cluster layer (on the node's OS or Kubernetes), not of its guest.
+    pub fn is_cluster(&self) -> bool {
+        matches!(
+            self,
+            Action::K3sInstall { .. }
+                | Action::K3sConfigure { .. }
+                | Action::TalosApply { .. }
+                | Action::TalosBootstrap
+                | Action::NodeMetadata { .. }
+        )
     }
 }
 

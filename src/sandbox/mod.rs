@@ -16,6 +16,7 @@
 
 pub mod cluster_state;
 mod guest;
+pub mod k3s_sim;
 pub mod kube_api;
 mod pct;
 mod proxmox;
@@ -31,6 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use k3s_sim::{ExecOutput, exec as pct_exec};
 pub use pct::pct;
 
 /// How to run the sandbox.
@@ -248,6 +250,8 @@ pub struct SandboxHandle {
     pub token: String,
     pub state_dir: PathBuf,
     pub nodes: Vec<String>,
+    /// The simulated Kubernetes API (its kubeconfig is in `STATE/.sandbox/k8s/`).
+    pub kube: kube_api::KubeApiHandle,
     knobs: Arc<Knobs>,
     server: proxmox::Server,
 }
@@ -273,7 +277,13 @@ impl SandboxHandle {
 
     /// Stop serving and wait for running tasks to finish.
     pub async fn shutdown(self) {
+        self.kube.shutdown().await;
         self.server.shutdown().await;
+    }
+
+    /// Nodes named here never become Ready (their kubelet keeps failing): for health gates.
+    pub fn set_never_ready(&self, names: &[&str]) -> std::io::Result<()> {
+        cluster_state::set_never_ready(&self.state_dir, names)
     }
 }
 
@@ -347,6 +357,8 @@ pub async fn start(opts: SandboxOptions) -> Result<SandboxHandle, SandboxError> 
         fingerprint: fingerprint.clone(),
     })?;
     let scheme = if opts.tls { "https" } else { "http" };
+    let kube_bind = SocketAddr::new(opts.bind.ip(), 0);
+    let kube = kube_api::serve(opts.state_dir.clone(), kube_bind, opts.seed).await?;
     Ok(SandboxHandle {
         url: format!("{scheme}://{host}:{}", addr.port()),
         addr,
@@ -355,6 +367,7 @@ pub async fn start(opts: SandboxOptions) -> Result<SandboxHandle, SandboxError> 
         token: opts.token,
         state_dir: opts.state_dir,
         nodes: opts.nodes,
+        kube,
         knobs,
         server,
     })

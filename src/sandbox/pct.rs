@@ -1,7 +1,8 @@
 //! `pct` on the sandbox's state: what an SSH session as root on the node runs.
 //!
 //! Supported: `pct set VMID --KEY VALUE ... [--delete a,b] [--revert a] [--digest D]`,
-//! `pct config VMID [--current]`, `pct status VMID`. Values are validated with the API
+//! `pct config VMID [--current]`, `pct status VMID`, and `pct push` / `pct exec` on the
+//! simulated containers (`k3s_sim`). Values are validated with the API
 //! schema of `PUT /nodes/{node}/lxc/{vmid}/config`; the caller is `root@pam`, so features,
 //! device passthrough and bind mounts are allowed (unlike through an API token). A running
 //! container gets the same pending/hot-plug treatment as through the API.
@@ -30,8 +31,12 @@ pub fn pct(state_dir: &Path, args: &[String]) -> Result<String, SandboxError> {
         "set" => set(&store, &args[1..]),
         "config" => config(&store, &args[1..]),
         "status" => status(&store, &args[1..]),
+        "push" => super::k3s_sim::push(state_dir, &args[1..]),
+        "exec" => Err(SandboxError::Pct(
+            "ERROR: `pct exec` has an exit status of its own: use sandbox::pct_exec".into(),
+        )),
         other => Err(SandboxError::Pct(format!(
-            "ERROR: unknown command 'pct {other}' (the sandbox knows set, config, status)"
+            "ERROR: unknown command 'pct {other}' (the sandbox knows set, config, status, push, exec)"
         ))),
     }
 }

@@ -187,6 +187,7 @@ impl Setup {
                 format!("{exe} sandbox pct --state {}", self.state.display()),
             )
             .env("DRIFTLESS_HOST_SHELL", "local")
+            .env("DRIFTLESS_GUESTS_ONLY", "true")
             .env("DRIFTLESS_SECRETS_DIR", self.dir.path().join("secrets"))
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .stdout(log.try_clone().unwrap())

@@ -1,0 +1,208 @@
+//! K3s on a node: what is observed, and the fixed scripts that install, configure and
+//! restart it. The scripts take every value as a positional parameter; the join token only
+//! ever travels as file contents on stdin.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::node_access::{run_checked, script_argv};
+use crate::ports::{NodeShell, ShellError};
+
+pub const CONFIG_PATH: &str = "/etc/rancher/k3s/config.yaml";
+/// The join token, referenced by `token-file:` in config.yaml (so config.yaml holds no secret).
+pub const TOKEN_PATH: &str = "/etc/rancher/k3s/cluster-token";
+/// Written by a K3s server at first start: what agents and other servers join with.
+pub const SERVER_TOKEN_PATH: &str = "/var/lib/rancher/k3s/server/node-token";
+/// The admin kubeconfig a K3s server writes (server `https://127.0.0.1:6443`).
+pub const KUBECONFIG_PATH: &str = "/etc/rancher/k3s/k3s.yaml";
+/// The official install script; the version is pinned with INSTALL_K3S_VERSION.
+pub const INSTALL_URL: &str = "https://get.k3s.io";
+
+/// Prints what is there, one `key=value` per line: `version=` (installed K3s), `active=`
+/// (the running service), `config_sha256=` and `token_sha256=` (of $1 and $2 when present).
+pub const OBSERVE_SCRIPT: &str = r#"if command -v k3s >/dev/null 2>&1; then
+  echo "version=$(k3s --version 2>/dev/null | sed -n '1s/^k3s version \([^ ]*\).*/\1/p')"
+fi
+for s in k3s k3s-agent; do
+  if systemctl is-active --quiet "$s" 2>/dev/null; then echo "active=$s"; fi
+done
+if [ -f "$1" ]; then echo "config_sha256=$(sha256sum < "$1" | cut -d' ' -f1)"; fi
+if [ -f "$2" ]; then echo "token_sha256=$(sha256sum < "$2" | cut -d' ' -f1)"; fi
+true
+"#;
+
+/// Installs K3s $1 for `INSTALL_K3S_EXEC=$2` (server or agent) from the official script,
+/// without starting it: driftless writes the config first, then starts the service.
+pub const INSTALL_SCRIPT: &str = r#"set -eu
+version=$1; exec_as=$2; url=$3
+if command -v curl >/dev/null 2>&1; then
+  curl -sfL "$url" > /tmp/driftless-k3s-install.sh
+else
+  wget -qO /tmp/driftless-k3s-install.sh "$url"
+fi
+INSTALL_K3S_VERSION="$version" INSTALL_K3S_SKIP_START=true INSTALL_K3S_EXEC="$exec_as" \
+  sh /tmp/driftless-k3s-install.sh
+rm -f /tmp/driftless-k3s-install.sh
+"#;
+
+/// Air-gapped install: the binary and install.sh were pushed from the Proxmox host already.
+pub const AIRGAP_INSTALL_SCRIPT: &str = r#"set -eu
+exec_as=$1
+INSTALL_K3S_SKIP_DOWNLOAD=true INSTALL_K3S_SKIP_START=true INSTALL_K3S_EXEC="$exec_as" \
+  sh /usr/local/bin/k3s-install.sh
+"#;
+
+/// What a node has of K3s.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct K3sObserved {
+    pub version: Option<String>,
+    /// `k3s` or `k3s-agent` when running.
+    pub active: Option<String>,
+    pub config_sha256: Option<String>,
+    pub token_sha256: Option<String>,
+    /// The current config.yaml, read when its digest differs from the desired one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
+}
+
+impl K3sObserved {
+    pub fn parse(stdout: &str) -> K3sObserved {
+        let mut o = K3sObserved::default();
+        for line in stdout.lines() {
+            let Some((k, v)) = line.split_once('=') else { continue };
+            let v = v.trim();
+            if v.is_empty() {
+                continue;
+            }
+            match k {
+                "version" => o.version = Some(v.to_string()),
+                "active" => o.active = Some(v.to_string()),
+                "config_sha256" => o.config_sha256 = Some(v.to_string()),
+                "token_sha256" => o.token_sha256 = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        o
+    }
+}
+
+/// The systemd unit K3s runs as for a role.
+pub fn service(role: &str) -> &'static str {
+    if role == "server" { "k3s" } else { "k3s-agent" }
+}
+
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub async fn observe<N: NodeShell>(node: &N, desired_config_sha: &str) -> Result<K3sObserved, ShellError> {
+    let argv = script_argv(OBSERVE_SCRIPT, &[node.path(CONFIG_PATH), node.path(TOKEN_PATH)]);
+    let out = run_checked(node, &argv, b"").await?;
+    let mut observed = K3sObserved::parse(&String::from_utf8_lossy(&out.stdout));
+    if observed
+        .config_sha256
+        .as_deref()
+        .is_some_and(|s| s != desired_config_sha)
+    {
+        observed.config = node
+            .read_file(CONFIG_PATH)
+            .await?
+            .map(|b| String::from_utf8_lossy(&b).into_owned());
+    }
+    Ok(observed)
+}
+
+/// Install K3s `version` from the official script (the node needs internet).
+pub async fn install<N: NodeShell>(node: &N, version: &str, role: &str) -> Result<(), ShellError> {
+    let argv = script_argv(
+        INSTALL_SCRIPT,
+        &[
+            version.to_string(),
+            role_exec(role).to_string(),
+            INSTALL_URL.to_string(),
+        ],
+    );
+    run_checked(node, &argv, b"").await.map(|_| ())
+}
+
+/// Install from the binary and install.sh already pushed to the node.
+pub async fn install_airgap<N: NodeShell>(node: &N, role: &str) -> Result<(), ShellError> {
+    let argv = script_argv(AIRGAP_INSTALL_SCRIPT, &[role_exec(role).to_string()]);
+    run_checked(node, &argv, b"").await.map(|_| ())
+}
+
+fn role_exec(role: &str) -> &'static str {
+    if role == "server" { "server" } else { "agent" }
+}
+
+/// `systemctl enable` + `restart` of the role's service.
+pub async fn restart<N: NodeShell>(node: &N, role: &str) -> Result<(), ShellError> {
+    let svc = service(role).to_string();
+    run_checked(node, &["systemctl".into(), "enable".into(), svc.clone()], b"").await?;
+    run_checked(node, &["systemctl".into(), "restart".into(), svc], b"").await?;
+    Ok(())
+}
+
+/// The top-level keys of two config.yaml texts that differ: (key, old, new), values as
+/// compact JSON. A file that does not parse counts as one opaque value.
+pub fn config_changes(old: Option<&str>, new: &str) -> Vec<(String, Option<String>, Option<String>)> {
+    fn keys(text: &str) -> BTreeMap<String, String> {
+        match yaml_serde::from_str::<BTreeMap<String, serde_json::Value>>(text) {
+            Ok(map) => map
+                .into_iter()
+                .map(|(k, v)| {
+                    let shown = match v {
+                        serde_json::Value::String(s) => s,
+                        other => other.to_string(),
+                    };
+                    (k, shown)
+                })
+                .collect(),
+            Err(_) => BTreeMap::from([("(whole file)".to_string(), sha256_hex(text.as_bytes()))]),
+        }
+    }
+    let old = old.map(keys).unwrap_or_default();
+    let new = keys(new);
+    let mut out = Vec::new();
+    for k in old.keys().chain(new.keys()).collect::<std::collections::BTreeSet<_>>() {
+        let (o, n) = (old.get(k), new.get(k));
+        if o != n {
+            out.push((k.clone(), o.cloned(), n.cloned()));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn observe_output_is_read_line_by_line() {
+        let o = K3sObserved::parse("version=v1.31.4+k3s1\nactive=k3s\nconfig_sha256=abc\n");
+        assert_eq!(o.version.as_deref(), Some("v1.31.4+k3s1"));
+        assert_eq!(o.active.as_deref(), Some("k3s"));
+        assert_eq!(o.config_sha256.as_deref(), Some("abc"));
+        assert_eq!(o.token_sha256, None);
+        // A k3s whose --version printed nothing counts as not installed.
+        assert_eq!(K3sObserved::parse("version=\n").version, None);
+    }
+
+    #[test]
+    fn config_changes_name_the_keys_that_differ() {
+        let old = "node-name: a\nnode-ip: 10.0.0.1\ntls-san:\n  - 10.0.0.1\n";
+        let new = "node-name: a\nnode-ip: 10.0.0.2\nwrite-kubeconfig-mode: \"0644\"\n";
+        let c = config_changes(Some(old), new);
+        assert_eq!(
+            c,
+            vec![
+                ("node-ip".into(), Some("10.0.0.1".into()), Some("10.0.0.2".into())),
+                ("tls-san".into(), Some("[\"10.0.0.1\"]".into()), None),
+                ("write-kubeconfig-mode".into(), None, Some("0644".into())),
+            ]
+        );
+        assert!(config_changes(Some(new), new).is_empty());
+    }
+}

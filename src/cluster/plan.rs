@@ -1,0 +1,383 @@
+//! Planning the cluster layer (pure): the rendered K3s/Talos configs and the node files'
+//! labels and taints against what the nodes and the Kubernetes API report. The steps are
+//! merged with the guest steps node by node, control plane first, so a plan reads in the
+//! order it runs: a node's guest, then what runs on it, then the next node.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Serialize;
+
+use super::k3s::{self, K3sObserved};
+use crate::model::schema::{Distribution, GuestKind};
+use crate::model::{Desired, Node};
+use crate::plan::{Action, Change, Plan, Step, Via};
+use crate::ports::{KubeNode, NodePatch, PveKind, Taint, TalosApplyResult, TalosNodeState};
+use crate::render::{Artifact, ArtifactKind};
+
+/// Annotations recording which labels and taints driftless set, so removing one from a node
+/// file removes it from the node, while labels others set are left alone.
+pub const MANAGED_LABELS: &str = "driftless.dev/managed-labels";
+pub const MANAGED_TAINTS: &str = "driftless.dev/managed-taints";
+
+/// What one node's OS says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "layer")]
+pub enum NodeObserved {
+    /// The guest does not exist or is not running yet: nothing could be read.
+    NotRunning,
+    K3s(K3sObserved),
+    Talos {
+        state: TalosNodeState,
+        /// Talos's answer to a dry run of the rendered config (secrets redacted).
+        dry_run: Option<TalosApplyResult>,
+    },
+}
+
+/// What the cluster layer read: per node, and from the Kubernetes API when a kubeconfig exists.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ClusterObserved {
+    pub nodes: BTreeMap<String, NodeObserved>,
+    /// The kubeconfig is in the secrets directory.
+    pub kubeconfig: bool,
+    /// Nodes as the Kubernetes API lists them (empty without a kubeconfig or an answer).
+    pub kube_nodes: Vec<KubeNode>,
+    /// SHA-256 of the join token the nodes should hold (the `k3s.token` secret, or the first
+    /// server's node-token); `None` when not known yet (no server runs).
+    pub join_token_sha256: Option<String>,
+}
+
+fn artifact<'a>(artifacts: &'a [Artifact], node: &str, kind: ArtifactKind) -> Option<&'a Artifact> {
+    artifacts.iter().find(|a| a.node == node && a.kind == kind)
+}
+
+fn step(node: &Node, disruptive: bool, action: Action) -> Step {
+    Step {
+        node: node.name.clone(),
+        vmid: node.vmid,
+        pve_node: node.proxmox_node.clone(),
+        kind: match node.kind {
+            GuestKind::Lxc => PveKind::Lxc,
+            GuestKind::Vm => PveKind::Qemu,
+        },
+        disruptive,
+        action,
+    }
+}
+
+/// Where the rendered config comes from, for the provenance column.
+fn k3s_change(key: String, old: Option<String>, new: Option<String>) -> Change {
+    Change {
+        key,
+        old,
+        new,
+        via: Via::NodeFile,
+        needs_restart: true,
+        provenance: None,
+    }
+}
+
+/// The K3s steps of one node.
+fn k3s_steps(
+    desired: &Desired,
+    node: &Node,
+    config: &str,
+    observed: Option<&NodeObserved>,
+    cluster: &ClusterObserved,
+) -> Vec<Step> {
+    let version = &desired.cluster.version;
+    let k3s_observed = match observed {
+        Some(NodeObserved::K3s(o)) => o.clone(),
+        _ => K3sObserved::default(),
+    };
+    let member = cluster.kube_nodes.iter().any(|k| k.name == node.name && k.ready);
+    let mut steps = Vec::new();
+    let upgrade = k3s_observed.version.as_deref() != Some(version.as_str());
+    if upgrade {
+        let source = match &desired.cluster.k3s.binary {
+            Some(b) => format!("{b} on the Proxmox host"),
+            None => k3s::INSTALL_URL.to_string(),
+        };
+        steps.push(step(
+            node,
+            member,
+            Action::K3sInstall {
+                version: version.clone(),
+                installed: k3s_observed.version.clone(),
+                source,
+            },
+        ));
+    }
+
+    let mut changes = Vec::new();
+    let want_sha = k3s::sha256_hex(config.as_bytes());
+    if k3s_observed.config_sha256.as_deref() != Some(want_sha.as_str()) {
+        if k3s_observed.config_sha256.is_some() && k3s_observed.config.is_none() {
+            changes.push(k3s_change(
+                "config.yaml".into(),
+                Some("(unreadable)".into()),
+                Some("(rendered)".into()),
+            ));
+        } else {
+            for (key, old, new) in k3s::config_changes(k3s_observed.config.as_deref(), config) {
+                changes.push(k3s_change(format!("config.yaml {key}"), old, new));
+            }
+        }
+    }
+    if needs_token(desired, node) {
+        let have = k3s_observed.token_sha256.as_deref();
+        let differs = match (&cluster.join_token_sha256, have) {
+            (_, None) => true,
+            (Some(want), Some(have)) => want != have,
+            (None, Some(_)) => false,
+        };
+        if differs {
+            changes.push(k3s_change(
+                "cluster-token".into(),
+                have.map(|_| "(secret)".to_string()),
+                Some("(secret)".into()),
+            ));
+        }
+    }
+    let service = k3s::service(&node.role);
+    let restart = if upgrade && k3s_observed.version.is_some() {
+        format!("k3s {version} takes over from the running version")
+    } else if !changes.is_empty() {
+        "its config changed".to_string()
+    } else if k3s_observed.active.as_deref() != Some(service) {
+        format!("{service} is not running")
+    } else {
+        String::new()
+    };
+    let first_server = desired.control_plane().next().is_some_and(|n| n.name == node.name);
+    let kubeconfig = first_server && !cluster.kubeconfig;
+    if !changes.is_empty() || !restart.is_empty() || kubeconfig {
+        steps.push(step(
+            node,
+            member && !restart.is_empty(),
+            Action::K3sConfigure {
+                changes,
+                restart,
+                kubeconfig,
+                config: config.to_string(),
+            },
+        ));
+    }
+    steps
+}
+
+/// Agents and every server but a lone first one without a token secret join with a token.
+pub fn needs_token(desired: &Desired, node: &Node) -> bool {
+    let first_server = desired.control_plane().next().is_some_and(|n| n.name == node.name);
+    !first_server || desired.cluster.k3s.token.is_some()
+}
+
+fn talos_steps(
+    desired: &Desired,
+    node: &Node,
+    config: &str,
+    observed: Option<&NodeObserved>,
+    cluster: &ClusterObserved,
+) -> Vec<Step> {
+    let mode = desired
+        .cluster
+        .talos
+        .apply_mode
+        .clone()
+        .unwrap_or_else(|| "auto".into());
+    let mut steps = Vec::new();
+    let member = cluster.kube_nodes.iter().any(|k| k.name == node.name && k.ready);
+    match observed {
+        Some(NodeObserved::Talos {
+            state: TalosNodeState::Configured { .. },
+            dry_run,
+        }) => {
+            let changed = match dry_run {
+                Some(r) => !r.mode_details.contains("No changes"),
+                None => true,
+            };
+            if changed {
+                let reboots = dry_run.as_ref().is_some_and(|r| r.mode == "reboot");
+                steps.push(step(
+                    node,
+                    member && reboots,
+                    Action::TalosApply {
+                        mode: mode.clone(),
+                        maintenance: false,
+                        diff: dry_run
+                            .as_ref()
+                            .map(|r| r.mode_details.trim_end().to_string())
+                            .unwrap_or_else(|| "(Talos gave no dry-run answer)".into()),
+                        config: config.to_string(),
+                    },
+                ));
+            }
+        }
+        _ => steps.push(step(
+            node,
+            false,
+            Action::TalosApply {
+                mode: mode.clone(),
+                maintenance: true,
+                diff: "the node has no config yet".into(),
+                config: config.to_string(),
+            },
+        )),
+    }
+    let first_cp = desired.control_plane().next().is_some_and(|n| n.name == node.name);
+    if first_cp && !cluster.kubeconfig {
+        steps.push(step(node, false, Action::TalosBootstrap));
+    }
+    steps
+}
+
+/// Labels and taints of a K3s node through the Kubernetes API. Only keys driftless manages
+/// (declared now, or recorded in its annotations) are touched. Apply computes it again
+/// against the node as it is then.
+pub fn metadata_step(node: &Node, live: &KubeNode) -> Option<Step> {
+    let want_labels = node.settings.labels.clone().unwrap_or_default();
+    let want_taints: Vec<Taint> = node
+        .settings
+        .taints
+        .iter()
+        .flatten()
+        .filter_map(|t| Taint::parse(t))
+        .collect();
+    let recorded = |key: &str| -> BTreeSet<String> {
+        live.annotations
+            .get(key)
+            .map(|v| v.split(',').filter(|s| !s.is_empty()).map(String::from).collect())
+            .unwrap_or_default()
+    };
+    let mut patch = NodePatch::default();
+    let mut changes = Vec::new();
+    for (k, v) in &want_labels {
+        if live.labels.get(k) != Some(v) {
+            patch.labels.insert(k.clone(), Some(v.clone()));
+            changes.push(meta_change(
+                format!("label {k}"),
+                live.labels.get(k).cloned(),
+                Some(v.clone()),
+                node,
+                k,
+            ));
+        }
+    }
+    for k in recorded(MANAGED_LABELS) {
+        if !want_labels.contains_key(&k) && live.labels.contains_key(&k) {
+            patch.labels.insert(k.clone(), None);
+            changes.push(meta_change(
+                format!("label {k}"),
+                live.labels.get(&k).cloned(),
+                None,
+                node,
+                &k,
+            ));
+        }
+    }
+    let managed_taints: BTreeSet<String> = recorded(MANAGED_TAINTS)
+        .into_iter()
+        .chain(want_taints.iter().map(|t| t.key.clone()))
+        .collect();
+    let kept: Vec<Taint> = live
+        .taints
+        .iter()
+        .filter(|t| !managed_taints.contains(&t.key))
+        .cloned()
+        .collect();
+    let mut new_taints = kept.clone();
+    new_taints.extend(want_taints.iter().cloned());
+    let live_managed: BTreeSet<&Taint> = live.taints.iter().filter(|t| managed_taints.contains(&t.key)).collect();
+    let want_set: BTreeSet<&Taint> = want_taints.iter().collect();
+    if live_managed != want_set {
+        let show = |s: &BTreeSet<&Taint>| s.iter().map(|t| t.to_string()).collect::<Vec<_>>().join(", ");
+        changes.push(meta_change(
+            "taints".into(),
+            Some(show(&live_managed)).filter(|s| !s.is_empty()),
+            Some(show(&want_set)).filter(|s| !s.is_empty()),
+            node,
+            "taints",
+        ));
+        patch.taints = Some(new_taints);
+    }
+    if changes.is_empty() {
+        return None;
+    }
+    let join = |it: &mut dyn Iterator<Item = String>| it.collect::<Vec<_>>().join(",");
+    patch.annotations.insert(
+        MANAGED_LABELS.into(),
+        Some(join(&mut want_labels.keys().cloned())).filter(|s| !s.is_empty()),
+    );
+    patch.annotations.insert(
+        MANAGED_TAINTS.into(),
+        Some(join(&mut want_taints.iter().map(|t| t.key.clone()))).filter(|s| !s.is_empty()),
+    );
+    Some(step(node, false, Action::NodeMetadata { changes, patch }))
+}
+
+fn meta_change(key: String, old: Option<String>, new: Option<String>, node: &Node, setting: &str) -> Change {
+    let provenance = if setting == "taints" {
+        node.provenance.get("taints")
+    } else {
+        node.provenance
+            .get(&format!("labels.{setting}"))
+            .or_else(|| node.provenance.get("labels"))
+    };
+    Change {
+        key,
+        old,
+        new,
+        via: Via::KubeApi,
+        needs_restart: false,
+        provenance: provenance.map(|p| p.cite()),
+    }
+}
+
+/// Add the cluster layer's steps to a guest plan, node by node in apply order (control plane
+/// first), guest steps of a node before its cluster steps; deletes of pruned guests stay last.
+pub fn merge(desired: &Desired, artifacts: &[Artifact], observed: &ClusterObserved, mut plan: Plan) -> Plan {
+    let guest_steps = std::mem::take(&mut plan.steps);
+    let (deletes, guest_steps): (Vec<Step>, Vec<Step>) = guest_steps
+        .into_iter()
+        .partition(|s| matches!(s.action, Action::Delete { .. }));
+    let conflicted: BTreeSet<&str> = plan.conflicts.iter().map(|c| c.node.as_str()).collect();
+    let mut steps = Vec::new();
+    let mut metadata = Vec::new();
+    for node in &desired.nodes {
+        steps.extend(guest_steps.iter().filter(|s| s.node == node.name).cloned());
+        if conflicted.contains(node.name.as_str()) {
+            continue;
+        }
+        let seen = observed.nodes.get(&node.name);
+        match desired.cluster.distribution {
+            Distribution::K3s => {
+                if let Some(a) = artifact(artifacts, &node.name, ArtifactKind::K3sConfig) {
+                    steps.extend(k3s_steps(desired, node, &a.content, seen, observed));
+                }
+                // A node that has not joined yet gets its labels at registration (node-label);
+                // the step still runs after it joins, to record what driftless manages.
+                let declared = node.settings.labels.as_ref().is_some_and(|l| !l.is_empty())
+                    || node.settings.taints.as_ref().is_some_and(|t| !t.is_empty());
+                match observed.kube_nodes.iter().find(|k| k.name == node.name) {
+                    Some(live) => metadata.extend(metadata_step(node, live)),
+                    None if declared => {
+                        let fresh = KubeNode {
+                            name: node.name.clone(),
+                            ..KubeNode::default()
+                        };
+                        metadata.extend(metadata_step(node, &fresh));
+                    }
+                    None => {}
+                }
+            }
+            Distribution::Talos => {
+                if let Some(a) = artifact(artifacts, &node.name, ArtifactKind::TalosConfig) {
+                    steps.extend(talos_steps(desired, node, &a.content, seen, observed));
+                }
+            }
+        }
+    }
+    steps.extend(metadata);
+    steps.extend(deletes);
+    plan.steps = steps;
+    plan
+}

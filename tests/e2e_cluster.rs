@@ -1,0 +1,293 @@
+//! End to end, the cluster layer: the built binary applies the seed K3s homelab into the
+//! sandbox from nothing to a Ready cluster. Containers are reached with `pct exec` / `pct
+//! push` through a real OpenSSH server on loopback (the Proxmox host shell); the health gates
+//! ask the sandbox's Kubernetes API through kube-rs with the kubeconfig fetched from the
+//! server.
+
+mod common;
+#[path = "support/sshd.rs"]
+mod sshd;
+
+use driftless::sandbox::cluster_state;
+use driftless::sandbox::{self, SandboxHandle, SandboxOptions};
+use std::path::PathBuf;
+
+struct Env {
+    rt: tokio::runtime::Runtime,
+    sandbox: Option<SandboxHandle>,
+    sshd: sshd::Sshd,
+    repo: tempfile::TempDir,
+    state: tempfile::TempDir,
+    secrets: tempfile::TempDir,
+    token_file: PathBuf,
+    /// Everything every run printed, for the secret grep.
+    printed: std::cell::RefCell<String>,
+    gate_timeout: std::cell::Cell<&'static str>,
+}
+
+impl Env {
+    fn new(example: &str) -> Env {
+        let sshd = sshd::Sshd::start().expect("these tests need OpenSSH's sshd (.ci/run installs openssh-server)");
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let sandbox = rt.block_on(sandbox::start(SandboxOptions::new(state.path()))).unwrap();
+        let token_file = state.path().join("token");
+        std::fs::write(&token_file, &sandbox.token).unwrap();
+        Env {
+            rt,
+            sandbox: Some(sandbox),
+            sshd,
+            repo: common::temp_copy(example),
+            state,
+            secrets: tempfile::tempdir().unwrap(),
+            token_file,
+            printed: Default::default(),
+            gate_timeout: std::cell::Cell::new("20s"),
+        }
+    }
+
+    fn sandbox(&self) -> &SandboxHandle {
+        self.sandbox.as_ref().unwrap()
+    }
+
+    fn args(&self) -> Vec<String> {
+        let exe = env!("CARGO_BIN_EXE_driftless");
+        let s = self.sandbox();
+        [
+            ("--proxmox-url", s.url.clone()),
+            ("--proxmox-token-file", self.token_file.display().to_string()),
+            ("--proxmox-fingerprint", s.fingerprint.clone()),
+            ("--ssh-host", "127.0.0.1".into()),
+            ("--ssh-port", self.sshd.port.to_string()),
+            ("--ssh-user", self.sshd.user.clone()),
+            ("--ssh-key-file", self.sshd.client_key.display().to_string()),
+            ("--ssh-known-hosts", self.sshd.known_hosts.display().to_string()),
+            ("--pve-root", self.state.path().display().to_string()),
+            (
+                "--pct-command",
+                format!("{exe} sandbox pct --state {}", self.state.path().display()),
+            ),
+            ("--secrets-dir", self.secrets.path().display().to_string()),
+            ("--kube-server", s.kube.url.clone()),
+            ("--gate-timeout", self.gate_timeout.get().into()),
+        ]
+        .into_iter()
+        .flat_map(|(k, v)| [k.to_string(), v])
+        .collect()
+    }
+
+    fn run(&self, cmd: &[&str], extra: &[&str]) -> common::Run {
+        let mut args: Vec<String> = vec!["--repo".into(), self.repo.path().display().to_string()];
+        args.extend(cmd.iter().map(|s| s.to_string()));
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args.extend(self.args());
+        let r = common::run(&args);
+        let mut p = self.printed.borrow_mut();
+        p.push_str(&r.stdout);
+        p.push_str(&r.stderr);
+        r
+    }
+
+    fn apply(&self) -> common::Run {
+        let r = self.run(&["apply"], &["--auto-approve"]);
+        r.expect_code(0, "apply");
+        r
+    }
+
+    fn plan_json(&self) -> serde_json::Value {
+        let r = self.run(&["--output", "json", "plan"], &[]);
+        r.expect_code(0, "plan");
+        r.json()
+    }
+
+    fn node(&self, name: &str) -> cluster_state::SimNode {
+        cluster_state::read_node(self.state.path(), name).unwrap_or_else(|| panic!("{name} never registered"))
+    }
+
+    fn rootfs_file(&self, vmid: u32, path: &str) -> Option<String> {
+        std::fs::read_to_string(sandbox::k3s_sim::rootfs(self.state.path(), vmid).join(path.trim_start_matches('/')))
+            .ok()
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(s) = self.sandbox.take() {
+            self.rt.block_on(s.shutdown());
+        }
+    }
+}
+
+fn verbs(plan: &serde_json::Value) -> Vec<String> {
+    plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{} {}", s["action"].as_str().unwrap(), s["node"].as_str().unwrap()))
+        .collect()
+}
+
+const NODES: [(&str, u32); 3] = [("k3s-master", 100), ("k3s-worker-1", 101), ("k3s-worker-2", 102)];
+
+fn bump_version(env: &Env, to: &str) {
+    let path = env.repo.path().join("cluster.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("version: v1.31.4+k3s1", &format!("version: {to}"))).unwrap();
+}
+
+#[test]
+fn the_seed_homelab_becomes_a_ready_k3s_cluster_and_stays_converged() {
+    let env = Env::new("homelab-k3s");
+    let plan = env.plan_json();
+    // Node by node, server first: the guest, K3s on it, then the next node.
+    assert_eq!(
+        verbs(&plan),
+        [
+            "create k3s-master",
+            "k3s_install k3s-master",
+            "k3s_configure k3s-master",
+            "create k3s-worker-1",
+            "k3s_install k3s-worker-1",
+            "k3s_configure k3s-worker-1",
+            "create k3s-worker-2",
+            "k3s_install k3s-worker-2",
+            "k3s_configure k3s-worker-2",
+        ]
+    );
+    assert_eq!(
+        plan["steps"][2]["kubeconfig"], true,
+        "the first server hands out the kubeconfig"
+    );
+
+    let r = env.apply();
+    assert!(r.stdout.contains("Applied 9 of 9 steps."), "{}\n{}", r.stdout, r.stderr);
+    // Every node joined and is Ready as the Kubernetes API reports it.
+    for (name, vmid) in NODES {
+        let n = env.node(name);
+        assert!(n.kubelet_running, "{name}");
+        assert_eq!(n.kubelet_version, "v1.31.4+k3s1");
+        assert_eq!(n.vmid, Some(vmid));
+        let config = env.rootfs_file(vmid, "/etc/rancher/k3s/config.yaml").unwrap();
+        assert!(config.contains(&format!("node-name: {name}")), "{config}");
+    }
+    assert_eq!(env.node("k3s-master").role, "server");
+    assert_eq!(env.node("k3s-worker-1").role, "agent");
+    // The agents' token is the server's node-token, written 0600 beside the config.
+    let server_token = env.rootfs_file(100, "/var/lib/rancher/k3s/server/node-token").unwrap();
+    assert_eq!(
+        env.rootfs_file(101, "/etc/rancher/k3s/cluster-token").unwrap().trim(),
+        server_token.trim()
+    );
+    // The kubeconfig for operators: in the secrets directory, pointing at the server.
+    let kubeconfig = std::fs::read_to_string(env.secrets.path().join("kubeconfig")).unwrap();
+    assert!(kubeconfig.contains("server: https://192.168.2.20:6443"), "{kubeconfig}");
+    assert!(r.stderr.contains("Ready, API ready"), "{}", r.stderr);
+
+    // Converged: nothing to plan, and a second apply does nothing.
+    let plan = env.plan_json();
+    assert_eq!(verbs(&plan), Vec::<String>::new(), "{plan:#}");
+    let again = env.apply();
+    assert!(again.stdout.contains("Nothing to apply."), "{}", again.stdout);
+
+    // Neither the join token nor the API token ever reached any output.
+    let printed = env.printed.borrow();
+    let secret = server_token.trim().rsplit("::server:").next().unwrap();
+    assert!(!printed.contains(secret), "the join token was printed");
+    assert!(
+        !printed.contains(&env.sandbox().kube.token),
+        "the API token was printed"
+    );
+}
+
+#[test]
+fn a_version_bump_upgrades_servers_then_agents_one_at_a_time_and_a_node_that_never_gets_ready_stops_the_wave() {
+    let env = Env::new("homelab-k3s");
+    env.apply();
+
+    bump_version(&env, "v1.31.5+k3s1");
+    let plan = env.plan_json();
+    assert_eq!(
+        verbs(&plan),
+        [
+            "k3s_install k3s-master",
+            "k3s_configure k3s-master",
+            "k3s_install k3s-worker-1",
+            "k3s_configure k3s-worker-1",
+            "k3s_install k3s-worker-2",
+            "k3s_configure k3s-worker-2",
+        ]
+    );
+    for s in plan["steps"].as_array().unwrap() {
+        assert_eq!(s["disruptive"], true, "upgrading a member is disruptive: {s}");
+    }
+    let text = env.run(&["plan"], &[]);
+    assert!(
+        text.stdout.contains("k3s v1.31.4+k3s1 -> v1.31.5+k3s1"),
+        "{}",
+        text.stdout
+    );
+
+    // worker-1's kubelet never comes back: the wave stops there, worker-2 stays as it was.
+    env.sandbox().set_never_ready(&["k3s-worker-1"]).unwrap();
+    env.gate_timeout.set("3s");
+    let r = env.run(&["apply"], &["--auto-approve"]);
+    env.gate_timeout.set("20s");
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(
+        r.stdout.contains("k3s-worker-1 did not become Ready within 3 s"),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
+    assert!(r.stdout.contains("Not done: upgrade k3s k3s-worker-2"), "{}", r.stdout);
+    assert_eq!(env.node("k3s-master").kubelet_version, "v1.31.5+k3s1");
+    assert_eq!(env.node("k3s-worker-2").kubelet_version, "v1.31.4+k3s1");
+    // The server went first and was gated before any agent was touched.
+    let master_at = r.stderr.find("configure k3s k3s-master").unwrap();
+    let worker_at = r.stderr.find("upgrade k3s k3s-worker-1").unwrap();
+    assert!(master_at < worker_at, "{}", r.stderr);
+
+    // Once the node recovers, the rest of the wave completes and the cluster converges.
+    env.sandbox().set_never_ready(&[]).unwrap();
+    env.apply();
+    assert_eq!(env.node("k3s-worker-2").kubelet_version, "v1.31.5+k3s1");
+    assert_eq!(verbs(&env.plan_json()), Vec::<String>::new());
+}
+
+#[test]
+fn labels_and_taints_from_node_files_are_reconciled_through_the_kubernetes_api() {
+    let env = Env::new("homelab-k3s");
+    env.apply();
+    let worker = env.repo.path().join("nodes/k3s-worker-1.yaml");
+    let base = std::fs::read_to_string(&worker).unwrap();
+    std::fs::write(
+        &worker,
+        format!("{base}labels:\n  tier: storage\ntaints:\n  - dedicated=storage:NoSchedule\n"),
+    )
+    .unwrap();
+    let plan = env.plan_json();
+    let v = verbs(&plan);
+    // The config changes too (node-label/node-taint), and the API step records them.
+    assert!(v.contains(&"node_metadata k3s-worker-1".to_string()), "{v:?}");
+    env.apply();
+    let n = env.node("k3s-worker-1");
+    assert_eq!(n.labels.get("tier").map(String::as_str), Some("storage"));
+    assert!(
+        n.taints.iter().any(|t| t.to_string() == "dedicated=storage:NoSchedule"),
+        "{:?}",
+        n.taints
+    );
+    assert_eq!(verbs(&env.plan_json()), Vec::<String>::new());
+
+    // Removing them from the node file removes them from the node, and only them.
+    std::fs::write(&worker, &base).unwrap();
+    env.apply();
+    let n = env.node("k3s-worker-1");
+    assert_eq!(n.labels.get("tier"), None);
+    assert!(n.taints.is_empty(), "{:?}", n.taints);
+    assert_eq!(verbs(&env.plan_json()), Vec::<String>::new());
+}
