@@ -388,3 +388,89 @@ async fn kubeconfigs_that_would_skip_verification_or_run_commands_are_refused() 
 
     api.shutdown().await;
 }
+
+#[tokio::test]
+async fn raw_http_answers_like_kube_apiserver() {
+    let state = tempfile::tempdir().unwrap();
+    let api = start(state.path()).await;
+    write(state.path(), &node("k3s-master", "server", "v1.31.4+k3s1"));
+    let ca = reqwest::Certificate::from_pem(api.ca_pem.as_bytes()).unwrap();
+    let http = reqwest::Client::builder().tls_certs_only([ca]).build().unwrap();
+    let url = |p: &str| format!("{}{p}", api.url);
+    let bearer = format!("Bearer {}", api.token);
+
+    // No token: the Status object kube-apiserver sends.
+    let r = http.get(url("/api/v1/nodes")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(
+        body,
+        serde_json::json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                           "message": "Unauthorized", "reason": "Unauthorized", "code": 401})
+    );
+
+    let get = |p: &str| http.get(url(p)).header("authorization", &bearer).send();
+    let r = get("/readyz?verbose").await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let text = r.text().await.unwrap();
+    assert!(
+        text.starts_with("[+]ping ok\n") && text.ends_with("readyz check passed\n"),
+        "{text}"
+    );
+    assert_eq!(get("/readyz").await.unwrap().text().await.unwrap(), "ok");
+
+    let version: serde_json::Value = get("/version").await.unwrap().json().await.unwrap();
+    assert_eq!(version["gitVersion"], "v1.31.4+k3s1");
+    assert_eq!(version["minor"], "31");
+
+    let r = get("/api/v1/nodes/ghost").await.unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["reason"], "NotFound");
+    assert_eq!(body["details"]["name"], "ghost");
+    assert_eq!(get("/apis/apps/v1/deployments").await.unwrap().status().as_u16(), 404);
+
+    // kubectl label sends a strategic merge patch; a JSON patch is not understood.
+    let patch = |ct: &'static str, body: &'static str| {
+        http.patch(url("/api/v1/nodes/k3s-master"))
+            .header("authorization", &bearer)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    let r = patch(
+        "application/strategic-merge-patch+json",
+        r#"{"metadata":{"labels":{"disk":"ssd"}}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let node: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(node["metadata"]["labels"]["disk"], "ssd");
+    assert_eq!(
+        cluster_state::read_node(state.path(), "k3s-master").unwrap().labels["disk"],
+        "ssd"
+    );
+    let r = patch(
+        "application/json-patch+json",
+        r#"[{"op":"remove","path":"/metadata/labels/disk"}]"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 415);
+
+    // A stale resourceVersion is a conflict, as with optimistic concurrency.
+    let r = patch(
+        "application/merge-patch+json",
+        r#"{"metadata":{"resourceVersion":"1","labels":{"disk":"hdd"}}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 409);
+    assert_eq!(
+        cluster_state::read_node(state.path(), "k3s-master").unwrap().labels["disk"],
+        "ssd"
+    );
+
+    api.shutdown().await;
+}

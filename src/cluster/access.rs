@@ -296,10 +296,6 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
         }
     }
 
-    fn token_file_contents(token: &Secret) -> Vec<u8> {
-        format!("{}\n", token.expose()).into_bytes()
-    }
-
     // ---- observe ----
 
     /// Read every node's K3s or Talos state, and the Kubernetes API when a kubeconfig exists.
@@ -338,7 +334,7 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
                     observed.join_token_sha256 = self
                         .join_token()
                         .await?
-                        .map(|t| k3s::sha256_hex(&Self::token_file_contents(&t)));
+                        .map(|t| k3s::sha256_hex(&k3s::token_file_contents(&t)));
                 }
             }
             Distribution::Talos => {
@@ -476,46 +472,31 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
         log: &mut Vec<String>,
     ) -> Result<(), String> {
         let shell = self.node_shell(node)?;
-        let want_sha = k3s::sha256_hex(config.as_bytes());
-        let seen = k3s::observe(&shell, &want_sha)
-            .await
-            .map_err(|e| format!("{} ({}): {e}", node.name, shell.describe()))?;
-        let mut changed = false;
-        if seen.config_sha256.as_deref() != Some(want_sha.as_str()) {
-            shell
-                .write_file(k3s::CONFIG_PATH, config.as_bytes(), 0o600)
-                .await
-                .map_err(|e| format!("writing {} on {}: {e}", k3s::CONFIG_PATH, node.name))?;
-            log.push(format!("wrote {}", k3s::CONFIG_PATH));
-            changed = true;
-        }
-        if super::plan::needs_token(self.desired, node) {
-            let token = self.join_token().await?.ok_or_else(|| {
+        let token = if super::plan::needs_token(self.desired, node) {
+            Some(self.join_token().await?.ok_or_else(|| {
                 format!(
                     "{} needs the join token, and no server has one yet (and no k3s.token secret is set)",
                     node.name
                 )
-            })?;
-            let contents = Self::token_file_contents(&token);
-            if seen.token_sha256.as_deref() != Some(k3s::sha256_hex(&contents).as_str()) {
-                shell
-                    .write_file(k3s::TOKEN_PATH, &contents, 0o600)
-                    .await
-                    .map_err(|e| format!("writing the join token on {}: {e}", node.name))?;
-                log.push("wrote the join token".into());
-                changed = true;
-            }
-        }
-        let service = k3s::service(&node.role);
-        if changed || planned_restart || seen.active.as_deref() != Some(service) {
-            k3s::restart(&shell, &node.role)
-                .await
-                .map_err(|e| format!("{}: restarting {service}: {e}", node.name))?;
-            log.push(format!("restarted {service}"));
+            })?)
         } else {
+            None
+        };
+        let done = k3s::configure(&shell, &node.role, config, token.as_ref(), planned_restart)
+            .await
+            .map_err(|e| format!("{} ({}): {e}", node.name, shell.describe()))?;
+        for path in &done.written {
+            log.push(if *path == k3s::TOKEN_PATH {
+                "wrote the join token".to_string()
+            } else {
+                format!("wrote {path}")
+            });
+        }
+        if !done.restarted {
             log.push("config unchanged: no restart".into());
             return Ok(());
         }
+        log.push(format!("restarted {}", k3s::service(&node.role)));
         if kubeconfig
             || !self.kubeconfig_path().exists() && self.first_control_plane().is_some_and(|n| n.name == node.name)
         {

@@ -145,6 +145,49 @@ pub async fn restart<N: NodeShell>(node: &N, role: &str) -> Result<(), ShellErro
     Ok(())
 }
 
+/// What [`configure`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Configured {
+    /// Files written: config.yaml and/or the token file (by path, never by contents).
+    pub written: Vec<&'static str>,
+    pub restarted: bool,
+}
+
+/// Write config.yaml and the join token where they differ from what the node has, then
+/// restart the role's service only when something was written, `force_restart` (an upgrade
+/// that must take over), or the service is not running.
+pub async fn configure<N: NodeShell>(
+    node: &N,
+    role: &str,
+    config: &str,
+    token: Option<&crate::secrets::Secret>,
+    force_restart: bool,
+) -> Result<Configured, ShellError> {
+    let seen = observe(node, &sha256_hex(config.as_bytes())).await?;
+    let mut done = Configured::default();
+    if seen.config_sha256.as_deref() != Some(sha256_hex(config.as_bytes()).as_str()) {
+        node.write_file(CONFIG_PATH, config.as_bytes(), 0o600).await?;
+        done.written.push(CONFIG_PATH);
+    }
+    if let Some(token) = token {
+        let contents = token_file_contents(token);
+        if seen.token_sha256.as_deref() != Some(sha256_hex(&contents).as_str()) {
+            node.write_file(TOKEN_PATH, &contents, 0o600).await?;
+            done.written.push(TOKEN_PATH);
+        }
+    }
+    if !done.written.is_empty() || force_restart || seen.active.as_deref() != Some(service(role)) {
+        restart(node, role).await?;
+        done.restarted = true;
+    }
+    Ok(done)
+}
+
+/// The token file's bytes: the token and a newline (K3s trims it).
+pub fn token_file_contents(token: &crate::secrets::Secret) -> Vec<u8> {
+    format!("{}\n", token.expose()).into_bytes()
+}
+
 /// The top-level keys of two config.yaml texts that differ: (key, old, new), values as
 /// compact JSON. A file that does not parse counts as one opaque value.
 pub fn config_changes(old: Option<&str>, new: &str) -> Vec<(String, Option<String>, Option<String>)> {

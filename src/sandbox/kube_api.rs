@@ -490,42 +490,20 @@ fn node_json(shared: &Shared, node: &SimNode, readiness: Readiness) -> Value {
 
     let created = shared.first_seen(&node.name);
     let heartbeat = now();
-    let (ready_status, ready_reason, ready_message, pressure) = match readiness {
-        Readiness::Ready => ("True", "KubeletReady", "kubelet is posting ready status", "False"),
+    let (ready_status, ready_reason, ready_message) = match readiness {
+        Readiness::Ready => ("True", "KubeletReady", "kubelet is posting ready status"),
         Readiness::NotReady => (
             "False",
             "KubeletNotReady",
             "container runtime network not ready: NetworkReady=false reason:NetworkPluginNotReady \
              message:Network plugin returns error: cni plugin not initialized",
-            "False",
         ),
-        Readiness::Stopped => (
-            "Unknown",
-            "NodeStatusUnknown",
-            "Kubelet stopped posting node status.",
-            "Unknown",
-        ),
+        Readiness::Stopped => ("Unknown", "NodeStatusUnknown", "Kubelet stopped posting node status."),
     };
-    let mut conditions: Vec<Value> = [
-        ("MemoryPressure", "KubeletHasSufficientMemory"),
-        ("DiskPressure", "KubeletHasNoDiskPressure"),
-        ("PIDPressure", "KubeletHasSufficientPID"),
-    ]
-    .iter()
-    .map(|(t, reason)| {
-        let reason = if pressure == "Unknown" {
-            "NodeStatusUnknown"
-        } else {
-            reason
-        };
-        json!({"type": t, "status": pressure, "reason": reason,
-               "lastHeartbeatTime": heartbeat, "lastTransitionTime": created})
-    })
-    .collect();
-    conditions.push(json!({
+    let conditions = json!([{
         "type": "Ready", "status": ready_status, "reason": ready_reason, "message": ready_message,
         "lastHeartbeatTime": heartbeat, "lastTransitionTime": created,
-    }));
+    }]);
     let mut addresses = Vec::new();
     if !node.internal_ip.is_empty() {
         addresses.push(json!({"type": "InternalIP", "address": node.internal_ip}));

@@ -88,6 +88,11 @@ fn free_port() -> u16 {
 impl Sshd {
     /// Start a server; `None` only when sshd is not installed.
     pub fn start() -> Option<Sshd> {
+        Sshd::start_with("")
+    }
+
+    /// With extra sshd_config lines (e.g. `SetEnv PATH=...` for a test's own commands).
+    pub fn start_with(extra_config: &str) -> Option<Sshd> {
         if !Path::new(SSHD).exists() {
             eprintln!("skipping: {SSHD} is not installed (apt-get install openssh-server)");
             return None;
@@ -148,6 +153,7 @@ PrintMotd no
 MaxStartups 100
 MaxSessions 100
 LogLevel VERBOSE
+{extra_config}
 ",
                     host_key = host_key.display(),
                     authorized_keys = authorized_keys.display(),
