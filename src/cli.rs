@@ -149,6 +149,12 @@ pub enum Command {
     /// Show the last status report the daemon committed for a ref.
     Status(StatusArgs),
 
+    /// The cluster health view: the API server's /readyz, every node Ready with its kubelet
+    /// version, the K3s server's node-token, and the kube-system pods (coredns, traefik,
+    /// metrics-server) running. Uses the kubeconfig apply saved in the secrets directory.
+    /// Exit code 0 when healthy, 1 when not.
+    Health(PlanArgs),
+
     /// The sandbox: a Proxmox VE API on loopback that behaves like the real one, for trying
     /// driftless without a homelab (`sandbox demo`), for tests, and for benchmarks.
     #[command(subcommand)]

@@ -56,6 +56,7 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         Command::Plan(args) => return plan_cmd(&desired, &artifacts, args, out, Wording::Plan),
         Command::Drift(args) => return plan_cmd(&desired, &artifacts, args, out, Wording::Drift),
         Command::Apply(args) => return apply_cmd(&desired, &artifacts, args, out),
+        Command::Health(args) => return health_cmd(&desired, &artifacts, args, out),
         Command::Sandbox(_) | Command::Daemon(_) | Command::Status(_) => unreachable!("handled before loading"),
     }
     Ok(Outcome::Ok)
@@ -283,6 +284,23 @@ pub async fn observe_and_plan_all<H: HostShell>(
             message,
         }));
     Ok(plan)
+}
+
+fn health_cmd(desired: &Desired, artifacts: &[Artifact], args: &PlanArgs, out: OutputFormat) -> Result<Outcome> {
+    let shell = args.connect.host_shell(&desired.cluster)?;
+    let access = ClusterAccess::new(desired, artifacts, shell.as_ref(), args.connect.cluster_settings());
+    let health = runtime()?
+        .block_on(access.health())
+        .map_err(|e| anyhow::anyhow!("cannot read the cluster's health: {e}"))?;
+    match out {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&health)?),
+        _ => print!("{}", health.text()),
+    }
+    if health.healthy() {
+        Ok(Outcome::Ok)
+    } else {
+        bail!("the cluster is not healthy")
+    }
 }
 
 /// The cluster layer for this run, unless `--guests-only`.

@@ -223,6 +223,7 @@ fn demo(example: &str, state: Option<&Path>) -> Result<Outcome> {
             pve_root: state_dir.display().to_string(),
             pct_command: format!("{} sandbox pct --state {}", exe.display(), state_dir.display()),
             secrets_dir: work.path().join("secrets"),
+            kube_server: Some(handle.kube.url.clone()),
             ..Default::default()
         };
         let settings = crate::daemon::config::DaemonSettings {
@@ -243,12 +244,26 @@ fn demo(example: &str, state: Option<&Path>) -> Result<Outcome> {
             forge: None,
         };
         let control = crate::daemon::run::Control::default();
-        let daemon = tokio::spawn(crate::daemon::run::run_until(settings, connect, control.clone()));
+        let daemon = tokio::spawn(crate::daemon::run::run_until(settings, connect.clone(), control.clone()));
         say("driftless daemon watches it: it fetches, plans, applies, and commits a status report to driftless/status");
 
-        say("1. The first apply: three K3s containers with the seed's LXC settings");
+        say("1. The first apply: three K3s containers with the seed's LXC settings, K3s installed, agents joined");
         wait_report(&bare, &first, |r| r["outcome"] == "applied").await?;
         show_report(&bare)?;
+        if let Ok(files) = crate::source::read_dir(&clone)
+            && let Ok(desired) = crate::model::load(&files, &crate::model::LoadOptions::default())
+            && let Ok(artifacts) = crate::render::render_all(&desired)
+        {
+            let host = crate::connect::AnyHostShell::Local(crate::adapters::local_shell::LocalShell);
+            let access =
+                crate::cluster::access::ClusterAccess::new(&desired, &artifacts, Some(&host), connect.cluster_settings());
+            if let Ok(health) = access.health().await {
+                println!("\nThe cluster, as `driftless health` shows it (kubeconfig in {}):", work.path().join("secrets").display());
+                for line in health.text().lines() {
+                    println!("  {line}");
+                }
+            }
+        }
         let conf = state_dir.join("nodes/pve/lxc/100.conf");
         println!("\n{} now holds:", conf.display());
         for line in std::fs::read_to_string(&conf)?.lines() {

@@ -187,6 +187,26 @@ fn the_seed_homelab_becomes_a_ready_k3s_cluster_and_stays_converged() {
     assert!(kubeconfig.contains("server: https://192.168.2.20:6443"), "{kubeconfig}");
     assert!(r.stderr.contains("Ready, API ready"), "{}", r.stderr);
 
+    // The seed's checks, as one health view: API ready, nodes Ready, token, system pods.
+    let health = env.run(&["health"], &[]);
+    health.expect_code(0, "health");
+    for want in [
+        "ok   API server /readyz",
+        "ok   node k3s-master Ready (v1.31.4+k3s1)",
+        "ok   node k3s-worker-2 Ready",
+        "ok   server node-token present",
+        "ok   pod kube-system/coredns-",
+        "ok   pod kube-system/traefik-",
+        "ok   pod kube-system/metrics-server-",
+    ] {
+        assert!(health.stdout.contains(want), "{want}\n{}", health.stdout);
+    }
+    env.sandbox().set_never_ready(&["k3s-worker-2"]).unwrap();
+    let sick = env.run(&["health"], &[]);
+    assert_eq!(sick.code, 1, "{}", sick.stdout);
+    assert!(sick.stdout.contains("FAIL node k3s-worker-2 Ready"), "{}", sick.stdout);
+    env.sandbox().set_never_ready(&[]).unwrap();
+
     // Converged: nothing to plan, and a second apply does nothing.
     let plan = env.plan_json();
     assert_eq!(verbs(&plan), Vec::<String>::new(), "{plan:#}");

@@ -622,6 +622,52 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
         Ok(())
     }
 
+    /// The cluster health view: /readyz, nodes, the server's node-token (K3s), kube-system pods.
+    pub async fn health(&self) -> Result<super::health::Health, String> {
+        use super::health::{Health, K3S_SYSTEM_PODS, TALOS_SYSTEM_PODS};
+        let kube = self.kube()?.ok_or_else(|| {
+            format!(
+                "no kubeconfig in {}: apply the cluster first",
+                self.settings.secrets.dir.display()
+            )
+        })?;
+        let api_not_ready = kube.readyz().await.err().map(|e| e.to_string());
+        let nodes = kube.nodes().await.map_err(|e| e.to_string())?;
+        let missing_nodes = self
+            .desired
+            .nodes
+            .iter()
+            .filter(|d| !nodes.iter().any(|n| n.name == d.name))
+            .map(|d| d.name.clone())
+            .collect();
+        let system_pods = kube.pods("kube-system").await.map_err(|e| e.to_string())?;
+        let (expected, node_token_present): (&[&str], _) = match self.desired.cluster.distribution {
+            Distribution::K3s => {
+                let present = match self.first_control_plane() {
+                    // Read, not printed: only whether it is there and not empty is kept.
+                    Some(first) => self
+                        .node_shell(first)?
+                        .read_file(k3s::SERVER_TOKEN_PATH)
+                        .await
+                        .map(|t| t.is_some_and(|t| !t.is_empty()))
+                        .ok(),
+                    None => None,
+                };
+                (&K3S_SYSTEM_PODS, present)
+            }
+            Distribution::Talos => (&TALOS_SYSTEM_PODS, None),
+        };
+        Ok(Health {
+            cluster: self.desired.cluster.name.clone(),
+            api_not_ready,
+            nodes,
+            missing_nodes,
+            node_token_present,
+            missing_pods: Health::missing(expected, &system_pods),
+            system_pods,
+        })
+    }
+
     /// The health gate: the node is Ready and the API server's /readyz answers `ok`, within
     /// the gate timeout; otherwise the wave stops with the last reason seen.
     pub async fn gate(&self, node: &str, log: &mut Vec<String>) -> Result<(), String> {

@@ -875,7 +875,6 @@ mod der {
 mod tests {
     use super::*;
     use rustls::client::danger::ServerCertVerifier as _;
-    use rustls::server::danger::ClientCertVerifier as _;
 
     fn sample() -> TalosSecrets {
         TalosSecrets::generate()

@@ -65,7 +65,7 @@ impl Outcome {
     /// One sentence for people reading the report.
     pub fn explain(self) -> &'static str {
         match self {
-            Outcome::Applied => "The plan was applied to Proxmox.",
+            Outcome::Applied => "The plan was applied.",
             Outcome::NoChanges => "Proxmox already matches this revision: nothing to do.",
             Outcome::Planned => "This is what applying the revision would do; nothing was changed.",
             Outcome::DriftFound => "Proxmox differs from the repository.",

@@ -121,7 +121,13 @@ fn one_line(v: &Option<String>) -> String {
 
 pub fn summary(plan: &Plan, wording: Wording) -> String {
     let n = |verb| plan.count(verb);
-    match wording {
+    let cluster = plan.steps.iter().filter(|s| s.action.is_cluster()).count();
+    let cluster_note = match cluster {
+        0 => String::new(),
+        1 => "; 1 cluster step".to_string(),
+        c => format!("; {c} cluster steps"),
+    };
+    let text = match wording {
         Wording::Plan => format!(
             "{} to create, {} to update, {} to restart, {} to start, {} to delete; {} conflict{}, {} orphan{} left alone",
             n("create"),
@@ -142,7 +148,7 @@ pub fn summary(plan: &Plan, wording: Wording) -> String {
             let drifted = plan
                 .steps
                 .iter()
-                .filter(|s| !matches!(s.action, Action::Delete { .. }))
+                .filter(|s| !matches!(s.action, Action::Delete { .. }) && !s.action.is_cluster())
                 .count();
             format!(
                 "{} guest{} missing, {} drifted from git, {} untracked guest{} with the ownership tag, {} conflict{}",
@@ -155,7 +161,8 @@ pub fn summary(plan: &Plan, wording: Wording) -> String {
                 if plan.conflicts.len() == 1 { "" } else { "s" },
             )
         }
-    }
+    };
+    text + &cluster_note
 }
 
 fn step_title(step: &Step) -> String {
