@@ -74,6 +74,13 @@ fn write_connection(handle: &SandboxHandle) -> Result<PathBuf> {
     if !handle.fingerprint.is_empty() {
         text.push_str(&format!("DRIFTLESS_PROXMOX_FINGERPRINT={}\n", handle.fingerprint));
     }
+    // The simulated cluster: its Kubernetes API, and a secrets directory for the kubeconfig
+    // and talosconfig apply saves.
+    text.push_str(&format!(
+        "DRIFTLESS_KUBE_SERVER={}\nDRIFTLESS_SECRETS_DIR={}\n",
+        handle.kube.url,
+        dir.join("secrets").display()
+    ));
     std::fs::write(&env, text)?;
     Ok(env)
 }
@@ -90,6 +97,7 @@ fn serve(state: &Path, listen: std::net::SocketAddr, tls: bool) -> Result<Outcom
             println!("certificate fingerprint (SHA-256): {}", handle.fingerprint);
         }
         println!("state (its /etc/pve): {}", handle.state_dir.display());
+        println!("simulated Kubernetes API at {}", handle.kube.url);
         println!(
             "connection settings: {} (`set -a; . {}; set +a` in a shell)",
             env.display(),

@@ -537,3 +537,60 @@ async fn staged_and_try_modes() {
     assert_eq!(auto.mode, "reboot");
     sandbox.api.shutdown().await;
 }
+
+/// A bundle made of what real `talosctl gen config` output holds (tests/fixtures/talos: public
+/// test secrets, keys Go wrote), as `talosctl gen secrets --from-controlplane-config` would.
+fn bundle_from_talosctl_output() -> TalosSecrets {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/talos/talos-example-v1.13-controlplane.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let doc: serde_json::Value = yaml_serde::Deserializer::from_str(&text)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .next()
+        .unwrap();
+    let g = |p: &str| {
+        doc.pointer(p)
+            .and_then(|v| v.as_str())
+            .unwrap_or_else(|| panic!("no {p}"))
+            .to_string()
+    };
+    let yaml = format!(
+        "cluster:\n    id: {}\n    secret: {}\nsecrets:\n    bootstraptoken: {}\n    secretboxencryptionsecret: {}\n\
+         trustdinfo:\n    token: {}\ncerts:\n    etcd:\n        crt: {}\n        key: {}\n    k8s:\n        crt: {}\n        key: {}\n\
+         \x20   k8saggregator:\n        crt: {}\n        key: {}\n    k8sserviceaccount:\n        key: {}\n    os:\n        crt: {}\n        key: {}\n",
+        g("/cluster/id"),
+        g("/cluster/secret"),
+        g("/cluster/token"),
+        g("/cluster/secretboxEncryptionSecret"),
+        g("/machine/token"),
+        g("/cluster/etcd/ca/crt"),
+        g("/cluster/etcd/ca/key"),
+        g("/cluster/ca/crt"),
+        g("/cluster/ca/key"),
+        g("/cluster/aggregatorCA/crt"),
+        g("/cluster/aggregatorCA/key"),
+        g("/cluster/serviceAccount/key"),
+        g("/machine/ca/crt"),
+        g("/machine/ca/key"),
+    );
+    TalosSecrets::parse(&yaml).expect("a bundle of talosctl's own values parses")
+}
+
+#[tokio::test]
+async fn a_bundle_talosctl_made_works_end_to_end() {
+    // Go-encoded CA names and Go-written Ed25519 keys: the admin and server certificates
+    // driftless signs with them must chain (the issuer name is copied byte for byte).
+    let sandbox = sandbox().await;
+    let bundle = bundle_from_talosctl_output();
+    let talos = client(&bundle, &sandbox);
+    let config = filled(&render(&example()), "talos-cp-1", &bundle);
+    talos
+        .apply_configuration(CP, config.as_bytes(), TalosApplyMode::Auto, false, true)
+        .await
+        .unwrap();
+    assert!(matches!(
+        talos.probe(CP).await.unwrap(),
+        TalosNodeState::Configured { .. }
+    ));
+    assert!(talos.bootstrap(CP).await.unwrap());
+    sandbox.api.shutdown().await;
+}

@@ -325,7 +325,7 @@ pub fn fill(config: &str, secret_name: &str, bundle: &TalosSecrets) -> Result<St
         let mut rest = doc;
         while let Some(start) = rest.find(&prefix) {
             let after = &rest[start + prefix.len()..];
-            let Some(end) = after.find(|c: char| c == '>' || c == '\n') else {
+            let Some(end) = after.find(['>', '\n']) else {
                 break;
             };
             if !after[end..].starts_with('>') {
@@ -791,8 +791,11 @@ mod der {
         Some(arcs)
     }
 
-    /// A Name's attributes in order: (OID arcs, string tag, value bytes).
-    pub fn name_attributes(name: &[u8]) -> Option<Vec<(Vec<u64>, u8, &[u8])>> {
+    /// One attribute of a Name: (OID arcs, string tag, value bytes).
+    pub type Attribute<'a> = (Vec<u64>, u8, &'a [u8]);
+
+    /// A Name's attributes in order.
+    pub fn name_attributes(name: &[u8]) -> Option<Vec<Attribute<'_>>> {
         let mut out = Vec::new();
         let mut rdns = name;
         while !rdns.is_empty() {

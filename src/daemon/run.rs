@@ -96,13 +96,15 @@ impl Daemon {
     /// The secrets this repository names, as values, so a report can never carry one.
     fn secret_values(&self, desired: &Desired) -> Vec<String> {
         let store = self.connect.secrets();
-        desired
-            .cluster
-            .secrets
-            .keys()
-            .filter_map(|n| store.resolve(n).ok())
-            .map(|s| s.expose().to_string())
-            .collect()
+        let mut values = Vec::new();
+        for secret in desired.cluster.secrets.keys().filter_map(|n| store.resolve(n).ok()) {
+            // A Talos secrets bundle: each certificate, key and token on its own too.
+            if let Ok(bundle) = crate::cluster::talos_secrets::TalosSecrets::parse(secret.expose()) {
+                values.extend(bundle.field_names().filter_map(|f| bundle.get(f)).map(str::to_string));
+            }
+            values.push(secret.expose().to_string());
+        }
+        values
     }
 
     async fn apply(

@@ -77,7 +77,8 @@ const DEFAULT_TALOS_VERSION: &str = "v1.13.9";
 /// Talos's `constants.ConfigTryTimeout`.
 const DEFAULT_TRY_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A running simulated Talos API.
+/// A running simulated Talos API. Dropping it leaves the server running until the runtime
+/// ends; call [`TalosApiHandle::shutdown`] to stop it.
 pub struct TalosApiHandle {
     /// `127.0.0.1:PORT`: the endpoint for talosconfig / `--talos-endpoint`.
     pub endpoint: String,
@@ -1302,6 +1303,18 @@ mod tests {
         assert_eq!(go_duration(Duration::from_secs(60)), "1m0s");
         assert_eq!(go_duration(Duration::from_secs(30)), "30s");
         assert_eq!(go_duration(Duration::from_secs(3725)), "1h2m5s");
+    }
+
+    #[test]
+    fn the_embedded_schemas_are_the_test_fixtures() {
+        assert!(
+            include_str!("data/talos-config.v1.13.9.schema.json")
+                == include_str!("../../tests/fixtures/talos/talos-config.v1.13.9.schema.json")
+        );
+        assert!(
+            include_str!("data/talos-config.schema.json")
+                == include_str!("../../tests/fixtures/talos/talos-config.schema.json")
+        );
     }
 
     #[test]

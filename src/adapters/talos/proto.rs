@@ -1,7 +1,11 @@
 //! The few Talos API messages driftless sends and reads, written by hand as prost structs (no
 //! protoc at build time). Field numbers and enum values are Talos's, checked against
-//! siderolabs/talos `api/common/common.proto` and `api/machine/machine.proto` (main branch,
-//! v1.x; the same numbers in the v1.13 tree):
+//! `api/common/common.proto` (siderolabs/talos @ 0f169bf9) and `api/machine/machine.proto`
+//! (siderolabs/talos v1.x, as in the fork dsseng/talos @ 95c807b6; the older tree's
+//! `on_reboot = 2` / `immediate = 3` are gone, which is why `mode` is 4). What answers look
+//! like (dry-run summaries, AlreadyExists, the kubeconfig archive) was checked against machined's
+//! `internal/app/machined/internal/server/v1alpha1/v1alpha1_server.go` and its maintenance
+//! service. The messages:
 //!
 //! ```text
 //! common.Metadata        { string hostname = 1; string error = 2; google.rpc.Status status = 3; }
