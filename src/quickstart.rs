@@ -63,6 +63,10 @@ fn write_connection(handle: &SandboxHandle) -> Result<PathBuf> {
     std::fs::write(&token, format!("{}\n", handle.token))?;
     let exe = std::env::current_exe().context("cannot find the driftless binary")?;
     let env = dir.join("connection.env");
+    // A Talos secrets bundle of the sandbox's own, as `talosctl gen secrets` would make, for
+    // examples/homelab-talos (its cluster.yaml names the secret `talos-secrets`).
+    let secrets = dir.join("secrets");
+    write_talos_bundle(&secrets)?;
     let mut text = format!(
         "DRIFTLESS_PROXMOX_URL={}\nDRIFTLESS_PROXMOX_TOKEN_FILE={}\nDRIFTLESS_PVE_ROOT={}\nDRIFTLESS_PCT_COMMAND=\"{} sandbox pct --state {}\"\nDRIFTLESS_HOST_SHELL=local\n",
         handle.url,
@@ -77,12 +81,29 @@ fn write_connection(handle: &SandboxHandle) -> Result<PathBuf> {
     // The simulated cluster: its Kubernetes API, and a secrets directory for the kubeconfig
     // and talosconfig apply saves.
     text.push_str(&format!(
-        "DRIFTLESS_KUBE_SERVER={}\nDRIFTLESS_SECRETS_DIR={}\n",
+        "DRIFTLESS_KUBE_SERVER={}\nDRIFTLESS_TALOS_ENDPOINT={}\nDRIFTLESS_SECRETS_DIR={}\n",
         handle.kube.url,
-        dir.join("secrets").display()
+        handle.talos.endpoint,
+        secrets.display()
     ));
     std::fs::write(&env, text)?;
     Ok(env)
+}
+
+/// `<secrets>/talos-secrets`, unless one is there already (mode 0600).
+fn write_talos_bundle(secrets: &Path) -> Result<()> {
+    std::fs::create_dir_all(secrets)?;
+    let path = secrets.join("talos-secrets");
+    if !path.exists() {
+        let bundle = crate::cluster::talos_secrets::TalosSecrets::generate();
+        std::fs::write(&path, bundle.to_yaml())?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
 }
 
 fn serve(state: &Path, listen: std::net::SocketAddr, tls: bool) -> Result<Outcome> {
@@ -98,6 +119,7 @@ fn serve(state: &Path, listen: std::net::SocketAddr, tls: bool) -> Result<Outcom
         }
         println!("state (its /etc/pve): {}", handle.state_dir.display());
         println!("simulated Kubernetes API at {}", handle.kube.url);
+        println!("simulated Talos API at {}", handle.talos.endpoint);
         println!(
             "connection settings: {} (`set -a; . {}; set +a` in a shell)",
             env.display(),

@@ -4,123 +4,13 @@
 //! ask the sandbox's Kubernetes API through kube-rs with the kubeconfig fetched from the
 //! server.
 
+#[path = "support/cluster_env.rs"]
+mod cluster_env;
 mod common;
 #[path = "support/sshd.rs"]
 mod sshd;
 
-use driftless::sandbox::cluster_state;
-use driftless::sandbox::{self, SandboxHandle, SandboxOptions};
-use std::path::PathBuf;
-
-struct Env {
-    rt: tokio::runtime::Runtime,
-    sandbox: Option<SandboxHandle>,
-    sshd: sshd::Sshd,
-    repo: tempfile::TempDir,
-    state: tempfile::TempDir,
-    secrets: tempfile::TempDir,
-    token_file: PathBuf,
-    /// Everything every run printed, for the secret grep.
-    printed: std::cell::RefCell<String>,
-    gate_timeout: std::cell::Cell<&'static str>,
-}
-
-impl Env {
-    fn new(example: &str) -> Env {
-        let sshd = sshd::Sshd::start().expect("these tests need OpenSSH's sshd (.ci/run installs openssh-server)");
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        let state = tempfile::tempdir().unwrap();
-        let sandbox = rt.block_on(sandbox::start(SandboxOptions::new(state.path()))).unwrap();
-        let token_file = state.path().join("token");
-        std::fs::write(&token_file, &sandbox.token).unwrap();
-        Env {
-            rt,
-            sandbox: Some(sandbox),
-            sshd,
-            repo: common::temp_copy(example),
-            state,
-            secrets: tempfile::tempdir().unwrap(),
-            token_file,
-            printed: Default::default(),
-            gate_timeout: std::cell::Cell::new("20s"),
-        }
-    }
-
-    fn sandbox(&self) -> &SandboxHandle {
-        self.sandbox.as_ref().unwrap()
-    }
-
-    fn args(&self) -> Vec<String> {
-        let exe = env!("CARGO_BIN_EXE_driftless");
-        let s = self.sandbox();
-        [
-            ("--proxmox-url", s.url.clone()),
-            ("--proxmox-token-file", self.token_file.display().to_string()),
-            ("--proxmox-fingerprint", s.fingerprint.clone()),
-            ("--ssh-host", "127.0.0.1".into()),
-            ("--ssh-port", self.sshd.port.to_string()),
-            ("--ssh-user", self.sshd.user.clone()),
-            ("--ssh-key-file", self.sshd.client_key.display().to_string()),
-            ("--ssh-known-hosts", self.sshd.known_hosts.display().to_string()),
-            ("--pve-root", self.state.path().display().to_string()),
-            (
-                "--pct-command",
-                format!("{exe} sandbox pct --state {}", self.state.path().display()),
-            ),
-            ("--secrets-dir", self.secrets.path().display().to_string()),
-            ("--kube-server", s.kube.url.clone()),
-            ("--gate-timeout", self.gate_timeout.get().into()),
-        ]
-        .into_iter()
-        .flat_map(|(k, v)| [k.to_string(), v])
-        .collect()
-    }
-
-    fn run(&self, cmd: &[&str], extra: &[&str]) -> common::Run {
-        let mut args: Vec<String> = vec!["--repo".into(), self.repo.path().display().to_string()];
-        args.extend(cmd.iter().map(|s| s.to_string()));
-        args.extend(extra.iter().map(|s| s.to_string()));
-        args.extend(self.args());
-        let r = common::run(&args);
-        let mut p = self.printed.borrow_mut();
-        p.push_str(&r.stdout);
-        p.push_str(&r.stderr);
-        r
-    }
-
-    fn apply(&self) -> common::Run {
-        let r = self.run(&["apply"], &["--auto-approve"]);
-        r.expect_code(0, "apply");
-        r
-    }
-
-    fn plan_json(&self) -> serde_json::Value {
-        let r = self.run(&["--output", "json", "plan"], &[]);
-        r.expect_code(0, "plan");
-        r.json()
-    }
-
-    fn node(&self, name: &str) -> cluster_state::SimNode {
-        cluster_state::read_node(self.state.path(), name).unwrap_or_else(|| panic!("{name} never registered"))
-    }
-
-    fn rootfs_file(&self, vmid: u32, path: &str) -> Option<String> {
-        std::fs::read_to_string(sandbox::k3s_sim::rootfs(self.state.path(), vmid).join(path.trim_start_matches('/')))
-            .ok()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        if let Some(s) = self.sandbox.take() {
-            self.rt.block_on(s.shutdown());
-        }
-    }
-}
+use cluster_env::Env;
 
 fn verbs(plan: &serde_json::Value) -> Vec<String> {
     plan["steps"]

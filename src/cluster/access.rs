@@ -234,7 +234,9 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
             .map(|s| s.secret.clone())
             .ok_or("talos.secrets is not set in cluster.yaml: the secrets bundle names a secret")?;
         let value = self.settings.secrets.resolve(&name).map_err(|e| e.to_string())?;
-        let bundle = TalosSecrets::parse(value.expose()).map_err(|e| format!("secret `{name}`: {e}"))?;
+        let bundle = TalosSecrets::parse(value.expose())
+            .map_err(|e| format!("secret `{name}`: {e}"))?
+            .with_name(&name);
         Ok((name, bundle))
     }
 

@@ -100,7 +100,17 @@ impl Daemon {
         for secret in desired.cluster.secrets.keys().filter_map(|n| store.resolve(n).ok()) {
             // A Talos secrets bundle: each certificate, key and token on its own too.
             if let Ok(bundle) = crate::cluster::talos_secrets::TalosSecrets::parse(secret.expose()) {
-                values.extend(bundle.field_names().filter_map(|f| bundle.get(f)).map(str::to_string));
+                for field in bundle.field_names() {
+                    values.extend(bundle.get(field).map(str::to_string));
+                    // Talos's diffs show certificates and keys decoded, line by line.
+                    if let Ok(pem) = bundle.pem(field) {
+                        values.extend(
+                            pem.lines()
+                                .filter(|l| l.len() >= 16 && !l.starts_with("-----"))
+                                .map(str::to_string),
+                        );
+                    }
+                }
             }
             values.push(secret.expose().to_string());
         }

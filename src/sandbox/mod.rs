@@ -252,6 +252,8 @@ pub struct SandboxHandle {
     pub nodes: Vec<String>,
     /// The simulated Kubernetes API (its kubeconfig is in `STATE/.sandbox/k8s/`).
     pub kube: kube_api::KubeApiHandle,
+    /// The simulated Talos API: every Talos node is reached through this endpoint.
+    pub talos: talos_api::TalosApiHandle,
     knobs: Arc<Knobs>,
     server: proxmox::Server,
 }
@@ -278,6 +280,7 @@ impl SandboxHandle {
     /// Stop serving and wait for running tasks to finish.
     pub async fn shutdown(self) {
         self.kube.shutdown().await;
+        self.talos.shutdown().await;
         self.server.shutdown().await;
     }
 
@@ -359,6 +362,7 @@ pub async fn start(opts: SandboxOptions) -> Result<SandboxHandle, SandboxError> 
     let scheme = if opts.tls { "https" } else { "http" };
     let kube_bind = SocketAddr::new(opts.bind.ip(), 0);
     let kube = kube_api::serve(opts.state_dir.clone(), kube_bind, opts.seed).await?;
+    let talos = talos_api::serve(opts.state_dir.clone(), kube_bind, opts.seed).await?;
     Ok(SandboxHandle {
         url: format!("{scheme}://{host}:{}", addr.port()),
         addr,
@@ -368,6 +372,7 @@ pub async fn start(opts: SandboxOptions) -> Result<SandboxHandle, SandboxError> 
         state_dir: opts.state_dir,
         nodes: opts.nodes,
         kube,
+        talos,
         knobs,
         server,
     })

@@ -1,0 +1,112 @@
+//! End to end, Talos: the built binary applies examples/homelab-talos into the sandbox from
+//! nothing to a Ready cluster. VMs are created through the Proxmox API; each boots in maintenance
+//! mode and takes its first machine config over the Talos API without client certificates, the
+//! first control plane node is bootstrapped, the kubeconfig comes from Talos, and later changes
+//! go over mTLS with the talosconfig made from the secrets bundle, Talos's own dry-run diff in
+//! the plan. The sandbox's Talos API validates every config it is sent against the official
+//! schema.
+
+#[path = "support/cluster_env.rs"]
+mod cluster_env;
+mod common;
+#[path = "support/sshd.rs"]
+mod sshd;
+
+use cluster_env::Env;
+
+fn verbs(plan: &serde_json::Value) -> Vec<String> {
+    plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| format!("{} {}", s["action"].as_str().unwrap(), s["node"].as_str().unwrap()))
+        .collect()
+}
+
+#[test]
+fn the_talos_homelab_bootstraps_to_a_ready_cluster_and_changes_go_through_talos_dry_runs() {
+    let env = Env::new("homelab-talos");
+    let plan = env.plan_json();
+    assert_eq!(
+        verbs(&plan),
+        [
+            "create talos-cp-1",
+            "talos_apply talos-cp-1",
+            "talos_bootstrap talos-cp-1",
+            "create talos-worker-1",
+            "talos_apply talos-worker-1",
+            "create talos-worker-2",
+            "talos_apply talos-worker-2",
+        ]
+    );
+    assert_eq!(plan["steps"][1]["maintenance"], true);
+
+    let r = env.apply();
+    assert!(r.stdout.contains("Applied 7 of 7 steps."), "{}\n{}", r.stdout, r.stderr);
+    for (name, role) in [
+        ("talos-cp-1", "controlplane"),
+        ("talos-worker-1", "worker"),
+        ("talos-worker-2", "worker"),
+    ] {
+        let n = env.node(name);
+        assert!(n.kubelet_running, "{name}");
+        assert_eq!(n.role, role);
+        assert_eq!(n.kubelet_version, "v1.34.1");
+    }
+    assert!(env.secrets.path().join("kubeconfig").exists());
+    assert!(env.secrets.path().join("talosconfig").exists());
+    assert!(r.stderr.contains("etcd bootstrapped"), "{}", r.stderr);
+    let health = env.run(&["health"], &[]);
+    health.expect_code(0, "health");
+
+    // Converged: Talos's dry runs report no changes, nothing is bootstrapped twice.
+    assert_eq!(verbs(&env.plan_json()), Vec::<String>::new());
+
+    // A label in a node file changes the worker's machine config: the plan carries Talos's
+    // own diff of it (over mTLS now), and the apply is gated.
+    let worker = env.repo.path().join("nodes/talos-worker-1.yaml");
+    let base = std::fs::read_to_string(&worker).unwrap();
+    std::fs::write(&worker, format!("{base}labels:\n  tier: storage\n")).unwrap();
+    let plan = env.plan_json();
+    assert_eq!(verbs(&plan), ["talos_apply talos-worker-1"]);
+    let step = &plan["steps"][0];
+    assert_eq!(step["maintenance"], false);
+    let diff = step["diff"].as_str().unwrap();
+    assert!(diff.contains("tier"), "{diff}");
+    let r = env.apply();
+    assert!(r.stderr.contains("talos-worker-1 Ready, API ready"), "{}", r.stderr);
+    assert_eq!(
+        env.node("talos-worker-1").labels.get("tier").map(String::as_str),
+        Some("storage")
+    );
+    assert_eq!(verbs(&env.plan_json()), Vec::<String>::new());
+
+    // No value of the secrets bundle reached any output.
+    let printed = env.printed.borrow();
+    let bundle = Env::talos_bundle();
+    for field in bundle.field_names() {
+        let value = bundle.get(field).unwrap();
+        assert!(!printed.contains(value), "{field} was printed");
+        if let Ok(pem) = bundle.pem(field) {
+            for line in pem.lines().filter(|l| l.len() >= 16 && !l.starts_with("-----")) {
+                assert!(!printed.contains(line), "a line of {field} was printed");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_config_the_official_schema_rejects_is_refused_by_talos_already_at_plan_time() {
+    let env = Env::new("homelab-talos");
+    env.apply();
+    // A user template that writes a key Talos does not know.
+    let tpl = std::fs::read_to_string(common::root().join("templates/talos-machineconfig.yaml.j2")).unwrap();
+    let broken = tpl.replacen("machine:\n", "machine:\n  kubeletImage: nope\n", 1);
+    assert_ne!(tpl, broken);
+    std::fs::create_dir_all(env.repo.path().join("templates")).unwrap();
+    std::fs::write(env.repo.path().join("templates/talos-machineconfig.yaml.j2"), broken).unwrap();
+    let r = env.run(&["plan"], &[]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(r.stderr.contains("InvalidArgument"), "{}", r.stderr);
+    assert!(r.stderr.contains("kubeletImage"), "{}", r.stderr);
+}
