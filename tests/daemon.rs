@@ -306,6 +306,7 @@ fn the_quickstart_demo_shows_the_whole_loop() {
     );
     for want in [
         "1. The first apply",
+        "ok   node k3s-worker-2 Ready",
         "outcome | **applied**",
         "`memory` | 4096 | 6144",
         "drift found",
@@ -381,4 +382,57 @@ fn auto_correct_applies_drift_back() {
     });
     assert_eq!(r["applied"]["done"][0]["ok"], true, "{r}");
     assert!(s.conf(101).contains("cores: 2\n"), "corrected: {}", s.conf(101));
+}
+
+/// A full apply of both layers by the daemon: every log line and every report committed to
+/// git is free of the K3s join token, the Kubernetes API token and the Talos secrets bundle.
+#[test]
+fn the_daemons_logs_and_reports_of_a_full_cluster_apply_carry_no_secret() {
+    for example in ["homelab-k3s", "homelab-talos"] {
+        let mut s = Setup::new(example);
+        s.cluster_layer = true;
+        let secrets = s.dir.path().join("secrets");
+        std::fs::create_dir_all(&secrets).unwrap();
+        let bundle = driftless::cluster::talos_secrets::TalosSecrets::generate();
+        std::fs::write(secrets.join("talos-secrets"), bundle.to_yaml()).unwrap();
+        let url = format!("file://{}", s.bare.display());
+        s.start_daemon(&url, &["--poll-interval", "1h"]);
+        let first = git(&s.work, &["rev-parse", "HEAD"]);
+        let r = s.wait_report("heads/main", Duration::from_secs(120), |r| {
+            r["revision"] == first.as_str()
+        });
+        assert_eq!(r["outcome"], "applied", "{example}: {r}\n{}", s.log());
+        assert!(secrets.join("kubeconfig").exists(), "{example}");
+
+        let mut printed = s.log();
+        for file in ["status/heads/main.md", "status/heads/main.json"] {
+            printed.push_str(&git(&s.bare, &["show", &format!("driftless/status:{file}")]));
+        }
+        assert!(
+            printed.contains("Ready, API ready"),
+            "{example}: the reports show the gates\n{printed}"
+        );
+        let mut values = vec![s.sandbox().kube.token.clone()];
+        if example == "homelab-k3s" {
+            let token = std::fs::read_to_string(
+                driftless::sandbox::k3s_sim::rootfs(&s.state, 100).join("var/lib/rancher/k3s/server/node-token"),
+            )
+            .unwrap();
+            values.push(token.trim().rsplit("::server:").next().unwrap().to_string());
+        } else {
+            for field in bundle.field_names() {
+                values.push(bundle.get(field).unwrap().to_string());
+                if let Ok(pem) = bundle.pem(field) {
+                    values.extend(
+                        pem.lines()
+                            .filter(|l| l.len() >= 16 && !l.starts_with("-----"))
+                            .map(String::from),
+                    );
+                }
+            }
+        }
+        for v in values {
+            assert!(!printed.contains(&v), "{example}: a secret reached a log or report");
+        }
+    }
 }

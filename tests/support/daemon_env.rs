@@ -79,6 +79,9 @@ pub struct Setup {
     pub daemon: Option<Killed>,
     pub daemon_log: PathBuf,
     pub listen: u16,
+    /// Run the cluster layer too (K3s/Talos/Kubernetes in the sandbox); off by default, the
+    /// daemon tests being about the loop.
+    pub cluster_layer: bool,
 }
 
 impl Setup {
@@ -129,6 +132,7 @@ impl Setup {
             daemon: None,
             daemon_log,
             listen: free_port(),
+            cluster_layer: false,
         }
     }
 
@@ -187,7 +191,13 @@ impl Setup {
                 format!("{exe} sandbox pct --state {}", self.state.display()),
             )
             .env("DRIFTLESS_HOST_SHELL", "local")
-            .env("DRIFTLESS_GUESTS_ONLY", "true")
+            .env(
+                "DRIFTLESS_GUESTS_ONLY",
+                if self.cluster_layer { "false" } else { "true" },
+            )
+            .env("DRIFTLESS_KUBE_SERVER", &s.kube.url)
+            .env("DRIFTLESS_TALOS_ENDPOINT", &s.talos.endpoint)
+            .env("DRIFTLESS_LOG", "info,driftless=debug,notify=warn")
             .env("DRIFTLESS_SECRETS_DIR", self.dir.path().join("secrets"))
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .stdout(log.try_clone().unwrap())
