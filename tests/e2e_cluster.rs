@@ -201,3 +201,39 @@ fn labels_and_taints_from_node_files_are_reconciled_through_the_kubernetes_api()
     assert!(n.taints.is_empty(), "{:?}", n.taints);
     assert_eq!(verbs(&env.plan_json()), Vec::<String>::new());
 }
+
+#[test]
+fn several_servers_form_an_ha_control_plane_with_embedded_etcd() {
+    let env = Env::new("homelab-k3s");
+    // k3s-worker-1 becomes a second server: it joins the first, which starts the cluster.
+    let path = env.repo.path().join("nodes/k3s-worker-1.yaml");
+    let text = std::fs::read_to_string(&path).unwrap().replace("role: agent", "role: server");
+    std::fs::write(&path, text).unwrap();
+    let plan = env.plan_json();
+    assert_eq!(
+        verbs(&plan)[..6],
+        [
+            "create k3s-master",
+            "k3s_install k3s-master",
+            "k3s_configure k3s-master",
+            "create k3s-worker-1",
+            "k3s_install k3s-worker-1",
+            "k3s_configure k3s-worker-1",
+        ]
+    );
+    env.apply();
+    let first = env.rootfs_file(100, "/etc/rancher/k3s/config.yaml").unwrap();
+    let second = env.rootfs_file(101, "/etc/rancher/k3s/config.yaml").unwrap();
+    assert!(first.contains("cluster-init: true"), "{first}");
+    assert!(second.contains("server: https://192.168.2.20:6443"), "{second}");
+    assert!(second.contains("token-file: /etc/rancher/k3s/cluster-token"), "{second}");
+    assert_eq!(env.node("k3s-worker-1").role, "server");
+    assert!(env.node("k3s-worker-1").kubelet_running);
+    // The agent joined too, and the second server's token is the first's.
+    assert!(env.node("k3s-worker-2").kubelet_running);
+    assert_eq!(
+        env.rootfs_file(101, "/etc/rancher/k3s/cluster-token").unwrap(),
+        env.rootfs_file(102, "/etc/rancher/k3s/cluster-token").unwrap()
+    );
+    assert_eq!(verbs(&env.plan_json()), Vec::<String>::new());
+}
