@@ -207,7 +207,9 @@ fn several_servers_form_an_ha_control_plane_with_embedded_etcd() {
     let env = Env::new("homelab-k3s");
     // k3s-worker-1 becomes a second server: it joins the first, which starts the cluster.
     let path = env.repo.path().join("nodes/k3s-worker-1.yaml");
-    let text = std::fs::read_to_string(&path).unwrap().replace("role: agent", "role: server");
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("role: agent", "role: server");
     std::fs::write(&path, text).unwrap();
     let plan = env.plan_json();
     assert_eq!(
@@ -226,7 +228,10 @@ fn several_servers_form_an_ha_control_plane_with_embedded_etcd() {
     let second = env.rootfs_file(101, "/etc/rancher/k3s/config.yaml").unwrap();
     assert!(first.contains("cluster-init: true"), "{first}");
     assert!(second.contains("server: https://192.168.2.20:6443"), "{second}");
-    assert!(second.contains("token-file: /etc/rancher/k3s/cluster-token"), "{second}");
+    assert!(
+        second.contains("token-file: /etc/rancher/k3s/cluster-token"),
+        "{second}"
+    );
     assert_eq!(env.node("k3s-worker-1").role, "server");
     assert!(env.node("k3s-worker-1").kubelet_running);
     // The agent joined too, and the second server's token is the first's.

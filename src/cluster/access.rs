@@ -321,10 +321,19 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
                         continue;
                     };
                     let shell = self.node_shell(node)?;
-                    let o = k3s::observe(&shell, &k3s::sha256_hex(config.as_bytes()))
-                        .await
-                        .map_err(|e| format!("{} ({}): cannot observe K3s: {e}", node.name, shell.describe()))?;
-                    observed.nodes.insert(node.name.clone(), NodeObserved::K3s(o));
+                    match k3s::observe(&shell, &k3s::sha256_hex(config.as_bytes())).await {
+                        Ok(o) => {
+                            observed.nodes.insert(node.name.clone(), NodeObserved::K3s(o));
+                        }
+                        // A VM that is still booting has no SSH yet: plan it as a fresh node.
+                        Err(ShellError::Connect { message, .. }) => {
+                            notices.push(format!("{}: not reachable yet ({message})", node.name));
+                            observed.nodes.insert(node.name.clone(), NodeObserved::NotRunning);
+                        }
+                        Err(e) => {
+                            return Err(format!("{} ({}): cannot observe K3s: {e}", node.name, shell.describe()));
+                        }
+                    }
                 }
                 let first_installed = self.first_control_plane().is_some_and(|n| {
                     matches!(
@@ -420,6 +429,7 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
 
     async fn k3s_install(&self, node: &Node, version: &str, log: &mut Vec<String>) -> Result<(), String> {
         let shell = self.node_shell(node)?;
+        self.wait_reachable(node, &shell).await?;
         let fail = |e: ShellError| format!("installing K3s {version} ({}): {e}", shell.describe());
         match (&self.desired.cluster.k3s.binary, &shell) {
             (Some(binary), AnyNode::Lxc(lxc)) => {
@@ -463,6 +473,23 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
             }
         }
         Ok(())
+    }
+
+    /// A VM just started takes a while to answer SSH: wait for it, within the gate timeout.
+    async fn wait_reachable(&self, node: &Node, shell: &AnyNode<'_, H>) -> Result<(), String> {
+        if matches!(shell, AnyNode::Lxc(_)) {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + self.settings.gate_timeout;
+        loop {
+            match k3s::observe(shell, "").await {
+                Ok(_) => return Ok(()),
+                Err(ShellError::Connect { .. }) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(self.settings.gate_interval).await;
+                }
+                Err(e) => return Err(format!("{} ({}) is not reachable: {e}", node.name, shell.describe())),
+            }
+        }
     }
 
     async fn k3s_configure(
@@ -537,17 +564,31 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
         &self,
         node: &Node,
         config: &str,
-        maintenance: bool,
+        planned_maintenance: bool,
         log: &mut Vec<String>,
     ) -> Result<(), String> {
         let client = self.talos()?;
         let ip = node.ip().to_string();
         let (filled, bundle) = self.filled_talos_config(config)?;
-        // The plan may be older than the node: ask again which API it speaks now.
-        let maintenance = match client.probe(&ip).await {
-            Ok(TalosNodeState::Maintenance) => true,
-            Ok(TalosNodeState::Configured { .. }) => false,
-            Err(_) => maintenance,
+        // The plan may be older than the node: ask again which API it speaks now, waiting
+        // for a VM that was just started to bring its API up.
+        let deadline = tokio::time::Instant::now() + self.settings.gate_timeout;
+        let maintenance = loop {
+            match client.probe(&ip).await {
+                Ok(TalosNodeState::Maintenance) => break true,
+                Ok(TalosNodeState::Configured { .. }) => break false,
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(self.settings.gate_interval).await;
+                }
+                Err(e) => {
+                    let expected = if planned_maintenance {
+                        "in maintenance mode"
+                    } else {
+                        "over mTLS"
+                    };
+                    return Err(format!("{}: the Talos API never answered ({expected}): {e}", node.name));
+                }
+            }
         };
         let mode = if maintenance {
             TalosApplyMode::Auto

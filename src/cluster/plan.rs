@@ -381,3 +381,197 @@ pub fn merge(desired: &Desired, artifacts: &[Artifact], observed: &ClusterObserv
     plan.steps = steps;
     plan
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LoadOptions, load};
+    use crate::plan::{Observed, desired_guests, plan};
+    use crate::render::render_all;
+
+    fn example(name: &str) -> (Desired, Vec<Artifact>) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join(name);
+        let files = crate::source::read_dir(&dir).unwrap();
+        let desired = load(&files, &LoadOptions::default()).unwrap();
+        let artifacts = render_all(&desired).unwrap();
+        (desired, artifacts)
+    }
+
+    fn full_plan(desired: &Desired, artifacts: &[Artifact], cluster: &ClusterObserved) -> Plan {
+        let guests = desired_guests(desired, artifacts);
+        merge(
+            desired,
+            artifacts,
+            cluster,
+            plan(desired, &guests, &Observed::default()),
+        )
+    }
+
+    fn verbs(p: &Plan) -> Vec<String> {
+        p.steps
+            .iter()
+            .map(|s| format!("{} {}", s.action.verb(), s.node))
+            .collect()
+    }
+
+    #[test]
+    fn a_fresh_k3s_cluster_is_planned_node_by_node_server_first() {
+        let (desired, artifacts) = example("homelab-k3s");
+        let p = full_plan(&desired, &artifacts, &ClusterObserved::default());
+        assert_eq!(
+            verbs(&p)[..4],
+            [
+                "create k3s-master",
+                "install k3s k3s-master",
+                "configure k3s k3s-master",
+                "create k3s-worker-1"
+            ]
+        );
+        // Nothing runs yet, so nothing is disruptive; the first server hands out the kubeconfig.
+        assert!(p.steps.iter().all(|s| !s.disruptive));
+        match &p.steps[2].action {
+            Action::K3sConfigure {
+                kubeconfig, restart, ..
+            } => {
+                assert!(*kubeconfig);
+                assert_eq!(restart, "its config changed");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The agents get the token as a secret change, never a value.
+        let Action::K3sConfigure { changes, .. } = &p.steps[5].action else {
+            panic!()
+        };
+        let token = changes.iter().find(|c| c.key == "cluster-token").unwrap();
+        assert_eq!(token.new.as_deref(), Some("(secret)"));
+    }
+
+    #[test]
+    fn a_converged_k3s_node_has_no_step_and_an_upgrade_of_a_member_is_disruptive() {
+        let (desired, artifacts) = example("homelab-k3s");
+        let mut cluster = ClusterObserved {
+            kubeconfig: true,
+            join_token_sha256: Some("t".into()),
+            ..ClusterObserved::default()
+        };
+        for node in &desired.nodes {
+            let config = artifacts
+                .iter()
+                .find(|a| a.node == node.name && a.kind == ArtifactKind::K3sConfig)
+                .unwrap();
+            cluster.nodes.insert(
+                node.name.clone(),
+                NodeObserved::K3s(K3sObserved {
+                    version: Some(desired.cluster.version.clone()),
+                    active: Some(k3s::service(&node.role).into()),
+                    config_sha256: Some(k3s::sha256_hex(config.content.as_bytes())),
+                    token_sha256: Some("t".into()),
+                    config: None,
+                }),
+            );
+            cluster.kube_nodes.push(KubeNode {
+                name: node.name.clone(),
+                ready: true,
+                ..KubeNode::default()
+            });
+        }
+        let k3s_steps = |p: &Plan| p.steps.iter().filter(|s| s.action.is_cluster()).count();
+        assert_eq!(k3s_steps(&full_plan(&desired, &artifacts, &cluster)), 0);
+
+        let mut older = cluster.clone();
+        if let Some(NodeObserved::K3s(o)) = older.nodes.get_mut("k3s-worker-2") {
+            o.version = Some("v1.30.0+k3s1".into());
+        }
+        let p = full_plan(&desired, &artifacts, &older);
+        let steps: Vec<_> = p.steps.iter().filter(|s| s.action.is_cluster()).collect();
+        assert_eq!(steps.len(), 2);
+        assert!(steps.iter().all(|s| s.disruptive && s.node == "k3s-worker-2"));
+        assert_eq!(steps[0].action.verb(), "upgrade k3s");
+    }
+
+    #[test]
+    fn only_the_labels_and_taints_driftless_manages_are_touched() {
+        let (desired, _) = example("homelab-k3s");
+        let mut node = desired.node("k3s-worker-1").unwrap().clone();
+        node.settings.labels = Some(BTreeMap::from([("tier".to_string(), "storage".to_string())]));
+        node.settings.taints = Some(vec!["dedicated=storage:NoSchedule".into()]);
+        let live = KubeNode {
+            name: node.name.clone(),
+            ready: true,
+            labels: BTreeMap::from([
+                ("kubernetes.io/hostname".to_string(), "k3s-worker-1".to_string()),
+                ("old".to_string(), "x".to_string()),
+            ]),
+            annotations: BTreeMap::from([(MANAGED_LABELS.to_string(), "old".to_string())]),
+            taints: vec![Taint::parse("node.kubernetes.io/unschedulable:NoSchedule").unwrap()],
+            ..KubeNode::default()
+        };
+        let step = metadata_step(&node, &live).unwrap();
+        let Action::NodeMetadata { patch, .. } = step.action else {
+            panic!()
+        };
+        assert_eq!(patch.labels.get("tier"), Some(&Some("storage".to_string())));
+        assert_eq!(patch.labels.get("old"), Some(&None), "recorded as driftless's: removed");
+        assert!(
+            !patch.labels.contains_key("kubernetes.io/hostname"),
+            "not driftless's: kept"
+        );
+        let taints: Vec<String> = patch.taints.unwrap().iter().map(|t| t.to_string()).collect();
+        assert_eq!(
+            taints,
+            [
+                "node.kubernetes.io/unschedulable:NoSchedule",
+                "dedicated=storage:NoSchedule"
+            ]
+        );
+        assert_eq!(patch.annotations.get(MANAGED_LABELS), Some(&Some("tier".to_string())));
+    }
+
+    #[test]
+    fn talos_changes_carry_talos_own_diff_and_the_first_control_plane_is_bootstrapped_once() {
+        let (desired, artifacts) = example("homelab-talos");
+        let fresh = full_plan(&desired, &artifacts, &ClusterObserved::default());
+        assert_eq!(
+            verbs(&fresh)[1..3],
+            ["apply talos config talos-cp-1", "bootstrap talos talos-cp-1"]
+        );
+
+        let mut cluster = ClusterObserved {
+            kubeconfig: true,
+            ..ClusterObserved::default()
+        };
+        for node in &desired.nodes {
+            let changes = node.name == "talos-worker-2";
+            cluster.nodes.insert(
+                node.name.clone(),
+                NodeObserved::Talos {
+                    state: TalosNodeState::Configured {
+                        version: "v1.13.9".into(),
+                    },
+                    dry_run: Some(TalosApplyResult {
+                        mode: if changes { "reboot" } else { "no_reboot" }.into(),
+                        mode_details: if changes {
+                            "Config diff:\n+ tier: storage"
+                        } else {
+                            "No changes."
+                        }
+                        .into(),
+                        warnings: vec![],
+                    }),
+                },
+            );
+        }
+        let p = full_plan(&desired, &artifacts, &cluster);
+        let cluster_steps: Vec<_> = p.steps.iter().filter(|s| s.action.is_cluster()).collect();
+        assert_eq!(cluster_steps.len(), 1, "{:?}", verbs(&p));
+        match &cluster_steps[0].action {
+            Action::TalosApply { diff, maintenance, .. } => {
+                assert!(!maintenance);
+                assert!(diff.contains("+ tier: storage"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -386,12 +386,16 @@ impl Node<'_> {
                 // Joining servers need embedded etcd on the server they join: one started
                 // with cluster-init, or itself joined (K3s's sqlite cannot be joined).
                 let etcd = server.vmid.is_some_and(|v| {
-                    let text = std::fs::read_to_string(in_root(self.state_dir, v, k3s::CONFIG_PATH)).unwrap_or_default();
+                    let text =
+                        std::fs::read_to_string(in_root(self.state_dir, v, k3s::CONFIG_PATH)).unwrap_or_default();
                     let conf: BTreeMap<String, serde_json::Value> = yaml_serde::from_str(&text).unwrap_or_default();
                     conf.get("cluster-init") == Some(&serde_json::Value::Bool(true)) || conf.contains_key("server")
                 });
                 if !etcd {
-                    return Self::unit_failed(svc, "this server is not a member of the etcd cluster: the server it joins runs no embedded etcd (start the first server with cluster-init)");
+                    return Self::unit_failed(
+                        svc,
+                        "this server is not a member of the etcd cluster: the server it joins runs no embedded etcd (start the first server with cluster-init)",
+                    );
                 }
                 st.server_secret = server_secret;
             }
