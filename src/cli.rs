@@ -43,7 +43,8 @@ Examples:
   driftless --repo . plan
   driftless --repo . plan --output markdown > plan.md
   driftless --repo . plan --detailed-exitcode --proxmox-url https://127.0.0.1:8006 \\
-      --proxmox-token-file token --proxmox-fingerprint AB:CD:...";
+      --proxmox-token-file token --proxmox-fingerprint AB:CD:...
+  driftless --repo . plan --kube-server https://127.0.0.1:16443   # the API through a tunnel";
 
 const DAEMON_EXAMPLES: &str = "\
 Examples:
@@ -55,7 +56,9 @@ Examples:
 const APPLY_EXAMPLES: &str = "\
 Examples:
   driftless --repo . apply
-  driftless --repo . apply --auto-approve --secrets-dir /etc/driftless/secrets";
+  driftless --repo . apply --auto-approve --secrets-dir /etc/driftless/secrets
+  driftless --repo . apply --guests-only          # the Proxmox guests, not K3s/Talos
+  driftless --repo . apply --gate-timeout 10m     # slow nodes: wait longer for Ready";
 
 #[derive(Debug, Parser)]
 #[command(name = "driftless", version, about = ABOUT, long_about = LONG_ABOUT, after_help = EXAMPLES)]
@@ -121,12 +124,16 @@ pub enum Command {
     #[command(after_help = RENDER_EXAMPLES)]
     Render(RenderArgs),
 
-    /// Compare the repository with Proxmox and show what applying would change.
+    /// Compare the repository with Proxmox and the cluster and show what applying would change.
     ///
-    /// Reads Proxmox (one listing, one config read per guest driftless may touch) and prints
-    /// the steps in the order apply runs them: + create, ~ update (key: old -> new, with the
-    /// file and line that set the new value), ! restart, > start, - delete (only with
-    /// `reconcile.prune: true` and the ownership tag), and conflicts that are never touched.
+    /// Reads Proxmox (one listing, one config read per guest driftless may touch), then the
+    /// nodes (K3s through `pct exec` or SSH, Talos through its API, with Talos's own dry-run
+    /// diff) and the Kubernetes API, and prints the steps in the order apply runs them, node by
+    /// node, control plane first: + create, ~ update (key: old -> new, with the file and line
+    /// that set the new value), ! restart, > start, install/upgrade/configure k3s, apply talos
+    /// config, bootstrap, label, - delete (only with `reconcile.prune: true` and the ownership
+    /// tag), each marked (disruptive) when it interrupts a running node, and conflicts that are
+    /// never touched. `--guests-only` leaves the cluster layer out.
     #[command(after_help = PLAN_EXAMPLES)]
     Plan(PlanArgs),
 
@@ -134,7 +141,9 @@ pub enum Command {
     Drift(PlanArgs),
 
     /// Show the plan, ask for confirmation, and apply it: one step at a time, every Proxmox
-    /// task awaited, stopping at the first failure with a report of what was and was not done.
+    /// task awaited, every disruptive step followed by a health gate (the node Ready and the
+    /// API server's /readyz ok within --gate-timeout), stopping at the first failure with a
+    /// report of what was and was not done.
     #[command(after_help = APPLY_EXAMPLES)]
     Apply(ApplyArgs),
 

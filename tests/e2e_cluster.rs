@@ -242,3 +242,35 @@ fn several_servers_form_an_ha_control_plane_with_embedded_etcd() {
     );
     assert_eq!(verbs(&env.plan_json()), Vec::<String>::new());
 }
+
+#[test]
+fn without_internet_k3s_comes_from_a_binary_on_the_proxmox_host() {
+    let env = Env::new("homelab-k3s");
+    // K3s's air-gapped install: the binary and install.sh side by side on the host.
+    let airgap = env.state.path().join("airgap");
+    std::fs::create_dir_all(&airgap).unwrap();
+    std::fs::write(airgap.join("k3s"), "k3s version v1.31.4+k3s1 (airgap build)\n").unwrap();
+    std::fs::write(airgap.join("install.sh"), "#!/bin/sh\n# the official install script\n").unwrap();
+    let cluster = env.repo.path().join("cluster.yaml");
+    let text = std::fs::read_to_string(&cluster).unwrap();
+    std::fs::write(&cluster, format!("{text}\nk3s:\n  binary: {}/k3s\n", airgap.display())).unwrap();
+
+    let plan = env.run(&["plan"], &[]);
+    plan.expect_code(0, "plan");
+    assert!(
+        plan.stdout.contains(&format!(
+            "k3s v1.31.4+k3s1 (from {}/k3s on the Proxmox host)",
+            airgap.display()
+        )),
+        "{}",
+        plan.stdout
+    );
+    let r = env.apply();
+    assert!(r.stderr.contains("installed k3s from"), "{}", r.stderr);
+    assert_eq!(
+        env.rootfs_file(100, "/usr/local/bin/k3s").unwrap(),
+        "k3s version v1.31.4+k3s1 (airgap build)\n"
+    );
+    assert!(env.rootfs_file(101, "/usr/local/bin/k3s-install.sh").is_some());
+    assert!(env.node("k3s-worker-2").kubelet_running);
+}

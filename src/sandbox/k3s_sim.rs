@@ -92,6 +92,18 @@ fn running_container(store: &Store, vmid: u32) -> Result<(), SandboxError> {
     }
 }
 
+/// A container's root filesystem starts as its template leaves it: the usual directories.
+fn ensure_rootfs(state_dir: &Path, vmid: u32) -> Result<(), SandboxError> {
+    let root = rootfs(state_dir, vmid);
+    if root.is_dir() {
+        return Ok(());
+    }
+    for dir in ["etc", "tmp", "root", "usr/local/bin", "var/lib"] {
+        std::fs::create_dir_all(root.join(dir)).map_err(|e| SandboxError::io(&root, e))?;
+    }
+    Ok(())
+}
+
 fn parse_vmid(arg: Option<&String>, usage: &str) -> Result<u32, SandboxError> {
     arg.and_then(|a| a.parse().ok())
         .filter(|v| *v >= 100)
@@ -107,6 +119,7 @@ pub fn push(state_dir: &Path, args: &[String]) -> Result<String, SandboxError> {
         return Err(SandboxError::Pct(format!("400 not enough arguments\n{usage}")));
     };
     running_container(&store, vmid)?;
+    ensure_rootfs(state_dir, vmid)?;
     let mut perms = 0o644;
     let mut i = 3;
     while i < args.len() {
@@ -147,6 +160,7 @@ pub fn exec(state_dir: &Path, args: &[String]) -> Result<ExecOutput, SandboxErro
     let store = Store::discover(state_dir)?;
     let vmid = parse_vmid(args.first(), usage)?;
     running_container(&store, vmid)?;
+    ensure_rootfs(state_dir, vmid)?;
     let argv: Vec<&str> = args[1..]
         .iter()
         .map(String::as_str)
@@ -237,6 +251,7 @@ impl Node<'_> {
         if !matches!(exec_as, "server" | "agent") {
             return ExecOutput::fail(1, format!("[ERROR]  Unknown INSTALL_K3S_EXEC {exec_as}\n"));
         }
+        let downloaded = version.is_some();
         let version = match version {
             Some(v) => v.to_string(),
             // Air-gapped: the version is the pushed binary's (the sandbox reads `k3s version X`
@@ -262,9 +277,11 @@ impl Node<'_> {
         if !st.enabled.iter().any(|s| s == svc) {
             st.enabled.push(svc.to_string());
         }
-        let bin = self.path("/usr/local/bin/k3s");
-        let _ = std::fs::create_dir_all(bin.parent().expect("has a parent"));
-        let _ = std::fs::write(&bin, format!("#!/bin/sh\n# simulated: k3s version {version}\n"));
+        if downloaded {
+            let bin = self.path("/usr/local/bin/k3s");
+            let _ = std::fs::create_dir_all(bin.parent().expect("has a parent"));
+            let _ = std::fs::write(&bin, format!("#!/bin/sh\n# simulated: k3s version {version}\n"));
+        }
         match save_k3s(self.state_dir, self.vmid, &st) {
             Ok(()) => ExecOutput::ok(format!(
                 "[INFO]  Using {version} as release\n[INFO]  systemd: Enabling {svc} unit\n[INFO]  No change detected so skipping service start\n"
