@@ -370,6 +370,21 @@ pub fn merge(desired: &Desired, artifacts: &[Artifact], observed: &ClusterObserv
                 }
             }
             Distribution::Talos => {
+                if let Some(NodeObserved::Talos {
+                    state: TalosNodeState::Configured { version },
+                    ..
+                }) = seen
+                    && version != &desired.cluster.version
+                {
+                    plan.notices.push(crate::plan::Notice {
+                        node: node.name.clone(),
+                        vmid: node.vmid,
+                        message: format!(
+                            "Talos {version} runs, cluster.yaml says {}: driftless does not upgrade Talos itself (talosctl upgrade)",
+                            desired.cluster.version
+                        ),
+                    });
+                }
                 if let Some(a) = artifact(artifacts, &node.name, ArtifactKind::TalosConfig) {
                     steps.extend(talos_steps(desired, node, &a.content, seen, observed));
                 }
@@ -548,7 +563,12 @@ mod tests {
                 node.name.clone(),
                 NodeObserved::Talos {
                     state: TalosNodeState::Configured {
-                        version: "v1.13.9".into(),
+                        version: if node.name == "talos-worker-1" {
+                            "v1.13.8"
+                        } else {
+                            "v1.13.9"
+                        }
+                        .into(),
                     },
                     dry_run: Some(TalosApplyResult {
                         mode: if changes { "reboot" } else { "no_reboot" }.into(),
@@ -566,6 +586,10 @@ mod tests {
         let p = full_plan(&desired, &artifacts, &cluster);
         let cluster_steps: Vec<_> = p.steps.iter().filter(|s| s.action.is_cluster()).collect();
         assert_eq!(cluster_steps.len(), 1, "{:?}", verbs(&p));
+        // An older Talos is said out loud, not upgraded behind the operator's back.
+        assert_eq!(p.notices.len(), 1, "{:?}", p.notices);
+        assert_eq!(p.notices[0].node, "talos-worker-1");
+        assert!(p.notices[0].message.contains("Talos v1.13.8 runs"));
         match &cluster_steps[0].action {
             Action::TalosApply { diff, maintenance, .. } => {
                 assert!(!maintenance);
