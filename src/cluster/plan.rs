@@ -64,15 +64,40 @@ fn step(node: &Node, disruptive: bool, action: Action) -> Step {
     }
 }
 
-/// Where the rendered config comes from, for the provenance column.
-fn k3s_change(key: String, old: Option<String>, new: Option<String>) -> Change {
+fn k3s_change(key: String, old: Option<String>, new: Option<String>, provenance: Option<String>) -> Change {
     Change {
         key,
         old,
         new,
         via: Via::NodeFile,
         needs_restart: true,
-        provenance: None,
+        provenance,
+    }
+}
+
+/// Where a config.yaml key's value was decided, for the plan's "set by" column: the node's
+/// own address and name for node-ip and node-name, the first server's address for `server`,
+/// the node file's labels and taints, and `k3s.config.KEY` (an ADR, cluster.yaml or the node
+/// file) for the rest. driftless's own keys (token-file, cluster-init) cite nothing.
+fn k3s_key_provenance(desired: &Desired, node: &Node, key: &str) -> Option<String> {
+    let cite = |n: &Node, k: &str| n.provenance.get(k).map(crate::model::Setting::cite_with_adr);
+    let cite_prefixed = |prefix: &str| {
+        let cited: BTreeSet<String> = node
+            .provenance
+            .iter()
+            .filter(|(k, _)| k.as_str() == prefix || k.starts_with(&format!("{prefix}.")))
+            .map(|(_, s)| s.cite_with_adr())
+            .collect();
+        (!cited.is_empty()).then(|| cited.into_iter().collect::<Vec<_>>().join(", "))
+    };
+    match key {
+        "node-name" => Some(node.file.clone()),
+        "node-ip" | "tls-san" => cite(node, "address"),
+        "server" => desired.control_plane().next().and_then(|first| cite(first, "address")),
+        "node-label" => cite_prefixed("labels"),
+        "node-taint" => cite_prefixed("taints"),
+        "token-file" | "cluster-init" => None,
+        other => cite(node, &format!("k3s.config.{other}")),
     }
 }
 
@@ -116,10 +141,12 @@ fn k3s_steps(
                 "config.yaml".into(),
                 Some("(unreadable)".into()),
                 Some("(rendered)".into()),
+                None,
             ));
         } else {
             for (key, old, new) in k3s::config_changes(k3s_observed.config.as_deref(), config) {
-                changes.push(k3s_change(format!("config.yaml {key}"), old, new));
+                let provenance = k3s_key_provenance(desired, node, &key);
+                changes.push(k3s_change(format!("config.yaml {key}"), old, new, provenance));
             }
         }
     }
@@ -135,6 +162,7 @@ fn k3s_steps(
                 "cluster-token".into(),
                 have.map(|_| "(secret)".to_string()),
                 Some("(secret)".into()),
+                None,
             ));
         }
     }
@@ -461,6 +489,24 @@ mod tests {
         };
         let token = changes.iter().find(|c| c.key == "cluster-token").unwrap();
         assert_eq!(token.new.as_deref(), Some("(secret)"));
+
+        // Every config.yaml value cites the place that decided it.
+        let set_by = |step: usize, key: &str| {
+            let Action::K3sConfigure { changes, .. } = &p.steps[step].action else {
+                panic!()
+            };
+            let c = changes.iter().find(|c| c.key == format!("config.yaml {key}")).unwrap();
+            c.provenance.clone()
+        };
+        assert_eq!(
+            set_by(2, "write-kubeconfig-mode").as_deref(),
+            Some("ADR-004 adr/ADR-004-readable-kubeconfig.md:21")
+        );
+        assert_eq!(set_by(2, "node-ip").as_deref(), Some("nodes/k3s-master.yaml:6"));
+        assert_eq!(set_by(2, "node-name").as_deref(), Some("nodes/k3s-master.yaml"));
+        // An agent's server URL is the first server's address.
+        assert_eq!(set_by(5, "server").as_deref(), Some("nodes/k3s-master.yaml:6"));
+        assert_eq!(set_by(5, "token-file"), None);
     }
 
     #[test]

@@ -63,6 +63,15 @@ impl Setting {
             _ => format!("{}:{}", w.location.file, w.location.line),
         }
     }
+
+    /// As [`Setting::cite`], with the ADR's id in front when an ADR set it:
+    /// `ADR-001 adr/ADR-001-lxc.md:52`, the form plans and reports show.
+    pub fn cite_with_adr(&self) -> String {
+        match &self.winner().source {
+            Source::Adr(id) => format!("{id} {}", self.cite()),
+            _ => self.cite(),
+        }
+    }
 }
 
 pub type Provenance = BTreeMap<String, Setting>;

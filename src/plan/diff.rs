@@ -113,11 +113,7 @@ fn cite_for(desired: &Desired, node: &Node, key: &str) -> Option<String> {
     let cited: Vec<String> = model_keys(kind, key)
         .iter()
         .filter_map(|k| node.provenance.get(*k))
-        .map(|s| match &s.winner().source {
-            crate::model::Source::Builtin => "built-in default".to_string(),
-            crate::model::Source::Adr(id) => format!("{id} {}:{}", s.winner().location.file, s.winner().location.line),
-            _ => format!("{}:{}", s.winner().location.file, s.winner().location.line),
-        })
+        .map(crate::model::Setting::cite_with_adr)
         .collect::<BTreeSet<_>>()
         .into_iter()
         .collect();
