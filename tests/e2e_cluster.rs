@@ -274,3 +274,59 @@ fn without_internet_k3s_comes_from_a_binary_on_the_proxmox_host() {
     assert!(env.rootfs_file(101, "/usr/local/bin/k3s-install.sh").is_some());
     assert!(env.node("k3s-worker-2").kubelet_running);
 }
+
+#[test]
+fn a_join_token_named_in_cluster_yaml_is_what_every_node_joins_with_and_is_never_printed() {
+    let env = Env::new("homelab-k3s");
+    let token = "K10-driftless-e2e-join-token-7f3a9c";
+    std::fs::write(env.secrets.path().join("k3s-token"), format!("{token}\n")).unwrap();
+    let cluster = env.repo.path().join("cluster.yaml");
+    let text = std::fs::read_to_string(&cluster).unwrap().replace(
+        "secrets:\n",
+        "k3s:\n  token: {secret: k3s-token}\n\nsecrets:\n  k3s-token: \"The K3s join token\"\n",
+    );
+    std::fs::write(&cluster, text).unwrap();
+
+    let r = env.apply();
+    assert!(r.stdout.contains("Applied 9 of 9 steps."), "{}\n{}", r.stdout, r.stderr);
+    // The server starts with the named token too, so its node-token carries it, and every
+    // node (server included) holds it in token-file.
+    let node_token = env.rootfs_file(100, "/var/lib/rancher/k3s/server/node-token").unwrap();
+    assert!(
+        node_token.trim().ends_with(&format!("::server:{token}")),
+        "{node_token}"
+    );
+    for (name, vmid) in NODES {
+        assert_eq!(
+            env.rootfs_file(vmid, "/etc/rancher/k3s/cluster-token").as_deref(),
+            Some(format!("{token}\n").as_str()),
+            "{name}"
+        );
+        let config = env.rootfs_file(vmid, "/etc/rancher/k3s/config.yaml").unwrap();
+        assert!(!config.contains(token), "{name}: the token is in config.yaml");
+        assert!(env.node(name).kubelet_running, "{name}");
+    }
+    assert_eq!(verbs(&env.plan_json()), Vec::<String>::new());
+
+    // A different secret later is not a file to rewrite: K3s would refuse to start the server
+    // with it. The plan stops before any step and says what to do instead.
+    std::fs::write(env.secrets.path().join("k3s-token"), "K10-rotated-token-55e1\n").unwrap();
+    let plan = env.run(&["plan"], &[]);
+    assert_eq!(plan.code, 1, "{}\n{}", plan.stdout, plan.stderr);
+    assert!(
+        plan.stderr
+            .contains("k3s.token: the secret `k3s-token` is not the token the cluster runs with"),
+        "{}",
+        plan.stderr
+    );
+    assert!(plan.stderr.contains("k3s token rotate"), "{}", plan.stderr);
+    let refused = env.run(&["apply"], &["--auto-approve"]);
+    assert_eq!(refused.code, 1, "{}", refused.stdout);
+    assert!(env.node("k3s-master").kubelet_running, "the server was left running");
+    let printed = env.printed.borrow();
+    assert!(!printed.contains(token), "the join token was printed");
+    assert!(
+        !printed.contains("K10-rotated-token-55e1"),
+        "the rotated token was printed"
+    );
+}

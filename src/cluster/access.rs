@@ -298,6 +298,35 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
         }
     }
 
+    /// A `k3s.token` secret must be the token the first server was initialised with: K3s
+    /// encrypts its bootstrap data with it, so a server restarted with another token does not
+    /// start. Changing it is a rotation on the server, not a file driftless can write.
+    async fn check_named_token(&self) -> Result<(), String> {
+        let (Some(named), Some(first)) = (&self.desired.cluster.k3s.token, self.first_control_plane()) else {
+            return Ok(());
+        };
+        let shell = self.node_shell(first)?;
+        let running = match shell.read_file(k3s::SERVER_TOKEN_PATH).await {
+            Ok(Some(bytes)) => Secret::new(String::from_utf8_lossy(&bytes).trim()),
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(format!("{}: cannot read the node-token: {e}", first.name)),
+        };
+        let Some(wanted) = self.join_token().await? else {
+            return Ok(());
+        };
+        if k3s::token_secret_part(wanted.expose()) == k3s::token_secret_part(running.expose()) {
+            return Ok(());
+        }
+        Err(format!(
+            "k3s.token: the secret `{}` is not the token the cluster runs with ({}'s {}). K3s cannot take a \
+             new token by a restart; rotate it on the server (`k3s token rotate --new-token ...`) and then \
+             update the secret, or put the cluster's token in the secret",
+            named.secret,
+            first.name,
+            k3s::SERVER_TOKEN_PATH
+        ))
+    }
+
     // ---- observe ----
 
     /// Read every node's K3s or Talos state, and the Kubernetes API when a kubeconfig exists.
@@ -346,6 +375,9 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
                         .join_token()
                         .await?
                         .map(|t| k3s::sha256_hex(&k3s::token_file_contents(&t)));
+                }
+                if first_installed {
+                    self.check_named_token().await?;
                 }
             }
             Distribution::Talos => {

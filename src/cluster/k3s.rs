@@ -183,6 +183,13 @@ pub async fn configure<N: NodeShell>(
     Ok(done)
 }
 
+/// The secret part of a K3s token: a full token is `K10<CA hash>::server:<secret>`; a token
+/// set by hand is the secret alone. Two tokens are the same cluster's when these agree.
+pub fn token_secret_part(token: &str) -> &str {
+    let token = token.trim();
+    token.rsplit("::server:").next().unwrap_or(token)
+}
+
 /// The token file's bytes: the token and a newline (K3s trims it).
 pub fn token_file_contents(token: &crate::secrets::Secret) -> Vec<u8> {
     format!("{}\n", token.expose()).into_bytes()
@@ -231,6 +238,12 @@ mod tests {
         assert_eq!(o.token_sha256, None);
         // A k3s whose --version printed nothing counts as not installed.
         assert_eq!(K3sObserved::parse("version=\n").version, None);
+    }
+
+    #[test]
+    fn a_full_token_and_its_secret_part_are_the_same_token() {
+        assert_eq!(token_secret_part("K10abc123::server:s3cret\n"), "s3cret");
+        assert_eq!(token_secret_part("s3cret"), "s3cret");
     }
 
     #[test]

@@ -417,6 +417,19 @@ impl Node<'_> {
                 st.server_secret = server_secret;
             }
         } else if is_server {
+            // K3s encrypts its bootstrap data with the token it was first started with: a
+            // different token on an initialised server does not start.
+            let secret_part = token
+                .as_deref()
+                .map(|t| t.rsplit("::server:").next().unwrap_or(t).to_string());
+            if let (Some(have), Some(given)) = (&st.server_secret, &secret_part)
+                && have != given
+            {
+                return Self::unit_failed(
+                    svc,
+                    "starting kubernetes: preparing server: bootstrap data already found and encrypted with different token",
+                );
+            }
             if st.server_secret.is_none() {
                 st.server_secret = Some(
                     token
