@@ -111,6 +111,10 @@ fn main() {
     let cpu = cpu_time(pid) - cpu_before;
     let requests = s.sandbox().knobs().total_requests() - requests_before;
     let rss = rss_kib(pid);
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
+    if let Ok(path) = std::env::var("DRIFTLESS_BENCH_SMAPS") {
+        std::fs::copy(format!("/proc/{pid}/smaps"), path).unwrap();
+    }
 
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;
     println!(
@@ -135,5 +139,19 @@ fn main() {
         "daemon: start to a Ready 3-node K3s cluster in the sandbox (9 steps, gates included): {:.0} ms",
         ms(from_empty)
     );
-    println!("daemon: idle resident memory (VmRSS): {:.1} MiB", rss as f64 / 1024.0);
+    let field = |name: &str| -> f64 {
+        rollup
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    println!(
+        "daemon: idle resident memory (VmRSS): {:.1} MiB ({:.1} MiB anonymous, {:.1} MiB file-backed)",
+        rss as f64 / 1024.0,
+        field("Anonymous:"),
+        rss as f64 / 1024.0 - field("Anonymous:")
+    );
 }

@@ -155,6 +155,11 @@ pub enum Command {
     #[command(after_help = DAEMON_EXAMPLES)]
     Daemon(Box<DaemonCmd>),
 
+    /// One run of the daemon, in its own process: the daemon starts it with the job on
+    /// stdin and reads the outcome from stdout. Not for people.
+    #[command(hide = true, name = "daemon-run")]
+    DaemonRun,
+
     /// Show the last status report the daemon committed for a ref.
     Status(StatusArgs),
 
@@ -185,7 +190,7 @@ pub struct DaemonCmd {
     pub log_format: LogFormat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum LogFormat {
     Text,
     Json,

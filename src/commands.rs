@@ -26,6 +26,7 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
     match &cli.command {
         Command::Sandbox(cmd) => return crate::quickstart::sandbox(cmd),
         Command::Daemon(cmd) => return daemon_cmd(cmd),
+        Command::DaemonRun => return crate::daemon::worker::main().map(|()| Outcome::Ok),
         Command::Status(args) => return status_cmd(args, cli.global.output),
         _ => {}
     }
@@ -57,7 +58,9 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         Command::Drift(args) => return plan_cmd(&desired, &artifacts, args, out, Wording::Drift),
         Command::Apply(args) => return apply_cmd(&desired, &artifacts, args, out),
         Command::Health(args) => return health_cmd(&desired, &artifacts, args, out),
-        Command::Sandbox(_) | Command::Daemon(_) | Command::Status(_) => unreachable!("handled before loading"),
+        Command::Sandbox(_) | Command::Daemon(_) | Command::DaemonRun | Command::Status(_) => {
+            unreachable!("handled before loading")
+        }
     }
     Ok(Outcome::Ok)
 }
@@ -449,12 +452,14 @@ pub fn report_apply(plan: &Plan, report: &ApplyReport, out: OutputFormat) -> Res
     }
 }
 
-fn init_logging(format: crate::cli::LogFormat) {
+/// Logs on stderr: text (coloured only on a terminal, so journald gets plain lines) or JSON.
+pub(crate) fn init_logging(format: crate::cli::LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("DRIFTLESS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,notify=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
         crate::cli::LogFormat::Json => builder.json().try_init(),
         crate::cli::LogFormat::Text => builder.try_init(),
@@ -463,7 +468,8 @@ fn init_logging(format: crate::cli::LogFormat) {
 
 fn daemon_cmd(cmd: &crate::cli::DaemonCmd) -> Result<Outcome> {
     init_logging(cmd.log_format);
-    let settings = cmd.daemon.resolve()?;
+    let mut settings = cmd.daemon.resolve()?;
+    settings.log_format = Some(cmd.log_format);
     // Before the runtime's threads exist, so they share the arenas.
     crate::daemon::memory::limit_arenas();
     runtime()?.block_on(crate::daemon::run::run(settings, cmd.connect.clone()))?;

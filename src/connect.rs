@@ -14,8 +14,9 @@ use crate::secrets::{SecretError, SecretStore};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-/// One run's overrides; `None` keeps what cluster.yaml says.
-#[derive(Debug, Clone, Default, clap::Args)]
+/// One run's overrides; `None` keeps what cluster.yaml says. Serialisable: the daemon hands
+/// them to each run's worker process.
+#[derive(Debug, Clone, Default, clap::Args, serde::Serialize, serde::Deserialize)]
 pub struct ConnectArgs {
     /// Proxmox API URL (overrides proxmox.api).
     #[arg(long, env = "DRIFTLESS_PROXMOX_URL", value_name = "URL", help_heading = "Connection")]
@@ -192,7 +193,7 @@ fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         .ok_or_else(|| format!("`{s}` is not a duration like 90s, 5m or 1h"))
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 pub enum HostShellKind {
     #[default]
     Ssh,

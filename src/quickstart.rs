@@ -272,6 +272,7 @@ fn demo(example: &str, state: Option<&Path>) -> Result<Outcome> {
             known_hosts: None,
             token_file: None,
             forge: None,
+            log_format: None,
         };
         let control = crate::daemon::run::Control::default();
         let daemon = tokio::spawn(crate::daemon::run::run_until(settings, connect.clone(), control.clone()));

@@ -436,3 +436,63 @@ fn the_daemons_logs_and_reports_of_a_full_cluster_apply_carry_no_secret() {
         }
     }
 }
+
+/// The worker processes a daemon started (its children named driftless), from /proc.
+fn workers_of(daemon: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let ppid = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1));
+        if ppid == Some(daemon.to_string().as_str()) && stat.contains("(driftless)") {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_run_whose_worker_is_killed_is_reported_failed_and_the_daemon_carries_on() {
+    let mut s = Setup::new("homelab-k3s");
+    s.sandbox().knobs().set_latency(Duration::from_millis(300));
+    let url = s.file_url();
+    s.start_daemon(&url, &["--poll-interval", "2s"]);
+    wait_until(Duration::from_secs(60), || s.log().contains("applying").then_some(())).expect("an apply starts");
+    let daemon = s.daemon.as_ref().unwrap().0.id();
+    let workers = wait_until(Duration::from_secs(10), || {
+        let w = workers_of(daemon);
+        (!w.is_empty()).then_some(w)
+    })
+    .expect("each run has a worker process");
+    // The long-lived daemon holds no run: killing the worker outright is a lost run, no more.
+    for pid in &workers {
+        std::process::Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status()
+            .unwrap();
+    }
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    let r = s.wait_report("heads/main", Duration::from_secs(30), |r| {
+        r["revision"] == first.as_str() && r["outcome"] == "failed"
+    });
+    assert!(
+        r["errors"].to_string().contains("killed by signal 9"),
+        "the report says what happened: {r}"
+    );
+    assert!(
+        s.daemon.as_mut().unwrap().0.try_wait().unwrap().is_none(),
+        "the daemon is still running\n{}",
+        s.log()
+    );
+    // The failed revision is retried with backoff, in a new worker, and converges.
+    s.sandbox().knobs().set_latency(Duration::ZERO);
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str() && r["outcome"] == "applied"
+    });
+    assert_eq!(r["last_applied_revision"], first.as_str(), "{r}");
+}

@@ -39,7 +39,7 @@ pub struct ForgeFile {
     pub token_file: PathBuf,
 }
 
-#[derive(Debug, Clone, clap::Args)]
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct DaemonArgs {
     /// Daemon config file (YAML; keys as the flags below, with `_` for `-`).
     #[arg(long, env = "DRIFTLESS_DAEMON_CONFIG", value_name = "FILE")]
@@ -96,8 +96,8 @@ pub struct DaemonArgs {
     pub token_file: Option<PathBuf>,
 }
 
-/// Resolved settings.
-#[derive(Debug, Clone)]
+/// The resolved settings; serialisable because each run's worker process gets them.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct DaemonSettings {
     pub repository: String,
     pub branch: String,
@@ -114,6 +114,10 @@ pub struct DaemonSettings {
     pub known_hosts: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
     pub forge: Option<(ForgeKind, String, String, PathBuf)>,
+    /// How each run's worker process logs (the daemon's `--log-format`); `None` keeps runs
+    /// silent (the quickstart prints the status reports instead).
+    #[serde(default)]
+    pub log_format: Option<crate::cli::LogFormat>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +219,7 @@ impl DaemonArgs {
             known_hosts: self.known_hosts.clone().or(file.known_hosts),
             token_file: self.token_file.clone().or(file.token_file),
             forge,
+            log_format: None,
         })
     }
 }

@@ -21,7 +21,7 @@ const AGENT: &str = concat!("driftless/", env!("CARGO_PKG_VERSION"));
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Which forge API to speak.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ForgeKind {
     /// Gitea or Forgejo (`https://host/api/v1`).
     Gitea,

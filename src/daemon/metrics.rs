@@ -74,7 +74,7 @@ impl Outcome {
 }
 
 /// An external system whose API call failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum ApiSystem {
     Proxmox,
     Git,

@@ -7,3 +7,4 @@ pub mod run;
 pub mod server;
 pub mod status;
 pub mod webhook;
+pub mod worker;

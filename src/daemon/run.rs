@@ -4,19 +4,13 @@
 //! run. One run at a time; a shutdown stops an apply between two steps.
 
 use super::config::DaemonSettings;
-use super::forge::{CommitState, ForgeClient};
-use super::gitops::{GitAuth, Mirror, glob_match};
+use super::forge::CommitState;
+use super::gitops::{Mirror, glob_match};
 use super::metrics::{self, ApiSystem, Metrics, ReconcileKind};
 use super::server::{self, ServerState, Trigger};
-use super::status::{self, Outcome, RunKind, StatusReport};
-use crate::apply::{Applier, ApplyReport, Progress, StepOutcome};
-use crate::cluster::access::ClusterAccess;
-use crate::commands::{cluster_access, observe_and_plan_all};
-use crate::connect::AnyHostShell;
+use super::status::{Outcome, RunKind, StatusReport};
+use super::worker::{self, Policy, Revisions, RunJob, RunResult};
 use crate::connect::ConnectArgs;
-use crate::model::{self, Desired, LoadOptions, RepoFiles};
-use crate::plan::{Plan, Step};
-use crate::render::{self, Artifact};
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,13 +21,14 @@ use tokio::sync::{Notify, mpsc};
 /// What the daemon remembers between runs.
 #[derive(Debug, Default)]
 struct Memory {
-    last_attempted: Option<String>,
-    last_applied: Option<String>,
+    revisions: Revisions,
     /// The failed revision and when to try it again (backoff); an invalid revision is never
     /// retried: it stalls until a new commit.
     retry: Option<(String, Instant, u32)>,
     /// Pull request refs: the commit last planned for each.
     planned: BTreeMap<String, String>,
+    /// The reconcile policy of the last revision that loaded.
+    policy: Option<Policy>,
 }
 
 pub struct Daemon {
@@ -42,7 +37,6 @@ pub struct Daemon {
     mirror: Arc<Mirror>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
-    forge: Option<ForgeClient>,
     memory: Memory,
 }
 
@@ -59,20 +53,6 @@ fn jitter(d: Duration) -> Duration {
     d.mul_f64(f64::from(nanos % 1000) / 10_000.0)
 }
 
-struct LogProgress;
-
-impl Progress for LogProgress {
-    fn step_started(&mut self, index: usize, total: usize, step: &Step) {
-        tracing::info!(step = index + 1, total, action = step.action.verb(), node = %step.node, vmid = step.vmid, "applying");
-    }
-    fn step_finished(&mut self, o: &StepOutcome) {
-        match &o.error {
-            None => tracing::info!(node = %o.node, action = o.action, log = %o.log.join(", "), "step done"),
-            Some(e) => tracing::error!(node = %o.node, action = o.action, error = %e, "step failed"),
-        }
-    }
-}
-
 /// The branch's full ref name.
 fn branch_ref(branch: &str) -> String {
     if branch.starts_with("refs/") {
@@ -83,140 +63,37 @@ fn branch_ref(branch: &str) -> String {
 }
 
 impl Daemon {
-    fn load(&self, files: &RepoFiles) -> std::result::Result<(Desired, Vec<Artifact>), model::Diagnostics> {
-        model::load(files, &LoadOptions::default()).and_then(|d| render::render_all(&d).map(|a| (d, a)))
-    }
-
-    async fn read_files(&self, commit: &str) -> Result<RepoFiles> {
-        let mirror = self.mirror.clone();
-        let commit = commit.to_string();
-        Ok(tokio::task::spawn_blocking(move || mirror.read_files(&commit)).await??)
-    }
-
-    /// The secrets this repository names, as values, so a report can never carry one.
-    fn secret_values(&self, desired: &Desired) -> Vec<String> {
-        let store = self.connect.secrets();
-        let mut values = Vec::new();
-        for secret in desired.cluster.secrets.keys().filter_map(|n| store.resolve(n).ok()) {
-            // A Talos secrets bundle: each certificate, key and token on its own too.
-            if let Ok(bundle) = crate::cluster::talos_secrets::TalosSecrets::parse(secret.expose()) {
-                for field in bundle.field_names() {
-                    values.extend(bundle.get(field).map(str::to_string));
-                    // Talos's diffs show certificates and keys decoded, line by line.
-                    if let Ok(pem) = bundle.pem(field) {
-                        values.extend(
-                            pem.lines()
-                                .filter(|l| l.len() >= 16 && !l.starts_with("-----"))
-                                .map(str::to_string),
-                        );
-                    }
-                }
-            }
-            values.push(secret.expose().to_string());
-        }
-        values
-    }
-
-    async fn apply(
-        &self,
-        client: &crate::adapters::proxmox::ProxmoxClient,
-        shell: Option<&AnyHostShell>,
-        cluster: Option<&ClusterAccess<'_, AnyHostShell>>,
-        plan: &Plan,
-    ) -> ApplyReport {
-        let applier = Applier {
-            proxmox: client,
-            shell,
-            host: self.connect.host_settings(),
-            stop: Some(&self.stop),
-            cluster: cluster.map(|a| a as &dyn crate::apply::ClusterSteps),
-        };
-        applier.apply(plan, &mut LogProgress).await
-    }
-
-    async fn publish(&self, report: &StatusReport, secrets: &[String]) {
-        let (md_path, json_path) = status::report_paths(&report.git_ref);
-        let files = vec![
-            (md_path, status::markdown(report, secrets).into_bytes()),
-            (json_path, status::json(report, secrets).into_bytes()),
-        ];
-        let message = format!(
-            "{} {}: {} at {}",
-            report.kind.as_str(),
-            report.git_ref.trim_start_matches("refs/heads/"),
-            report.outcome.as_str(),
-            &report.revision[..report.revision.len().min(12)]
-        );
-        let mirror = self.mirror.clone();
-        let url = self.settings.repository.clone();
-        let branch = self.settings.status_branch.clone();
-        let result = tokio::task::spawn_blocking(move || mirror.publish_status(&url, &branch, &files, &message)).await;
-        match result {
-            Ok(Ok(commit)) => {
-                tracing::info!(%commit, git_ref = %report.git_ref, outcome = report.outcome.as_str(), "status report committed")
-            }
-            Ok(Err(e)) => {
-                self.metrics.record_api_error(ApiSystem::Git);
-                tracing::error!(error = %e, "cannot commit the status report");
-            }
-            Err(e) => tracing::error!(error = %e, "status report task failed"),
-        }
-    }
-
-    async fn forge_status(&self, sha: &str, state: CommitState, context: &str, description: &str) {
-        if let Some(forge) = &self.forge
-            && let Err(e) = forge.set_status(sha, state, context, description, None).await
-        {
-            tracing::warn!(error = %e, "cannot set the commit status on the forge");
-        }
-    }
-
-    /// Plan (and for the watched branch, apply) one revision, and report it.
+    /// Run one revision in a worker process (see `worker`), then keep what it tells.
     async fn run_revision(&mut self, git_ref: &str, commit: &str, kind: RunKind) {
-        let started = now_rfc3339();
         let clock = Instant::now();
-        let context = if kind == RunKind::PullRequest {
-            "driftless/plan"
-        } else {
-            "driftless/apply"
-        };
-        self.forge_status(commit, CommitState::Pending, context, "planning")
-            .await;
-        let mut report = StatusReport {
+        let job = RunJob {
+            settings: self.settings.clone(),
+            connect: self.connect.clone(),
             git_ref: git_ref.to_string(),
-            revision: commit.to_string(),
+            commit: commit.to_string(),
             kind,
-            outcome: Outcome::Failed,
-            started,
-            finished: String::new(),
-            plan: None,
-            applied: None,
-            errors: Vec::new(),
-            last_attempted_revision: None,
-            last_applied_revision: None,
+            revisions: self.memory.revisions.clone(),
         };
-        let mut secrets = Vec::new();
-        match self.read_files(commit).await {
+        let result = match worker::run_in_worker(&job, &self.stop).await {
+            Ok(r) => r,
             Err(e) => {
-                self.metrics.record_api_error(ApiSystem::Git);
-                report.errors.push(format!("cannot read revision {commit}: {e:#}"));
+                tracing::error!(%commit, %git_ref, error = %e, "the run failed without a report");
+                self.report_lost_run(&job, &e).await
             }
-            Ok(files) => match self.load(&files) {
-                Err(diags) => {
-                    report.outcome = Outcome::Invalid;
-                    report.errors = diags.0.iter().map(ToString::to_string).collect();
-                }
-                Ok((desired, artifacts)) => {
-                    secrets = self.secret_values(&desired);
-                    self.plan_and_maybe_apply(&desired, &artifacts, kind, &mut report).await;
-                }
-            },
+        };
+        for system in &result.api_errors {
+            self.metrics.record_api_error(*system);
+        }
+        if let Some(drifted) = result.drifted {
+            self.metrics.set_drifted_guests(drifted);
+        }
+        if let Some(policy) = &result.policy {
+            self.memory.policy = Some(policy.clone());
         }
         if kind == RunKind::Reconcile {
-            self.memory.last_attempted = Some(commit.to_string());
-            match report.outcome {
+            self.memory.revisions = self.memory.revisions.after(kind, commit, result.outcome);
+            match result.outcome {
                 Outcome::Applied | Outcome::NoChanges => {
-                    self.memory.last_applied = Some(commit.to_string());
                     self.memory.retry = None;
                     self.metrics.set_last_applied(commit);
                 }
@@ -235,98 +112,68 @@ impl Daemon {
                 _ => self.memory.retry = None,
             }
         }
-        report.last_attempted_revision = self.memory.last_attempted.clone();
-        report.last_applied_revision = self.memory.last_applied.clone();
-        report.finished = now_rfc3339();
         let m_kind = match kind {
             RunKind::Reconcile => ReconcileKind::Reconcile,
             RunKind::PullRequest => ReconcileKind::PullRequest,
             RunKind::Drift => ReconcileKind::Drift,
         };
-        let m_outcome = match report.outcome {
+        let m_outcome = match result.outcome {
             Outcome::Applied | Outcome::Planned | Outcome::DriftFound => metrics::Outcome::Success,
             Outcome::NoChanges | Outcome::NoDrift | Outcome::Suspended => metrics::Outcome::NoChange,
             Outcome::Invalid => metrics::Outcome::Stalled,
             Outcome::Failed => metrics::Outcome::Failure,
         };
         self.metrics.record_reconcile(m_kind, m_outcome, clock.elapsed());
-        let state = if report.outcome.is_problem() && report.outcome != Outcome::DriftFound {
-            CommitState::Failure
-        } else {
-            CommitState::Success
-        };
-        self.forge_status(commit, state, context, report.outcome.explain())
-            .await;
-        self.publish(&report, &secrets).await;
         super::memory::release_free_memory();
     }
 
-    async fn plan_and_maybe_apply(
-        &self,
-        desired: &Desired,
-        artifacts: &[Artifact],
-        kind: RunKind,
-        report: &mut StatusReport,
-    ) {
-        let client = match self.connect.proxmox_client(&desired.cluster) {
-            Ok(c) => c,
-            Err(e) => {
-                report.errors.push(format!("{e:#}"));
-                return;
-            }
+    /// A worker that crashed or was killed left no report: the daemon writes one itself, so
+    /// the status branch and the forge never wait for a run that ended.
+    async fn report_lost_run(&self, job: &RunJob, error: &str) -> RunResult {
+        let now = now_rfc3339();
+        let revisions = job.revisions.after(job.kind, &job.commit, Outcome::Failed);
+        let report = StatusReport {
+            git_ref: job.git_ref.clone(),
+            revision: job.commit.clone(),
+            kind: job.kind,
+            outcome: Outcome::Failed,
+            started: now.clone(),
+            finished: now,
+            plan: None,
+            applied: None,
+            errors: vec![error.to_string()],
+            last_attempted_revision: revisions.last_attempted,
+            last_applied_revision: revisions.last_applied,
         };
-        let shell = match self.connect.host_shell(&desired.cluster) {
-            Ok(s) => s,
-            Err(e) => {
-                report.errors.push(format!("{e:#}"));
-                return;
-            }
-        };
-        let access = cluster_access(desired, artifacts, &self.connect, shell.as_ref());
-        let plan = match observe_and_plan_all(desired, artifacts, &client, access.as_ref()).await {
-            Ok(p) => p,
-            Err(e) => {
-                self.metrics.record_api_error(ApiSystem::Proxmox);
-                report.errors.push(format!("{e:#}"));
-                return;
-            }
-        };
-        let drifted = plan.steps.len();
-        let suspended = desired.cluster.reconcile.suspend;
-        let auto_correct = self
-            .settings
-            .auto_correct
-            .unwrap_or(desired.cluster.reconcile.auto_correct);
-        let apply = match kind {
-            RunKind::Reconcile => !suspended,
-            RunKind::PullRequest => false,
-            RunKind::Drift => auto_correct && !suspended,
-        };
-        report.outcome = match kind {
-            RunKind::PullRequest => Outcome::Planned,
-            RunKind::Drift if plan.is_empty() => Outcome::NoDrift,
-            RunKind::Drift => Outcome::DriftFound,
-            RunKind::Reconcile if suspended => Outcome::Suspended,
-            RunKind::Reconcile if plan.is_empty() => Outcome::NoChanges,
-            RunKind::Reconcile => Outcome::Applied,
-        };
-        if kind == RunKind::Drift {
-            self.metrics.set_drifted_guests(drifted);
+        let mut api_errors = Vec::new();
+        if !worker::publish(&self.mirror, &self.settings, &report, &[]).await {
+            api_errors.push(ApiSystem::Git);
         }
-        if apply && !plan.is_empty() {
-            let applied = self.apply(&client, shell.as_ref(), access.as_ref(), &plan).await;
-            if !applied.ok() {
-                report.outcome = Outcome::Failed;
-                report
-                    .errors
-                    .extend(applied.done.iter().filter_map(|s| s.error.clone()));
-                if applied.stopped {
-                    report.errors.push("stopped by shutdown between two steps".into());
+        match worker::forge_client(&self.settings) {
+            Ok(Some(forge)) => {
+                let context = worker::forge_context(job.kind);
+                if let Err(e) = forge
+                    .set_status(
+                        &job.commit,
+                        CommitState::Failure,
+                        context,
+                        Outcome::Failed.explain(),
+                        None,
+                    )
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot set the commit status on the forge");
                 }
             }
-            report.applied = Some(applied);
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot set the commit status on the forge"),
         }
-        report.plan = Some(plan);
+        RunResult {
+            outcome: Outcome::Failed,
+            drifted: None,
+            api_errors,
+            policy: None,
+        }
     }
 
     /// Fetch, then run what is new: the watched branch, then pull request refs.
@@ -355,7 +202,7 @@ impl Daemon {
         ready.store(true, Ordering::Release);
         let watched = branch_ref(&self.settings.branch);
         if let Some(commit) = refs.get(&watched).cloned() {
-            let new = self.memory.last_attempted.as_deref() != Some(commit.as_str());
+            let new = self.memory.revisions.last_attempted.as_deref() != Some(commit.as_str());
             let retry_due = self
                 .memory
                 .retry
@@ -384,11 +231,11 @@ impl Daemon {
     }
 
     async fn drift(&mut self) {
-        let Some(commit) = self
-            .memory
+        let revisions = &self.memory.revisions;
+        let Some(commit) = revisions
             .last_applied
             .clone()
-            .or_else(|| self.memory.last_attempted.clone())
+            .or_else(|| revisions.last_attempted.clone())
         else {
             return;
         };
@@ -447,28 +294,16 @@ pub async fn run(settings: DaemonSettings, connect: ConnectArgs) -> Result<()> {
 pub async fn run_until(settings: DaemonSettings, connect: ConnectArgs, control: Control) -> Result<()> {
     std::fs::create_dir_all(&settings.state_dir)
         .with_context(|| format!("cannot create the state directory {}", settings.state_dir.display()))?;
-    let auth = GitAuth {
-        ssh_key: settings.ssh_key.clone(),
-        known_hosts: settings.known_hosts.clone(),
-        token_file: settings.token_file.clone(),
-    };
     let mirror = {
-        let (url, dir) = (settings.repository.clone(), settings.state_dir.join("mirror"));
+        let (url, dir, auth) = (
+            settings.repository.clone(),
+            settings.state_dir.join("mirror"),
+            worker::git_auth(&settings),
+        );
         tokio::task::spawn_blocking(move || Mirror::open_or_init(&url, &dir, auth)).await??
     };
-    let forge = match &settings.forge {
-        None => None,
-        Some((kind, api, repo, token_file)) => {
-            let token =
-                std::fs::read_to_string(token_file).with_context(|| format!("cannot read {}", token_file.display()))?;
-            Some(ForgeClient::new(
-                *kind,
-                api.clone(),
-                repo.clone(),
-                token.trim().to_string(),
-            )?)
-        }
-    };
+    // Checked at start, so a missing forge token is an error now, not in every run.
+    worker::forge_client(&settings)?;
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
     let (stop, shutdown) = (control.stop.clone(), control.shutdown.clone());
@@ -507,27 +342,19 @@ pub async fn run_until(settings: DaemonSettings, connect: ConnectArgs, control: 
         mirror: Arc::new(mirror),
         metrics,
         stop: stop.clone(),
-        forge,
         memory: Memory::default(),
     };
     let interval_default = Duration::from_secs(60);
     let mut drift_at: Option<Instant> = None;
-    let mut cluster_interval: Option<Duration> = None;
-    let mut cluster_schedule: Option<String> = None;
     tracing::info!(repository = %super::gitops::display_url(&daemon.settings.repository), branch = %daemon.settings.branch, "daemon started");
     loop {
         daemon.poll(&ready).await;
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        // The repository's own policy: read from the last attempted revision.
-        if let Some(commit) = daemon.memory.last_attempted.clone()
-            && let Ok(files) = daemon.read_files(&commit).await
-            && let Ok(d) = model::load(&files, &LoadOptions::default())
-        {
-            cluster_interval = model::parse_duration(&d.cluster.reconcile.interval).map(Duration::from_secs);
-            cluster_schedule = Some(d.cluster.reconcile.drift_schedule.clone());
-        }
+        // The repository's own policy, as the last run that loaded it reported.
+        let cluster_interval = daemon.memory.policy.as_ref().and_then(|p| p.interval);
+        let cluster_schedule = daemon.memory.policy.as_ref().map(|p| p.drift_schedule.clone());
         if drift_at.is_none() {
             drift_at = next_drift(&daemon.settings, cluster_schedule.as_deref());
         }

@@ -1,0 +1,550 @@
+//! Each run (reconcile, pull request plan, drift check) happens in a worker process: the
+//! daemon's own binary started as `driftless daemon-run`, given the job as JSON on stdin,
+//! answering with the outcome as JSON on stdout, logging on the daemon's stderr.
+//!
+//! The daemon itself only fetches, schedules, keeps the revisions and serves HTTP. What a run
+//! loads and pages in (templates, TLS sessions, the SSH, Kubernetes and Talos clients, the
+//! code behind them) leaves with the worker, so an idle daemon stays small; a run that
+//! panics or is killed cannot take the daemon down (it is reported as failed); and the secrets
+//! the repository names are resolved only in the short-lived worker, never in the daemon.
+
+use super::config::DaemonSettings;
+use super::forge::{CommitState, ForgeClient};
+use super::gitops::{GitAuth, Mirror};
+use super::metrics::ApiSystem;
+use super::status::{self, Outcome, RunKind, StatusReport};
+use crate::apply::{Applier, ApplyReport, Progress, StepOutcome};
+use crate::cluster::access::ClusterAccess;
+use crate::commands::{cluster_access, observe_and_plan_all};
+use crate::connect::{AnyHostShell, ConnectArgs};
+use crate::model::{self, Desired, LoadOptions, RepoFiles};
+use crate::plan::{Plan, Step};
+use crate::render::{self, Artifact};
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The revisions the daemon remembers between runs, as each report shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revisions {
+    pub last_attempted: Option<String>,
+    pub last_applied: Option<String>,
+}
+
+impl Revisions {
+    /// After a run of `kind` on `commit` that ended with `outcome`: only reconciles move
+    /// them, and a commit counts as applied when it was applied or had nothing to apply.
+    pub fn after(&self, kind: RunKind, commit: &str, outcome: Outcome) -> Revisions {
+        if kind != RunKind::Reconcile {
+            return self.clone();
+        }
+        let applied = matches!(outcome, Outcome::Applied | Outcome::NoChanges);
+        Revisions {
+            last_attempted: Some(commit.to_string()),
+            last_applied: if applied {
+                Some(commit.to_string())
+            } else {
+                self.last_applied.clone()
+            },
+        }
+    }
+}
+
+/// What a worker is asked to do.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RunJob {
+    pub settings: DaemonSettings,
+    pub connect: ConnectArgs,
+    pub git_ref: String,
+    pub commit: String,
+    pub kind: RunKind,
+    /// The daemon's revisions before this run.
+    pub revisions: Revisions,
+}
+
+/// A revision's own reconcile policy (cluster.yaml `reconcile:`), which the daemon follows
+/// unless its flags say otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    pub interval: Option<Duration>,
+    pub drift_schedule: String,
+}
+
+/// What a worker answers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunResult {
+    pub outcome: Outcome,
+    /// The number of steps a drift check found (for the drift gauge).
+    pub drifted: Option<usize>,
+    /// Calls to other systems that failed (for the API error counter).
+    pub api_errors: Vec<ApiSystem>,
+    /// The revision's policy, when it loaded.
+    pub policy: Option<Policy>,
+}
+
+// ---- the daemon's side ----
+
+/// How often a waiting daemon looks at its stop flag, to pass a shutdown on to the worker.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+/// Run `job` in a worker process and wait for its answer. A stop request (`stop` set) is
+/// passed on as SIGTERM, once: the worker ends its apply between two steps and still
+/// answers. Errors mean the worker gave no answer (it could not start, crashed or was
+/// killed); the message says which and holds no secret.
+pub async fn run_in_worker(job: &RunJob, stop: &AtomicBool) -> Result<RunResult, String> {
+    use tokio::io::AsyncWriteExt;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find the driftless binary for the worker: {e}"))?;
+    let mut child = tokio::process::Command::new(&exe)
+        .arg("daemon-run")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot start the worker {}: {e}", exe.display()))?;
+    let pid = child.id();
+    let input = serde_json::to_vec(job).expect("a job serialises");
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    // The job is small; a worker that dies before reading it shows up as its exit status.
+    let _ = stdin.write_all(&input).await;
+    drop(stdin);
+
+    let output = child.wait_with_output();
+    tokio::pin!(output);
+    let mut forwarded = false;
+    let mut tick = tokio::time::interval(STOP_CHECK);
+    let output = loop {
+        tokio::select! {
+            out = &mut output => break out,
+            _ = tick.tick(), if !forwarded => {
+                if stop.load(Ordering::SeqCst) {
+                    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+                        // SAFETY: kill only sends a signal to the worker we started.
+                        unsafe { libc::kill(pid, libc::SIGTERM) };
+                    }
+                    forwarded = true;
+                }
+            }
+        }
+    };
+    let output = output.map_err(|e| format!("cannot wait for the worker: {e}"))?;
+    if let Ok(result) = serde_json::from_slice::<RunResult>(&output.stdout) {
+        return Ok(result);
+    }
+    Err(
+        match (
+            output.status.code(),
+            std::os::unix::process::ExitStatusExt::signal(&output.status),
+        ) {
+            (_, Some(signal)) => format!("the run's worker process was killed by signal {signal} before it answered"),
+            (Some(code), _) => format!("the run's worker process exited with status {code} before it answered"),
+            _ => "the run's worker process ended without an answer".to_string(),
+        },
+    )
+}
+
+// ---- the worker's side ----
+
+/// `driftless daemon-run`: read the job from stdin, run it, print the result on stdout.
+pub fn main() -> Result<()> {
+    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        anyhow::bail!("daemon-run is started by `driftless daemon` for each run and reads its job on stdin");
+    }
+    let mut input = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut input).context("cannot read the job from stdin")?;
+    let job: RunJob = serde_json::from_slice(&input).context("daemon-run reads a job from the daemon on stdin")?;
+    if let Some(format) = job.settings.log_format {
+        crate::commands::init_logging(format);
+    }
+    let result = crate::commands::runtime()?.block_on(async {
+        let stop = Arc::new(AtomicBool::new(false));
+        {
+            let stop = stop.clone();
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("cannot handle SIGTERM")?;
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                stop.store(true, Ordering::SeqCst);
+            });
+        }
+        let worker = Worker::open(&job, stop).await?;
+        anyhow::Ok(worker.run(&job).await)
+    })?;
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, &result)?;
+    std::io::Write::flush(&mut out)?;
+    Ok(())
+}
+
+struct LogProgress;
+
+impl Progress for LogProgress {
+    fn step_started(&mut self, index: usize, total: usize, step: &Step) {
+        tracing::info!(step = index + 1, total, action = step.action.verb(), node = %step.node, vmid = step.vmid, "applying");
+    }
+    fn step_finished(&mut self, o: &StepOutcome) {
+        match &o.error {
+            None => tracing::info!(node = %o.node, action = o.action, log = %o.log.join(", "), "step done"),
+            Some(e) => tracing::error!(node = %o.node, action = o.action, error = %e, "step failed"),
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+pub fn git_auth(settings: &DaemonSettings) -> GitAuth {
+    GitAuth {
+        ssh_key: settings.ssh_key.clone(),
+        known_hosts: settings.known_hosts.clone(),
+        token_file: settings.token_file.clone(),
+    }
+}
+
+/// The forge client the settings name, if any.
+pub fn forge_client(settings: &DaemonSettings) -> Result<Option<ForgeClient>> {
+    let Some((kind, api, repo, token_file)) = &settings.forge else {
+        return Ok(None);
+    };
+    let token = std::fs::read_to_string(token_file).with_context(|| format!("cannot read {}", token_file.display()))?;
+    Ok(Some(ForgeClient::new(
+        *kind,
+        api.clone(),
+        repo.clone(),
+        token.trim().to_string(),
+    )?))
+}
+
+/// Commit `report` (redacted of `secrets`) to the status branch. Failures are logged: a
+/// report that cannot be pushed must not fail the run it reports.
+pub async fn publish(
+    mirror: &Arc<Mirror>,
+    settings: &DaemonSettings,
+    report: &StatusReport,
+    secrets: &[String],
+) -> bool {
+    let (md_path, json_path) = status::report_paths(&report.git_ref);
+    let files = vec![
+        (md_path, status::markdown(report, secrets).into_bytes()),
+        (json_path, status::json(report, secrets).into_bytes()),
+    ];
+    let message = format!(
+        "{} {}: {} at {}",
+        report.kind.as_str(),
+        report.git_ref.trim_start_matches("refs/heads/"),
+        report.outcome.as_str(),
+        &report.revision[..report.revision.len().min(12)]
+    );
+    let mirror = mirror.clone();
+    let url = settings.repository.clone();
+    let branch = settings.status_branch.clone();
+    match tokio::task::spawn_blocking(move || mirror.publish_status(&url, &branch, &files, &message)).await {
+        Ok(Ok(commit)) => {
+            tracing::info!(%commit, git_ref = %report.git_ref, outcome = report.outcome.as_str(), "status report committed");
+            true
+        }
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "cannot commit the status report");
+            false
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "status report task failed");
+            false
+        }
+    }
+}
+
+/// The forge's commit status context for a run.
+pub fn forge_context(kind: RunKind) -> &'static str {
+    if kind == RunKind::PullRequest {
+        "driftless/plan"
+    } else {
+        "driftless/apply"
+    }
+}
+
+/// The commit status a finished run leaves on the forge.
+pub fn forge_state(outcome: Outcome) -> CommitState {
+    if outcome.is_problem() && outcome != Outcome::DriftFound {
+        CommitState::Failure
+    } else {
+        CommitState::Success
+    }
+}
+
+struct Worker {
+    settings: DaemonSettings,
+    connect: ConnectArgs,
+    mirror: Arc<Mirror>,
+    stop: Arc<AtomicBool>,
+    forge: Option<ForgeClient>,
+    api_errors: Mutex<Vec<ApiSystem>>,
+}
+
+impl Worker {
+    async fn open(job: &RunJob, stop: Arc<AtomicBool>) -> Result<Worker> {
+        let (url, dir, auth) = (
+            job.settings.repository.clone(),
+            job.settings.state_dir.join("mirror"),
+            git_auth(&job.settings),
+        );
+        let mirror = tokio::task::spawn_blocking(move || Mirror::open_or_init(&url, &dir, auth)).await??;
+        Ok(Worker {
+            settings: job.settings.clone(),
+            connect: job.connect.clone(),
+            mirror: Arc::new(mirror),
+            stop,
+            forge: forge_client(&job.settings)?,
+            api_errors: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn api_error(&self, system: ApiSystem) {
+        self.api_errors.lock().expect("not poisoned").push(system);
+    }
+
+    async fn read_files(&self, commit: &str) -> Result<RepoFiles> {
+        let mirror = self.mirror.clone();
+        let commit = commit.to_string();
+        Ok(tokio::task::spawn_blocking(move || mirror.read_files(&commit)).await??)
+    }
+
+    /// The secrets this repository names, as values, so a report can never carry one.
+    fn secret_values(&self, desired: &Desired) -> Vec<String> {
+        let store = self.connect.secrets();
+        let mut values = Vec::new();
+        for secret in desired.cluster.secrets.keys().filter_map(|n| store.resolve(n).ok()) {
+            // A Talos secrets bundle: each certificate, key and token on its own too.
+            if let Ok(bundle) = crate::cluster::talos_secrets::TalosSecrets::parse(secret.expose()) {
+                for field in bundle.field_names() {
+                    values.extend(bundle.get(field).map(str::to_string));
+                    // Talos's diffs show certificates and keys decoded, line by line.
+                    if let Ok(pem) = bundle.pem(field) {
+                        values.extend(
+                            pem.lines()
+                                .filter(|l| l.len() >= 16 && !l.starts_with("-----"))
+                                .map(str::to_string),
+                        );
+                    }
+                }
+            }
+            values.push(secret.expose().to_string());
+        }
+        values
+    }
+
+    async fn forge_status(&self, sha: &str, state: CommitState, context: &str, description: &str) {
+        if let Some(forge) = &self.forge
+            && let Err(e) = forge.set_status(sha, state, context, description, None).await
+        {
+            tracing::warn!(error = %e, "cannot set the commit status on the forge");
+        }
+    }
+
+    /// Plan (and for the watched branch, apply) one revision, and report it.
+    async fn run(&self, job: &RunJob) -> RunResult {
+        let (git_ref, commit, kind) = (job.git_ref.as_str(), job.commit.as_str(), job.kind);
+        let context = forge_context(kind);
+        self.forge_status(commit, CommitState::Pending, context, "planning")
+            .await;
+        let mut report = StatusReport {
+            git_ref: git_ref.to_string(),
+            revision: commit.to_string(),
+            kind,
+            outcome: Outcome::Failed,
+            started: now_rfc3339(),
+            finished: String::new(),
+            plan: None,
+            applied: None,
+            errors: Vec::new(),
+            last_attempted_revision: None,
+            last_applied_revision: None,
+        };
+        let mut secrets = Vec::new();
+        let mut policy = None;
+        match self.read_files(commit).await {
+            Err(e) => {
+                self.api_error(ApiSystem::Git);
+                report.errors.push(format!("cannot read revision {commit}: {e:#}"));
+            }
+            Ok(files) => match model::load(&files, &LoadOptions::default())
+                .and_then(|d| render::render_all(&d).map(|a| (d, a)))
+            {
+                Err(diags) => {
+                    report.outcome = Outcome::Invalid;
+                    report.errors = diags.0.iter().map(ToString::to_string).collect();
+                }
+                Ok((desired, artifacts)) => {
+                    let r = &desired.cluster.reconcile;
+                    policy = Some(Policy {
+                        interval: model::parse_duration(&r.interval).map(Duration::from_secs),
+                        drift_schedule: r.drift_schedule.clone(),
+                    });
+                    secrets = self.secret_values(&desired);
+                    self.plan_and_maybe_apply(&desired, &artifacts, kind, &mut report).await;
+                }
+            },
+        }
+        let revisions = job.revisions.after(kind, commit, report.outcome);
+        report.last_attempted_revision = revisions.last_attempted;
+        report.last_applied_revision = revisions.last_applied;
+        report.finished = now_rfc3339();
+        self.forge_status(commit, forge_state(report.outcome), context, report.outcome.explain())
+            .await;
+        if !publish(&self.mirror, &self.settings, &report, &secrets).await {
+            self.api_error(ApiSystem::Git);
+        }
+        let drifted = (kind == RunKind::Drift).then(|| report.plan.as_ref().map_or(0, |p| p.steps.len()));
+        RunResult {
+            outcome: report.outcome,
+            drifted,
+            api_errors: self.api_errors.lock().expect("not poisoned").clone(),
+            policy,
+        }
+    }
+
+    async fn apply(
+        &self,
+        client: &crate::adapters::proxmox::ProxmoxClient,
+        shell: Option<&AnyHostShell>,
+        cluster: Option<&ClusterAccess<'_, AnyHostShell>>,
+        plan: &Plan,
+    ) -> ApplyReport {
+        let applier = Applier {
+            proxmox: client,
+            shell,
+            host: self.connect.host_settings(),
+            stop: Some(&self.stop),
+            cluster: cluster.map(|a| a as &dyn crate::apply::ClusterSteps),
+        };
+        applier.apply(plan, &mut LogProgress).await
+    }
+
+    async fn plan_and_maybe_apply(
+        &self,
+        desired: &Desired,
+        artifacts: &[Artifact],
+        kind: RunKind,
+        report: &mut StatusReport,
+    ) {
+        let client = match self.connect.proxmox_client(&desired.cluster) {
+            Ok(c) => c,
+            Err(e) => {
+                report.errors.push(format!("{e:#}"));
+                return;
+            }
+        };
+        let shell = match self.connect.host_shell(&desired.cluster) {
+            Ok(s) => s,
+            Err(e) => {
+                report.errors.push(format!("{e:#}"));
+                return;
+            }
+        };
+        let access = cluster_access(desired, artifacts, &self.connect, shell.as_ref());
+        let plan = match observe_and_plan_all(desired, artifacts, &client, access.as_ref()).await {
+            Ok(p) => p,
+            Err(e) => {
+                self.api_error(ApiSystem::Proxmox);
+                report.errors.push(format!("{e:#}"));
+                return;
+            }
+        };
+        let suspended = desired.cluster.reconcile.suspend;
+        let auto_correct = self
+            .settings
+            .auto_correct
+            .unwrap_or(desired.cluster.reconcile.auto_correct);
+        let apply = match kind {
+            RunKind::Reconcile => !suspended,
+            RunKind::PullRequest => false,
+            RunKind::Drift => auto_correct && !suspended,
+        };
+        report.outcome = match kind {
+            RunKind::PullRequest => Outcome::Planned,
+            RunKind::Drift if plan.is_empty() => Outcome::NoDrift,
+            RunKind::Drift => Outcome::DriftFound,
+            RunKind::Reconcile if suspended => Outcome::Suspended,
+            RunKind::Reconcile if plan.is_empty() => Outcome::NoChanges,
+            RunKind::Reconcile => Outcome::Applied,
+        };
+        if apply && !plan.is_empty() {
+            let applied = self.apply(&client, shell.as_ref(), access.as_ref(), &plan).await;
+            if !applied.ok() {
+                report.outcome = Outcome::Failed;
+                report
+                    .errors
+                    .extend(applied.done.iter().filter_map(|s| s.error.clone()));
+                if applied.stopped {
+                    report.errors.push("stopped by shutdown between two steps".into());
+                }
+            }
+            report.applied = Some(applied);
+        }
+        report.plan = Some(plan);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_reconcile_moves_the_revisions_and_only_success_counts_as_applied() {
+        let before = Revisions {
+            last_attempted: Some("a".into()),
+            last_applied: Some("a".into()),
+        };
+        let applied = before.after(RunKind::Reconcile, "b", Outcome::Applied);
+        assert_eq!(applied.last_attempted.as_deref(), Some("b"));
+        assert_eq!(applied.last_applied.as_deref(), Some("b"));
+        let unchanged = before.after(RunKind::Reconcile, "b", Outcome::NoChanges);
+        assert_eq!(unchanged.last_applied.as_deref(), Some("b"));
+        for outcome in [Outcome::Failed, Outcome::Invalid, Outcome::Suspended] {
+            let r = before.after(RunKind::Reconcile, "b", outcome);
+            assert_eq!(r.last_attempted.as_deref(), Some("b"), "{outcome:?}");
+            assert_eq!(r.last_applied.as_deref(), Some("a"), "{outcome:?}");
+        }
+        assert_eq!(before.after(RunKind::PullRequest, "pr", Outcome::Planned), before);
+        assert_eq!(before.after(RunKind::Drift, "a", Outcome::DriftFound), before);
+    }
+
+    #[test]
+    fn a_job_and_a_result_survive_the_trip_through_json() {
+        let settings = crate::daemon::config::DaemonArgs {
+            config: None,
+            repository: Some("file:///srv/infra.git".into()),
+            ..crate::daemon::config::DaemonArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        let job = RunJob {
+            settings,
+            connect: ConnectArgs::default(),
+            git_ref: "refs/heads/main".into(),
+            commit: "0123abcd".into(),
+            kind: RunKind::Drift,
+            revisions: Revisions::default(),
+        };
+        let back: RunJob = serde_json::from_slice(&serde_json::to_vec(&job).unwrap()).unwrap();
+        assert_eq!(back.settings.repository, "file:///srv/infra.git");
+        assert_eq!(back.kind, RunKind::Drift);
+        let result = RunResult {
+            outcome: Outcome::DriftFound,
+            drifted: Some(2),
+            api_errors: vec![ApiSystem::Proxmox],
+            policy: Some(Policy {
+                interval: Some(Duration::from_secs(300)),
+                drift_schedule: "0 */6 * * *".into(),
+            }),
+        };
+        let back: RunResult = serde_json::from_str(&serde_json::to_string(&result).unwrap()).unwrap();
+        assert_eq!(back, result);
+    }
+}
