@@ -284,17 +284,22 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
                 .map(Some)
                 .map_err(|e| e.to_string());
         }
-        let Some(first) = self.first_control_plane() else {
-            return Ok(None);
-        };
-        let shell = self.node_shell(first)?;
+        match self.first_control_plane() {
+            Some(first) => self.read_node_token(first).await,
+            None => Ok(None),
+        }
+    }
+
+    /// The node-token a K3s server wrote at its first start; `None` before that.
+    async fn read_node_token(&self, server: &Node) -> Result<Option<Secret>, String> {
+        let shell = self.node_shell(server)?;
         match shell.read_file(k3s::SERVER_TOKEN_PATH).await {
             Ok(Some(bytes)) => {
                 let text = String::from_utf8(bytes).map_err(|_| "the server's node-token is not text".to_string())?;
                 Ok(Some(Secret::new(text.trim())))
             }
             Ok(None) => Ok(None),
-            Err(e) => Err(format!("{}: cannot read the node-token: {e}", first.name)),
+            Err(e) => Err(format!("{}: cannot read the node-token: {e}", server.name)),
         }
     }
 
@@ -305,13 +310,7 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
         let (Some(named), Some(first)) = (&self.desired.cluster.k3s.token, self.first_control_plane()) else {
             return Ok(());
         };
-        let shell = self.node_shell(first)?;
-        let running = match shell.read_file(k3s::SERVER_TOKEN_PATH).await {
-            Ok(Some(bytes)) => Secret::new(String::from_utf8_lossy(&bytes).trim()),
-            Ok(None) => return Ok(()),
-            Err(e) => return Err(format!("{}: cannot read the node-token: {e}", first.name)),
-        };
-        let Some(wanted) = self.join_token().await? else {
+        let (Some(running), Some(wanted)) = (self.read_node_token(first).await?, self.join_token().await?) else {
             return Ok(());
         };
         if k3s::token_secret_part(wanted.expose()) == k3s::token_secret_part(running.expose()) {

@@ -419,26 +419,20 @@ impl Node<'_> {
         } else if is_server {
             // K3s encrypts its bootstrap data with the token it was first started with: a
             // different token on an initialised server does not start.
-            let secret_part = token
-                .as_deref()
-                .map(|t| t.rsplit("::server:").next().unwrap_or(t).to_string());
-            if let (Some(have), Some(given)) = (&st.server_secret, &secret_part)
-                && have != given
-            {
-                return Self::unit_failed(
-                    svc,
-                    "starting kubernetes: preparing server: bootstrap data already found and encrypted with different token",
-                );
-            }
-            if st.server_secret.is_none() {
-                st.server_secret = Some(
-                    token
-                        .clone()
-                        .map(|t| t.rsplit("::server:").next().unwrap_or(&t).to_string())
-                        .unwrap_or_else(|| {
-                            uuid_from(self.store.read_seed() ^ u64::from(self.vmid), "k3s-token").replace('-', "")
-                        }),
-                );
+            let secret_part = token.as_deref().map(|t| k3s::token_secret_part(t).to_string());
+            match (&st.server_secret, secret_part) {
+                (Some(have), Some(given)) if *have != given => {
+                    return Self::unit_failed(
+                        svc,
+                        "starting kubernetes: preparing server: bootstrap data already found and encrypted with different token",
+                    );
+                }
+                (Some(_), _) => {}
+                (None, given) => {
+                    st.server_secret = Some(given.unwrap_or_else(|| {
+                        uuid_from(self.store.read_seed() ^ u64::from(self.vmid), "k3s-token").replace('-', "")
+                    }));
+                }
             }
         } else {
             return Self::unit_failed(svc, "--server is required for an agent");
