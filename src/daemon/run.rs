@@ -4,11 +4,10 @@
 //! run. One run at a time; a shutdown stops an apply between two steps.
 
 use super::config::DaemonSettings;
-use super::forge::CommitState;
 use super::gitops::{Mirror, glob_match};
 use super::metrics::{self, ApiSystem, Metrics, ReconcileKind};
 use super::server::{self, ServerState, Trigger};
-use super::status::{Outcome, RunKind, StatusReport};
+use super::status::{Outcome, RunKind};
 use super::worker::{self, Policy, Revisions, RunJob, RunResult};
 use crate::connect::ConnectArgs;
 use anyhow::{Context, Result};
@@ -38,10 +37,6 @@ pub struct Daemon {
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     memory: Memory,
-}
-
-fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 /// Up to 10% of `d`, from the clock's nanoseconds: enough to spread many daemons' polls.
@@ -130,42 +125,20 @@ impl Daemon {
     /// A worker that crashed or was killed left no report: the daemon writes one itself, so
     /// the status branch and the forge never wait for a run that ended.
     async fn report_lost_run(&self, job: &RunJob, error: &str) -> RunResult {
-        let now = now_rfc3339();
-        let revisions = job.revisions.after(job.kind, &job.commit, Outcome::Failed);
-        let report = StatusReport {
-            git_ref: job.git_ref.clone(),
-            revision: job.commit.clone(),
-            kind: job.kind,
-            outcome: Outcome::Failed,
-            started: now.clone(),
-            finished: now,
-            plan: None,
-            applied: None,
-            errors: vec![error.to_string()],
-            last_attempted_revision: revisions.last_attempted,
-            last_applied_revision: revisions.last_applied,
-        };
+        let now = worker::now_rfc3339();
+        let mut report = job.report(now.clone());
+        report.errors.push(error.to_string());
+        job.finish(&mut report, now);
         let mut api_errors = Vec::new();
         if !worker::publish(&self.mirror, &self.settings, &report, &[]).await {
             api_errors.push(ApiSystem::Git);
         }
         match worker::forge_client(&self.settings) {
-            Ok(Some(forge)) => {
+            Ok(forge) => {
                 let context = worker::forge_context(job.kind);
-                if let Err(e) = forge
-                    .set_status(
-                        &job.commit,
-                        CommitState::Failure,
-                        context,
-                        Outcome::Failed.explain(),
-                        None,
-                    )
-                    .await
-                {
-                    tracing::warn!(error = %e, "cannot set the commit status on the forge");
-                }
+                let state = worker::forge_state(Outcome::Failed);
+                worker::forge_status(forge.as_ref(), &job.commit, state, context, Outcome::Failed.explain()).await;
             }
-            Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "cannot set the commit status on the forge"),
         }
         RunResult {

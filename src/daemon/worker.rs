@@ -64,6 +64,33 @@ pub struct RunJob {
     pub revisions: Revisions,
 }
 
+impl RunJob {
+    /// The report of this run as it starts: failed until the run says otherwise.
+    pub fn report(&self, started: String) -> StatusReport {
+        StatusReport {
+            git_ref: self.git_ref.clone(),
+            revision: self.commit.clone(),
+            kind: self.kind,
+            outcome: Outcome::Failed,
+            started,
+            finished: String::new(),
+            plan: None,
+            applied: None,
+            errors: Vec::new(),
+            last_attempted_revision: None,
+            last_applied_revision: None,
+        }
+    }
+
+    /// Close `report`: when it finished, and the revisions as its outcome leaves them.
+    pub fn finish(&self, report: &mut StatusReport, finished: String) {
+        let revisions = self.revisions.after(self.kind, &self.commit, report.outcome);
+        report.last_attempted_revision = revisions.last_attempted;
+        report.last_applied_revision = revisions.last_applied;
+        report.finished = finished;
+    }
+}
+
 /// A revision's own reconcile policy (cluster.yaml `reconcile:`), which the daemon follows
 /// unless its flags say otherwise.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,7 +222,7 @@ impl Progress for LogProgress {
     }
 }
 
-fn now_rfc3339() -> String {
+pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
@@ -257,6 +284,22 @@ pub async fn publish(
             tracing::error!(error = %e, "status report task failed");
             false
         }
+    }
+}
+
+/// Set a commit status on the forge, if there is one. Failures are logged: the forge is a
+/// courtesy, never a reason for a run to fail.
+pub async fn forge_status(
+    forge: Option<&ForgeClient>,
+    sha: &str,
+    state: CommitState,
+    context: &str,
+    description: &str,
+) {
+    if let Some(forge) = forge
+        && let Err(e) = forge.set_status(sha, state, context, description, None).await
+    {
+        tracing::warn!(error = %e, "cannot set the commit status on the forge");
     }
 }
 
@@ -339,33 +382,12 @@ impl Worker {
         values
     }
 
-    async fn forge_status(&self, sha: &str, state: CommitState, context: &str, description: &str) {
-        if let Some(forge) = &self.forge
-            && let Err(e) = forge.set_status(sha, state, context, description, None).await
-        {
-            tracing::warn!(error = %e, "cannot set the commit status on the forge");
-        }
-    }
-
     /// Plan (and for the watched branch, apply) one revision, and report it.
     async fn run(&self, job: &RunJob) -> RunResult {
-        let (git_ref, commit, kind) = (job.git_ref.as_str(), job.commit.as_str(), job.kind);
+        let (commit, kind) = (job.commit.as_str(), job.kind);
         let context = forge_context(kind);
-        self.forge_status(commit, CommitState::Pending, context, "planning")
-            .await;
-        let mut report = StatusReport {
-            git_ref: git_ref.to_string(),
-            revision: commit.to_string(),
-            kind,
-            outcome: Outcome::Failed,
-            started: now_rfc3339(),
-            finished: String::new(),
-            plan: None,
-            applied: None,
-            errors: Vec::new(),
-            last_attempted_revision: None,
-            last_applied_revision: None,
-        };
+        forge_status(self.forge.as_ref(), commit, CommitState::Pending, context, "planning").await;
+        let mut report = job.report(now_rfc3339());
         let mut secrets = Vec::new();
         let mut policy = None;
         match self.read_files(commit).await {
@@ -391,12 +413,15 @@ impl Worker {
                 }
             },
         }
-        let revisions = job.revisions.after(kind, commit, report.outcome);
-        report.last_attempted_revision = revisions.last_attempted;
-        report.last_applied_revision = revisions.last_applied;
-        report.finished = now_rfc3339();
-        self.forge_status(commit, forge_state(report.outcome), context, report.outcome.explain())
-            .await;
+        job.finish(&mut report, now_rfc3339());
+        forge_status(
+            self.forge.as_ref(),
+            commit,
+            forge_state(report.outcome),
+            context,
+            report.outcome.explain(),
+        )
+        .await;
         if !publish(&self.mirror, &self.settings, &report, &secrets).await {
             self.api_error(ApiSystem::Git);
         }
