@@ -230,19 +230,30 @@ fn an_invalid_revision_stalls_and_is_reported_never_half_applied() {
     );
 }
 
-#[test]
-fn sigterm_during_an_apply_stops_between_steps_and_leaves_no_half_written_file() {
+/// A daemon polling every `poll_interval` against a sandbox slowed to 300 ms a request,
+/// returned once its first apply has begun, with the daemon's pid.
+fn daemon_in_a_slow_apply(poll_interval: &str) -> (Setup, u32) {
     let mut s = Setup::new("homelab-k3s");
     s.sandbox().knobs().set_latency(Duration::from_millis(300));
     let url = s.file_url();
-    s.start_daemon(&url, &["--poll-interval", "1h"]);
+    s.start_daemon(&url, &["--poll-interval", poll_interval]);
     wait_until(Duration::from_secs(60), || s.log().contains("applying").then_some(())).expect("an apply starts");
     let pid = s.daemon.as_ref().unwrap().0.id();
+    (s, pid)
+}
+
+fn signal(pid: u32, signal: &str) {
     let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
+        .args([signal, &pid.to_string()])
         .status()
         .unwrap();
-    assert!(status.success());
+    assert!(status.success(), "kill {signal} {pid}");
+}
+
+#[test]
+fn sigterm_during_an_apply_stops_between_steps_and_leaves_no_half_written_file() {
+    let (mut s, pid) = daemon_in_a_slow_apply("1h");
+    signal(pid, "-TERM");
     let exited = wait_until(Duration::from_secs(60), || {
         s.daemon.as_mut().unwrap().0.try_wait().ok().flatten()
     });
@@ -458,23 +469,15 @@ fn workers_of(daemon: u32) -> Vec<u32> {
 
 #[test]
 fn a_run_whose_worker_is_killed_is_reported_failed_and_the_daemon_carries_on() {
-    let mut s = Setup::new("homelab-k3s");
-    s.sandbox().knobs().set_latency(Duration::from_millis(300));
-    let url = s.file_url();
-    s.start_daemon(&url, &["--poll-interval", "2s"]);
-    wait_until(Duration::from_secs(60), || s.log().contains("applying").then_some(())).expect("an apply starts");
-    let daemon = s.daemon.as_ref().unwrap().0.id();
+    let (mut s, daemon) = daemon_in_a_slow_apply("2s");
     let workers = wait_until(Duration::from_secs(10), || {
         let w = workers_of(daemon);
         (!w.is_empty()).then_some(w)
     })
     .expect("each run has a worker process");
     // The long-lived daemon holds no run: killing the worker outright is a lost run, no more.
-    for pid in &workers {
-        std::process::Command::new("kill")
-            .args(["-KILL", &pid.to_string()])
-            .status()
-            .unwrap();
+    for pid in workers {
+        signal(pid, "-KILL");
     }
     let first = git(&s.work, &["rev-parse", "HEAD"]);
     let r = s.wait_report("heads/main", Duration::from_secs(30), |r| {
