@@ -3,12 +3,10 @@
 //! that find nothing new, and the resident memory of an idle daemon.
 //! Run with `cargo bench --bench daemon`; numbers go to docs/benchmarks.md.
 
-#[path = "../tests/support/daemon_env.rs"]
-mod env;
-
-use env::{Setup, git, worker2_with_memory};
 use hmac::Mac;
 use std::time::{Duration, Instant};
+use testkit::daemon_env::{Setup, worker2_with_memory};
+use testkit::git;
 
 fn signed_post(port: u16, body: &str, secret: &str) {
     use std::io::{Read, Write};

@@ -1,12 +1,10 @@
 //! Benchmark: load, validate and render a generated repository of 1,000 LXC nodes with the
 //! seed's ADRs. Run with `cargo bench --bench pipeline`; numbers go to docs/benchmarks.md.
 
-mod support;
-
 use driftless::model::{LoadOptions, load};
 use driftless::render::render_all;
 use std::time::{Duration, Instant};
-use support::generate;
+use testkit::generate::generate;
 
 const NODES: usize = 1000;
 

@@ -3,21 +3,19 @@
 //! diff) and the API requests it made: the target is one listing plus one config read per
 //! managed guest. Run with `cargo bench --bench plan500`; numbers go to docs/benchmarks.md.
 
-mod support;
-
 use driftless::adapters::proxmox::{ApiToken, ClientOptions, ProxmoxClient};
 use driftless::adapters::tls::TlsTrust;
 use driftless::apply::observe;
 use driftless::model::{LoadOptions, load};
 use driftless::plan::{desired_guests, plan};
 use driftless::render::{ArtifactKind, render_all};
-use driftless::sandbox::{self, SandboxOptions};
+use driftless_sandbox::{self as sandbox, SandboxOptions};
 use std::time::{Duration, Instant};
 
 const GUESTS: usize = 500;
 
 fn main() {
-    let files = support::generate(GUESTS);
+    let files = testkit::generate::generate(GUESTS);
     let desired = load(&files, &LoadOptions::default()).expect("valid");
     let artifacts = render_all(&desired).expect("renders");
     let guests = desired_guests(&desired, &artifacts);

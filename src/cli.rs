@@ -169,11 +169,6 @@ pub enum Command {
     /// Exit code 0 when healthy, 1 when not.
     Health(PlanArgs),
 
-    /// The sandbox: a Proxmox VE API on loopback that behaves like the real one, for trying
-    /// driftless without a homelab (`sandbox demo`), for tests, and for benchmarks.
-    #[command(subcommand)]
-    Sandbox(SandboxCommand),
-
     /// Show a node's final values and the chain of files and ADRs that set them.
     #[command(after_help = EXPLAIN_EXAMPLES)]
     Explain(ExplainArgs),
@@ -254,39 +249,4 @@ pub struct ExplainArgs {
     /// One key, such as `cores`, `lxc.features.nesting` or `k3s.config.write-kubeconfig-mode`;
     /// every key when absent.
     pub key: Option<String>,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum SandboxCommand {
-    /// Show the whole loop on this machine: start a sandbox Proxmox, plan and apply an
-    /// example homelab into it, plan again (nothing to do), change a node file and apply
-    /// just that, change a guest behind driftless's back and report the drift.
-    Demo {
-        /// The example under examples/ to use.
-        #[arg(long, default_value = "homelab-k3s")]
-        example: String,
-        /// Keep everything (the sandbox's /etc/pve, the git repository with its status
-        /// branch) in DIR, to look around afterwards; a temporary directory otherwise.
-        #[arg(long = "keep", value_name = "DIR")]
-        state: Option<std::path::PathBuf>,
-    },
-    /// Serve the sandbox Proxmox API until interrupted, and print how to connect to it.
-    Serve {
-        /// The sandbox's /etc/pve: config files live under DIR/nodes/<node>/.
-        #[arg(long, value_name = "DIR")]
-        state: std::path::PathBuf,
-        #[arg(long, default_value = "127.0.0.1:8006", value_name = "ADDR")]
-        listen: std::net::SocketAddr,
-        /// Serve plain HTTP instead of HTTPS.
-        #[arg(long)]
-        plain_http: bool,
-    },
-    /// `pct` for the sandbox: what a root shell on the sandbox's host runs (`pct set VMID
-    /// --features ...`), editing the sandbox's config files.
-    Pct {
-        #[arg(long, value_name = "DIR")]
-        state: std::path::PathBuf,
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
-        args: Vec<String>,
-    },
 }

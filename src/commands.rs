@@ -24,7 +24,6 @@ pub enum Outcome {
 
 pub fn run(cli: &Cli) -> Result<Outcome> {
     match &cli.command {
-        Command::Sandbox(cmd) => return crate::quickstart::sandbox(cmd),
         Command::Daemon(cmd) => return daemon_cmd(cmd),
         Command::DaemonRun => return crate::daemon::worker::main().map(|()| Outcome::Ok),
         Command::Status(args) => return status_cmd(args, cli.global.output),
@@ -58,7 +57,7 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         Command::Drift(args) => return plan_cmd(&desired, &artifacts, args, out, Wording::Drift),
         Command::Apply(args) => return apply_cmd(&desired, &artifacts, args, out),
         Command::Health(args) => return health_cmd(&desired, &artifacts, args, out),
-        Command::Sandbox(_) | Command::Daemon(_) | Command::DaemonRun | Command::Status(_) => {
+        Command::Daemon(_) | Command::DaemonRun | Command::Status(_) => {
             unreachable!("handled before loading")
         }
     }

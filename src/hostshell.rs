@@ -434,7 +434,7 @@ lxc.apparmor.profile: generated
     fn pct_set_command() {
         let argv = pct_set_argv(&[], 101, &pairs(&[("features", "fuse=1,keyctl=1,nesting=1")])).unwrap();
         assert_eq!(argv, ["pct", "set", "101", "--features", "fuse=1,keyctl=1,nesting=1"]);
-        let cmd: Vec<String> = ["driftless", "sandbox", "pct", "--state", "/tmp/s"]
+        let cmd: Vec<String> = ["driftless-sandbox", "pct", "--state", "/tmp/s"]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -442,8 +442,7 @@ lxc.apparmor.profile: generated
         assert_eq!(
             argv,
             [
-                "driftless",
-                "sandbox",
+                "driftless-sandbox",
                 "pct",
                 "--state",
                 "/tmp/s",

@@ -35,8 +35,6 @@ pub mod model;
 pub mod plan;
 pub mod ports;
 pub mod pve;
-pub mod quickstart;
 pub mod render;
-pub mod sandbox;
 pub mod secrets;
 pub mod source;

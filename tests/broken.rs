@@ -14,8 +14,6 @@
 //! cascade into noise), and `--output json` must report the same files and lines.
 //! All failing cases are reported together.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Default)]
@@ -145,11 +143,11 @@ fn show(e: &Expected) -> String {
 fn check(case: &Case) -> Vec<String> {
     let mut problems = Vec::new();
     let repo = tempfile::tempdir().expect("temp dir");
-    common::copy_dir(&common::example(&case.base), repo.path());
-    common::apply_overlay(&case.dir, repo.path());
+    testkit::copy_dir(&testkit::example(&case.base), repo.path());
+    testkit::apply_overlay(&case.dir, repo.path());
 
     // text output
-    let run = common::run_repo(repo.path(), ["validate"]);
+    let run = testkit::run_repo(repo.path(), ["validate"]);
     if run.code != 1 {
         problems.push(format!("exit code {} (wanted 1)", run.code));
     }
@@ -175,7 +173,7 @@ fn check(case: &Case) -> Vec<String> {
     }
 
     // JSON output: the same places
-    let json = common::run_repo(repo.path(), ["--output", "json", "validate"]);
+    let json = testkit::run_repo(repo.path(), ["--output", "json", "validate"]);
     if json.code != 1 {
         problems.push(format!("--output json: exit code {} (wanted 1)", json.code));
     }
@@ -221,7 +219,7 @@ fn check(case: &Case) -> Vec<String> {
 
 #[test]
 fn every_broken_repository_is_reported_at_the_right_place() {
-    let corpus = common::root().join("tests/broken");
+    let corpus = testkit::root().join("tests/broken");
     let mut dirs: Vec<PathBuf> = std::fs::read_dir(&corpus)
         .expect("tests/broken exists")
         .map(|e| e.expect("entry").path())
@@ -267,6 +265,6 @@ fn every_broken_repository_is_reported_at_the_right_place() {
 #[test]
 fn the_bases_of_the_corpus_are_valid() {
     for base in ["homelab-k3s", "homelab-talos"] {
-        common::run_repo(&common::example(base), ["validate"]).expect_code(0, base);
+        testkit::run_repo(&testkit::example(base), ["validate"]).expect_code(0, base);
     }
 }

@@ -2,10 +2,8 @@
 //! get a did-you-mean, `explain` cites the right file and line, ADR statuses and deviations
 //! decide what applies, `render --out` writes files, JSON output parses, secrets stay out.
 
-mod common;
-
-use common::{example, run, run_repo, temp_copy, write};
 use std::path::Path;
+use testkit::{example, run, run_repo, temp_copy, write};
 
 const K3S: &str = "homelab-k3s";
 const TALOS: &str = "homelab-talos";
@@ -272,7 +270,7 @@ fn render_out_writes_one_directory_per_node() {
             .chain([out.path().to_str().unwrap()]),
     );
     r.expect_code(0, "render --out");
-    let files = common::list_files(out.path());
+    let files = testkit::list_files(out.path());
     let mut want = Vec::new();
     for node in ["k3s-master", "k3s-worker-1", "k3s-worker-2"] {
         for file in ["k3s-config.yaml", "proxmox-api.json", "proxmox.conf"] {
@@ -307,7 +305,7 @@ fn render_out_writes_one_directory_per_node() {
         ],
     );
     r.expect_code(0, "render one artifact --out");
-    assert_eq!(common::list_files(out.path()), ["talos-cp-1/talos-machineconfig.yaml"]);
+    assert_eq!(testkit::list_files(out.path()), ["talos-cp-1/talos-machineconfig.yaml"]);
 }
 
 #[test]

@@ -1,12 +1,12 @@
 //! The daemon end to end: a bare repository served by the real git CLI, the sandbox Proxmox,
 //! and `driftless daemon` as a process; the status branch is read back with the git CLI.
 
-#[path = "support/daemon_env.rs"]
-mod env;
+use testkit::daemon_env as env;
 
-use env::{Setup, git, wait_until, worker2_with_memory};
+use env::{Setup, worker2_with_memory};
 use hmac::Mac;
 use std::time::Duration;
+use testkit::{git, wait_until};
 
 const SECRET: &str = "webhook-test-secret";
 
@@ -150,7 +150,7 @@ fn drift_made_behind_the_daemons_back_is_reported_on_schedule() {
     s.wait_report("heads/main", Duration::from_secs(60), |r| {
         r["revision"] == first.as_str() && r["outcome"] == "applied"
     });
-    driftless::sandbox::pct(&s.state, &["set".into(), "101".into(), "--cores".into(), "8".into()]).unwrap();
+    driftless_sandbox::pct(&s.state, &["set".into(), "101".into(), "--cores".into(), "8".into()]).unwrap();
     let r = s.wait_report("heads/main", Duration::from_secs(30), |r| r["outcome"] == "drift_found");
     assert_eq!(r["kind"], "drift");
     let md = git(&s.bare, &["show", "driftless/status:status/heads/main.md"]);
@@ -303,8 +303,8 @@ fn a_commit_to_a_local_repository_is_noticed_without_waiting_for_the_poll() {
 #[test]
 fn the_quickstart_demo_shows_the_whole_loop() {
     let keep = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
-        .args(["sandbox", "demo", "--keep"])
+    let out = std::process::Command::new(testkit::sandbox_bin())
+        .args(["demo", "--keep"])
         .arg(keep.path())
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .output()
@@ -355,7 +355,7 @@ fn suspend_plans_and_reports_without_applying() {
     );
     assert!(s.conf(100).is_empty(), "nothing was applied");
     // `driftless status` reads the report back from the status branch.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_driftless"))
+    let out = std::process::Command::new(testkit::driftless_bin())
         .args(["status", "--repository", &url])
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
         .output()
@@ -387,7 +387,7 @@ fn auto_correct_applies_drift_back() {
     s.wait_report("heads/main", Duration::from_secs(60), |r| {
         r["revision"] == first.as_str() && r["outcome"] == "applied"
     });
-    driftless::sandbox::pct(&s.state, &["set".into(), "101".into(), "--cores".into(), "8".into()]).unwrap();
+    driftless_sandbox::pct(&s.state, &["set".into(), "101".into(), "--cores".into(), "8".into()]).unwrap();
     let r = s.wait_report("heads/main", Duration::from_secs(30), |r| {
         r["outcome"] == "drift_found" && r["applied"].is_object()
     });
@@ -426,7 +426,7 @@ fn the_daemons_logs_and_reports_of_a_full_cluster_apply_carry_no_secret() {
         let mut values = vec![s.sandbox().kube.token.clone()];
         if example == "homelab-k3s" {
             let token = std::fs::read_to_string(
-                driftless::sandbox::k3s_sim::rootfs(&s.state, 100).join("var/lib/rancher/k3s/server/node-token"),
+                driftless_sandbox::k3s_sim::rootfs(&s.state, 100).join("var/lib/rancher/k3s/server/node-token"),
             )
             .unwrap();
             values.push(token.trim().rsplit("::server:").next().unwrap().to_string());

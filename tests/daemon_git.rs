@@ -4,8 +4,6 @@
 //! `driftless/status` without touching `main`, surviving a concurrent push without force; the
 //! https token sent as a header and kept out of errors; and the status report layer.
 
-mod common;
-
 use driftless::daemon::gitops::{DEFAULT_STATUS_BRANCH, GitAuth, GitError, Mirror};
 use driftless::daemon::status::{self, Outcome, RunKind, StatusReport};
 use std::io::{Read, Write};
@@ -65,7 +63,7 @@ impl Forge {
             &["-c", "init.defaultBranch=main", "init", "-q", "--bare", path_str(&bare)],
         );
         let work = root.path().join("work");
-        common::copy_dir(&common::example("homelab-k3s"), &work);
+        testkit::copy_dir(&testkit::example("homelab-k3s"), &work);
         git(&work, &["-c", "init.defaultBranch=main", "init", "-q"]);
         git(&work, &["add", "-A"]);
         git(&work, &["commit", "-q", "-m", "The seed homelab"]);

@@ -4,11 +4,7 @@
 //! ask the sandbox's Kubernetes API through kube-rs with the kubeconfig fetched from the
 //! server.
 
-#[path = "support/cluster_env.rs"]
-mod cluster_env;
-mod common;
-#[path = "support/sshd.rs"]
-mod sshd;
+use testkit::cluster_env;
 
 use cluster_env::Env;
 

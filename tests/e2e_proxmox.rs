@@ -2,11 +2,9 @@
 //! Proxmox (HTTPS, pinned fingerprint, token auth), writing raw LXC keys and root-only
 //! features through a real OpenSSH server on loopback.
 
-mod common;
-#[path = "support/sshd.rs"]
-mod sshd;
+use testkit::sshd;
 
-use driftless::sandbox::{self, SandboxHandle, SandboxOptions};
+use driftless_sandbox::{self as sandbox, SandboxHandle, SandboxOptions};
 use std::path::PathBuf;
 
 struct Env {
@@ -30,7 +28,7 @@ impl Env {
         let sandbox = rt.block_on(sandbox::start(SandboxOptions::new(state.path()))).unwrap();
         let token_file = state.path().join("token");
         std::fs::write(&token_file, &sandbox.token).unwrap();
-        let repo = common::temp_copy(example);
+        let repo = testkit::temp_copy(example);
         Env {
             rt,
             sandbox: Some(sandbox),
@@ -46,7 +44,6 @@ impl Env {
     }
 
     fn connection_args(&self) -> Vec<String> {
-        let exe = env!("CARGO_BIN_EXE_driftless");
         let s = self.sandbox();
         vec![
             "--proxmox-url".into(),
@@ -68,19 +65,19 @@ impl Env {
             "--pve-root".into(),
             self.state.path().display().to_string(),
             "--pct-command".into(),
-            format!("{exe} sandbox pct --state {}", self.state.path().display()),
+            testkit::pct_command(self.state.path()),
             // The Proxmox layer alone: tests/e2e_cluster.rs covers K3s and Kubernetes.
             "--guests-only".into(),
         ]
     }
 
     /// `driftless --repo REPO <cmd> <extra> <connection flags>`.
-    fn run(&self, cmd: &[&str], extra: &[String]) -> common::Run {
+    fn run(&self, cmd: &[&str], extra: &[String]) -> testkit::Run {
         let mut args: Vec<String> = vec!["--repo".into(), self.repo.path().display().to_string()];
         args.extend(cmd.iter().map(|s| s.to_string()));
         args.extend(extra.iter().cloned());
         args.extend(self.connection_args());
-        common::run(&args)
+        testkit::run(&args)
     }
 
     fn conf(&self, vmid: u32) -> String {
@@ -101,7 +98,7 @@ impl Env {
     }
 
     fn write(&self, rel: &str, text: &str) {
-        common::write(self.repo.path(), rel, text);
+        testkit::write(self.repo.path(), rel, text);
     }
 }
 
@@ -113,7 +110,7 @@ impl Drop for Env {
     }
 }
 
-fn apply(env: &Env) -> common::Run {
+fn apply(env: &Env) -> testkit::Run {
     let r = env.run(&["apply"], &["--auto-approve".into()]);
     r.expect_code(0, "apply");
     r
@@ -322,7 +319,7 @@ fn a_fingerprint_that_does_not_match_is_refused() {
     let i = conn.iter().position(|a| a == "--proxmox-fingerprint").unwrap();
     conn[i + 1] = ["AB"; 32].join(":");
     args.extend(conn);
-    let r = common::run(&args);
+    let r = testkit::run(&args);
     r.expect_code(1, "wrong fingerprint");
     assert!(r.stderr.to_lowercase().contains("fingerprint"), "{}", r.stderr);
     assert!(
@@ -346,7 +343,7 @@ fn a_wrong_host_key_stops_the_apply_before_raw_keys_are_written() {
     let i = conn.iter().position(|a| a == "--ssh-known-hosts").unwrap();
     conn[i + 1] = wrong.display().to_string();
     args.extend(conn);
-    let r = common::run(&args);
+    let r = testkit::run(&args);
     r.expect_code(1, "apply with a wrong host key");
     assert!(r.stderr.contains("host key"), "{}", r.stderr);
     assert!(r.stdout.contains("Stopped at create k3s-master"), "{}", r.stdout);

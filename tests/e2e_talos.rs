@@ -6,11 +6,7 @@
 //! the plan. The sandbox's Talos API validates every config it is sent against the official
 //! schema.
 
-#[path = "support/cluster_env.rs"]
-mod cluster_env;
-mod common;
-#[path = "support/sshd.rs"]
-mod sshd;
+use testkit::cluster_env;
 
 use cluster_env::Env;
 
@@ -100,7 +96,7 @@ fn a_config_the_official_schema_rejects_is_refused_by_talos_already_at_plan_time
     let env = Env::new("homelab-talos");
     env.apply();
     // A user template that writes a key Talos does not know.
-    let tpl = std::fs::read_to_string(common::root().join("templates/talos-machineconfig.yaml.j2")).unwrap();
+    let tpl = std::fs::read_to_string(testkit::root().join("templates/talos-machineconfig.yaml.j2")).unwrap();
     let broken = tpl.replacen("machine:\n", "machine:\n  kubeletImage: nope\n", 1);
     assert_ne!(tpl, broken);
     std::fs::create_dir_all(env.repo.path().join("templates")).unwrap();

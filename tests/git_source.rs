@@ -3,8 +3,6 @@
 //! render; `--rev` ignores uncommitted edits and reads older commits; a bad revision is an
 //! error that names it.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
@@ -31,7 +29,7 @@ fn git(dir: &Path, args: &[&str]) -> String {
 
 /// A git repository holding examples/homelab-k3s, committed once on `main`.
 fn committed_example() -> tempfile::TempDir {
-    let repo = common::temp_copy("homelab-k3s");
+    let repo = testkit::temp_copy("homelab-k3s");
     git(repo.path(), &["-c", "init.defaultBranch=main", "init", "-q"]);
     git(repo.path(), &["add", "-A"]);
     git(repo.path(), &["commit", "-q", "-m", "The seed homelab"]);
@@ -45,7 +43,7 @@ fn render(repo: &str, rev: Option<&str>) -> String {
         args.extend(["--rev", r]);
     }
     args.push("render");
-    let r = common::run(&args);
+    let r = testkit::run(&args);
     r.expect_code(0, &format!("render {args:?}"));
     assert!(!r.stdout.is_empty());
     r.stdout
@@ -61,7 +59,7 @@ fn every_way_of_reading_the_same_commit_renders_the_same() {
     let dir = path_str(repo.path());
     let on_disk = render(dir, None);
     // The committed copy renders exactly what the example does.
-    assert_eq!(on_disk, render(path_str(&common::example("homelab-k3s")), None));
+    assert_eq!(on_disk, render(path_str(&testkit::example("homelab-k3s")), None));
 
     assert_eq!(render(dir, Some("HEAD")), on_disk, "--rev HEAD");
     assert_eq!(render(dir, Some("main")), on_disk, "--rev main");
@@ -83,7 +81,7 @@ fn rev_reads_the_commit_not_the_working_directory() {
     let repo = committed_example();
     let dir = path_str(repo.path());
     let committed = render(dir, Some("HEAD"));
-    common::write(
+    testkit::write(
         repo.path(),
         "nodes/k3s-worker-1.yaml",
         "vmid: 101\nproxmox_node: pve\nkind: lxc\nrole: agent\naddress: 192.168.2.21/24\ntags: [uncommitted]\n",
@@ -111,7 +109,7 @@ fn an_older_commit_is_readable() {
     let repo = committed_example();
     let dir = path_str(repo.path());
     let first = render(dir, None);
-    common::write(
+    testkit::write(
         repo.path(),
         "nodes/k3s-worker-2.yaml",
         "vmid: 102\nproxmox_node: pve\nkind: lxc\nrole: agent\naddress: 192.168.2.22/24\nvlan: 20\n",
@@ -137,7 +135,7 @@ fn a_revision_that_does_not_exist_is_named_in_the_error() {
     let repo = committed_example();
     let dir = path_str(repo.path());
     for rev in ["no-such-branch", "HEAD~5"] {
-        let r = common::run(["--repo", dir, "--rev", rev, "validate"]);
+        let r = testkit::run(["--repo", dir, "--rev", rev, "validate"]);
         r.expect_code(1, &format!("--rev {rev}"));
         assert!(r.stdout.is_empty(), "{}", r.stdout);
         assert!(
@@ -149,7 +147,7 @@ fn a_revision_that_does_not_exist_is_named_in_the_error() {
     }
     // A URL that cannot be fetched is an error too, not a panic.
     let missing = format!("file://{dir}/no-such-repo");
-    let r = common::run(["--repo", &missing, "validate"]);
+    let r = testkit::run(["--repo", &missing, "validate"]);
     r.expect_code(1, "an unreachable URL");
     assert!(r.stderr.contains("no-such-repo"), "{}", r.stderr);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
@@ -159,13 +157,13 @@ fn a_revision_that_does_not_exist_is_named_in_the_error() {
 fn validation_errors_from_git_point_at_repository_paths() {
     let repo = committed_example();
     let dir = path_str(repo.path());
-    common::write(
+    testkit::write(
         repo.path(),
         "nodes/k3s-worker-1.yaml",
         "vmid: 101\nproxmox_node: pve\nkind: lxc\nrole: agent\naddress: 192.168.2.21/24\ncors: 2\n",
     );
     git(repo.path(), &["commit", "-q", "-a", "-m", "A typo"]);
-    let r = common::run(["--repo", dir, "--rev", "HEAD", "validate"]);
+    let r = testkit::run(["--repo", dir, "--rev", "HEAD", "validate"]);
     r.expect_code(1, "a broken commit");
     assert!(
         r.stderr
@@ -174,14 +172,14 @@ fn validation_errors_from_git_point_at_repository_paths() {
         r.stderr
     );
     // The previous commit is still valid.
-    common::run(["--repo", dir, "--rev", "HEAD~1", "validate"]).expect_code(0, "HEAD~1");
+    testkit::run(["--repo", dir, "--rev", "HEAD~1", "validate"]).expect_code(0, "HEAD~1");
 }
 
 #[test]
 fn a_directory_inside_a_bigger_repository_reads_its_own_subtree() {
     let outer = tempfile::tempdir().unwrap();
     let inner = outer.path().join("infra/homelab");
-    common::copy_dir(&common::example("homelab-k3s"), &inner);
+    testkit::copy_dir(&testkit::example("homelab-k3s"), &inner);
     git(outer.path(), &["-c", "init.defaultBranch=main", "init", "-q"]);
     git(outer.path(), &["add", "-A"]);
     git(outer.path(), &["commit", "-q", "-m", "homelab under infra/"]);

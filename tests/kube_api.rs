@@ -8,8 +8,8 @@ use std::path::Path;
 
 use driftless::adapters::kube::KubeClient;
 use driftless::ports::{KubeApi, KubeError, KubeNode, NodePatch, Taint};
-use driftless::sandbox::cluster_state::{self, SimNode};
-use driftless::sandbox::kube_api::{self, KubeApiHandle};
+use driftless_sandbox::cluster_state::{self, SimNode};
+use driftless_sandbox::kube_api::{self, KubeApiHandle};
 
 const LOOPBACK: ([u8; 4], u16) = ([127, 0, 0, 1], 0);
 

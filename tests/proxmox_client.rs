@@ -812,7 +812,7 @@ async fn task_timeout_is_respected() {
 
 mod sandbox_e2e {
     use super::*;
-    use driftless::sandbox::{self, SandboxHandle, SandboxOptions};
+    use driftless_sandbox::{self as sandbox, SandboxHandle, SandboxOptions};
 
     async fn start(dir: &std::path::Path) -> SandboxHandle {
         sandbox::start(SandboxOptions::new(dir.join("state"))).await.unwrap()

@@ -10,8 +10,6 @@
 //!
 //! and read `git diff tests/snapshots` the way an operator would before committing it.
 
-mod common;
-
 use driftless::pve::ApiSchema;
 use driftless::pve::conf::{self, GuestKind};
 use regex::Regex;
@@ -27,8 +25,8 @@ fn blessing() -> bool {
 /// `driftless --repo examples/EX render --out DIR` into a fresh temp dir.
 fn render_out(example: &str) -> tempfile::TempDir {
     let out = tempfile::tempdir().expect("temp dir");
-    common::run_repo(
-        &common::example(example),
+    testkit::run_repo(
+        &testkit::example(example),
         ["render", "--out", out.path().to_str().expect("utf-8 temp path")],
     )
     .expect_code(0, &format!("render --out {example}"));
@@ -37,7 +35,7 @@ fn render_out(example: &str) -> tempfile::TempDir {
 
 /// Every artifact of an example: (node, kind, target, content), from `--output json render`.
 fn artifacts(example: &str) -> Vec<(String, String, String, String)> {
-    let r = common::run_repo(&common::example(example), ["--output", "json", "render"]);
+    let r = testkit::run_repo(&testkit::example(example), ["--output", "json", "render"]);
     r.expect_code(0, &format!("render {example}"));
     r.json()
         .as_array()
@@ -58,7 +56,7 @@ fn read_tree(dir: &Path) -> BTreeMap<String, Vec<u8>> {
     if !dir.exists() {
         return BTreeMap::new();
     }
-    common::list_files(dir)
+    testkit::list_files(dir)
         .into_iter()
         .map(|rel| {
             let bytes = std::fs::read(dir.join(&rel)).expect("read snapshot");
@@ -93,14 +91,14 @@ fn rendered_artifacts_match_the_snapshots() {
     let mut failures = Vec::new();
     for example in EXAMPLES {
         let out = render_out(example);
-        let snap_dir = common::root().join("tests/snapshots").join(example);
+        let snap_dir = testkit::root().join("tests/snapshots").join(example);
         let rendered = read_tree(out.path());
         assert!(!rendered.is_empty(), "{example} rendered nothing");
         if blessing() {
             if snap_dir.exists() {
                 std::fs::remove_dir_all(&snap_dir).expect("clear old snapshots");
             }
-            common::copy_dir(out.path(), &snap_dir);
+            testkit::copy_dir(out.path(), &snap_dir);
             eprintln!(
                 "blessed {} files of {example} in {}",
                 rendered.len(),
@@ -134,8 +132,8 @@ fn rendering_twice_gives_identical_bytes() {
         let a = read_tree(render_out(example).path());
         let b = read_tree(render_out(example).path());
         assert_eq!(a, b, "{example}: two renders differ");
-        let first = common::run_repo(&common::example(example), ["render"]);
-        let second = common::run_repo(&common::example(example), ["render"]);
+        let first = testkit::run_repo(&testkit::example(example), ["render"]);
+        let second = testkit::run_repo(&testkit::example(example), ["render"]);
         assert_eq!(
             first.stdout, second.stdout,
             "{example}: `render` output differs between runs"
@@ -360,11 +358,11 @@ fn snapshot(example: &str, node: &str, file: &str) -> String {
             "k3s-config.yaml" => "k3s-config",
             _ => "talos-config",
         };
-        let r = common::run_repo(&common::example(example), ["render", node, "--artifact", artifact]);
+        let r = testkit::run_repo(&testkit::example(example), ["render", node, "--artifact", artifact]);
         r.expect_code(0, &format!("render {example} {node} {artifact}"));
         return r.stdout;
     }
-    let p = common::root()
+    let p = testkit::root()
         .join("tests/snapshots")
         .join(example)
         .join(node)

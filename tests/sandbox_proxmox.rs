@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use driftless::sandbox::{self, SandboxHandle, SandboxOptions};
+use driftless_sandbox::{self as sandbox, SandboxHandle, SandboxOptions};
 use serde_json::Value;
 use sha1::Digest as _;
 

@@ -1,8 +1,7 @@
 //! `SshHostShell` and the host operations of `driftless::hostshell` against a real OpenSSH
 //! server (tests/support/sshd.rs). Skipped only when sshd is not installed.
 
-#[path = "support/sshd.rs"]
-mod sshd;
+use testkit::sshd;
 
 use std::collections::BTreeMap;
 use std::fs;

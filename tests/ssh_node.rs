@@ -3,8 +3,7 @@
 //! service restarts only when something changed. The node's root is a directory of the test;
 //! `systemctl` and `k3s` are small scripts on the session's PATH that record their calls.
 
-#[path = "support/sshd.rs"]
-mod sshd;
+use testkit::sshd;
 
 use driftless::adapters::ssh::{HostTarget, SshHostShell};
 use driftless::cluster::k3s;

@@ -6,15 +6,15 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use driftless::adapters::talos::TalosClient;
 use driftless::cluster::talos_secrets::{self, TalosSecrets};
 use driftless::model::{LoadOptions, RepoFiles};
 use driftless::ports::{TalosApi, TalosApplyMode, TalosError, TalosNodeState};
 use driftless::render::ArtifactKind;
-use driftless::sandbox::cluster_state;
-use driftless::sandbox::talos_api::{self, TalosApiHandle};
+use driftless_sandbox::cluster_state;
+use driftless_sandbox::talos_api::{self, TalosApiHandle};
 
 const CP: &str = "10.0.0.10";
 const WORKER: &str = "10.0.0.21";
@@ -23,7 +23,7 @@ const KUBECONFIG: &str = "apiVersion: v1\nkind: Config\nclusters: []\n# the simu
 // ------------------------------------------------------------------------------- rendering
 
 fn example() -> RepoFiles {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/homelab-talos");
+    let dir = testkit::root().join("examples/homelab-talos");
     driftless::source::read_dir(&dir).expect("examples/homelab-talos reads")
 }
 
@@ -541,7 +541,7 @@ async fn staged_and_try_modes() {
 /// A bundle made of what real `talosctl gen config` output holds (tests/fixtures/talos: public
 /// test secrets, keys Go wrote), as `talosctl gen secrets --from-controlplane-config` would.
 fn bundle_from_talosctl_output() -> TalosSecrets {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/talos/talos-example-v1.13-controlplane.yaml");
+    let path = testkit::root().join("tests/fixtures/talos/talos-example-v1.13-controlplane.yaml");
     let text = std::fs::read_to_string(path).unwrap();
     let doc: serde_json::Value = yaml_serde::Deserializer::from_str(&text)
         .map(|d| serde::Deserialize::deserialize(d).unwrap())

@@ -1,5 +1,6 @@
 //! The Talos machine configurations driftless renders, checked against Talos's own JSON schemas
-//! (tests/fixtures/talos, copied from siderolabs/talos) for the Talos version each one targets.
+//! (`driftless_sandbox::talos_schema`, copied from siderolabs/talos) for the Talos version each
+//! one targets.
 //!
 //! Both schemas are Draft 2020-12 documents whose root is a `oneOf` of `$ref`s into `$defs`,
 //! one definition per document kind. Every rendered document is validated against the
@@ -8,126 +9,29 @@
 
 use driftless::model::{LoadOptions, RepoFiles};
 use driftless::render::ArtifactKind;
+use driftless_sandbox::talos_schema::{Schema, kind_of, main_branch, v1_13};
 use serde::Deserialize;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
-use std::sync::LazyLock;
 
 // ------------------------------------------------------------------------------- schemas
 
-fn manifest_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).to_path_buf()
-}
-
 fn fixture(name: &str) -> String {
-    let path = manifest_dir().join("tests/fixtures/talos").join(name);
+    let path = testkit::root().join("tests/fixtures/talos").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// One Talos version's schema, compiled once: a validator per `$defs` entry and for the root.
-struct Schema {
-    file: &'static str,
-    validators: jsonschema::ValidatorMap,
-    /// Document kind (`v1alpha1` for the `version: v1alpha1` document) -> `#/$defs/...` pointer.
-    kinds: BTreeMap<String, String>,
-}
-
-impl Schema {
-    fn load(file: &'static str) -> Schema {
-        let schema: Value = serde_json::from_str(&fixture(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
-        assert_eq!(
-            schema["$schema"], "https://json-schema.org/draft/2020-12/schema",
-            "{file}: unexpected draft"
-        );
-        let validators = jsonschema::options()
-            .should_validate_formats(true)
-            .build_map(&schema)
-            .unwrap_or_else(|e| panic!("{file} does not compile: {e}"));
-        assert!(validators.contains_key("#"), "{file}: no root validator");
-        let mut kinds = BTreeMap::new();
-        for entry in schema["oneOf"]
-            .as_array()
-            .unwrap_or_else(|| panic!("{file}: no top-level oneOf"))
-        {
-            let pointer = entry["$ref"]
-                .as_str()
-                .unwrap_or_else(|| panic!("{file}: oneOf entry without $ref: {entry}"));
-            let def_name = pointer
-                .strip_prefix("#/$defs/")
-                .unwrap_or_else(|| panic!("{file}: unexpected $ref {pointer}"));
-            let def = &schema["$defs"][def_name];
-            let kind = match def["properties"]["kind"]["enum"].as_array() {
-                Some(values) if values.len() == 1 => values[0].as_str().expect("kind is a string").to_string(),
-                Some(values) => panic!("{file}: {def_name} allows several kinds: {values:?}"),
-                None => {
-                    assert_eq!(
-                        def["properties"]["version"]["enum"],
-                        serde_json::json!(["v1alpha1"]),
-                        "{file}: {def_name} has neither kind nor version"
-                    );
-                    "v1alpha1".to_string()
-                }
-            };
-            // build_map silently leaves out subschemas that fail to compile: insist on every kind.
-            assert!(validators.contains_key(pointer), "{file}: {pointer} did not compile");
-            assert!(
-                kinds.insert(kind.clone(), pointer.to_string()).is_none(),
-                "{file}: two definitions for kind {kind}"
-            );
-        }
-        Schema {
-            file,
-            validators,
-            kinds,
-        }
-    }
-
-    /// Every schema violation of one document; empty when it is valid.
-    fn errors(&self, doc: &Value) -> Vec<String> {
-        let kind = kind_of(doc);
-        let Some(pointer) = self.kinds.get(&kind) else {
-            return vec![format!("{}: no document kind `{kind}`", self.file)];
-        };
-        let validator = self.validators.get(pointer).expect("checked in load");
-        let mut errors: Vec<String> = validator
-            .iter_errors(doc)
-            .map(|e| format!("{kind} at `{}`: {e}", e.instance_path()))
-            .collect();
-        if errors.is_empty() && !self.validators.get("#").expect("checked in load").is_valid(doc) {
-            errors.push(format!(
-                "{kind}: valid against {pointer} but not against the schema root (oneOf)"
-            ));
-        }
-        errors
-    }
-
-    /// Validates every document of a rendered file; panics with all errors and the file.
-    fn assert_valid(&self, what: &str, text: &str) -> Vec<Value> {
-        let docs = documents(text);
-        let errors: Vec<String> = docs.iter().flat_map(|d| self.errors(d)).collect();
-        assert!(
-            errors.is_empty(),
-            "{what} does not match {}:\n  {}\n--- rendered:\n{text}",
-            self.file,
-            errors.join("\n  ")
-        );
-        docs
-    }
-}
-
-static V1_13: LazyLock<Schema> = LazyLock::new(|| Schema::load("talos-config.v1.13.9.schema.json"));
-static MAIN: LazyLock<Schema> = LazyLock::new(|| Schema::load("talos-config.schema.json"));
-
-fn kind_of(doc: &Value) -> String {
-    match (
-        doc.get("kind").and_then(Value::as_str),
-        doc.get("version").and_then(Value::as_str),
-    ) {
-        (Some(kind), _) => kind.to_string(),
-        (None, Some("v1alpha1")) => "v1alpha1".to_string(),
-        _ => "<no kind>".to_string(),
-    }
+/// Validates every document of a rendered file; panics with all errors and the file.
+fn assert_valid(schema: &Schema, what: &str, text: &str) -> Vec<Value> {
+    let docs = documents(text);
+    let errors: Vec<String> = docs.iter().flat_map(|d| schema.errors(d)).collect();
+    assert!(
+        errors.is_empty(),
+        "{what} does not match the Talos {} schema:\n  {}\n--- rendered:\n{text}",
+        schema.name,
+        errors.join("\n  ")
+    );
+    docs
 }
 
 /// Every YAML document of a file as JSON. Through yaml_serde's own Value first, so duplicate
@@ -159,7 +63,7 @@ fn doc<'a>(docs: &'a [Value], kind: &str) -> &'a Value {
 // ------------------------------------------------------------------------------- rendering
 
 fn example() -> RepoFiles {
-    driftless::source::read_dir(&manifest_dir().join("examples/homelab-talos")).expect("examples/homelab-talos reads")
+    driftless::source::read_dir(&testkit::example("homelab-talos")).expect("examples/homelab-talos reads")
 }
 
 /// Rewrites one file of the in-memory repository; the edit must change something.
@@ -247,7 +151,7 @@ fn render(files: &RepoFiles) -> BTreeMap<String, String> {
 /// Every variant of the example, with the schema of the Talos version it targets.
 fn variants() -> Vec<(String, RepoFiles, &'static Schema)> {
     let mut out = Vec::new();
-    for (version, schema) in [("v1.13.9", &*V1_13), ("v1.14.0", &*MAIN)] {
+    for (version, schema) in [("v1.13.9", v1_13()), ("v1.14.0", main_branch())] {
         out.push((format!("{version} cilium"), with_version(version), schema));
         out.push((
             format!("{version} flannel"),
@@ -270,7 +174,7 @@ const V1_13_NETWORK: [&str; 4] = ["HostnameConfig", "LinkAliasConfig", "LinkConf
 #[test]
 fn the_example_matches_the_v1_13_schema() {
     for (node, text) in render(&example()) {
-        let docs = V1_13.assert_valid(&node, &text);
+        let docs = assert_valid(v1_13(), &node, &text);
         let mut expected = vec!["v1alpha1"];
         expected.extend(V1_13_NETWORK);
         assert_eq!(kinds(&docs), expected, "{node}");
@@ -280,7 +184,7 @@ fn the_example_matches_the_v1_13_schema() {
 #[test]
 fn the_example_at_v1_14_matches_the_main_branch_schema() {
     for (node, text) in render(&with_version("v1.14.2")) {
-        let docs = MAIN.assert_valid(&node, &text);
+        let docs = assert_valid(main_branch(), &node, &text);
         let kinds: BTreeSet<String> = kinds(&docs).into_iter().collect();
         for kind in [
             "v1alpha1",
@@ -318,7 +222,7 @@ fn the_example_at_v1_14_matches_the_main_branch_schema() {
 fn every_variant_matches_its_versions_schema() {
     for (name, files, schema) in variants() {
         for (node, text) in render(&files) {
-            schema.assert_valid(&format!("{name}: {node}"), &text);
+            assert_valid(schema, &format!("{name}: {node}"), &text);
         }
     }
 }
@@ -328,10 +232,10 @@ fn real_talosctl_output_matches_the_schemas() {
     // The positive control: the schemas and the per-kind lookup accept what talosctl itself
     // generates, less `persist`, a deprecated field the schemas no longer list.
     for (file, schema) in [
-        ("talos-example-v1.13-controlplane.yaml", &*V1_13),
-        ("talos-example-v1.13-worker.yaml", &*V1_13),
-        ("talos-example-v1.14-controlplane.yaml", &*MAIN),
-        ("talos-example-v1.14-worker.yaml", &*MAIN),
+        ("talos-example-v1.13-controlplane.yaml", v1_13()),
+        ("talos-example-v1.13-worker.yaml", v1_13()),
+        ("talos-example-v1.14-controlplane.yaml", main_branch()),
+        ("talos-example-v1.14-worker.yaml", main_branch()),
     ] {
         let mut docs = documents(&fixture(file));
         assert_eq!(docs[0]["persist"], true);
@@ -347,8 +251,8 @@ fn the_validator_catches_mistakes() {
     let v14 = render(&with_version("v1.14.0"));
     let cp13 = documents(&v13["talos-cp-1"]);
     let cp14 = documents(&v14["talos-cp-1"]);
-    assert!(cp13.iter().all(|d| V1_13.errors(d).is_empty()));
-    assert!(cp14.iter().all(|d| MAIN.errors(d).is_empty()));
+    assert!(cp13.iter().all(|d| v1_13().errors(d).is_empty()));
+    assert!(cp14.iter().all(|d| main_branch().errors(d).is_empty()));
 
     let broken = |docs: &[Value], kind: &str, pointer: &str, change: &dyn Fn(&mut Value)| {
         let mut d = doc(docs, kind).clone();
@@ -369,32 +273,32 @@ fn the_validator_catches_mistakes() {
     let mistakes: Vec<(&str, &Schema, Value)> = vec![
         (
             "unknown key in machine",
-            &*V1_13,
+            v1_13(),
             broken(&cp13, "v1alpha1", "/machine", &add_key("kubeletImage")),
         ),
         (
             "unknown top-level key",
-            &*V1_13,
+            v1_13(),
             broken(&cp13, "v1alpha1", "", &add_key("persist")),
         ),
         (
             "unknown key in a LinkConfig",
-            &*V1_13,
+            v1_13(),
             broken(&cp13, "LinkConfig", "", &add_key("gateway")),
         ),
         (
             "address without prefix",
-            &*V1_13,
+            v1_13(),
             broken(&cp13, "LinkConfig", "/addresses/0/address", &set("10.0.0.10".into())),
         ),
         (
             "unknown machine type",
-            &*V1_13,
+            v1_13(),
             broken(&cp13, "v1alpha1", "/machine/type", &set("master".into())),
         ),
         (
             "endpoint not https",
-            &*V1_13,
+            v1_13(),
             broken(
                 &cp13,
                 "v1alpha1",
@@ -404,33 +308,33 @@ fn the_validator_catches_mistakes() {
         ),
         (
             "unknown CNI",
-            &*V1_13,
+            v1_13(),
             broken(&cp13, "v1alpha1", "/cluster/network/cni/name", &set("cilium".into())),
         ),
         (
             "unknown key in KubeletConfig",
-            &*MAIN,
+            main_branch(),
             broken(&cp14, "KubeletConfig", "", &add_key("disableManifestsDirectory")),
         ),
-        ("KubeletConfig without image", &*MAIN, {
+        ("KubeletConfig without image", main_branch(), {
             let mut d = doc(&cp14, "KubeletConfig").clone();
             d.as_object_mut().unwrap().remove("image");
             d
         }),
         (
             "unknown kind",
-            &*MAIN,
+            main_branch(),
             broken(&cp14, "KubeNodeConfig", "/kind", &set("KubeNodeConfigs".into())),
         ),
         // The other version's format: v1.13's v1alpha1 document is not a v1.14 one, and back.
         (
             "v1.13 v1alpha1 document at v1.14",
-            &*MAIN,
+            main_branch(),
             doc(&cp13, "v1alpha1").clone(),
         ),
         (
             "v1.14 KubeletConfig at v1.13",
-            &*V1_13,
+            v1_13(),
             doc(&cp14, "KubeletConfig").clone(),
         ),
     ];

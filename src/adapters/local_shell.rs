@@ -1,6 +1,6 @@
 //! The host shell of the sandbox: the "Proxmox host" is this machine, so commands run as
 //! local processes (argv, no shell) and files are replaced with the same compare-and-swap
-//! rule as over SSH. Used by `driftless sandbox demo`; real hosts use `ssh::SshHostShell`.
+//! rule as over SSH. Used with the sandbox (`driftless-sandbox`); real hosts use `ssh::SshHostShell`.
 
 use crate::ports::{CommandOutput, HostShell, ShellError};
 use crate::pve::conf::digest_bytes;

@@ -1,18 +1,128 @@
-//! Helpers shared by the integration tests: run the built binary, copy repositories, apply
-//! overlays. Each test binary uses a different subset, hence the `dead_code` allowance.
-#![allow(dead_code)]
+//! What driftless's integration tests and benchmarks share: the built binaries, copies of the
+//! example repositories, the real git CLI, an OpenSSH server on loopback ([`sshd`]), the
+//! sandbox with its simulated cluster ([`cluster_env`]), a whole daemon setup
+//! ([`daemon_env`]) and generated repositories of any size ([`generate`]).
 
+pub mod cluster_env;
+pub mod daemon_env;
+pub mod generate;
+pub mod sshd;
+
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
 
-/// The crate root (where Cargo.toml is).
+/// The repository root (the product's Cargo.toml, examples/, tests/).
 pub fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("the repository root")
 }
 
 /// One of the repositories under examples/.
 pub fn example(name: &str) -> PathBuf {
     root().join("examples").join(name)
+}
+
+/// A binary of the workspace, built beside the test executable (`target/<profile>/NAME`):
+/// `cargo test --workspace` builds `driftless` and `driftless-sandbox` before running tests.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test executable");
+    // target/<profile>/deps/<test>-<hash>, or target/<profile>/<bench> for benchmarks.
+    let candidates = exe
+        .ancestors()
+        .skip(1)
+        .take(2)
+        .map(|dir| dir.join(name))
+        .collect::<Vec<_>>();
+    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
+        panic!(
+            "{name} is not built next to {} (run the tests with `cargo test --workspace`, or `cargo build --workspace` first)",
+            exe.display()
+        )
+    })
+}
+
+/// The product binary.
+pub fn driftless_bin() -> PathBuf {
+    bin("driftless")
+}
+
+/// The sandbox binary (`driftless-sandbox pct`, `serve`, `demo`).
+pub fn sandbox_bin() -> PathBuf {
+    bin("driftless-sandbox")
+}
+
+/// `driftless-sandbox pct --state DIR`: the `pct` of a sandbox's host, as one command line
+/// (DRIFTLESS_PCT_COMMAND).
+pub fn pct_command(state: &Path) -> String {
+    format!("{} pct --state {}", sandbox_bin().display(), state.display())
+}
+
+/// The real git CLI in `dir`, with a fixed identity and no user or system config; panics with
+/// git's stderr when it fails.
+pub fn git(dir: &Path, args: &[&str]) -> String {
+    let out = git_command(dir).args(args).output().expect("git runs");
+    assert!(
+        out.status.success(),
+        "git {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `git` that may fail (e.g. `show` of a file not there yet).
+pub fn git_try(dir: &Path, args: &[&str]) -> Option<String> {
+    let out = git_command(dir).args(args).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).to_string())
+}
+
+/// A `git` command in `dir` as the tests run it.
+pub fn git_command(dir: &Path) -> Command {
+    let mut cmd = Command::new("git");
+    cmd.current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "homelab operator")
+        .env("GIT_AUTHOR_EMAIL", "operator@homelab.invalid")
+        .env("GIT_COMMITTER_NAME", "homelab operator")
+        .env("GIT_COMMITTER_EMAIL", "operator@homelab.invalid")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null");
+    cmd
+}
+
+/// A TCP port on loopback that nothing listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// Poll `f` every 100 ms until it gives a value or `timeout` passes.
+pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    None
+}
+
+/// A child process killed (and reaped) when the test lets go of it.
+pub struct Killed(pub Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// What one run of the binary produced.
@@ -54,7 +164,7 @@ impl Run {
 
 /// A `driftless` command with a clean environment (no DRIFTLESS_* from the caller's shell).
 pub fn command() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_driftless"));
+    let mut cmd = Command::new(driftless_bin());
     cmd.env_remove("DRIFTLESS_REPO").env_remove("DRIFTLESS_REV");
     cmd
 }

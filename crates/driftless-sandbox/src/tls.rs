@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use sha2::{Digest, Sha256};
 
-use super::SandboxError;
+use crate::SandboxError;
 
 /// A certificate for 127.0.0.1 / localhost / the first node name, made at start.
 pub(crate) struct SelfSigned {

@@ -2,13 +2,11 @@
 //! Talos APIs), a real OpenSSH server on loopback as the Proxmox host shell, a copy of an
 //! example repository, and a secrets directory with a Talos bundle. Every run's output is kept
 //! for the secret grep.
-#![allow(dead_code)]
 
-use crate::common;
 use crate::sshd;
 use driftless::cluster::talos_secrets::TalosSecrets;
-use driftless::sandbox::cluster_state;
-use driftless::sandbox::{self, SandboxHandle, SandboxOptions};
+use driftless_sandbox::cluster_state;
+use driftless_sandbox::{self as sandbox, SandboxHandle, SandboxOptions};
 use std::path::PathBuf;
 
 pub struct Env {
@@ -42,7 +40,7 @@ impl Env {
             rt,
             sandbox: Some(sandbox),
             sshd,
-            repo: common::temp_copy(example),
+            repo: crate::temp_copy(example),
             state,
             secrets,
             token_file,
@@ -63,7 +61,6 @@ impl Env {
     }
 
     pub fn args(&self) -> Vec<String> {
-        let exe = env!("CARGO_BIN_EXE_driftless");
         let s = self.sandbox();
         [
             ("--proxmox-url", s.url.clone()),
@@ -75,10 +72,7 @@ impl Env {
             ("--ssh-key-file", self.sshd.client_key.display().to_string()),
             ("--ssh-known-hosts", self.sshd.known_hosts.display().to_string()),
             ("--pve-root", self.state.path().display().to_string()),
-            (
-                "--pct-command",
-                format!("{exe} sandbox pct --state {}", self.state.path().display()),
-            ),
+            ("--pct-command", crate::pct_command(self.state.path())),
             ("--secrets-dir", self.secrets.path().display().to_string()),
             ("--kube-server", s.kube.url.clone()),
             ("--talos-endpoint", s.talos.endpoint.clone()),
@@ -89,19 +83,19 @@ impl Env {
         .collect()
     }
 
-    pub fn run(&self, cmd: &[&str], extra: &[&str]) -> common::Run {
+    pub fn run(&self, cmd: &[&str], extra: &[&str]) -> crate::Run {
         let mut args: Vec<String> = vec!["--repo".into(), self.repo.path().display().to_string()];
         args.extend(cmd.iter().map(|s| s.to_string()));
         args.extend(extra.iter().map(|s| s.to_string()));
         args.extend(self.args());
-        let r = common::run(&args);
+        let r = crate::run(&args);
         let mut p = self.printed.borrow_mut();
         p.push_str(&r.stdout);
         p.push_str(&r.stderr);
         r
     }
 
-    pub fn apply(&self) -> common::Run {
+    pub fn apply(&self) -> crate::Run {
         let r = self.run(&["apply"], &["--auto-approve"]);
         r.expect_code(0, "apply");
         r

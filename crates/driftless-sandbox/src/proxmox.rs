@@ -39,12 +39,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Map, Value, json};
 
-use super::guest::{self, ApiError, Changes, type_str};
-use super::store::{self, Loaded, Store};
-use super::tls::SelfSigned;
-use super::{Knobs, SandboxError};
-use crate::pve::api_schema::{ApiSchema, json_params_to_strings};
-use crate::pve::conf::{GuestConf, GuestKind};
+use crate::guest::{self, ApiError, Changes, type_str};
+use crate::store::{self, Loaded, Store};
+use crate::tls::SelfSigned;
+use crate::{Knobs, SandboxError};
+use driftless::pve::api_schema::{ApiSchema, json_params_to_strings};
+use driftless::pve::conf::{GuestConf, GuestKind};
 
 /// Proxmox's limit on a form body (`$limit_max_post`).
 const MAX_POST: usize = 64 * 1024;

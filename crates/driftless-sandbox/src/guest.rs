@@ -14,9 +14,9 @@ use std::net::IpAddr;
 
 use serde_json::{Map, Value};
 
-use super::store;
-use crate::pve::api_schema::{ApiSchema, ParamErrors, Property};
-use crate::pve::conf::{self, GuestConf, GuestKind, Section};
+use crate::store;
+use driftless::pve::api_schema::{ApiSchema, ParamErrors, Property};
+use driftless::pve::conf::{self, GuestConf, GuestKind, Section};
 
 /// An error the way Proxmox's REST handler reports it: HTTP status, message (Perl `die`
 /// text, usually ending in a newline) and, for HTTP 400, the per-parameter errors.

@@ -15,11 +15,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::SandboxError;
-use super::cluster_state::{self, SimNode};
-use super::store::{Store, atomic_write, uuid_from};
-use crate::cluster::{k3s, node_access};
-use crate::ports::Taint;
+use crate::SandboxError;
+use crate::cluster_state::{self, SimNode};
+use crate::store::{Store, atomic_write, uuid_from};
+use driftless::cluster::{k3s, node_access};
+use driftless::ports::Taint;
 
 /// What a `pct exec` printed and its exit status.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -83,8 +83,8 @@ fn save_k3s(state_dir: &Path, vmid: u32, s: &K3sState) -> std::io::Result<()> {
 
 fn running_container(store: &Store, vmid: u32) -> Result<(), SandboxError> {
     match store.find(vmid) {
-        Some((_, crate::pve::conf::GuestKind::Lxc)) if store.is_running(vmid) => Ok(()),
-        Some((_, crate::pve::conf::GuestKind::Lxc)) => Err(SandboxError::Pct(format!("CT {vmid} not running"))),
+        Some((_, driftless::pve::conf::GuestKind::Lxc)) if store.is_running(vmid) => Ok(()),
+        Some((_, driftless::pve::conf::GuestKind::Lxc)) => Err(SandboxError::Pct(format!("CT {vmid} not running"))),
         _ => Err(SandboxError::Pct(format!(
             "Configuration file 'nodes/{}/lxc/{vmid}.conf' does not exist",
             store.nodes.first().map(String::as_str).unwrap_or("pve")

@@ -5,7 +5,7 @@
 //!   token) and holds the runtime [`Knobs`] (latency, injected errors, a concurrent edit,
 //!   request counters).
 //! * State: `STATE/nodes/<node>/lxc/<vmid>.conf` and `STATE/nodes/<node>/qemu-server/<vmid>.conf`
-//!   in Proxmox's exact format (written and parsed with [`crate::pve::conf`]), re-read on every
+//!   in Proxmox's exact format (written and parsed with [`driftless::pve::conf`]), re-read on every
 //!   request, so an edit by another process is seen at once; power state in
 //!   `STATE/.sandbox/status.json`. Writes are atomic (temporary file, then rename).
 //! * [`pct`] edits the same files the way `pct set` / `pct config` does as `root@pam` on the
@@ -22,6 +22,7 @@ mod pct;
 mod proxmox;
 mod store;
 pub mod talos_api;
+pub mod talos_schema;
 mod tls;
 
 use std::collections::BTreeMap;

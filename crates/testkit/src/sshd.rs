@@ -5,20 +5,18 @@
 //!
 //! Use it from an integration test with
 //! ```ignore
-//! #[path = "support/sshd.rs"]
-//! mod sshd;
-//! let Some(server) = sshd::Sshd::start() else { return }; // sshd not installed
+//! let Some(server) = testkit::sshd::Sshd::start() else { return }; // sshd not installed
 //! ```
 //! `start` returns `None` (and says why) only when sshd is not installed; any other
 //! problem is a test failure. CI installs `openssh-server` (see `.ci/run`).
 //!
 //! The login runs with `UsePAM no`, so the account must not be locked (`!` in /etc/shadow);
 //! root in the usual container images has `*`, which is fine.
-#![allow(dead_code)]
 
+use crate::free_port;
 use std::fs;
 use std::io::Write as _;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -76,13 +74,6 @@ fn is_root() -> bool {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|l| l.local_addr())
-        .expect("bind a free port")
-        .port()
 }
 
 impl Sshd {

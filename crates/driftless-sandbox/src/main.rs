@@ -1,18 +1,95 @@
-//! `driftless sandbox ...`: the sandbox Proxmox as a server, its `pct`, and the demo that
-//! shows a newcomer the loop on one machine.
+//! `driftless-sandbox`: the simulated Proxmox VE, Kubernetes API and Talos API as a server,
+//! its `pct`, and the demo that shows a newcomer the whole loop on one machine.
+//!
+//! The product binary (`driftless`) carries none of this; the demo runs driftless's daemon
+//! loop from the library, and its run workers are this binary started as `daemon-run`.
 
-use crate::cli::SandboxCommand;
-use crate::commands::{Outcome, runtime};
-use crate::sandbox::{self, SandboxHandle, SandboxOptions};
 use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use driftless_sandbox::{self as sandbox, SandboxHandle, SandboxOptions};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-pub fn sandbox(cmd: &SandboxCommand) -> Result<Outcome> {
-    match cmd {
-        SandboxCommand::Pct { state, args } if args.first().is_some_and(|a| a == "exec") => {
-            let out = sandbox::pct_exec(state, &args[1..]).map_err(|e| anyhow::anyhow!("pct: {e}"))?;
+const EXAMPLES: &str = "\
+Examples:
+  driftless-sandbox demo                          # the whole loop, in a temporary directory
+  driftless-sandbox demo --keep /tmp/demo         # keep the repository and /etc/pve to look at
+  driftless-sandbox serve --state /tmp/pve        # then: set -a; . /tmp/pve/.sandbox/connection.env; set +a
+  driftless-sandbox pct --state /tmp/pve set 101 --cores 8   # a change behind driftless's back";
+
+/// A Proxmox VE API on loopback that behaves like the real one (paths, parameters, errors,
+/// digests, tasks), with simulated containers running K3s, a Kubernetes API and a Talos API:
+/// for trying driftless without a homelab, for its tests and its benchmarks.
+#[derive(Debug, Parser)]
+#[command(name = "driftless-sandbox", version, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Show the whole loop on this machine: start a sandbox Proxmox, let `driftless daemon`
+    /// apply an example homelab from a git repository into it, commit a change and see it
+    /// applied, change a guest behind driftless's back and see the drift report.
+    Demo {
+        /// The example under examples/ to use.
+        #[arg(long, default_value = "homelab-k3s")]
+        example: String,
+        /// Keep everything (the sandbox's /etc/pve, the git repository with its status
+        /// branch) in DIR, to look around afterwards; a temporary directory otherwise.
+        #[arg(long = "keep", value_name = "DIR")]
+        state: Option<PathBuf>,
+    },
+    /// Serve the sandbox until interrupted, and print how to connect to it (an env file of
+    /// DRIFTLESS_* settings that points driftless at it).
+    Serve {
+        /// The sandbox's /etc/pve: config files live under DIR/nodes/<node>/.
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:8006", value_name = "ADDR")]
+        listen: std::net::SocketAddr,
+        /// Serve plain HTTP instead of HTTPS.
+        #[arg(long)]
+        plain_http: bool,
+    },
+    /// `pct` for the sandbox: what a root shell on the sandbox's host runs (`pct set VMID
+    /// --features ...`, `pct exec`, `pct push`), on the sandbox's files.
+    Pct {
+        #[arg(long, value_name = "DIR")]
+        state: PathBuf,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+        args: Vec<String>,
+    },
+    /// One run of the daemon the demo started, in its own process. Not for people.
+    #[command(hide = true, name = "daemon-run")]
+    DaemonRun,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.use_stderr() { 1 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Pct { state, args } if args.first().is_some_and(|a| a == "exec") => {
+            let out = sandbox::pct_exec(&state, &args[1..]).map_err(|e| anyhow::anyhow!("pct: {e}"))?;
             let mut stdout = std::io::stdout();
             let mut stderr = std::io::stderr();
             stdout.write_all(&out.stdout)?;
@@ -21,18 +98,27 @@ pub fn sandbox(cmd: &SandboxCommand) -> Result<Outcome> {
             // `pct exec` exits with the command's status, which the caller reads.
             std::process::exit(out.status);
         }
-        SandboxCommand::Pct { state, args } => {
-            let out = sandbox::pct(state, args).map_err(|e| anyhow::anyhow!("pct: {e}"))?;
+        Command::Pct { state, args } => {
+            let out = sandbox::pct(&state, &args).map_err(|e| anyhow::anyhow!("pct: {e}"))?;
             print!("{out}");
-            Ok(Outcome::Ok)
+            Ok(())
         }
-        SandboxCommand::Serve {
+        Command::Serve {
             state,
             listen,
             plain_http,
-        } => serve(state, *listen, !*plain_http),
-        SandboxCommand::Demo { example, state } => demo(example, state.as_deref()),
+        } => serve(&state, listen, !plain_http),
+        Command::Demo { example, state } => demo(&example, state.as_deref()),
+        Command::DaemonRun => driftless::daemon::worker::main(),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
 }
 
 /// A fresh token secret per sandbox run; the sandbox only listens on loopback.
@@ -61,14 +147,14 @@ fn write_connection(handle: &SandboxHandle) -> Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     let token = dir.join("token");
     std::fs::write(&token, format!("{}\n", handle.token))?;
-    let exe = std::env::current_exe().context("cannot find the driftless binary")?;
+    let exe = std::env::current_exe().context("cannot find the driftless-sandbox binary")?;
     let env = dir.join("connection.env");
     // A Talos secrets bundle of the sandbox's own, as `talosctl gen secrets` would make, for
     // examples/homelab-talos (its cluster.yaml names the secret `talos-secrets`).
     let secrets = dir.join("secrets");
     write_talos_bundle(&secrets)?;
     let mut text = format!(
-        "DRIFTLESS_PROXMOX_URL={}\nDRIFTLESS_PROXMOX_TOKEN_FILE={}\nDRIFTLESS_PVE_ROOT={}\nDRIFTLESS_PCT_COMMAND=\"{} sandbox pct --state {}\"\nDRIFTLESS_HOST_SHELL=local\n",
+        "DRIFTLESS_PROXMOX_URL={}\nDRIFTLESS_PROXMOX_TOKEN_FILE={}\nDRIFTLESS_PVE_ROOT={}\nDRIFTLESS_PCT_COMMAND=\"{} pct --state {}\"\nDRIFTLESS_HOST_SHELL=local\n",
         handle.url,
         token.display(),
         handle.state_dir.display(),
@@ -95,7 +181,7 @@ fn write_talos_bundle(secrets: &Path) -> Result<()> {
     std::fs::create_dir_all(secrets)?;
     let path = secrets.join("talos-secrets");
     if !path.exists() {
-        let bundle = crate::cluster::talos_secrets::TalosSecrets::generate();
+        let bundle = driftless::cluster::talos_secrets::TalosSecrets::generate();
         std::fs::write(&path, bundle.to_yaml())?;
         #[cfg(unix)]
         {
@@ -106,7 +192,7 @@ fn write_talos_bundle(secrets: &Path) -> Result<()> {
     Ok(())
 }
 
-fn serve(state: &Path, listen: std::net::SocketAddr, tls: bool) -> Result<Outcome> {
+fn serve(state: &Path, listen: std::net::SocketAddr, tls: bool) -> Result<()> {
     let rt = runtime()?;
     rt.block_on(async {
         let handle = sandbox::start(sandbox_options(state, listen, tls))
@@ -128,14 +214,14 @@ fn serve(state: &Path, listen: std::net::SocketAddr, tls: bool) -> Result<Outcom
         println!("Press Ctrl-C to stop.");
         tokio::signal::ctrl_c().await.context("cannot wait for Ctrl-C")?;
         handle.shutdown().await;
-        Ok(Outcome::Ok)
+        Ok(())
     })
 }
 
 fn example_dir(name: &str) -> Result<PathBuf> {
     let candidates = [
         PathBuf::from("examples").join(name),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name),
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples").join(name),
     ];
     candidates
         .into_iter()
@@ -209,7 +295,7 @@ fn show_report(bare: &Path) -> Result<()> {
     Ok(())
 }
 
-fn demo(example: &str, state: Option<&Path>) -> Result<Outcome> {
+fn demo(example: &str, state: Option<&Path>) -> Result<()> {
     let source = example_dir(example)?;
     // Everything lives in one directory: a temporary one, or --keep DIR to look around after.
     let temp = tempfile::tempdir()?;
@@ -245,18 +331,18 @@ fn demo(example: &str, state: Option<&Path>) -> Result<Outcome> {
         let token_file = work.path().join("pve-token");
         std::fs::write(&token_file, format!("{}\n", handle.token))?;
         let exe = std::env::current_exe()?;
-        let connect = crate::connect::ConnectArgs {
+        let connect = driftless::connect::ConnectArgs {
             proxmox_url: Some(handle.url.clone()),
             proxmox_token_file: Some(token_file),
             proxmox_fingerprint: Some(handle.fingerprint.clone()),
-            host_shell: crate::connect::HostShellKind::Local,
+            host_shell: driftless::connect::HostShellKind::Local,
             pve_root: state_dir.display().to_string(),
-            pct_command: format!("{} sandbox pct --state {}", exe.display(), state_dir.display()),
+            pct_command: format!("{} pct --state {}", exe.display(), state_dir.display()),
             secrets_dir: work.path().join("secrets"),
             kube_server: Some(handle.kube.url.clone()),
             ..Default::default()
         };
-        let settings = crate::daemon::config::DaemonSettings {
+        let settings = driftless::daemon::config::DaemonSettings {
             repository: bare.display().to_string(),
             branch: "main".into(),
             poll_interval: Some(std::time::Duration::from_secs(30)),
@@ -274,20 +360,20 @@ fn demo(example: &str, state: Option<&Path>) -> Result<Outcome> {
             forge: None,
             log_format: None,
         };
-        let control = crate::daemon::run::Control::default();
-        let daemon = tokio::spawn(crate::daemon::run::run_until(settings, connect.clone(), control.clone()));
+        let control = driftless::daemon::run::Control::default();
+        let daemon = tokio::spawn(driftless::daemon::run::run_until(settings, connect.clone(), control.clone()));
         say("driftless daemon watches it: it fetches, plans, applies, and commits a status report to driftless/status");
 
         say("1. The first apply: three K3s containers with the seed's LXC settings, K3s installed, agents joined");
         wait_report(&bare, &first, |r| r["outcome"] == "applied").await?;
         show_report(&bare)?;
-        if let Ok(files) = crate::source::read_dir(&clone)
-            && let Ok(desired) = crate::model::load(&files, &crate::model::LoadOptions::default())
-            && let Ok(artifacts) = crate::render::render_all(&desired)
+        if let Ok(files) = driftless::source::read_dir(&clone)
+            && let Ok(desired) = driftless::model::load(&files, &driftless::model::LoadOptions::default())
+            && let Ok(artifacts) = driftless::render::render_all(&desired)
         {
-            let host = crate::connect::AnyHostShell::Local(crate::adapters::local_shell::LocalShell);
+            let host = driftless::connect::AnyHostShell::Local(driftless::adapters::local_shell::LocalShell);
             let access =
-                crate::cluster::access::ClusterAccess::new(&desired, &artifacts, Some(&host), connect.cluster_settings());
+                driftless::cluster::access::ClusterAccess::new(&desired, &artifacts, Some(&host), connect.cluster_settings());
             if let Ok(health) = access.health().await {
                 println!("\nThe cluster, as `driftless health` shows it (kubeconfig in {}):", work.path().join("secrets").display());
                 for line in health.text().lines() {
@@ -325,11 +411,11 @@ fn demo(example: &str, state: Option<&Path>) -> Result<Outcome> {
         println!("- the history: git -C {} log --oneline driftless/status", bare.display());
         println!("- on your own homelab: driftless daemon --help (deploy/ has a systemd unit and a config)");
         if state.is_none() {
-            println!("(these files are removed when the demo ends: run `driftless sandbox demo --keep DIR` to keep them)");
+            println!("(these files are removed when the demo ends: run `driftless-sandbox demo --keep DIR` to keep them)");
         }
         control.request_stop();
         daemon.await??;
         handle.shutdown().await;
-        Ok(Outcome::Ok)
+        Ok(())
     })
 }

@@ -1,71 +1,12 @@
 //! A whole GitOps setup on one machine for daemon tests and benchmarks: a bare repository
 //! served by the real git CLI (file:// or `git daemon` on loopback) holding an example
 //! homelab, the sandbox Proxmox, and `driftless daemon` as a child process against them.
-#![allow(dead_code)]
 
-use driftless::sandbox::{self, SandboxHandle, SandboxOptions};
-use std::net::TcpListener;
+use crate::{Killed, copy_dir, free_port, git, git_try, wait_until};
+use driftless_sandbox::{self as sandbox, SandboxHandle, SandboxOptions};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
-
-pub fn git(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new("git")
-        .current_dir(dir)
-        .args(args)
-        .env("GIT_AUTHOR_NAME", "homelab operator")
-        .env("GIT_AUTHOR_EMAIL", "operator@homelab.invalid")
-        .env("GIT_COMMITTER_NAME", "homelab operator")
-        .env("GIT_COMMITTER_EMAIL", "operator@homelab.invalid")
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .output()
-        .expect("git runs");
-    assert!(
-        out.status.success(),
-        "git {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
-/// `git` that may fail (e.g. `show` of a file not there yet).
-pub fn git_try(dir: &Path, args: &[&str]) -> Option<String> {
-    let out = Command::new("git")
-        .current_dir(dir)
-        .args(args)
-        .env("GIT_CONFIG_GLOBAL", "/dev/null")
-        .output()
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).to_string())
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-pub fn wait_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
-    let end = Instant::now() + timeout;
-    while Instant::now() < end {
-        if let Some(v) = f() {
-            return Some(v);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    None
-}
-
-pub struct Killed(pub Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 pub struct Setup {
     pub dir: tempfile::TempDir,
@@ -106,7 +47,7 @@ impl Setup {
             dir.path(),
             &["-c", "init.defaultBranch=main", "init", "-q", work.to_str().unwrap()],
         );
-        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(example);
+        let src = crate::example(example);
         copy_dir(&src, &work);
         git(&work, &["add", "-A"]);
         git(&work, &["commit", "-q", "-m", "The seed homelab"]);
@@ -174,7 +115,7 @@ impl Setup {
 
     /// Start `driftless daemon` against `url` with extra flags.
     pub fn start_daemon(&mut self, url: &str, extra: &[&str]) {
-        let exe = env!("CARGO_BIN_EXE_driftless");
+        let exe = crate::driftless_bin();
         let log = std::fs::File::create(&self.daemon_log).unwrap();
         let s = self.sandbox();
         let mut cmd = Command::new(exe);
@@ -186,10 +127,7 @@ impl Setup {
             .env("DRIFTLESS_PROXMOX_TOKEN_FILE", &self.token_file)
             .env("DRIFTLESS_PROXMOX_FINGERPRINT", &s.fingerprint)
             .env("DRIFTLESS_PVE_ROOT", &self.state)
-            .env(
-                "DRIFTLESS_PCT_COMMAND",
-                format!("{exe} sandbox pct --state {}", self.state.display()),
-            )
+            .env("DRIFTLESS_PCT_COMMAND", crate::pct_command(&self.state))
             .env("DRIFTLESS_HOST_SHELL", "local")
             .env(
                 "DRIFTLESS_GUESTS_ONLY",
@@ -269,19 +207,6 @@ impl Drop for Setup {
         self.daemon.take();
         if let Some(s) = self.sandbox.take() {
             self.rt.block_on(s.shutdown());
-        }
-    }
-}
-
-pub fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        let t = to.join(e.file_name());
-        if e.file_type().unwrap().is_dir() {
-            copy_dir(&e.path(), &t);
-        } else {
-            std::fs::copy(e.path(), &t).unwrap();
         }
     }
 }

@@ -3,7 +3,7 @@
 use driftless::model::RepoFiles;
 
 pub fn generate(nodes: usize) -> RepoFiles {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/homelab-k3s");
+    let root = crate::example("homelab-k3s");
     let mut files = driftless::source::read_dir(&root).expect("example repository");
     let cluster = String::from_utf8(files.files["cluster.yaml"].clone()).unwrap();
     let cluster = cluster

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::SandboxError;
-use crate::pve::conf::{self, GuestConf, GuestKind};
+use crate::SandboxError;
+use driftless::pve::conf::{self, GuestConf, GuestKind};
 
 /// `splitmix64`: a small, well-mixed hash of a `u64`.
 pub(crate) fn splitmix64(x: u64) -> u64 {

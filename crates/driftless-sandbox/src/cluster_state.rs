@@ -1,5 +1,5 @@
 //! The simulated cluster's shared state, in files under `STATE/.sandbox/k8s/`, so the
-//! separate processes of the sandbox agree: `driftless sandbox pct exec` (K3s on a simulated
+//! separate processes of the sandbox agree: `driftless-sandbox pct exec` (K3s on a simulated
 //! container, run over SSH like the real `pct`), the Talos API and the Kubernetes API (both
 //! served by `sandbox::start`). Every write is atomic; every read sees the latest file.
 //!
@@ -16,8 +16,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::store::atomic_write;
-use crate::ports::Taint;
+use crate::store::atomic_write;
+use driftless::ports::Taint;
 
 /// A simulated kubelet's node object.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -10,11 +10,11 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use super::SandboxError;
-use super::guest::{self, ApiError, Changes};
-use super::store::Store;
-use crate::pve::api_schema::ApiSchema;
-use crate::pve::conf::{GuestKind, encode_text};
+use crate::SandboxError;
+use crate::guest::{self, ApiError, Changes};
+use crate::store::Store;
+use driftless::pve::api_schema::ApiSchema;
+use driftless::pve::conf::{GuestKind, encode_text};
 
 const SET_USAGE: &str = "pct set <vmid> [OPTIONS]";
 
@@ -31,7 +31,7 @@ pub fn pct(state_dir: &Path, args: &[String]) -> Result<String, SandboxError> {
         "set" => set(&store, &args[1..]),
         "config" => config(&store, &args[1..]),
         "status" => status(&store, &args[1..]),
-        "push" => super::k3s_sim::push(state_dir, &args[1..]),
+        "push" => crate::k3s_sim::push(state_dir, &args[1..]),
         "exec" => Err(SandboxError::Pct(
             "ERROR: `pct exec` has an exit status of its own: use sandbox::pct_exec".into(),
         )),

@@ -1,6 +1,6 @@
 //! The simulated Kubernetes API server: the part of kube-apiserver driftless talks to
 //! (`/readyz`, nodes, node patches, pods), served over HTTPS from the node files under
-//! `STATE/.sandbox/k8s/` ([`cluster_state`](super::cluster_state)), re-read on every request.
+//! `STATE/.sandbox/k8s/` ([`cluster_state`](crate::cluster_state)), re-read on every request.
 //!
 //! * PKI like K3s: its own CA and a server certificate signed by it (SANs `127.0.0.1`,
 //!   `localhost`, `kubernetes`, `kubernetes.default`); a static bearer token derived from the
@@ -32,11 +32,11 @@ use axum::response::Response;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 
-use super::SandboxError;
-use super::cluster_state::{self, SimNode};
-use super::store::{self, Store, atomic_write};
-use super::tls::{self, SelfSigned};
-use crate::ports::Taint;
+use crate::SandboxError;
+use crate::cluster_state::{self, SimNode};
+use crate::store::{self, Store, atomic_write};
+use crate::tls::{self, SelfSigned};
+use driftless::ports::Taint;
 
 /// A running simulated API server. Dropping it leaves the server running until the
 /// runtime ends; call [`KubeApiHandle::shutdown`] to stop it.

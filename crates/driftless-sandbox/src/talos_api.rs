@@ -40,7 +40,9 @@ use std::future::{Future, Ready, ready};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::talos_schema::kind_of;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -63,12 +65,12 @@ use tonic::server::{Grpc, NamedService, ServerStreamingService, UnaryService};
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic_prost::ProstCodec;
 
-use super::SandboxError;
-use super::cluster_state;
-use super::store::atomic_write;
-use crate::adapters::talos::proto::{self, ApplyMode};
-use crate::cluster::talos_secrets::{TalosCa, cert_organizations, pem_decode};
-use crate::ports::Taint;
+use crate::SandboxError;
+use crate::cluster_state;
+use crate::store::atomic_write;
+use driftless::adapters::talos::proto::{self, ApplyMode};
+use driftless::cluster::talos_secrets::{TalosCa, cert_organizations, pem_decode};
+use driftless::ports::Taint;
 
 /// Talos's maintenance-mode answer to everything but ApplyConfiguration.
 pub const MAINTENANCE_MESSAGE: &str = "API is not implemented in maintenance mode";
@@ -587,7 +589,7 @@ impl Sim {
             return Err(Status::unimplemented(MAINTENANCE_MESSAGE));
         };
         self.authorize(&caller, &config, false)?;
-        let sha: String = format!("{:016x}", super::store::splitmix64(self.seed ^ 0x7a105))[..8].to_string();
+        let sha: String = format!("{:016x}", crate::store::splitmix64(self.seed ^ 0x7a105))[..8].to_string();
         Ok(proto::VersionResponse {
             messages: vec![proto::Version {
                 metadata: self.metadata(&caller.node, Some(&config)),
@@ -899,17 +901,6 @@ struct Config {
     docs: Vec<Value>,
 }
 
-fn kind_of(doc: &Value) -> String {
-    match (
-        doc.get("kind").and_then(Value::as_str),
-        doc.get("version").and_then(Value::as_str),
-    ) {
-        (Some(kind), _) => kind.to_string(),
-        (None, Some("v1alpha1")) => "v1alpha1".to_string(),
-        _ => "<no kind>".to_string(),
-    }
-}
-
 /// The tag of an image reference (`...:v1.13.9` -> `v1.13.9`).
 fn image_tag(image: &str) -> Option<String> {
     let (_, tag) = image.rsplit_once(':')?;
@@ -1099,10 +1090,7 @@ impl Config {
 
     /// Against the schema of the Talos version the config installs.
     fn validate(&self) -> Result<(), Status> {
-        let schema: &Schema = match self.talos_minor() {
-            Some((1, 13)) => &V1_13,
-            _ => &MAIN,
-        };
+        let schema = crate::talos_schema::for_version(self.talos_minor());
         let errors: Vec<String> = self.docs.iter().flat_map(|d| schema.errors(d)).collect();
         if errors.is_empty() {
             Ok(())
@@ -1113,68 +1101,6 @@ impl Config {
                 errors.join("\n\t* ")
             )))
         }
-    }
-}
-
-// ------------------------------------------------------------------------------- schemas
-
-/// One Talos version's JSON schema, compiled once: a validator per document kind and the root
-/// (`oneOf` over the kinds), as tests/talos_schema.rs uses them.
-struct Schema {
-    name: &'static str,
-    validators: jsonschema::ValidatorMap,
-    /// Document kind (`v1alpha1` for the `version: v1alpha1` document) -> `#/$defs/...`.
-    kinds: BTreeMap<String, String>,
-}
-
-static V1_13: LazyLock<Schema> =
-    LazyLock::new(|| Schema::load("v1.13.9", include_str!("data/talos-config.v1.13.9.schema.json")));
-static MAIN: LazyLock<Schema> =
-    LazyLock::new(|| Schema::load("main-branch (v1.14+)", include_str!("data/talos-config.schema.json")));
-
-impl Schema {
-    /// Panics on a broken embedded schema: a build defect, caught by the tests.
-    fn load(name: &'static str, text: &str) -> Schema {
-        let schema: Value = serde_json::from_str(text).unwrap_or_else(|e| panic!("embedded Talos schema {name}: {e}"));
-        let validators = jsonschema::options()
-            .should_validate_formats(true)
-            .build_map(&schema)
-            .unwrap_or_else(|e| panic!("embedded Talos schema {name} does not compile: {e}"));
-        let mut kinds = BTreeMap::new();
-        for entry in schema["oneOf"].as_array().into_iter().flatten() {
-            let Some(pointer) = entry["$ref"].as_str() else {
-                continue;
-            };
-            let Some(def) = pointer.strip_prefix("#/$defs/") else {
-                continue;
-            };
-            let def = &schema["$defs"][def];
-            let kind = match def["properties"]["kind"]["enum"].as_array() {
-                Some(values) if values.len() == 1 => values[0].as_str().unwrap_or_default().to_string(),
-                _ => "v1alpha1".to_string(),
-            };
-            kinds.insert(kind, pointer.to_string());
-        }
-        Schema {
-            name,
-            validators,
-            kinds,
-        }
-    }
-
-    fn errors(&self, doc: &Value) -> Vec<String> {
-        let kind = kind_of(doc);
-        let Some(validator) = self.kinds.get(&kind).and_then(|p| self.validators.get(p)) else {
-            return vec![format!("unknown document kind `{kind}`")];
-        };
-        let mut errors: Vec<String> = validator
-            .iter_errors(doc)
-            .map(|e| format!("{kind} at `{}`: {e}", e.instance_path()))
-            .collect();
-        if errors.is_empty() && self.validators.get("#").is_some_and(|root| !root.is_valid(doc)) {
-            errors.push(format!("{kind}: valid on its own but not against the schema root"));
-        }
-        errors
     }
 }
 
@@ -1303,30 +1229,6 @@ mod tests {
         assert_eq!(go_duration(Duration::from_secs(60)), "1m0s");
         assert_eq!(go_duration(Duration::from_secs(30)), "30s");
         assert_eq!(go_duration(Duration::from_secs(3725)), "1h2m5s");
-    }
-
-    #[test]
-    fn the_embedded_schemas_are_the_test_fixtures() {
-        assert!(
-            include_str!("data/talos-config.v1.13.9.schema.json")
-                == include_str!("../../tests/fixtures/talos/talos-config.v1.13.9.schema.json")
-        );
-        assert!(
-            include_str!("data/talos-config.schema.json")
-                == include_str!("../../tests/fixtures/talos/talos-config.schema.json")
-        );
-    }
-
-    #[test]
-    fn the_embedded_schemas_compile_and_know_the_kinds() {
-        for (schema, kinds) in [
-            (&*V1_13, &["v1alpha1", "HostnameConfig", "LinkConfig"][..]),
-            (&*MAIN, &["v1alpha1", "KubeletConfig", "UnattendedInstall"][..]),
-        ] {
-            for kind in kinds {
-                assert!(schema.kinds.contains_key(*kind), "{}: {kind}", schema.name);
-            }
-        }
     }
 
     #[test]
