@@ -3,9 +3,11 @@
 //! at a time, waits for every task, and stops at the first failure with a report of what was
 //! done and what was not. A digest conflict re-reads and re-plans that guest, never overwrites.
 
-use crate::hostshell;
+use crate::cluster::access::ClusterError;
+use crate::hostshell::{self, HostShellError};
 use crate::plan::{Action, Change, DesiredGuest, Observed, Plan, Step, Via, diff_guest, normalize_tags};
-use crate::ports::{HostShell, PowerAction, ProxmoxApi, ProxmoxError, PveKind, ShellError};
+use crate::ports::{HostShell, PowerAction, ProxmoxApi, ProxmoxError, PveKind, ShellError, System};
+use crate::settings::HostShellSettings;
 use futures_util::future::join_all;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -16,24 +18,47 @@ pub enum ApplyError {
     Proxmox(#[from] ProxmoxError),
     #[error(transparent)]
     Shell(#[from] ShellError),
-    #[error("{0}")]
-    HostShell(String),
+    #[error(transparent)]
+    HostShell(#[from] HostShellError),
     #[error("this step needs the Proxmox host shell, and none is configured (proxmox.hosts in cluster.yaml)")]
     NoHostShell,
     #[error("the config of vmid {vmid} kept changing while driftless updated it ({attempts} attempts)")]
     KeptChanging { vmid: u32, attempts: u32 },
-    #[error("{0}")]
-    Cluster(String),
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
     #[error("this is a cluster step and the cluster layer is not set up for this run")]
     NoClusterLayer,
 }
 
+impl ApplyError {
+    /// The system this failure is blamed on.
+    pub fn system(&self) -> System {
+        match self {
+            ApplyError::Proxmox(_) | ApplyError::KeptChanging { .. } => System::Proxmox,
+            ApplyError::Shell(_) | ApplyError::HostShell(_) => System::Ssh,
+            ApplyError::NoHostShell | ApplyError::NoClusterLayer => System::Repository,
+            ApplyError::Cluster(e) => e.system(),
+        }
+    }
+
+    /// Whether another attempt (the daemon's retry, the next apply) can succeed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ApplyError::Proxmox(e) => e.retryable(),
+            ApplyError::Shell(e) => e.retryable(),
+            ApplyError::HostShell(e) => e.retryable(),
+            ApplyError::KeptChanging { .. } => true,
+            ApplyError::Cluster(e) => e.retryable(),
+            ApplyError::NoHostShell | ApplyError::NoClusterLayer => false,
+        }
+    }
+}
+
 /// The boxed future a [`ClusterSteps`] method returns (the trait is used as `dyn`).
-pub type StepFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+pub type StepFuture<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ClusterError>> + Send + 'a>>;
 
 /// Runs the cluster layer's steps (K3s on the node, Talos API, Kubernetes API) and the
-/// health gates; implemented by `cluster::ClusterAccess`. Errors are messages ready for a
-/// report: they never carry a secret.
+/// health gates; implemented by `cluster::ClusterAccess`. Errors never carry a secret.
 pub trait ClusterSteps: Send + Sync {
     fn run<'a>(&'a self, step: &'a Step, log: &'a mut Vec<String>) -> StepFuture<'a>;
     /// After a guest step that interrupted a node (restart, start): wait until it is Ready
@@ -72,24 +97,6 @@ pub async fn observe<P: ProxmoxApi>(proxmox: &P, guests: &[DesiredGuest]) -> Res
     })
 }
 
-/// Where things are on the Proxmox host.
-#[derive(Debug, Clone)]
-pub struct HostSettings {
-    /// /etc/pve on a real host; the sandbox's state directory there.
-    pub pve_root: String,
-    /// `pct` on a real host.
-    pub pct_command: Vec<String>,
-}
-
-impl Default for HostSettings {
-    fn default() -> Self {
-        HostSettings {
-            pve_root: "/etc/pve".into(),
-            pct_command: vec!["pct".into()],
-        }
-    }
-}
-
 #[derive(Debug, Clone, Serialize)]
 pub struct StepOutcome {
     pub node: String,
@@ -98,6 +105,9 @@ pub struct StepOutcome {
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The system a failed step is blamed on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed_system: Option<System>,
     /// What happened, in order: "created (task UPID:...)", "raw lxc keys written", ...
     pub log: Vec<String>,
 }
@@ -132,7 +142,8 @@ impl Progress for () {
 pub struct Applier<'a, P: ProxmoxApi, H: HostShell> {
     pub proxmox: &'a P,
     pub shell: Option<&'a H>,
-    pub host: HostSettings,
+    /// Where /etc/pve and `pct` are on the host.
+    pub host: &'a HostShellSettings,
     /// Set by a shutdown: the apply stops between steps, never inside one.
     pub stop: Option<&'a std::sync::atomic::AtomicBool>,
     /// The cluster layer; `None` applies guest steps only (a plan made without it has no
@@ -161,6 +172,7 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
                 vmid: step.vmid,
                 action: step.action.verb(),
                 ok: result.is_ok(),
+                failed_system: result.as_ref().err().map(ApplyError::system),
                 error: result.err().map(|e| e.to_string()),
                 log,
             };
@@ -185,13 +197,13 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
     async fn run_step(&self, step: &Step, log: &mut Vec<String>) -> Result<(), ApplyError> {
         if step.action.is_cluster() {
             let cluster = self.cluster.ok_or(ApplyError::NoClusterLayer)?;
-            return cluster.run(step, log).await.map_err(ApplyError::Cluster);
+            return Ok(cluster.run(step, log).await?);
         }
         self.run_guest_step(step, log).await?;
         if let Some(cluster) = self.cluster
             && matches!(step.action, Action::Restart { .. } | Action::Start)
         {
-            cluster.after_guest_step(step, log).await.map_err(ApplyError::Cluster)?;
+            cluster.after_guest_step(step, log).await?;
         }
         Ok(())
     }
@@ -209,9 +221,7 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
                 self.proxmox.wait_task(&upid).await?;
                 log.push(format!("created ({})", upid.0));
                 if !root_options.is_empty() {
-                    hostshell::pct_set(self.shell()?, node, &self.host.pct_command, vmid, root_options)
-                        .await
-                        .map_err(|e| ApplyError::HostShell(e.to_string()))?;
+                    hostshell::pct_set(self.shell()?, node, &self.host.pct_command, vmid, root_options).await?;
                     log.push(format!(
                         "set as root: {}",
                         root_options
@@ -264,9 +274,7 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
     /// Raw keys go into the config file on the host, guarded by the digest the API reports now.
     async fn write_raw(&self, node: &str, vmid: u32, raw: &[(String, String)]) -> Result<(), ApplyError> {
         let live = self.proxmox.read_config(node, PveKind::Lxc, vmid).await?;
-        hostshell::apply_raw_lxc_keys(self.shell()?, &self.host.pve_root, node, vmid, raw, &[], &live.digest)
-            .await
-            .map_err(|e| ApplyError::HostShell(e.to_string()))?;
+        hostshell::apply_raw_lxc_keys(self.shell()?, &self.host.pve_root, node, vmid, raw, &[], &live.digest).await?;
         Ok(())
     }
 
@@ -338,9 +346,7 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
             .map(|c| (c.key.clone(), c.new.clone().unwrap_or_default()))
             .collect();
         if !root.is_empty() {
-            hostshell::pct_set(self.shell()?, node, &self.host.pct_command, vmid, &root)
-                .await
-                .map_err(|e| ApplyError::HostShell(e.to_string()))?;
+            hostshell::pct_set(self.shell()?, node, &self.host.pct_command, vmid, &root).await?;
             log.push(format!(
                 "set as root: {}",
                 root.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>().join(", ")

@@ -1,7 +1,10 @@
-//! Command-line arguments.
+//! Command-line arguments: clap structs only. Each run's settings are made from them once
+//! (`ConnectArgs::settings`, `DaemonArgs::flags`); nothing after that reads a flag.
 
-use crate::render::ArtifactKind;
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use driftless::daemon::config::DaemonFlags;
+use driftless::render::ArtifactKind;
+use driftless::settings::{self, HostShellKind, LogFormat, ProxmoxOverrides, RunFlags, RunSettings};
 use std::path::PathBuf;
 
 const ABOUT: &str = "Keep a Proxmox-hosted K3s or Talos homelab exactly as a git repository describes it.";
@@ -177,18 +180,28 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct DaemonCmd {
     #[command(flatten)]
-    pub daemon: crate::daemon::config::DaemonArgs,
+    pub daemon: DaemonArgs,
     #[command(flatten)]
-    pub connect: crate::connect::ConnectArgs,
+    pub connect: ConnectArgs,
     /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "DRIFTLESS_LOG_FORMAT")]
-    pub log_format: LogFormat,
+    #[arg(long, value_enum, default_value_t = CliLogFormat::Text, env = "DRIFTLESS_LOG_FORMAT")]
+    pub log_format: CliLogFormat,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize, serde::Deserialize)]
-pub enum LogFormat {
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CliLogFormat {
     Text,
     Json,
+}
+
+impl CliLogFormat {
+    pub fn settings(self) -> LogFormat {
+        match self {
+            CliLogFormat::Text => LogFormat::Text,
+            CliLogFormat::Json => LogFormat::Json,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -214,7 +227,7 @@ pub struct PlanArgs {
     #[arg(long)]
     pub detailed_exitcode: bool,
     #[command(flatten)]
-    pub connect: crate::connect::ConnectArgs,
+    pub connect: ConnectArgs,
 }
 
 #[derive(Debug, Args)]
@@ -224,7 +237,7 @@ pub struct ApplyArgs {
     #[arg(long)]
     pub auto_approve: bool,
     #[command(flatten)]
-    pub connect: crate::connect::ConnectArgs,
+    pub connect: ConnectArgs,
 }
 
 #[derive(Debug, Args)]
@@ -249,4 +262,300 @@ pub struct ExplainArgs {
     /// One key, such as `cores`, `lxc.features.nesting` or `k3s.config.write-kubeconfig-mode`;
     /// every key when absent.
     pub key: Option<String>,
+}
+
+#[derive(Debug, Clone, Args)]
+/// Connection and cluster-layer flags of plan, drift, apply, health and daemon; `None` (or the
+/// default shown) keeps what cluster.yaml says.
+pub struct ConnectArgs {
+    /// Proxmox API URL (overrides proxmox.api).
+    #[arg(long, env = "DRIFTLESS_PROXMOX_URL", value_name = "URL", help_heading = "Connection")]
+    pub proxmox_url: Option<String>,
+    /// File holding the API token `USER@REALM!TOKENID=SECRET` (overrides proxmox.token).
+    /// The token itself may instead be given in DRIFTLESS_PROXMOX_TOKEN.
+    #[arg(
+        long,
+        env = "DRIFTLESS_PROXMOX_TOKEN_FILE",
+        value_name = "FILE",
+        help_heading = "Connection"
+    )]
+    pub proxmox_token_file: Option<PathBuf>,
+    /// SHA-256 fingerprint of the API certificate to pin (overrides proxmox.fingerprint).
+    #[arg(
+        long,
+        env = "DRIFTLESS_PROXMOX_FINGERPRINT",
+        value_name = "AB:CD:..",
+        help_heading = "Connection"
+    )]
+    pub proxmox_fingerprint: Option<String>,
+    /// CA certificate file to verify the API with (overrides proxmox.ca_file).
+    #[arg(
+        long,
+        env = "DRIFTLESS_PROXMOX_CA_FILE",
+        value_name = "FILE",
+        help_heading = "Connection"
+    )]
+    pub proxmox_ca_file: Option<PathBuf>,
+    /// Do not verify the API's certificate at all. Anyone on the path can then read the
+    /// token: for throwaway test setups only.
+    #[arg(long, env = "DRIFTLESS_PROXMOX_INSECURE", help_heading = "Connection")]
+    pub proxmox_insecure: bool,
+    /// Host (or address) of the Proxmox host shell, for every Proxmox node (overrides proxmox.hosts.*.ssh).
+    #[arg(long, env = "DRIFTLESS_SSH_HOST", value_name = "HOST", help_heading = "Connection")]
+    pub ssh_host: Option<String>,
+    /// SSH port of the host shell.
+    #[arg(long, env = "DRIFTLESS_SSH_PORT", value_name = "PORT", help_heading = "Connection")]
+    pub ssh_port: Option<u16>,
+    /// SSH user of the host shell (root on a Proxmox host).
+    #[arg(long, env = "DRIFTLESS_SSH_USER", value_name = "USER", help_heading = "Connection")]
+    pub ssh_user: Option<String>,
+    /// Private key file for the host shell.
+    #[arg(
+        long,
+        env = "DRIFTLESS_SSH_KEY_FILE",
+        value_name = "FILE",
+        help_heading = "Connection"
+    )]
+    pub ssh_key_file: Option<PathBuf>,
+    /// known_hosts file the host shell's key is checked against.
+    #[arg(
+        long,
+        env = "DRIFTLESS_SSH_KNOWN_HOSTS",
+        value_name = "FILE",
+        help_heading = "Connection"
+    )]
+    pub ssh_known_hosts: Option<PathBuf>,
+    /// How to reach the Proxmox host's root shell: `ssh` (proxmox.hosts in cluster.yaml), or
+    /// `local` when driftless runs on the Proxmox host itself (or against the sandbox).
+    #[arg(long, env = "DRIFTLESS_HOST_SHELL", value_enum, default_value_t = CliHostShell::Ssh, help_heading = "Connection")]
+    pub host_shell: CliHostShell,
+    /// Where /etc/pve is on the Proxmox host.
+    #[arg(
+        long,
+        env = "DRIFTLESS_PVE_ROOT",
+        value_name = "DIR",
+        default_value = settings::DEFAULT_PVE_ROOT,
+        help_heading = "Connection"
+    )]
+    pub pve_root: String,
+    /// The `pct` command on the Proxmox host, as words separated by spaces.
+    #[arg(
+        long,
+        env = "DRIFTLESS_PCT_COMMAND",
+        value_name = "COMMAND",
+        default_value = settings::DEFAULT_PCT_COMMAND,
+        help_heading = "Connection"
+    )]
+    pub pct_command: String,
+    /// Directory holding the secrets the repository names (`<dir>/<name>`); a secret may also
+    /// come from DRIFTLESS_SECRET_<NAME>.
+    #[arg(
+        long,
+        env = "DRIFTLESS_SECRETS_DIR",
+        value_name = "DIR",
+        default_value = settings::DEFAULT_SECRETS_DIR,
+        help_heading = "Connection"
+    )]
+    pub secrets_dir: PathBuf,
+    /// Plan and apply the Proxmox guests only: no K3s, Talos or Kubernetes step.
+    #[arg(long, env = "DRIFTLESS_GUESTS_ONLY", help_heading = "Cluster layer")]
+    pub guests_only: bool,
+    /// Reach the Kubernetes API at this URL instead of the kubeconfig's server (a tunnel,
+    /// or the sandbox).
+    #[arg(
+        long,
+        env = "DRIFTLESS_KUBE_SERVER",
+        value_name = "URL",
+        help_heading = "Cluster layer"
+    )]
+    pub kube_server: Option<String>,
+    /// Reach every Talos node's API through this endpoint (`HOST:PORT`), with the node in
+    /// gRPC metadata as `talosctl --endpoints E --nodes N` does.
+    #[arg(
+        long,
+        env = "DRIFTLESS_TALOS_ENDPOINT",
+        value_name = "HOST:PORT",
+        help_heading = "Cluster layer"
+    )]
+    pub talos_endpoint: Option<String>,
+    /// How long a node may take to be Ready (and the API server ready) after a disruptive
+    /// step before the wave stops: `300s`, `5m`.
+    #[arg(long, env = "DRIFTLESS_GATE_TIMEOUT", value_name = "DURATION", default_value = "5m", value_parser = settings::parse_duration, help_heading = "Cluster layer")]
+    pub gate_timeout: std::time::Duration,
+    /// SSH user for VM nodes running K3s.
+    #[arg(
+        long,
+        env = "DRIFTLESS_NODE_SSH_USER",
+        value_name = "USER",
+        default_value = settings::DEFAULT_NODE_SSH_USER,
+        help_heading = "Cluster layer"
+    )]
+    pub node_ssh_user: String,
+    /// SSH port of VM nodes.
+    #[arg(
+        long,
+        env = "DRIFTLESS_NODE_SSH_PORT",
+        value_name = "PORT",
+        default_value_t = settings::DEFAULT_NODE_SSH_PORT,
+        help_heading = "Cluster layer"
+    )]
+    pub node_ssh_port: u16,
+    /// Private key for VM nodes (default: the host shell's key, or ~/.ssh/id_ed25519).
+    #[arg(
+        long,
+        env = "DRIFTLESS_NODE_SSH_KEY_FILE",
+        value_name = "FILE",
+        help_heading = "Cluster layer"
+    )]
+    pub node_ssh_key_file: Option<PathBuf>,
+    /// known_hosts holding the VM nodes' host keys (default: the host shell's, or
+    /// ~/.ssh/known_hosts). Unknown keys are refused.
+    #[arg(
+        long,
+        env = "DRIFTLESS_NODE_SSH_KNOWN_HOSTS",
+        value_name = "FILE",
+        help_heading = "Cluster layer"
+    )]
+    pub node_ssh_known_hosts: Option<PathBuf>,
+    /// Connect to this host instead of each VM node's address.
+    #[arg(
+        long,
+        env = "DRIFTLESS_NODE_SSH_HOST",
+        value_name = "HOST",
+        help_heading = "Cluster layer"
+    )]
+    pub node_ssh_host: Option<String>,
+    /// A directory every node path is under (tests, or nodes whose root is mounted here).
+    #[arg(
+        long,
+        env = "DRIFTLESS_NODE_ROOT",
+        value_name = "DIR",
+        default_value = "",
+        hide_default_value = true,
+        help_heading = "Cluster layer"
+    )]
+    pub node_root: String,
+}
+
+/// `--host-shell`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CliHostShell {
+    Ssh,
+    Local,
+}
+
+impl ConnectArgs {
+    /// The run's settings: flags with every default applied (`settings::RunSettings::resolve`).
+    pub fn settings(&self) -> RunSettings {
+        RunSettings::resolve(RunFlags {
+            proxmox: ProxmoxOverrides {
+                url: self.proxmox_url.clone(),
+                token_file: self.proxmox_token_file.clone(),
+                fingerprint: self.proxmox_fingerprint.clone(),
+                ca_file: self.proxmox_ca_file.clone(),
+                insecure: self.proxmox_insecure,
+            },
+            host_shell: Some(match self.host_shell {
+                CliHostShell::Ssh => HostShellKind::Ssh,
+                CliHostShell::Local => HostShellKind::Local,
+            }),
+            ssh_host: self.ssh_host.clone(),
+            ssh_port: self.ssh_port,
+            ssh_user: self.ssh_user.clone(),
+            ssh_key_file: self.ssh_key_file.clone(),
+            ssh_known_hosts: self.ssh_known_hosts.clone(),
+            pve_root: Some(self.pve_root.clone()),
+            pct_command: Some(self.pct_command.clone()),
+            secrets_dir: Some(self.secrets_dir.clone()),
+            guests_only: self.guests_only,
+            kube_server: self.kube_server.clone(),
+            talos_endpoint: self.talos_endpoint.clone(),
+            gate_timeout: Some(self.gate_timeout),
+            node_ssh_user: Some(self.node_ssh_user.clone()),
+            node_ssh_port: Some(self.node_ssh_port),
+            node_ssh_key_file: self.node_ssh_key_file.clone(),
+            node_ssh_known_hosts: self.node_ssh_known_hosts.clone(),
+            node_ssh_host: self.node_ssh_host.clone(),
+            node_root: Some(self.node_root.clone()).filter(|r| !r.is_empty()),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Default, Args)]
+pub struct DaemonArgs {
+    /// Daemon config file (YAML; keys as the flags below, with `_` for `-`).
+    #[arg(long, env = "DRIFTLESS_DAEMON_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The infrastructure repository: https://, ssh://, file:// URL or a local path.
+    #[arg(long, env = "DRIFTLESS_REPOSITORY", value_name = "URL")]
+    pub repository: Option<String>,
+    /// The branch to apply [default: main].
+    #[arg(long, env = "DRIFTLESS_BRANCH")]
+    pub branch: Option<String>,
+    /// How often to fetch, e.g. 30s, 5m [default: cluster.yaml reconcile.interval, else 1m]; up to
+    /// 10% random jitter is added.
+    #[arg(long, env = "DRIFTLESS_POLL_INTERVAL", value_name = "DURATION")]
+    pub poll_interval: Option<String>,
+    /// Where status reports are committed [default: driftless/status]; never a watched branch.
+    #[arg(long, env = "DRIFTLESS_STATUS_BRANCH", value_name = "BRANCH")]
+    pub status_branch: Option<String>,
+    /// Refs to plan but never apply (repeatable): refs/heads/pr/*, refs/pull/*/head,
+    /// refs/merge-requests/*/head.
+    #[arg(
+        long = "plan-refs",
+        env = "DRIFTLESS_PLAN_REFS",
+        value_name = "PATTERN",
+        value_delimiter = ','
+    )]
+    pub plan_refs: Vec<String>,
+    /// Drift check schedule, crontab syntax [default: cluster.yaml reconcile.drift_schedule].
+    #[arg(long, env = "DRIFTLESS_DRIFT_SCHEDULE", value_name = "CRON")]
+    pub drift_schedule: Option<String>,
+    /// Run the drift check at this interval instead of a cron schedule (for tests and demos).
+    #[arg(long, env = "DRIFTLESS_DRIFT_INTERVAL", value_name = "DURATION", hide = true)]
+    pub drift_interval: Option<String>,
+    /// Apply drift when found [default: cluster.yaml reconcile.auto_correct].
+    #[arg(long, env = "DRIFTLESS_AUTO_CORRECT")]
+    pub auto_correct: Option<bool>,
+    /// Address for /healthz, /readyz, /metrics and /webhook [default: 127.0.0.1:9090].
+    #[arg(long, env = "DRIFTLESS_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// File holding the webhook secret (GitHub, Gitea/Forgejo HMAC or GitLab token); webhooks
+    /// are off without it.
+    #[arg(long, env = "DRIFTLESS_WEBHOOK_SECRET_FILE", value_name = "FILE")]
+    pub webhook_secret_file: Option<PathBuf>,
+    /// Where the daemon keeps its mirror of the repository [default: ./driftless-state].
+    #[arg(long, env = "DRIFTLESS_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// SSH key for ssh:// repositories.
+    #[arg(long, env = "DRIFTLESS_GIT_SSH_KEY", value_name = "FILE")]
+    pub ssh_key: Option<PathBuf>,
+    /// known_hosts for ssh:// repositories (host keys are always checked).
+    #[arg(long, env = "DRIFTLESS_GIT_KNOWN_HOSTS", value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
+    /// File holding a token for https:// repositories.
+    #[arg(long, env = "DRIFTLESS_GIT_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl DaemonArgs {
+    pub fn flags(&self) -> DaemonFlags {
+        DaemonFlags {
+            config: self.config.clone(),
+            repository: self.repository.clone(),
+            branch: self.branch.clone(),
+            poll_interval: self.poll_interval.clone(),
+            status_branch: self.status_branch.clone(),
+            plan_refs: self.plan_refs.clone(),
+            drift_schedule: self.drift_schedule.clone(),
+            drift_interval: self.drift_interval.clone(),
+            auto_correct: self.auto_correct,
+            listen: self.listen.clone(),
+            webhook_secret_file: self.webhook_secret_file.clone(),
+            state_dir: self.state_dir.clone(),
+            ssh_key: self.ssh_key.clone(),
+            known_hosts: self.known_hosts.clone(),
+            token_file: self.token_file.clone(),
+        }
+    }
 }

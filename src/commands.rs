@@ -1,16 +1,18 @@
-//! The subcommands: each runs a prefix of the pipeline (source -> load -> render) and prints.
+//! The subcommands: each runs a prefix of the pipeline (source -> load -> render, then one
+//! run through `driftless::reconcile`) and prints.
 
-use crate::apply::{Applier, ApplyReport, Progress, StepOutcome, observe};
 use crate::cli::{ApplyArgs, Cli, Command, ExplainArgs, OutputFormat, PlanArgs, RenderArgs};
-use crate::cluster::access::ClusterAccess;
-use crate::connect::AnyHostShell;
-use crate::model::{self, Desired, Diagnostics, LoadOptions, Setting};
-use crate::plan::display::{self, Wording};
-use crate::plan::{Plan, Step, desired_guests};
-use crate::ports::HostShell;
-use crate::render::{self, Artifact};
-use crate::source;
 use anyhow::{Context, Result, bail};
+use driftless::apply::{ApplyReport, Progress, StepOutcome};
+use driftless::connect::Connection;
+use driftless::model::{self, Desired, Diagnostics, LoadOptions, Setting};
+use driftless::plan::display::{self, Wording};
+use driftless::plan::{Plan, Step};
+use driftless::reconcile::Reconcile;
+use driftless::render::{self, Artifact};
+use driftless::runtime::{init_logging, tokio_runtime};
+use driftless::settings::RunSettings;
+use driftless::source;
 use std::io::Write;
 
 /// What a command ended with, for the exit code.
@@ -25,7 +27,7 @@ pub enum Outcome {
 pub fn run(cli: &Cli) -> Result<Outcome> {
     match &cli.command {
         Command::Daemon(cmd) => return daemon_cmd(cmd),
-        Command::DaemonRun => return crate::daemon::worker::main().map(|()| Outcome::Ok),
+        Command::DaemonRun => return driftless::daemon::worker::main().map(|()| Outcome::Ok),
         Command::Status(args) => return status_cmd(args, cli.global.output),
         _ => {}
     }
@@ -243,57 +245,23 @@ fn model_show(v: &serde_json::Value) -> String {
     }
 }
 
-pub fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio_runtime().context("cannot start the async runtime")
 }
 
-/// Read Proxmox and plan the guests only (what the benchmarks and `--guests-only` use).
-pub async fn observe_and_plan(
-    desired: &Desired,
-    artifacts: &[Artifact],
-    client: &crate::adapters::proxmox::ProxmoxClient,
-) -> Result<Plan> {
-    observe_and_plan_all::<AnyHostShell>(desired, artifacts, client, None).await
-}
-
-/// Read Proxmox, then (with `cluster`) the nodes and the Kubernetes API, and plan both
-/// layers. Shared by plan, drift, apply and the daemon.
-pub async fn observe_and_plan_all<H: HostShell>(
-    desired: &Desired,
-    artifacts: &[Artifact],
-    client: &crate::adapters::proxmox::ProxmoxClient,
-    cluster: Option<&ClusterAccess<'_, H>>,
-) -> Result<Plan> {
-    let guests = desired_guests(desired, artifacts);
-    let observed = observe(client, &guests)
-        .await
-        .context("cannot read the guests from Proxmox")?;
-    let plan = crate::plan::plan(desired, &guests, &observed);
-    let Some(cluster) = cluster else { return Ok(plan) };
-    let (seen, notices) = cluster
-        .observe(&observed)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot observe the cluster: {e}"))?;
-    let mut plan = crate::cluster::plan::merge(desired, artifacts, &seen, plan);
-    plan.notices
-        .extend(notices.into_iter().map(|message| crate::plan::Notice {
-            node: "cluster".into(),
-            vmid: 0,
-            message,
-        }));
-    Ok(plan)
+/// Connect to what this repository's cluster.yaml names, with this run's overrides. A
+/// one-shot command trusts the repository it was pointed at.
+fn connect(desired: &Desired, settings: &RunSettings) -> Result<Connection> {
+    Ok(Connection::open(settings, &desired.cluster, &desired.nodes)?)
 }
 
 fn health_cmd(desired: &Desired, artifacts: &[Artifact], args: &PlanArgs, out: OutputFormat) -> Result<Outcome> {
-    let shell = args.connect.host_shell(&desired.cluster)?;
-    let access = ClusterAccess::new(desired, artifacts, shell.as_ref(), args.connect.cluster_settings());
+    let settings = args.connect.settings();
+    let connection = connect(desired, &settings)?;
+    let run = Reconcile::connected(desired, artifacts, &connection);
     let health = runtime()?
-        .block_on(access.health())
-        .map_err(|e| anyhow::anyhow!("cannot read the cluster's health: {e}"))?;
+        .block_on(run.health())
+        .context("cannot read the cluster's health")?;
     match out {
         OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&health)?),
         _ => print!("{}", health.text()),
@@ -303,16 +271,6 @@ fn health_cmd(desired: &Desired, artifacts: &[Artifact], args: &PlanArgs, out: O
     } else {
         bail!("the cluster is not healthy")
     }
-}
-
-/// The cluster layer for this run, unless `--guests-only`.
-pub fn cluster_access<'a>(
-    desired: &'a Desired,
-    artifacts: &'a [Artifact],
-    connect: &crate::connect::ConnectArgs,
-    shell: Option<&'a AnyHostShell>,
-) -> Option<ClusterAccess<'a, AnyHostShell>> {
-    (!connect.guests_only).then(|| ClusterAccess::new(desired, artifacts, shell, connect.cluster_settings()))
 }
 
 fn print_plan(plan: &Plan, out: OutputFormat, wording: Wording) -> Result<()> {
@@ -332,10 +290,9 @@ fn plan_cmd(
     out: OutputFormat,
     wording: Wording,
 ) -> Result<Outcome> {
-    let client = args.connect.proxmox_client(&desired.cluster)?;
-    let shell = args.connect.host_shell(&desired.cluster)?;
-    let access = cluster_access(desired, artifacts, &args.connect, shell.as_ref());
-    let plan = runtime()?.block_on(observe_and_plan_all(desired, artifacts, &client, access.as_ref()))?;
+    let settings = args.connect.settings();
+    let connection = connect(desired, &settings)?;
+    let plan = runtime()?.block_on(Reconcile::connected(desired, artifacts, &connection).plan())?;
     print_plan(&plan, out, wording)?;
     Ok(if args.detailed_exitcode && !plan.is_empty() {
         Outcome::Changes
@@ -345,7 +302,7 @@ fn plan_cmd(
 }
 
 /// Prints each step as it starts and ends: a long apply shows where it is.
-pub struct StderrProgress;
+struct StderrProgress;
 
 impl Progress for StderrProgress {
     fn step_started(&mut self, index: usize, total: usize, step: &Step) {
@@ -384,11 +341,11 @@ fn confirm(plan: &Plan, desired: &Desired) -> Result<bool> {
 }
 
 fn apply_cmd(desired: &Desired, artifacts: &[Artifact], args: &ApplyArgs, out: OutputFormat) -> Result<Outcome> {
-    let client = args.connect.proxmox_client(&desired.cluster)?;
-    let shell = args.connect.host_shell(&desired.cluster)?;
-    let access = cluster_access(desired, artifacts, &args.connect, shell.as_ref());
+    let settings = args.connect.settings();
+    let connection = connect(desired, &settings)?;
+    let run = Reconcile::connected(desired, artifacts, &connection);
     let rt = runtime()?;
-    let plan = rt.block_on(observe_and_plan_all(desired, artifacts, &client, access.as_ref()))?;
+    let plan = rt.block_on(run.plan())?;
     if out != OutputFormat::Json {
         print_plan(&plan, out, Wording::Plan)?;
     }
@@ -406,19 +363,12 @@ fn apply_cmd(desired: &Desired, artifacts: &[Artifact], args: &ApplyArgs, out: O
     if !args.auto_approve && !confirm(&plan, desired)? {
         bail!("apply cancelled: nothing was changed");
     }
-    let applier = Applier {
-        proxmox: &client,
-        shell: shell.as_ref(),
-        host: args.connect.host_settings(),
-        stop: None,
-        cluster: access.as_ref().map(|a| a as &dyn crate::apply::ClusterSteps),
-    };
-    let report = rt.block_on(applier.apply(&plan, &mut StderrProgress));
+    let report = rt.block_on(run.apply(&plan, &mut StderrProgress, None));
     report_apply(&plan, &report, out)
 }
 
 /// Print what an apply did; a failed step makes the command fail.
-pub fn report_apply(plan: &Plan, report: &ApplyReport, out: OutputFormat) -> Result<Outcome> {
+fn report_apply(plan: &Plan, report: &ApplyReport, out: OutputFormat) -> Result<Outcome> {
     if out == OutputFormat::Json {
         println!(
             "{}",
@@ -451,32 +401,19 @@ pub fn report_apply(plan: &Plan, report: &ApplyReport, out: OutputFormat) -> Res
     }
 }
 
-/// Logs on stderr: text (coloured only on a terminal, so journald gets plain lines) or JSON.
-pub(crate) fn init_logging(format: crate::cli::LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DRIFTLESS_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,notify=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    let _ = match format {
-        crate::cli::LogFormat::Json => builder.json().try_init(),
-        crate::cli::LogFormat::Text => builder.try_init(),
-    };
-}
-
 fn daemon_cmd(cmd: &crate::cli::DaemonCmd) -> Result<Outcome> {
-    init_logging(cmd.log_format);
-    let mut settings = cmd.daemon.resolve()?;
-    settings.log_format = Some(cmd.log_format);
+    let log_format = cmd.log_format.settings();
+    init_logging(log_format);
+    let mut settings = cmd.daemon.flags().resolve()?;
+    settings.log_format = Some(log_format);
     // Before the runtime's threads exist, so they share the arenas.
-    crate::daemon::memory::limit_arenas();
-    runtime()?.block_on(crate::daemon::run::run(settings, cmd.connect.clone()))?;
+    driftless::daemon::memory::limit_arenas();
+    runtime()?.block_on(driftless::daemon::run::run(settings, cmd.connect.settings()))?;
     Ok(Outcome::Ok)
 }
 
 fn status_cmd(args: &crate::cli::StatusArgs, out: OutputFormat) -> Result<Outcome> {
-    use crate::daemon::{gitops, status};
+    use driftless::daemon::{gitops, status};
     let cache = tempfile::tempdir()?;
     let mirror = gitops::Mirror::open_or_init(&args.repository, cache.path(), gitops::GitAuth::default())?;
     let git_ref = if args.git_ref.starts_with("refs/") {

@@ -16,7 +16,7 @@ use crate::pve::conf::{self, ConfError, GuestKind};
 use crate::pve::lxc_keys::{RawKeyVerdict, check_raw_key};
 
 /// Where pmxcfs is mounted on a real Proxmox host.
-pub const DEFAULT_PVE_ROOT: &str = "/etc/pve";
+pub use crate::settings::DEFAULT_PVE_ROOT;
 
 /// Why raw keys could not be set in a config text.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -46,6 +46,18 @@ pub enum HostShellError {
     NotUtf8 { node: String, path: String },
     #[error("`{key}` is not a Proxmox option name")]
     InvalidOption { key: String },
+}
+
+impl HostShellError {
+    /// The shell failing can pass; a file that cannot be edited or a bad option stays so.
+    pub fn retryable(&self) -> bool {
+        match self {
+            HostShellError::Shell(e) => e.retryable(),
+            HostShellError::RawKeys { .. } | HostShellError::NotUtf8 { .. } | HostShellError::InvalidOption { .. } => {
+                false
+            }
+        }
+    }
 }
 
 /// The container config file of `vmid` on `node`: `{pve_root}/nodes/{node}/lxc/{vmid}.conf`.

@@ -25,9 +25,7 @@
 //! ```
 pub mod adapters;
 pub mod apply;
-pub mod cli;
 pub mod cluster;
-pub mod commands;
 pub mod connect;
 pub mod daemon;
 pub mod hostshell;
@@ -35,6 +33,9 @@ pub mod model;
 pub mod plan;
 pub mod ports;
 pub mod pve;
+pub mod reconcile;
 pub mod render;
+pub mod runtime;
 pub mod secrets;
+pub mod settings;
 pub mod source;

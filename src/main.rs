@@ -1,9 +1,12 @@
 //! The driftless command: parse arguments, run, map the outcome to an exit code
 //! (0 ok, 1 invalid repository or error).
 
+mod cli;
+mod commands;
+
 use clap::Parser;
-use driftless::cli::Cli;
-use driftless::commands::{self, Outcome};
+use cli::Cli;
+use commands::Outcome;
 use std::process::ExitCode;
 
 fn main() -> ExitCode {

@@ -1,9 +1,54 @@
 //! The ports: small traits between the pure core and the systems driftless talks to.
 //! Plan and apply are written against these; adapters implement them for the real systems
-//! and the sandbox, and tests can implement them in memory.
+//! (and the sandbox, which serves the real protocols), and [`fakes`] implements them in
+//! memory for unit tests.
+
+#[cfg(test)]
+pub mod fakes;
 
 use std::collections::BTreeMap;
 use std::future::Future;
+
+/// The systems a run talks to: what an error is blamed on (and counted as, in the daemon's
+/// metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum System {
+    Proxmox,
+    /// A remote shell: the Proxmox host's (SSH, or local) or a node's.
+    Ssh,
+    Kubernetes,
+    Talos,
+    Git,
+    /// The secrets directory and files on this host.
+    Secrets,
+    /// The repository's content: nothing another attempt can fix.
+    Repository,
+}
+
+impl System {
+    pub const ALL: [System; 7] = [
+        System::Proxmox,
+        System::Ssh,
+        System::Kubernetes,
+        System::Talos,
+        System::Git,
+        System::Secrets,
+        System::Repository,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            System::Proxmox => "proxmox",
+            System::Ssh => "ssh",
+            System::Kubernetes => "kubernetes",
+            System::Talos => "talos",
+            System::Git => "git",
+            System::Secrets => "secrets",
+            System::Repository => "repository",
+        }
+    }
+}
 
 /// Guest type as Proxmox names it in paths and listings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
@@ -91,6 +136,18 @@ pub enum ProxmoxError {
     Other(String),
 }
 
+impl ProxmoxError {
+    /// Whether another attempt can succeed: the API was unreachable, busy or failing, or the
+    /// guest changed under us. A refusal (4xx) or a failed task stays failed.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ProxmoxError::DigestMismatch | ProxmoxError::Transport { .. } => true,
+            ProxmoxError::Api { status, .. } => *status >= 500 || *status == 429,
+            ProxmoxError::TaskFailed { .. } | ProxmoxError::Other(_) => false,
+        }
+    }
+}
+
 /// The Proxmox VE API, the calls driftless makes. Implemented over HTTPS by
 /// `adapters::proxmox::ProxmoxClient`.
 pub trait ProxmoxApi: Send + Sync {
@@ -160,6 +217,17 @@ pub enum ShellError {
     Other(String),
 }
 
+impl ShellError {
+    /// Whether another attempt can succeed: the host did not answer, or a command failed.
+    /// A wrong or unknown host key and a refused login need the operator.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            ShellError::Connect { .. } | ShellError::Command { .. } | ShellError::Changed { .. }
+        )
+    }
+}
+
 /// Output of a remote command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandOutput {
@@ -208,6 +276,47 @@ pub trait NodeShell: Send + Sync {
     /// `mode` (octal, `0600`) and owner `root:root`; parent directories are created.
     fn write_file(&self, path: &str, contents: &[u8], mode: u32)
     -> impl Future<Output = Result<(), ShellError>> + Send;
+    /// Copy a file of the Proxmox host into the node (`pct push`), with `mode`. Only
+    /// containers have a host to push from; other nodes answer `ShellError::Other`.
+    fn push_from_host(
+        &self,
+        host_path: &str,
+        dest: &str,
+        mode: u32,
+    ) -> impl Future<Output = Result<(), ShellError>> + Send;
+    /// Whether the node boots on its own network stack and may not answer for a while after
+    /// its guest started (a VM's SSH); a container is reached through its host at once.
+    fn may_be_booting(&self) -> bool {
+        false
+    }
+}
+
+/// A cluster node as the connector needs it to reach the node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeTarget {
+    pub name: String,
+    /// `true` for an LXC container (reached through its Proxmox host), `false` for a VM.
+    pub container: bool,
+    pub vmid: u32,
+    /// The Proxmox node the guest runs on.
+    pub pve_node: String,
+}
+
+/// Where the cluster layer gets its clients: a shell on each node, and the Kubernetes and
+/// Talos APIs from the kubeconfig and talosconfig the cluster produced (they appear during a
+/// run, so the clients are made when needed). Implemented by `connect::NodeConnector` for the
+/// real systems and by `ports::fakes` in tests.
+pub trait ClusterConnector: Send + Sync {
+    type Node<'a>: NodeShell + 'a
+    where
+        Self: 'a;
+    type Kube: KubeApi;
+    type Talos: TalosApi;
+    /// The node's shell; `None` when it cannot be reached with this run's settings (a
+    /// container without a Proxmox host shell).
+    fn node_shell<'a>(&'a self, node: &NodeTarget) -> Option<Self::Node<'a>>;
+    fn kube(&self, kubeconfig: &[u8]) -> Result<Self::Kube, KubeError>;
+    fn talos(&self, talosconfig: &[u8]) -> Result<Self::Talos, TalosError>;
 }
 
 /// A Kubernetes taint: `key[=value]:Effect`.
@@ -292,6 +401,16 @@ pub enum KubeError {
     Other(String),
 }
 
+impl KubeError {
+    pub fn retryable(&self) -> bool {
+        match self {
+            KubeError::Transport { .. } => true,
+            KubeError::Api { status, .. } => *status >= 500 || *status == 429 || *status == 409,
+            KubeError::Other(_) => false,
+        }
+    }
+}
+
 /// The Kubernetes API, the calls driftless makes (kube-rs with the cluster's kubeconfig).
 pub trait KubeApi: Send + Sync {
     /// `GET /readyz`: `Ok(())` when the API server says `ok`; the failing checks otherwise.
@@ -368,6 +487,16 @@ pub enum TalosError {
     },
     #[error("{0}")]
     Other(String),
+}
+
+impl TalosError {
+    pub fn retryable(&self) -> bool {
+        match self {
+            TalosError::Transport { .. } => true,
+            TalosError::Api { code, .. } => matches!(code.as_str(), "Unavailable" | "DeadlineExceeded" | "Aborted"),
+            TalosError::Other(_) => false,
+        }
+    }
 }
 
 /// The Talos API (gRPC over mTLS with the talosconfig credentials). `node` is the node's

@@ -7,182 +7,182 @@
 //! gRPC payloads only. The kubeconfig and talosconfig are files in the secrets directory.
 //! Every error message is built from names, paths and exit statuses, never from values.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use super::k3s::{self, K3sObserved};
-use super::node_access::{LxcNode, SshNode};
 use super::plan::{ClusterObserved, NodeObserved, metadata_step};
-use super::talos_secrets::{self, TalosSecrets};
-use crate::adapters::kube::KubeClient;
-use crate::adapters::ssh::{HostTarget, SshHostShell};
-use crate::adapters::talos::TalosClient;
+use super::talos_secrets::{self, TalosSecrets, TalosSecretsError};
 use crate::apply::{ClusterSteps, StepFuture};
 use crate::model::schema::{Distribution, GuestKind};
 use crate::model::{Desired, Node};
 use crate::plan::{Action, Observed, Step};
-use crate::ports::{HostShell, KubeApi, NodeShell, ShellError, TalosApi, TalosApplyMode, TalosNodeState};
+use crate::ports::{
+    ClusterConnector, KubeApi, KubeError, NodeShell, NodeTarget, ShellError, System, TalosApi, TalosApplyMode,
+    TalosError, TalosNodeState,
+};
 use crate::render::{Artifact, ArtifactKind};
-use crate::secrets::{Secret, SecretStore};
-
-/// How to reach VM nodes over SSH (K3s on VMs).
-#[derive(Debug, Clone)]
-pub struct NodeSsh {
-    pub user: String,
-    pub port: u16,
-    pub key_file: PathBuf,
-    pub known_hosts: PathBuf,
-    /// Connect here instead of the node's address (a jump through a tunnel; tests).
-    pub host_override: Option<String>,
-}
-
-/// Everything the cluster layer needs besides the repository.
-#[derive(Debug, Clone)]
-pub struct ClusterSettings {
-    pub secrets: SecretStore,
-    /// `pct` on the Proxmox host.
-    pub pct_command: Vec<String>,
-    /// Prefix of every path on a node (empty on real nodes).
-    pub node_root: String,
-    pub node_ssh: NodeSsh,
-    /// Reach the Kubernetes API here instead of the kubeconfig's server.
-    pub kube_server: Option<String>,
-    /// Reach every Talos node's API through this endpoint (`host:port`).
-    pub talos_endpoint: Option<String>,
-    /// How long a node may take to be Ready again after a disruptive step.
-    pub gate_timeout: Duration,
-    pub gate_interval: Duration,
-}
+use crate::secrets::{Secret, SecretError, SecretStore};
+use crate::settings::ClusterSettings;
 
 pub const KUBECONFIG_FILE: &str = "kubeconfig";
 pub const TALOSCONFIG_FILE: &str = "talosconfig";
 
+/// What went wrong in the cluster layer, and with which system. Messages are built from names,
+/// paths and exit statuses: never from a secret's value.
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
+    /// A command or file operation on a node (through the Proxmox host or over SSH).
     #[error("{node} ({via}): {source}")]
     Node {
         node: String,
         via: String,
         #[source]
-        source: ShellError,
+        source: Box<ShellError>,
     },
+    /// The node cannot be reached at all with this run's settings.
+    #[error("{node}: {}", if *container {
+        "reaching a container needs the Proxmox host shell (proxmox.hosts in cluster.yaml)"
+    } else {
+        "this VM is not a node of the trusted state, so it is not reached over SSH"
+    })]
+    NoNodeShell { node: String, container: bool },
     #[error("{0}")]
-    Other(String),
+    Kube(#[from] KubeError),
+    #[error("{0}")]
+    Talos(TalosError),
+    #[error(transparent)]
+    Secret(#[from] SecretError),
+    /// A file of the secrets directory (kubeconfig, talosconfig) cannot be read or written.
+    #[error("{0}")]
+    SecretsDir(String),
+    /// A health gate that did not pass in time: the wave stops.
+    #[error("health gate: {node} did not become Ready within {secs} s ({last}); the wave stops here")]
+    Gate { node: String, secs: u64, last: String },
+    /// The repository asks for something this layer cannot do: retrying does not help.
+    #[error("{0}")]
+    Config(String),
+    /// A system did something unexpected (a node wrote no kubeconfig, Talos never answered).
+    #[error("{message}")]
+    Failed { system: System, message: String },
 }
 
-/// The cluster layer for one run.
-pub struct ClusterAccess<'a, H: HostShell> {
+impl ClusterError {
+    /// The system this failure is blamed on.
+    pub fn system(&self) -> System {
+        match self {
+            ClusterError::Node { .. } | ClusterError::NoNodeShell { .. } => System::Ssh,
+            ClusterError::Kube(_) | ClusterError::Gate { .. } => System::Kubernetes,
+            ClusterError::Talos(_) => System::Talos,
+            ClusterError::Secret(_) | ClusterError::SecretsDir(_) => System::Secrets,
+            ClusterError::Config(_) => System::Repository,
+            ClusterError::Failed { system, .. } => *system,
+        }
+    }
+
+    /// Whether another attempt can succeed without a change to the repository or settings.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ClusterError::Node { source, .. } => source.retryable(),
+            ClusterError::Kube(e) => e.retryable(),
+            ClusterError::Talos(e) => e.retryable(),
+            ClusterError::Gate { .. } | ClusterError::Failed { .. } => true,
+            ClusterError::NoNodeShell { .. }
+            | ClusterError::Secret(_)
+            | ClusterError::SecretsDir(_)
+            | ClusterError::Config(_) => false,
+        }
+    }
+
+    fn shell_failed(message: impl Into<String>) -> ClusterError {
+        ClusterError::Failed {
+            system: System::Ssh,
+            message: message.into(),
+        }
+    }
+
+    fn talos_failed(message: impl Into<String>) -> ClusterError {
+        ClusterError::Failed {
+            system: System::Talos,
+            message: message.into(),
+        }
+    }
+
+    fn kube_failed(message: impl Into<String>) -> ClusterError {
+        ClusterError::Failed {
+            system: System::Kubernetes,
+            message: message.into(),
+        }
+    }
+
+    fn node(node: &str, shell: &impl NodeShell, source: ShellError) -> ClusterError {
+        ClusterError::Node {
+            node: node.to_string(),
+            via: shell.describe(),
+            source: Box::new(source),
+        }
+    }
+}
+
+impl From<TalosSecretsError> for ClusterError {
+    fn from(e: TalosSecretsError) -> Self {
+        ClusterError::Config(e.to_string())
+    }
+}
+
+/// The cluster layer for one run: the nodes, the Kubernetes API and the Talos API, reached
+/// through `connector`.
+pub struct ClusterAccess<'a, C: ClusterConnector> {
     pub desired: &'a Desired,
     pub artifacts: &'a [Artifact],
-    pub host: Option<&'a H>,
+    pub connector: &'a C,
     pub settings: ClusterSettings,
-    ssh: SshHostShell,
+    /// Where the kubeconfig and talosconfig are kept, and the secrets the repository names.
+    pub secrets: SecretStore,
     /// The join token once read (from the secret or the first server).
     token: tokio::sync::Mutex<Option<Secret>>,
 }
 
-/// One node's shell: through the Proxmox host for containers, SSH for VMs.
-enum AnyNode<'a, H: HostShell> {
-    Lxc(LxcNode<'a, H>),
-    Ssh(SshNode<'a>),
-}
-
-impl<H: HostShell> NodeShell for AnyNode<'_, H> {
-    fn describe(&self) -> String {
-        match self {
-            AnyNode::Lxc(n) => n.describe(),
-            AnyNode::Ssh(n) => n.describe(),
-        }
-    }
-    fn path(&self, path: &str) -> String {
-        match self {
-            AnyNode::Lxc(n) => n.path(path),
-            AnyNode::Ssh(n) => n.path(path),
-        }
-    }
-    async fn run(&self, argv: &[String], stdin: &[u8]) -> Result<crate::ports::CommandOutput, ShellError> {
-        match self {
-            AnyNode::Lxc(n) => n.run(argv, stdin).await,
-            AnyNode::Ssh(n) => n.run(argv, stdin).await,
-        }
-    }
-    async fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, ShellError> {
-        match self {
-            AnyNode::Lxc(n) => n.read_file(path).await,
-            AnyNode::Ssh(n) => n.read_file(path).await,
-        }
-    }
-    async fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), ShellError> {
-        match self {
-            AnyNode::Lxc(n) => n.write_file(path, contents, mode).await,
-            AnyNode::Ssh(n) => n.write_file(path, contents, mode).await,
-        }
+/// How the connector reaches a node.
+pub fn target(node: &Node) -> NodeTarget {
+    NodeTarget {
+        name: node.name.clone(),
+        container: node.kind == GuestKind::Lxc,
+        vmid: node.vmid,
+        pve_node: node.proxmox_node.clone(),
     }
 }
 
-impl<'a, H: HostShell> ClusterAccess<'a, H> {
+impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
     pub fn new(
         desired: &'a Desired,
         artifacts: &'a [Artifact],
-        host: Option<&'a H>,
+        connector: &'a C,
         settings: ClusterSettings,
+        secrets: SecretStore,
     ) -> Self {
-        let targets: BTreeMap<String, HostTarget> = desired
-            .nodes
-            .iter()
-            .filter(|n| n.kind == GuestKind::Vm)
-            .map(|n| {
-                let s = &settings.node_ssh;
-                let target = HostTarget {
-                    user: s.user.clone(),
-                    host: s.host_override.clone().unwrap_or_else(|| n.ip().to_string()),
-                    port: s.port,
-                    known_hosts: s.known_hosts.clone(),
-                    key_file: s.key_file.clone(),
-                };
-                (n.name.clone(), target)
-            })
-            .collect();
         ClusterAccess {
             desired,
             artifacts,
-            host,
-            ssh: SshHostShell::new(targets),
+            connector,
             settings,
+            secrets,
             token: tokio::sync::Mutex::new(None),
         }
     }
 
-    fn node_shell(&self, node: &Node) -> Result<AnyNode<'_, H>, String> {
-        match node.kind {
-            GuestKind::Lxc => {
-                let host = self.host.ok_or_else(|| {
-                    format!(
-                        "{}: reaching a container needs the Proxmox host shell (proxmox.hosts in cluster.yaml)",
-                        node.name
-                    )
-                })?;
-                Ok(AnyNode::Lxc(LxcNode {
-                    host,
-                    pve_node: node.proxmox_node.clone(),
-                    vmid: node.vmid,
-                    pct_command: self.settings.pct_command.clone(),
-                    root: self.settings.node_root.clone(),
-                }))
-            }
-            GuestKind::Vm => Ok(AnyNode::Ssh(SshNode {
-                ssh: &self.ssh,
-                name: node.name.clone(),
-                root: self.settings.node_root.clone(),
-            })),
-        }
+    fn node_shell(&self, node: &Node) -> Result<C::Node<'a>, ClusterError> {
+        self.connector
+            .node_shell(&target(node))
+            .ok_or_else(|| ClusterError::NoNodeShell {
+                node: node.name.clone(),
+                container: node.kind == GuestKind::Lxc,
+            })
     }
 
-    fn node(&self, name: &str) -> Result<&'a Node, String> {
+    fn node(&self, name: &str) -> Result<&'a Node, ClusterError> {
         self.desired
             .node(name)
-            .ok_or_else(|| format!("{name} is in no node file"))
+            .ok_or_else(|| ClusterError::Config(format!("{name} is in no node file")))
     }
 
     fn first_control_plane(&self) -> Option<&'a Node> {
@@ -190,25 +190,30 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
     }
 
     fn kubeconfig_path(&self) -> PathBuf {
-        self.settings.secrets.dir.join(KUBECONFIG_FILE)
+        self.secrets.dir.join(KUBECONFIG_FILE)
     }
 
-    fn kube(&self) -> Result<Option<KubeClient>, String> {
+    /// The Kubernetes API, once the cluster has written a kubeconfig.
+    fn kube(&self) -> Result<Option<C::Kube>, ClusterError> {
         let path = self.kubeconfig_path();
         let Ok(bytes) = std::fs::read(&path) else {
             return Ok(None);
         };
-        KubeClient::from_kubeconfig(&bytes, self.settings.kube_server.as_deref())
+        self.connector
+            .kube(&bytes)
             .map(Some)
-            .map_err(|e| format!("the kubeconfig in {} is unusable: {e}", path.display()))
+            .map_err(|e| ClusterError::SecretsDir(format!("the kubeconfig in {} is unusable: {e}", path.display())))
     }
 
     /// Write a file of the secrets directory with mode 0600, atomically.
-    fn write_secret_file(&self, name: &str, contents: &[u8]) -> Result<(), String> {
+    fn write_secret_file(&self, name: &str, contents: &[u8]) -> Result<(), ClusterError> {
         use std::io::Write;
-        let dir = &self.settings.secrets.dir;
-        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let fail = |e: &dyn std::fmt::Display| ClusterError::SecretsDir(format!("cannot write {name}: {e}"));
+        let dir = &self.secrets.dir;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| ClusterError::SecretsDir(format!("cannot create {}: {e}", dir.display())))?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)
+            .map_err(|e| ClusterError::SecretsDir(format!("{}: {e}", dir.display())))?;
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -216,15 +221,14 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
         }
         tmp.write_all(contents)
             .and_then(|_| tmp.as_file().sync_all())
-            .map_err(|e| format!("cannot write {name}: {e}"))?;
-        tmp.persist(dir.join(name))
-            .map_err(|e| format!("cannot write {name}: {}", e.error))?;
+            .map_err(|e| fail(&e))?;
+        tmp.persist(dir.join(name)).map_err(|e| fail(&e.error))?;
         Ok(())
     }
 
     // ---- Talos credentials ----
 
-    fn talos_bundle(&self) -> Result<(String, TalosSecrets), String> {
+    fn talos_bundle(&self) -> Result<(String, TalosSecrets), ClusterError> {
         let name = self
             .desired
             .cluster
@@ -232,17 +236,22 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
             .secrets
             .as_ref()
             .map(|s| s.secret.clone())
-            .ok_or("talos.secrets is not set in cluster.yaml: the secrets bundle names a secret")?;
-        let value = self.settings.secrets.resolve(&name).map_err(|e| e.to_string())?;
+            .ok_or_else(|| {
+                ClusterError::Config(
+                    "talos.secrets is not set in cluster.yaml: the secrets bundle names a secret".into(),
+                )
+            })?;
+        let value = self.secrets.resolve(&name)?;
         let bundle = TalosSecrets::parse(value.expose())
-            .map_err(|e| format!("secret `{name}`: {e}"))?
+            .map_err(|e| ClusterError::Config(format!("secret `{name}`: {e}")))?
             .with_name(&name);
         Ok((name, bundle))
     }
 
-    /// The talosconfig in the secrets directory, made from the bundle when missing.
-    fn talos(&self) -> Result<TalosClient, String> {
-        let path = self.settings.secrets.dir.join(TALOSCONFIG_FILE);
+    /// The Talos API, with the talosconfig in the secrets directory (made from the bundle
+    /// when missing).
+    fn talos(&self) -> Result<C::Talos, ClusterError> {
+        let path = self.secrets.dir.join(TALOSCONFIG_FILE);
         let yaml = match std::fs::read(&path) {
             Ok(y) => y,
             Err(_) => {
@@ -250,24 +259,25 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
                 let endpoints: Vec<String> = self.desired.control_plane().map(|n| n.ip().to_string()).collect();
                 let nodes: Vec<String> = self.desired.nodes.iter().map(|n| n.ip().to_string()).collect();
                 let text = talos_secrets::talosconfig(&bundle, &self.desired.cluster.name, &endpoints, &nodes)
-                    .map_err(|e| format!("cannot make the talosconfig: {e}"))?;
+                    .map_err(|e| ClusterError::Config(format!("cannot make the talosconfig: {e}")))?;
                 self.write_secret_file(TALOSCONFIG_FILE, text.as_bytes())?;
                 text.into_bytes()
             }
         };
-        TalosClient::from_talosconfig(&yaml, self.settings.talos_endpoint.as_deref())
-            .map_err(|e| format!("the talosconfig in {} is unusable: {e}", path.display()))
+        self.connector
+            .talos(&yaml)
+            .map_err(|e| ClusterError::SecretsDir(format!("the talosconfig in {} is unusable: {e}", path.display())))
     }
 
-    fn filled_talos_config(&self, config: &str) -> Result<(String, TalosSecrets), String> {
+    fn filled_talos_config(&self, config: &str) -> Result<(String, TalosSecrets), ClusterError> {
         let (name, bundle) = self.talos_bundle()?;
-        let filled = talos_secrets::fill(config, &name, &bundle).map_err(|e| e.to_string())?;
+        let filled = talos_secrets::fill(config, &name, &bundle)?;
         Ok((filled, bundle))
     }
 
     // ---- K3s join token ----
 
-    async fn join_token(&self) -> Result<Option<Secret>, String> {
+    async fn join_token(&self) -> Result<Option<Secret>, ClusterError> {
         let mut cached = self.token.lock().await;
         if cached.is_none() {
             *cached = self.read_join_token().await?;
@@ -275,14 +285,9 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
         Ok(cached.clone())
     }
 
-    async fn read_join_token(&self) -> Result<Option<Secret>, String> {
+    async fn read_join_token(&self) -> Result<Option<Secret>, ClusterError> {
         if let Some(s) = &self.desired.cluster.k3s.token {
-            return self
-                .settings
-                .secrets
-                .resolve(&s.secret)
-                .map(Some)
-                .map_err(|e| e.to_string());
+            return Ok(Some(self.secrets.resolve(&s.secret)?));
         }
         match self.first_control_plane() {
             Some(first) => self.read_node_token(first).await,
@@ -291,22 +296,26 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
     }
 
     /// The node-token a K3s server wrote at its first start; `None` before that.
-    async fn read_node_token(&self, server: &Node) -> Result<Option<Secret>, String> {
+    async fn read_node_token(&self, server: &Node) -> Result<Option<Secret>, ClusterError> {
         let shell = self.node_shell(server)?;
         match shell.read_file(k3s::SERVER_TOKEN_PATH).await {
             Ok(Some(bytes)) => {
-                let text = String::from_utf8(bytes).map_err(|_| "the server's node-token is not text".to_string())?;
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| ClusterError::shell_failed("the server's node-token is not text"))?;
                 Ok(Some(Secret::new(text.trim())))
             }
             Ok(None) => Ok(None),
-            Err(e) => Err(format!("{}: cannot read the node-token: {e}", server.name)),
+            Err(e) => Err(ClusterError::shell_failed(format!(
+                "{}: cannot read the node-token: {e}",
+                server.name
+            ))),
         }
     }
 
     /// A `k3s.token` secret must be the token the first server was initialised with: K3s
     /// encrypts its bootstrap data with it, so a server restarted with another token does not
     /// start. Changing it is a rotation on the server, not a file driftless can write.
-    async fn check_named_token(&self) -> Result<(), String> {
+    async fn check_named_token(&self) -> Result<(), ClusterError> {
         let (Some(named), Some(first)) = (&self.desired.cluster.k3s.token, self.first_control_plane()) else {
             return Ok(());
         };
@@ -316,14 +325,14 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
         if k3s::token_secret_part(wanted.expose()) == k3s::token_secret_part(running.expose()) {
             return Ok(());
         }
-        Err(format!(
+        Err(ClusterError::Config(format!(
             "k3s.token: the secret `{}` is not the token the cluster runs with ({}'s {}). K3s cannot take a \
              new token by a restart; rotate it on the server (`k3s token rotate --new-token ...`) and then \
              update the secret, or put the cluster's token in the secret",
             named.secret,
             first.name,
             k3s::SERVER_TOKEN_PATH
-        ))
+        )))
     }
 
     // ---- observe ----
@@ -331,7 +340,7 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
     /// Read every node's K3s or Talos state, and the Kubernetes API when a kubeconfig exists.
     /// Nodes whose guest is not running are `NotRunning`; an unanswering Kubernetes API is a
     /// notice, not an error (the guests can still be planned).
-    pub async fn observe(&self, guests: &Observed) -> Result<(ClusterObserved, Vec<String>), String> {
+    pub async fn observe(&self, guests: &Observed) -> Result<(ClusterObserved, Vec<String>), ClusterError> {
         let mut observed = ClusterObserved {
             kubeconfig: self.kubeconfig_path().exists(),
             ..ClusterObserved::default()
@@ -359,7 +368,11 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
                             observed.nodes.insert(node.name.clone(), NodeObserved::NotRunning);
                         }
                         Err(e) => {
-                            return Err(format!("{} ({}): cannot observe K3s: {e}", node.name, shell.describe()));
+                            return Err(ClusterError::shell_failed(format!(
+                                "{} ({}): cannot observe K3s: {e}",
+                                node.name,
+                                shell.describe()
+                            )));
                         }
                     }
                 }
@@ -394,13 +407,13 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
                     }
                     let client = talos.as_ref().expect("set above");
                     let ip = node.ip().to_string();
-                    let state = client.probe(&ip).await.map_err(|e| e.to_string())?;
+                    let state = client.probe(&ip).await.map_err(ClusterError::Talos)?;
                     let dry_run = if matches!(state, TalosNodeState::Configured { .. }) {
                         let (filled, bundle) = self.filled_talos_config(config)?;
                         let mut r = client
                             .apply_configuration(&ip, filled.as_bytes(), self.apply_mode()?, true, false)
                             .await
-                            .map_err(|e| talos_secrets::redact(&e.to_string(), &bundle))?;
+                            .map_err(|e| redacted(e, &bundle))?;
                         r.mode_details = talos_secrets::redact(&r.mode_details, &bundle);
                         Some(r)
                     } else {
@@ -428,15 +441,18 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
             .map(|a| a.content.as_str())
     }
 
-    fn apply_mode(&self) -> Result<TalosApplyMode, String> {
+    fn apply_mode(&self) -> Result<TalosApplyMode, ClusterError> {
         let mode = self.desired.cluster.talos.apply_mode.as_deref().unwrap_or("auto");
-        TalosApplyMode::parse(mode)
-            .ok_or_else(|| format!("talos.apply_mode `{mode}` is not auto, no-reboot, reboot, staged or try"))
+        TalosApplyMode::parse(mode).ok_or_else(|| {
+            ClusterError::Config(format!(
+                "talos.apply_mode `{mode}` is not auto, no-reboot, reboot, staged or try"
+            ))
+        })
     }
 
     // ---- steps ----
 
-    async fn run_step(&self, step: &Step, log: &mut Vec<String>) -> Result<(), String> {
+    async fn run_step(&self, step: &Step, log: &mut Vec<String>) -> Result<(), ClusterError> {
         let node = self.node(&step.node)?;
         match &step.action {
             Action::K3sInstall { version, .. } => self.k3s_install(node, version, log).await,
@@ -454,52 +470,38 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
             } => self.talos_apply(node, config, *maintenance, log).await,
             Action::TalosBootstrap => self.talos_bootstrap(node, log).await,
             Action::NodeMetadata { .. } => self.node_metadata(node, log).await,
-            _ => Err("not a cluster step".into()),
+            _ => Err(ClusterError::Config("not a cluster step".into())),
         }
     }
 
-    async fn k3s_install(&self, node: &Node, version: &str, log: &mut Vec<String>) -> Result<(), String> {
+    async fn k3s_install(&self, node: &Node, version: &str, log: &mut Vec<String>) -> Result<(), ClusterError> {
         let shell = self.node_shell(node)?;
         self.wait_reachable(node, &shell).await?;
-        let fail = |e: ShellError| format!("installing K3s {version} ({}): {e}", shell.describe());
-        match (&self.desired.cluster.k3s.binary, &shell) {
-            (Some(binary), AnyNode::Lxc(lxc)) => {
+        let fail =
+            |e: ShellError| ClusterError::shell_failed(format!("installing K3s {version} ({}): {e}", shell.describe()));
+        match &self.desired.cluster.k3s.binary {
+            Some(_) if shell.may_be_booting() => {
+                return Err(ClusterError::Config(format!(
+                    "{}: k3s.binary is pushed through the Proxmox host and works for containers only",
+                    node.name
+                )));
+            }
+            Some(binary) => {
                 let dir = binary.rsplit_once('/').map(|(d, _)| d).unwrap_or(".");
                 for (src, dest) in [
                     (binary.clone(), "/usr/local/bin/k3s"),
                     (format!("{dir}/install.sh"), "/usr/local/bin/k3s-install.sh"),
                 ] {
-                    let mut argv = self.settings.pct_command.clone();
-                    argv.extend([
-                        "push".into(),
-                        node.vmid.to_string(),
-                        src,
-                        lxc.path(dest),
-                        "--perms".into(),
-                        "0755".into(),
-                    ]);
-                    let host = lxc.host;
-                    let out = host.run(&node.proxmox_node, &argv, b"").await.map_err(&fail)?;
-                    if out.status != 0 {
-                        return Err(format!(
-                            "pct push of {dest} to {} failed ({}): {}",
-                            node.name,
-                            out.status,
-                            String::from_utf8_lossy(&out.stderr).trim()
-                        ));
-                    }
+                    shell
+                        .push_from_host(&src, dest, 0o755)
+                        .await
+                        .map_err(|e| ClusterError::node(&node.name, &shell, e))?;
                 }
-                k3s::install_airgap(&shell, &node.role).await.map_err(&fail)?;
+                k3s::install_airgap(&shell, &node.role).await.map_err(fail)?;
                 log.push(format!("installed k3s from {binary}"));
             }
-            (Some(_), AnyNode::Ssh(_)) => {
-                return Err(format!(
-                    "{}: k3s.binary is pushed through the Proxmox host and works for containers only",
-                    node.name
-                ));
-            }
-            (None, _) => {
-                k3s::install(&shell, version, &node.role).await.map_err(&fail)?;
+            None => {
+                k3s::install(&shell, version, &node.role).await.map_err(fail)?;
                 log.push(format!("installed k3s {version}"));
             }
         }
@@ -507,8 +509,8 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
     }
 
     /// A VM just started takes a while to answer SSH: wait for it, within the gate timeout.
-    async fn wait_reachable(&self, node: &Node, shell: &AnyNode<'_, H>) -> Result<(), String> {
-        if matches!(shell, AnyNode::Lxc(_)) {
+    async fn wait_reachable(&self, node: &Node, shell: &C::Node<'a>) -> Result<(), ClusterError> {
+        if !shell.may_be_booting() {
             return Ok(());
         }
         let deadline = tokio::time::Instant::now() + self.settings.gate_timeout;
@@ -518,7 +520,13 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
                 Err(ShellError::Connect { .. }) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(self.settings.gate_interval).await;
                 }
-                Err(e) => return Err(format!("{} ({}) is not reachable: {e}", node.name, shell.describe())),
+                Err(e) => {
+                    return Err(ClusterError::shell_failed(format!(
+                        "{} ({}) is not reachable: {e}",
+                        node.name,
+                        shell.describe()
+                    )));
+                }
             }
         }
     }
@@ -530,21 +538,21 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
         planned_restart: bool,
         kubeconfig: bool,
         log: &mut Vec<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ClusterError> {
         let shell = self.node_shell(node)?;
         let token = if super::plan::needs_token(self.desired, node) {
             Some(self.join_token().await?.ok_or_else(|| {
-                format!(
+                ClusterError::shell_failed(format!(
                     "{} needs the join token, and no server has one yet (and no k3s.token secret is set)",
                     node.name
-                )
+                ))
             })?)
         } else {
             None
         };
         let done = k3s::configure(&shell, &node.role, config, token.as_ref(), planned_restart)
             .await
-            .map_err(|e| format!("{} ({}): {e}", node.name, shell.describe()))?;
+            .map_err(|e| ClusterError::node(&node.name, &shell, e))?;
         for path in &done.written {
             log.push(if *path == k3s::TOKEN_PATH {
                 "wrote the join token".to_string()
@@ -570,9 +578,9 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
     async fn fetch_k3s_kubeconfig(
         &self,
         node: &Node,
-        shell: &AnyNode<'_, H>,
+        shell: &C::Node<'a>,
         log: &mut Vec<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ClusterError> {
         let deadline = tokio::time::Instant::now() + self.settings.gate_timeout;
         let bytes = loop {
             match shell.read_file(k3s::KUBECONFIG_PATH).await {
@@ -580,11 +588,23 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
                 Ok(None) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(self.settings.gate_interval).await;
                 }
-                Ok(None) => return Err(format!("{} wrote no {} in time", node.name, k3s::KUBECONFIG_PATH)),
-                Err(e) => return Err(format!("reading {} on {}: {e}", k3s::KUBECONFIG_PATH, node.name)),
+                Ok(None) => {
+                    return Err(ClusterError::shell_failed(format!(
+                        "{} wrote no {} in time",
+                        node.name,
+                        k3s::KUBECONFIG_PATH
+                    )));
+                }
+                Err(e) => {
+                    return Err(ClusterError::shell_failed(format!(
+                        "reading {} on {}: {e}",
+                        k3s::KUBECONFIG_PATH,
+                        node.name
+                    )));
+                }
             }
         };
-        let text = String::from_utf8(bytes).map_err(|_| "the kubeconfig is not text".to_string())?;
+        let text = String::from_utf8(bytes).map_err(|_| ClusterError::shell_failed("the kubeconfig is not text"))?;
         let text = text.replace("https://127.0.0.1:6443", &format!("https://{}:6443", node.ip()));
         self.write_secret_file(KUBECONFIG_FILE, text.as_bytes())?;
         log.push(format!("kubeconfig saved to {}", self.kubeconfig_path().display()));
@@ -597,7 +617,7 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
         config: &str,
         planned_maintenance: bool,
         log: &mut Vec<String>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ClusterError> {
         let client = self.talos()?;
         let ip = node.ip().to_string();
         let (filled, bundle) = self.filled_talos_config(config)?;
@@ -617,7 +637,10 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
                     } else {
                         "over mTLS"
                     };
-                    return Err(format!("{}: the Talos API never answered ({expected}): {e}", node.name));
+                    return Err(ClusterError::talos_failed(format!(
+                        "{}: the Talos API never answered ({expected}): {e}",
+                        node.name
+                    )));
                 }
             }
         };
@@ -629,7 +652,7 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
         let r = client
             .apply_configuration(&ip, filled.as_bytes(), mode, false, maintenance)
             .await
-            .map_err(|e| talos_secrets::redact(&e.to_string(), &bundle))?;
+            .map_err(|e| redacted(e, &bundle))?;
         log.push(format!(
             "config applied{} (mode {})",
             if maintenance { " in maintenance mode" } else { "" },
@@ -644,7 +667,7 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
         Ok(())
     }
 
-    async fn talos_bootstrap(&self, node: &Node, log: &mut Vec<String>) -> Result<(), String> {
+    async fn talos_bootstrap(&self, node: &Node, log: &mut Vec<String>) -> Result<(), ClusterError> {
         let client = self.talos()?;
         let ip = node.ip().to_string();
         let deadline = tokio::time::Instant::now() + self.settings.gate_timeout;
@@ -653,39 +676,43 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
             match client.probe(&ip).await {
                 Ok(TalosNodeState::Configured { .. }) => break,
                 _ if tokio::time::Instant::now() < deadline => tokio::time::sleep(self.settings.gate_interval).await,
-                Ok(state) => return Err(format!("{} is still {state:?} after its config was applied", node.name)),
-                Err(e) => return Err(e.to_string()),
+                Ok(state) => {
+                    return Err(ClusterError::talos_failed(format!(
+                        "{} is still {state:?} after its config was applied",
+                        node.name
+                    )));
+                }
+                Err(e) => return Err(ClusterError::Talos(e)),
             }
         }
-        let fresh = client.bootstrap(&ip).await.map_err(|e| e.to_string())?;
+        let fresh = client.bootstrap(&ip).await.map_err(ClusterError::Talos)?;
         log.push(if fresh {
             "etcd bootstrapped".into()
         } else {
             "etcd was already bootstrapped".into()
         });
-        let kubeconfig = client.kubeconfig(&ip).await.map_err(|e| e.to_string())?;
+        let kubeconfig = client.kubeconfig(&ip).await.map_err(ClusterError::Talos)?;
         self.write_secret_file(KUBECONFIG_FILE, &kubeconfig)?;
         log.push(format!("kubeconfig saved to {}", self.kubeconfig_path().display()));
         self.gate(&node.name, log).await
     }
 
-    async fn node_metadata(&self, node: &Node, log: &mut Vec<String>) -> Result<(), String> {
+    async fn node_metadata(&self, node: &Node, log: &mut Vec<String>) -> Result<(), ClusterError> {
         let kube = self
             .kube()?
-            .ok_or("no kubeconfig: the cluster has not been set up yet")?;
+            .ok_or_else(|| ClusterError::kube_failed("no kubeconfig: the cluster has not been set up yet"))?;
         let live = kube
             .nodes()
-            .await
-            .map_err(|e| e.to_string())?
+            .await?
             .into_iter()
             .find(|k| k.name == node.name)
-            .ok_or_else(|| format!("{} is not a Kubernetes node", node.name))?;
+            .ok_or_else(|| ClusterError::kube_failed(format!("{} is not a Kubernetes node", node.name)))?;
         match metadata_step(node, &live) {
             Some(Step {
                 action: Action::NodeMetadata { patch, changes },
                 ..
             }) => {
-                kube.patch_node(&node.name, &patch).await.map_err(|e| e.to_string())?;
+                kube.patch_node(&node.name, &patch).await?;
                 log.push(format!(
                     "set {}",
                     changes.iter().map(|c| c.key.as_str()).collect::<Vec<_>>().join(", ")
@@ -697,16 +724,16 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
     }
 
     /// The cluster health view: /readyz, nodes, the server's node-token (K3s), kube-system pods.
-    pub async fn health(&self) -> Result<super::health::Health, String> {
+    pub async fn health(&self) -> Result<super::health::Health, ClusterError> {
         use super::health::{Health, K3S_SYSTEM_PODS, TALOS_SYSTEM_PODS};
         let kube = self.kube()?.ok_or_else(|| {
-            format!(
+            ClusterError::kube_failed(format!(
                 "no kubeconfig in {}: apply the cluster first",
-                self.settings.secrets.dir.display()
-            )
+                self.secrets.dir.display()
+            ))
         })?;
         let api_not_ready = kube.readyz().await.err().map(|e| e.to_string());
-        let nodes = kube.nodes().await.map_err(|e| e.to_string())?;
+        let nodes = kube.nodes().await?;
         let missing_nodes = self
             .desired
             .nodes
@@ -714,7 +741,7 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
             .filter(|d| !nodes.iter().any(|n| n.name == d.name))
             .map(|d| d.name.clone())
             .collect();
-        let system_pods = kube.pods("kube-system").await.map_err(|e| e.to_string())?;
+        let system_pods = kube.pods("kube-system").await?;
         let (expected, node_token_present): (&[&str], _) = match self.desired.cluster.distribution {
             Distribution::K3s => {
                 let present = match self.first_control_plane() {
@@ -744,10 +771,10 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
 
     /// The health gate: the node is Ready and the API server's /readyz answers `ok`, within
     /// the gate timeout; otherwise the wave stops with the last reason seen.
-    pub async fn gate(&self, node: &str, log: &mut Vec<String>) -> Result<(), String> {
-        let kube = self
-            .kube()?
-            .ok_or_else(|| format!("cannot check that {node} is Ready: no kubeconfig yet"))?;
+    pub async fn gate(&self, node: &str, log: &mut Vec<String>) -> Result<(), ClusterError> {
+        let kube = self.kube()?.ok_or_else(|| {
+            ClusterError::kube_failed(format!("cannot check that {node} is Ready: no kubeconfig yet"))
+        })?;
         let started = tokio::time::Instant::now();
         let deadline = started + self.settings.gate_timeout;
         let mut last;
@@ -773,22 +800,28 @@ impl<'a, H: HostShell> ClusterAccess<'a, H> {
                 Err(e) => e.to_string(),
             };
             if tokio::time::Instant::now() >= deadline {
-                return Err(format!(
-                    "health gate: {node} did not become Ready within {} s ({last}); the wave stops here",
-                    self.settings.gate_timeout.as_secs()
-                ));
+                return Err(ClusterError::Gate {
+                    node: node.to_string(),
+                    secs: self.settings.gate_timeout.as_secs(),
+                    last,
+                });
             }
             tokio::time::sleep(self.settings.gate_interval).await;
         }
     }
 }
 
-impl<H: HostShell> ClusterSteps for ClusterAccess<'_, H> {
-    fn run<'a>(&'a self, step: &'a Step, log: &'a mut Vec<String>) -> StepFuture<'a> {
+/// A Talos error with every value of the bundle taken out of its message.
+fn redacted(e: TalosError, bundle: &TalosSecrets) -> ClusterError {
+    ClusterError::talos_failed(talos_secrets::redact(&e.to_string(), bundle))
+}
+
+impl<C: ClusterConnector> ClusterSteps for ClusterAccess<'_, C> {
+    fn run<'s>(&'s self, step: &'s Step, log: &'s mut Vec<String>) -> StepFuture<'s> {
         Box::pin(self.run_step(step, log))
     }
 
-    fn after_guest_step<'a>(&'a self, step: &'a Step, log: &'a mut Vec<String>) -> StepFuture<'a> {
+    fn after_guest_step<'s>(&'s self, step: &'s Step, log: &'s mut Vec<String>) -> StepFuture<'s> {
         Box::pin(async move {
             // Only a node that is a member of a running cluster is waited for.
             let Some(kube) = self.kube()? else { return Ok(()) };

@@ -110,6 +110,21 @@ impl<H: HostShell> NodeShell for LxcNode<'_, H> {
             .await?;
         check(out, &self.describe(), &format!("write {path}")).map(|_| ())
     }
+
+    async fn push_from_host(&self, host_path: &str, dest: &str, mode: u32) -> Result<(), ShellError> {
+        let dest = self.path(dest);
+        let mut argv = self.pct_command.clone();
+        argv.extend([
+            "push".into(),
+            self.vmid.to_string(),
+            host_path.to_string(),
+            dest.clone(),
+            "--perms".into(),
+            format!("{mode:04o}"),
+        ]);
+        let out = self.host.run(&self.pve_node, &argv, b"").await?;
+        check(out, &self.describe(), &format!("pct push of {dest}")).map(|_| ())
+    }
 }
 
 /// A VM reached over SSH (host key checked against known_hosts by [`SshHostShell`]).
@@ -150,6 +165,68 @@ impl NodeShell for SshNode<'_> {
         let argv = sh(SSH_WRITE_SCRIPT, [path.clone(), format!("{mode:04o}")]);
         let out = self.run(&argv, contents).await?;
         check(out, &self.describe(), &format!("write {path}")).map(|_| ())
+    }
+
+    async fn push_from_host(&self, _: &str, dest: &str, _: u32) -> Result<(), ShellError> {
+        Err(ShellError::Other(format!(
+            "{}: {dest} would come from the Proxmox host, which only containers have",
+            self.describe()
+        )))
+    }
+
+    fn may_be_booting(&self) -> bool {
+        true
+    }
+}
+
+/// The shell of any node: through the Proxmox host for containers, SSH for VMs.
+pub enum AnyNode<'a, H: HostShell> {
+    Lxc(LxcNode<'a, H>),
+    Ssh(SshNode<'a>),
+}
+
+impl<H: HostShell> NodeShell for AnyNode<'_, H> {
+    fn describe(&self) -> String {
+        match self {
+            AnyNode::Lxc(n) => n.describe(),
+            AnyNode::Ssh(n) => n.describe(),
+        }
+    }
+    fn path(&self, path: &str) -> String {
+        match self {
+            AnyNode::Lxc(n) => n.path(path),
+            AnyNode::Ssh(n) => n.path(path),
+        }
+    }
+    async fn run(&self, argv: &[String], stdin: &[u8]) -> Result<CommandOutput, ShellError> {
+        match self {
+            AnyNode::Lxc(n) => n.run(argv, stdin).await,
+            AnyNode::Ssh(n) => n.run(argv, stdin).await,
+        }
+    }
+    async fn read_file(&self, path: &str) -> Result<Option<Vec<u8>>, ShellError> {
+        match self {
+            AnyNode::Lxc(n) => n.read_file(path).await,
+            AnyNode::Ssh(n) => n.read_file(path).await,
+        }
+    }
+    async fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), ShellError> {
+        match self {
+            AnyNode::Lxc(n) => n.write_file(path, contents, mode).await,
+            AnyNode::Ssh(n) => n.write_file(path, contents, mode).await,
+        }
+    }
+    async fn push_from_host(&self, host_path: &str, dest: &str, mode: u32) -> Result<(), ShellError> {
+        match self {
+            AnyNode::Lxc(n) => n.push_from_host(host_path, dest, mode).await,
+            AnyNode::Ssh(n) => n.push_from_host(host_path, dest, mode).await,
+        }
+    }
+    fn may_be_booting(&self) -> bool {
+        match self {
+            AnyNode::Lxc(n) => n.may_be_booting(),
+            AnyNode::Ssh(n) => n.may_be_booting(),
+        }
     }
 }
 

@@ -39,60 +39,41 @@ pub struct ForgeFile {
     pub token_file: PathBuf,
 }
 
-#[derive(Debug, Clone, Default, clap::Args)]
-pub struct DaemonArgs {
+/// What the daemon's flags said (`None` where not given); the config file fills the rest.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonFlags {
     /// Daemon config file (YAML; keys as the flags below, with `_` for `-`).
-    #[arg(long, env = "DRIFTLESS_DAEMON_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The infrastructure repository: https://, ssh://, file:// URL or a local path.
-    #[arg(long, env = "DRIFTLESS_REPOSITORY", value_name = "URL")]
     pub repository: Option<String>,
     /// The branch to apply [default: main].
-    #[arg(long, env = "DRIFTLESS_BRANCH")]
     pub branch: Option<String>,
     /// How often to fetch, e.g. 30s, 5m [default: cluster.yaml reconcile.interval, else 1m]; up to
     /// 10% random jitter is added.
-    #[arg(long, env = "DRIFTLESS_POLL_INTERVAL", value_name = "DURATION")]
     pub poll_interval: Option<String>,
     /// Where status reports are committed [default: driftless/status]; never a watched branch.
-    #[arg(long, env = "DRIFTLESS_STATUS_BRANCH", value_name = "BRANCH")]
     pub status_branch: Option<String>,
     /// Refs to plan but never apply (repeatable): refs/heads/pr/*, refs/pull/*/head,
     /// refs/merge-requests/*/head.
-    #[arg(
-        long = "plan-refs",
-        env = "DRIFTLESS_PLAN_REFS",
-        value_name = "PATTERN",
-        value_delimiter = ','
-    )]
     pub plan_refs: Vec<String>,
     /// Drift check schedule, crontab syntax [default: cluster.yaml reconcile.drift_schedule].
-    #[arg(long, env = "DRIFTLESS_DRIFT_SCHEDULE", value_name = "CRON")]
     pub drift_schedule: Option<String>,
     /// Run the drift check at this interval instead of a cron schedule (for tests and demos).
-    #[arg(long, env = "DRIFTLESS_DRIFT_INTERVAL", value_name = "DURATION", hide = true)]
     pub drift_interval: Option<String>,
     /// Apply drift when found [default: cluster.yaml reconcile.auto_correct].
-    #[arg(long, env = "DRIFTLESS_AUTO_CORRECT")]
     pub auto_correct: Option<bool>,
     /// Address for /healthz, /readyz, /metrics and /webhook [default: 127.0.0.1:9090].
-    #[arg(long, env = "DRIFTLESS_LISTEN", value_name = "ADDR")]
     pub listen: Option<String>,
     /// File holding the webhook secret (GitHub, Gitea/Forgejo HMAC or GitLab token); webhooks
     /// are off without it.
-    #[arg(long, env = "DRIFTLESS_WEBHOOK_SECRET_FILE", value_name = "FILE")]
     pub webhook_secret_file: Option<PathBuf>,
     /// Where the daemon keeps its mirror of the repository [default: ./driftless-state].
-    #[arg(long, env = "DRIFTLESS_STATE_DIR", value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// SSH key for ssh:// repositories.
-    #[arg(long, env = "DRIFTLESS_GIT_SSH_KEY", value_name = "FILE")]
     pub ssh_key: Option<PathBuf>,
     /// known_hosts for ssh:// repositories (host keys are always checked).
-    #[arg(long, env = "DRIFTLESS_GIT_KNOWN_HOSTS", value_name = "FILE")]
     pub known_hosts: Option<PathBuf>,
     /// File holding a token for https:// repositories.
-    #[arg(long, env = "DRIFTLESS_GIT_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
 }
 
@@ -117,7 +98,7 @@ pub struct DaemonSettings {
     /// How each run's worker process logs (the daemon's `--log-format`); `None` keeps runs
     /// silent (the quickstart prints the status reports instead).
     #[serde(default)]
-    pub log_format: Option<crate::cli::LogFormat>,
+    pub log_format: Option<crate::settings::LogFormat>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,7 +134,7 @@ fn read_file(path: &Path) -> Result<DaemonFile, ConfigError> {
     })
 }
 
-impl DaemonArgs {
+impl DaemonFlags {
     pub fn resolve(&self) -> Result<DaemonSettings, ConfigError> {
         let file = match &self.config {
             Some(p) => read_file(p)?,

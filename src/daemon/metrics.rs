@@ -73,25 +73,8 @@ impl Outcome {
     }
 }
 
-/// An external system whose API call failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-pub enum ApiSystem {
-    Proxmox,
-    Git,
-    Ssh,
-}
-
-impl ApiSystem {
-    pub const ALL: [ApiSystem; 3] = [ApiSystem::Proxmox, ApiSystem::Git, ApiSystem::Ssh];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ApiSystem::Proxmox => "proxmox",
-            ApiSystem::Git => "git",
-            ApiSystem::Ssh => "ssh",
-        }
-    }
-}
+/// The system a failed call or step is blamed on (the `system` label).
+pub use crate::ports::System as ApiSystem;
 
 macro_rules! label_value_as_str {
     ($($ty:ty),*) => {$(

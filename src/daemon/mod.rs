@@ -1,4 +1,5 @@
 pub mod config;
+pub mod decide;
 pub mod forge;
 pub mod gitops;
 pub mod memory;

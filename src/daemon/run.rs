@@ -4,12 +4,14 @@
 //! run. One run at a time; a shutdown stops an apply between two steps.
 
 use super::config::DaemonSettings;
+use super::decide::{self, Retry, Revisions};
 use super::gitops::{Mirror, glob_match};
-use super::metrics::{self, ApiSystem, Metrics, ReconcileKind};
+use super::metrics::{self, Metrics, ReconcileKind};
 use super::server::{self, ServerState, Trigger};
 use super::status::{Outcome, RunKind};
-use super::worker::{self, Policy, Revisions, RunJob, RunResult};
-use crate::connect::ConnectArgs;
+use super::worker::{self, RunJob, RunResult, Schedule};
+use crate::ports::System;
+use crate::settings::RunSettings;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,16 +25,16 @@ struct Memory {
     revisions: Revisions,
     /// The failed revision and when to try it again (backoff); an invalid revision is never
     /// retried: it stalls until a new commit.
-    retry: Option<(String, Instant, u32)>,
+    retry: Option<(Retry, Instant)>,
     /// Pull request refs: the commit last planned for each.
     planned: BTreeMap<String, String>,
-    /// The reconcile policy of the last revision that loaded.
-    policy: Option<Policy>,
+    /// The schedule of the last revision that loaded.
+    schedule: Option<Schedule>,
 }
 
 pub struct Daemon {
     settings: DaemonSettings,
-    connect: ConnectArgs,
+    run: RunSettings,
     mirror: Arc<Mirror>,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
@@ -45,7 +47,7 @@ fn jitter(d: Duration) -> Duration {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|t| t.subsec_nanos())
         .unwrap_or(0);
-    d.mul_f64(f64::from(nanos % 1000) / 10_000.0)
+    decide::jitter(d, nanos)
 }
 
 /// The branch's full ref name.
@@ -63,7 +65,7 @@ impl Daemon {
         let clock = Instant::now();
         let job = RunJob {
             settings: self.settings.clone(),
-            connect: self.connect.clone(),
+            run: self.run.clone(),
             git_ref: git_ref.to_string(),
             commit: commit.to_string(),
             kind,
@@ -82,30 +84,20 @@ impl Daemon {
         if let Some(drifted) = result.drifted {
             self.metrics.set_drifted_guests(drifted);
         }
-        if let Some(policy) = &result.policy {
-            self.memory.policy = Some(policy.clone());
+        if let Some(schedule) = &result.schedule {
+            self.memory.schedule = Some(schedule.clone());
         }
         if kind == RunKind::Reconcile {
             self.memory.revisions = self.memory.revisions.after(kind, commit, result.outcome);
-            match result.outcome {
-                Outcome::Applied | Outcome::NoChanges => {
-                    self.memory.retry = None;
-                    self.metrics.set_last_applied(commit);
-                }
-                Outcome::Failed => {
-                    let attempts = self
-                        .memory
-                        .retry
-                        .as_ref()
-                        .filter(|(c, _, _)| c == commit)
-                        .map_or(0, |r| r.2)
-                        + 1;
-                    let backoff = Duration::from_secs(5u64.saturating_mul(1 << attempts.min(6)));
-                    tracing::warn!(%commit, attempts, retry_in = ?backoff, "reconcile failed; retrying with backoff");
-                    self.memory.retry = Some((commit.to_string(), Instant::now() + backoff, attempts));
-                }
-                _ => self.memory.retry = None,
+            if matches!(result.outcome, Outcome::Applied | Outcome::NoChanges) {
+                self.metrics.set_last_applied(commit);
             }
+            let previous = self.memory.retry.take().map(|(r, _)| r);
+            self.memory.retry = decide::retry_after(previous.as_ref(), commit, result.outcome).map(|r| {
+                tracing::warn!(%commit, attempts = r.attempts, retry_in = ?r.backoff, "reconcile failed; retrying with backoff");
+                let at = Instant::now() + r.backoff;
+                (r, at)
+            });
         }
         let m_kind = match kind {
             RunKind::Reconcile => ReconcileKind::Reconcile,
@@ -131,7 +123,7 @@ impl Daemon {
         job.finish(&mut report, now);
         let mut api_errors = Vec::new();
         if !worker::publish(&self.mirror, &self.settings, &report, &[]).await {
-            api_errors.push(ApiSystem::Git);
+            api_errors.push(System::Git);
         }
         match worker::forge_client(&self.settings) {
             Ok(forge) => {
@@ -145,7 +137,7 @@ impl Daemon {
             outcome: Outcome::Failed,
             drifted: None,
             api_errors,
-            policy: None,
+            schedule: None,
         }
     }
 
@@ -163,7 +155,7 @@ impl Daemon {
         let refs = match tokio::task::spawn_blocking(move || mirror.fetch(&specs)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                self.metrics.record_api_error(ApiSystem::Git);
+                self.metrics.record_api_error(System::Git);
                 tracing::error!(error = %e, "fetch failed");
                 return;
             }
@@ -175,13 +167,13 @@ impl Daemon {
         ready.store(true, Ordering::Release);
         let watched = branch_ref(&self.settings.branch);
         if let Some(commit) = refs.get(&watched).cloned() {
-            let new = self.memory.revisions.last_attempted.as_deref() != Some(commit.as_str());
             let retry_due = self
                 .memory
                 .retry
                 .as_ref()
-                .is_some_and(|(c, at, _)| *c == commit && Instant::now() >= *at);
-            if new || retry_due {
+                .filter(|(_, at)| Instant::now() >= *at)
+                .map(|(r, _)| r.commit.as_str());
+            if decide::reconcile_due(&self.memory.revisions, retry_due, &commit) {
                 tracing::info!(%commit, git_ref = %watched, "reconciling");
                 self.run_revision(&watched, &commit, RunKind::Reconcile).await;
             }
@@ -219,14 +211,12 @@ impl Daemon {
 }
 
 fn next_drift(settings: &DaemonSettings, cluster_schedule: Option<&str>) -> Option<Instant> {
-    if let Some(d) = settings.drift_interval {
-        return Some(Instant::now() + d);
-    }
-    let expr = settings.drift_schedule.as_deref().or(cluster_schedule)?;
-    let cron: croner::Cron = expr.parse().ok()?;
-    let now = chrono::Utc::now();
-    let next = cron.find_next_occurrence(&now, false).ok()?;
-    let wait = (next - now).to_std().unwrap_or(Duration::ZERO);
+    let wait = decide::until_next_drift(
+        settings.drift_interval,
+        settings.drift_schedule.as_deref(),
+        cluster_schedule,
+        chrono::Utc::now(),
+    )?;
     Some(Instant::now() + wait)
 }
 
@@ -245,7 +235,7 @@ impl Control {
 }
 
 /// Run the daemon until SIGTERM or SIGINT.
-pub async fn run(settings: DaemonSettings, connect: ConnectArgs) -> Result<()> {
+pub async fn run(settings: DaemonSettings, run: RunSettings) -> Result<()> {
     let control = Control::default();
     {
         let control = control.clone();
@@ -260,11 +250,11 @@ pub async fn run(settings: DaemonSettings, connect: ConnectArgs) -> Result<()> {
             control.request_stop();
         });
     }
-    run_until(settings, connect, control).await
+    run_until(settings, run, control).await
 }
 
 /// Run the daemon until `control` asks it to stop.
-pub async fn run_until(settings: DaemonSettings, connect: ConnectArgs, control: Control) -> Result<()> {
+pub async fn run_until(settings: DaemonSettings, run: RunSettings, control: Control) -> Result<()> {
     std::fs::create_dir_all(&settings.state_dir)
         .with_context(|| format!("cannot create the state directory {}", settings.state_dir.display()))?;
     let mirror = {
@@ -311,13 +301,12 @@ pub async fn run_until(settings: DaemonSettings, connect: ConnectArgs, control: 
 
     let mut daemon = Daemon {
         settings,
-        connect,
+        run,
         mirror: Arc::new(mirror),
         metrics,
         stop: stop.clone(),
         memory: Memory::default(),
     };
-    let interval_default = Duration::from_secs(60);
     let mut drift_at: Option<Instant> = None;
     tracing::info!(repository = %super::gitops::display_url(&daemon.settings.repository), branch = %daemon.settings.branch, "daemon started");
     loop {
@@ -326,18 +315,14 @@ pub async fn run_until(settings: DaemonSettings, connect: ConnectArgs, control: 
             break;
         }
         // The repository's own policy, as the last run that loaded it reported.
-        let cluster_interval = daemon.memory.policy.as_ref().and_then(|p| p.interval);
-        let cluster_schedule = daemon.memory.policy.as_ref().map(|p| p.drift_schedule.clone());
+        let cluster_interval = daemon.memory.schedule.as_ref().and_then(|p| p.interval);
+        let cluster_schedule = daemon.memory.schedule.as_ref().map(|p| p.drift_schedule.clone());
         if drift_at.is_none() {
             drift_at = next_drift(&daemon.settings, cluster_schedule.as_deref());
         }
-        let interval = daemon
-            .settings
-            .poll_interval
-            .or(cluster_interval)
-            .unwrap_or(interval_default);
+        let interval = decide::poll_interval(daemon.settings.poll_interval, cluster_interval);
         let mut poll_at = Instant::now() + interval + jitter(interval);
-        if let Some((_, at, _)) = &daemon.memory.retry {
+        if let Some((_, at)) = &daemon.memory.retry {
             poll_at = poll_at.min(*at);
         }
         let drift_sleep = async {

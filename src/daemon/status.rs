@@ -493,6 +493,7 @@ mod tests {
                     action: "restart",
                     ok: true,
                     error: None,
+                    failed_system: None,
                     log: vec!["rebooted (task UPID:pve:1)".into()],
                 }],
                 not_done: vec![],

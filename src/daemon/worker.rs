@@ -9,54 +9,30 @@
 //! the repository names are resolved only in the short-lived worker, never in the daemon.
 
 use super::config::DaemonSettings;
+use super::decide::{self, Revisions};
 use super::forge::{CommitState, ForgeClient};
 use super::gitops::{GitAuth, Mirror};
-use super::metrics::ApiSystem;
 use super::status::{self, Outcome, RunKind, StatusReport};
-use crate::apply::{Applier, ApplyReport, Progress, StepOutcome};
-use crate::cluster::access::ClusterAccess;
-use crate::commands::{cluster_access, observe_and_plan_all};
-use crate::connect::{AnyHostShell, ConnectArgs};
+use crate::apply::{Progress, StepOutcome};
+use crate::connect::Connection;
 use crate::model::{self, Desired, LoadOptions, RepoFiles};
-use crate::plan::{Plan, Step};
+use crate::plan::Step;
+use crate::ports::System;
+use crate::reconcile::Reconcile;
 use crate::render::{self, Artifact};
+use crate::settings::RunSettings;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The revisions the daemon remembers between runs, as each report shows them.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Revisions {
-    pub last_attempted: Option<String>,
-    pub last_applied: Option<String>,
-}
-
-impl Revisions {
-    /// After a run of `kind` on `commit` that ended with `outcome`: only reconciles move
-    /// them, and a commit counts as applied when it was applied or had nothing to apply.
-    pub fn after(&self, kind: RunKind, commit: &str, outcome: Outcome) -> Revisions {
-        if kind != RunKind::Reconcile {
-            return self.clone();
-        }
-        let applied = matches!(outcome, Outcome::Applied | Outcome::NoChanges);
-        Revisions {
-            last_attempted: Some(commit.to_string()),
-            last_applied: if applied {
-                Some(commit.to_string())
-            } else {
-                self.last_applied.clone()
-            },
-        }
-    }
-}
-
 /// What a worker is asked to do.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunJob {
     pub settings: DaemonSettings,
-    pub connect: ConnectArgs,
+    /// The run's connection and cluster-layer settings.
+    pub run: RunSettings,
     pub git_ref: String,
     pub commit: String,
     pub kind: RunKind,
@@ -91,10 +67,10 @@ impl RunJob {
     }
 }
 
-/// A revision's own reconcile policy (cluster.yaml `reconcile:`), which the daemon follows
-/// unless its flags say otherwise.
+/// A revision's own schedule (cluster.yaml `reconcile:`), which the daemon follows unless its
+/// flags say otherwise.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Policy {
+pub struct Schedule {
     pub interval: Option<Duration>,
     pub drift_schedule: String,
 }
@@ -106,9 +82,9 @@ pub struct RunResult {
     /// The number of steps a drift check found (for the drift gauge).
     pub drifted: Option<usize>,
     /// Calls to other systems that failed (for the API error counter).
-    pub api_errors: Vec<ApiSystem>,
-    /// The revision's policy, when it loaded.
-    pub policy: Option<Policy>,
+    pub api_errors: Vec<System>,
+    /// The revision's schedule, when it loaded.
+    pub schedule: Option<Schedule>,
 }
 
 // ---- the daemon's side ----
@@ -183,9 +159,9 @@ pub fn main() -> Result<()> {
     std::io::Read::read_to_end(&mut std::io::stdin(), &mut input).context("cannot read the job from stdin")?;
     let job: RunJob = serde_json::from_slice(&input).context("daemon-run reads a job from the daemon on stdin")?;
     if let Some(format) = job.settings.log_format {
-        crate::commands::init_logging(format);
+        crate::runtime::init_logging(format);
     }
-    let result = crate::commands::runtime()?.block_on(async {
+    let result = crate::runtime::tokio_runtime()?.block_on(async {
         let stop = Arc::new(AtomicBool::new(false));
         {
             let stop = stop.clone();
@@ -323,11 +299,11 @@ pub fn forge_state(outcome: Outcome) -> CommitState {
 
 struct Worker {
     settings: DaemonSettings,
-    connect: ConnectArgs,
+    run: RunSettings,
     mirror: Arc<Mirror>,
     stop: Arc<AtomicBool>,
     forge: Option<ForgeClient>,
-    api_errors: Mutex<Vec<ApiSystem>>,
+    api_errors: Mutex<Vec<System>>,
 }
 
 impl Worker {
@@ -340,7 +316,7 @@ impl Worker {
         let mirror = tokio::task::spawn_blocking(move || Mirror::open_or_init(&url, &dir, auth)).await??;
         Ok(Worker {
             settings: job.settings.clone(),
-            connect: job.connect.clone(),
+            run: job.run.clone(),
             mirror: Arc::new(mirror),
             stop,
             forge: forge_client(&job.settings)?,
@@ -348,7 +324,7 @@ impl Worker {
         })
     }
 
-    fn api_error(&self, system: ApiSystem) {
+    fn api_error(&self, system: System) {
         self.api_errors.lock().expect("not poisoned").push(system);
     }
 
@@ -360,7 +336,7 @@ impl Worker {
 
     /// The secrets this repository names, as values, so a report can never carry one.
     fn secret_values(&self, desired: &Desired) -> Vec<String> {
-        let store = self.connect.secrets();
+        let store = crate::secrets::SecretStore::new(&self.run.secrets_dir);
         let mut values = Vec::new();
         for secret in desired.cluster.secrets.keys().filter_map(|n| store.resolve(n).ok()) {
             // A Talos secrets bundle: each certificate, key and token on its own too.
@@ -389,10 +365,10 @@ impl Worker {
         forge_status(self.forge.as_ref(), commit, CommitState::Pending, context, "planning").await;
         let mut report = job.report(now_rfc3339());
         let mut secrets = Vec::new();
-        let mut policy = None;
+        let mut schedule = None;
         match self.read_files(commit).await {
             Err(e) => {
-                self.api_error(ApiSystem::Git);
+                self.api_error(System::Git);
                 report.errors.push(format!("cannot read revision {commit}: {e:#}"));
             }
             Ok(files) => match model::load(&files, &LoadOptions::default())
@@ -404,7 +380,7 @@ impl Worker {
                 }
                 Ok((desired, artifacts)) => {
                     let r = &desired.cluster.reconcile;
-                    policy = Some(Policy {
+                    schedule = Some(Schedule {
                         interval: model::parse_duration(&r.interval).map(Duration::from_secs),
                         drift_schedule: r.drift_schedule.clone(),
                     });
@@ -423,32 +399,15 @@ impl Worker {
         )
         .await;
         if !publish(&self.mirror, &self.settings, &report, &secrets).await {
-            self.api_error(ApiSystem::Git);
+            self.api_error(System::Git);
         }
         let drifted = (kind == RunKind::Drift).then(|| report.plan.as_ref().map_or(0, |p| p.steps.len()));
         RunResult {
             outcome: report.outcome,
             drifted,
             api_errors: self.api_errors.lock().expect("not poisoned").clone(),
-            policy,
+            schedule,
         }
-    }
-
-    async fn apply(
-        &self,
-        client: &crate::adapters::proxmox::ProxmoxClient,
-        shell: Option<&AnyHostShell>,
-        cluster: Option<&ClusterAccess<'_, AnyHostShell>>,
-        plan: &Plan,
-    ) -> ApplyReport {
-        let applier = Applier {
-            proxmox: client,
-            shell,
-            host: self.connect.host_settings(),
-            stop: Some(&self.stop),
-            cluster: cluster.map(|a| a as &dyn crate::apply::ClusterSteps),
-        };
-        applier.apply(plan, &mut LogProgress).await
     }
 
     async fn plan_and_maybe_apply(
@@ -458,54 +417,41 @@ impl Worker {
         kind: RunKind,
         report: &mut StatusReport,
     ) {
-        let client = match self.connect.proxmox_client(&desired.cluster) {
+        let connection = match Connection::open(&self.run, &desired.cluster, &desired.nodes) {
             Ok(c) => c,
             Err(e) => {
-                report.errors.push(format!("{e:#}"));
+                self.api_error(e.system());
+                report.errors.push(e.to_string());
                 return;
             }
         };
-        let shell = match self.connect.host_shell(&desired.cluster) {
-            Ok(s) => s,
-            Err(e) => {
-                report.errors.push(format!("{e:#}"));
-                return;
-            }
-        };
-        let access = cluster_access(desired, artifacts, &self.connect, shell.as_ref());
-        let plan = match observe_and_plan_all(desired, artifacts, &client, access.as_ref()).await {
+        let run = Reconcile::connected(desired, artifacts, &connection);
+        let plan = match run.plan().await {
             Ok(p) => p,
             Err(e) => {
-                self.api_error(ApiSystem::Proxmox);
-                report.errors.push(format!("{e:#}"));
+                self.api_error(e.system());
+                report.errors.push(e.to_string());
                 return;
             }
         };
-        let suspended = desired.cluster.reconcile.suspend;
-        let auto_correct = self
-            .settings
-            .auto_correct
-            .unwrap_or(desired.cluster.reconcile.auto_correct);
-        let apply = match kind {
-            RunKind::Reconcile => !suspended,
-            RunKind::PullRequest => false,
-            RunKind::Drift => auto_correct && !suspended,
+        let policy = decide::Policy {
+            suspend: desired.cluster.reconcile.suspend,
+            auto_correct: self
+                .settings
+                .auto_correct
+                .unwrap_or(desired.cluster.reconcile.auto_correct),
         };
-        report.outcome = match kind {
-            RunKind::PullRequest => Outcome::Planned,
-            RunKind::Drift if plan.is_empty() => Outcome::NoDrift,
-            RunKind::Drift => Outcome::DriftFound,
-            RunKind::Reconcile if suspended => Outcome::Suspended,
-            RunKind::Reconcile if plan.is_empty() => Outcome::NoChanges,
-            RunKind::Reconcile => Outcome::Applied,
-        };
-        if apply && !plan.is_empty() {
-            let applied = self.apply(&client, shell.as_ref(), access.as_ref(), &plan).await;
+        report.outcome = decide::outcome(kind, policy, plan.is_empty());
+        if decide::applies(kind, policy) && !plan.is_empty() {
+            let applied = run.apply(&plan, &mut LogProgress, Some(&self.stop)).await;
             if !applied.ok() {
                 report.outcome = Outcome::Failed;
-                report
-                    .errors
-                    .extend(applied.done.iter().filter_map(|s| s.error.clone()));
+                for failed in applied.done.iter().filter(|s| !s.ok) {
+                    report.errors.extend(failed.error.clone());
+                    if let Some(system) = failed.failed_system {
+                        self.api_error(system);
+                    }
+                }
                 if applied.stopped {
                     report.errors.push("stopped by shutdown between two steps".into());
                 }
@@ -521,37 +467,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_a_reconcile_moves_the_revisions_and_only_success_counts_as_applied() {
-        let before = Revisions {
-            last_attempted: Some("a".into()),
-            last_applied: Some("a".into()),
-        };
-        let applied = before.after(RunKind::Reconcile, "b", Outcome::Applied);
-        assert_eq!(applied.last_attempted.as_deref(), Some("b"));
-        assert_eq!(applied.last_applied.as_deref(), Some("b"));
-        let unchanged = before.after(RunKind::Reconcile, "b", Outcome::NoChanges);
-        assert_eq!(unchanged.last_applied.as_deref(), Some("b"));
-        for outcome in [Outcome::Failed, Outcome::Invalid, Outcome::Suspended] {
-            let r = before.after(RunKind::Reconcile, "b", outcome);
-            assert_eq!(r.last_attempted.as_deref(), Some("b"), "{outcome:?}");
-            assert_eq!(r.last_applied.as_deref(), Some("a"), "{outcome:?}");
-        }
-        assert_eq!(before.after(RunKind::PullRequest, "pr", Outcome::Planned), before);
-        assert_eq!(before.after(RunKind::Drift, "a", Outcome::DriftFound), before);
-    }
-
-    #[test]
     fn a_job_and_a_result_survive_the_trip_through_json() {
-        let settings = crate::daemon::config::DaemonArgs {
+        let settings = crate::daemon::config::DaemonFlags {
             config: None,
             repository: Some("file:///srv/infra.git".into()),
-            ..crate::daemon::config::DaemonArgs::default()
+            ..crate::daemon::config::DaemonFlags::default()
         }
         .resolve()
         .unwrap();
         let job = RunJob {
             settings,
-            connect: ConnectArgs::default(),
+            run: RunSettings::default(),
             git_ref: "refs/heads/main".into(),
             commit: "0123abcd".into(),
             kind: RunKind::Drift,
@@ -563,8 +489,8 @@ mod tests {
         let result = RunResult {
             outcome: Outcome::DriftFound,
             drifted: Some(2),
-            api_errors: vec![ApiSystem::Proxmox],
-            policy: Some(Policy {
+            api_errors: vec![System::Proxmox],
+            schedule: Some(Schedule {
                 interval: Some(Duration::from_secs(300)),
                 drift_schedule: "0 */6 * * *".into(),
             }),

@@ -6,6 +6,10 @@
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use driftless::connect::Connection;
+use driftless::daemon::config::DaemonFlags;
+use driftless::reconcile::Reconcile;
+use driftless::settings::{HostShellKind, ProxmoxOverrides, RunFlags, RunSettings};
 use driftless_sandbox::{self as sandbox, SandboxHandle, SandboxOptions};
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -331,37 +335,33 @@ fn demo(example: &str, state: Option<&Path>) -> Result<()> {
         let token_file = work.path().join("pve-token");
         std::fs::write(&token_file, format!("{}\n", handle.token))?;
         let exe = std::env::current_exe()?;
-        let connect = driftless::connect::ConnectArgs {
-            proxmox_url: Some(handle.url.clone()),
-            proxmox_token_file: Some(token_file),
-            proxmox_fingerprint: Some(handle.fingerprint.clone()),
-            host_shell: driftless::connect::HostShellKind::Local,
-            pve_root: state_dir.display().to_string(),
-            pct_command: format!("{} pct --state {}", exe.display(), state_dir.display()),
-            secrets_dir: work.path().join("secrets"),
+        let run = RunSettings::resolve(RunFlags {
+            proxmox: ProxmoxOverrides {
+                url: Some(handle.url.clone()),
+                token_file: Some(token_file),
+                fingerprint: Some(handle.fingerprint.clone()),
+                ..ProxmoxOverrides::default()
+            },
+            host_shell: Some(HostShellKind::Local),
+            pve_root: Some(state_dir.display().to_string()),
+            pct_command: Some(format!("{} pct --state {}", exe.display(), state_dir.display())),
+            secrets_dir: Some(work.path().join("secrets")),
             kube_server: Some(handle.kube.url.clone()),
-            ..Default::default()
-        };
-        let settings = driftless::daemon::config::DaemonSettings {
-            repository: bare.display().to_string(),
-            branch: "main".into(),
-            poll_interval: Some(std::time::Duration::from_secs(30)),
-            status_branch: "driftless/status".into(),
+            ..RunFlags::default()
+        });
+        let settings = DaemonFlags {
+            repository: Some(bare.display().to_string()),
+            poll_interval: Some("30s".into()),
             plan_refs: vec!["refs/heads/pr/*".into()],
-            drift_schedule: None,
-            drift_interval: Some(std::time::Duration::from_secs(5)),
+            drift_interval: Some("5s".into()),
             auto_correct: Some(false),
-            listen: "127.0.0.1:0".into(),
-            webhook_secret_file: None,
-            state_dir: work.path().join("daemon"),
-            ssh_key: None,
-            known_hosts: None,
-            token_file: None,
-            forge: None,
-            log_format: None,
-        };
+            listen: Some("127.0.0.1:0".into()),
+            state_dir: Some(work.path().join("daemon")),
+            ..DaemonFlags::default()
+        }
+        .resolve()?;
         let control = driftless::daemon::run::Control::default();
-        let daemon = tokio::spawn(driftless::daemon::run::run_until(settings, connect.clone(), control.clone()));
+        let daemon = tokio::spawn(driftless::daemon::run::run_until(settings, run.clone(), control.clone()));
         say("driftless daemon watches it: it fetches, plans, applies, and commits a status report to driftless/status");
 
         say("1. The first apply: three K3s containers with the seed's LXC settings, K3s installed, agents joined");
@@ -370,15 +370,12 @@ fn demo(example: &str, state: Option<&Path>) -> Result<()> {
         if let Ok(files) = driftless::source::read_dir(&clone)
             && let Ok(desired) = driftless::model::load(&files, &driftless::model::LoadOptions::default())
             && let Ok(artifacts) = driftless::render::render_all(&desired)
+            && let Ok(connection) = Connection::open(&run, &desired.cluster, &desired.nodes)
+            && let Ok(health) = Reconcile::connected(&desired, &artifacts, &connection).health().await
         {
-            let host = driftless::connect::AnyHostShell::Local(driftless::adapters::local_shell::LocalShell);
-            let access =
-                driftless::cluster::access::ClusterAccess::new(&desired, &artifacts, Some(&host), connect.cluster_settings());
-            if let Ok(health) = access.health().await {
-                println!("\nThe cluster, as `driftless health` shows it (kubeconfig in {}):", work.path().join("secrets").display());
-                for line in health.text().lines() {
-                    println!("  {line}");
-                }
+            println!("\nThe cluster, as `driftless health` shows it (kubeconfig in {}):", work.path().join("secrets").display());
+            for line in health.text().lines() {
+                println!("  {line}");
             }
         }
         let conf = state_dir.join("nodes/pve/lxc/100.conf");
