@@ -19,6 +19,8 @@
 //!   git: `GIT_TERMINAL_PROMPT=0`).
 
 use super::error::{GitError, display_url};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
 use std::path::PathBuf;
 
 /// How to authenticate to the remote. All optional: nothing set uses git's defaults
@@ -31,23 +33,6 @@ pub struct GitAuth {
     pub known_hosts: Option<PathBuf>,
     /// A file holding a token (or `USER:TOKEN`) for https remotes.
     pub token_file: Option<PathBuf>,
-}
-
-fn base64(data: &[u8]) -> String {
-    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(ABC[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
 }
 
 /// Whether the token applies at all: ssh, git:// and file remotes never get it.
@@ -138,7 +123,8 @@ impl GitAuth {
                 });
             }
             let (user, token) = text.split_once(':').unwrap_or(("x-access-token", text));
-            let basic = base64(format!("{user}:{token}").as_bytes());
+            // RFC 7617 basic auth: standard alphabet, padded.
+            let basic = STANDARD.encode(format!("{user}:{token}"));
             s.config
                 .push(("http.extraHeader".into(), format!("Authorization: Basic {basic}")));
             s.secrets.extend([token.to_string(), text.to_string(), basic]);
@@ -155,18 +141,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn base64_matches_the_rfc_vectors() {
-        for (plain, enc) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(plain.as_bytes()), enc);
+    fn a_token_becomes_a_basic_auth_header_whose_parts_are_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        let auth = GitAuth {
+            token_file: Some(file.clone()),
+            ..GitAuth::default()
+        };
+        let url = "https://git.example/r.git";
+        let header = |b64: &str| vec![("http.extraHeader".to_string(), format!("Authorization: Basic {b64}"))];
+
+        // A bare token goes with the user forges accept for tokens. These tokens' encodings
+        // need `/`, `+` and padding: the standard, padded alphabet, as RFC 7617 wants.
+        std::fs::write(&file, "ab?>\n").unwrap();
+        let s = auth.setup(url).unwrap();
+        assert_eq!(s.config, header("eC1hY2Nlc3MtdG9rZW46YWI/Pg=="));
+        assert_eq!(s.secrets, ["ab?>", "ab?>", "eC1hY2Nlc3MtdG9rZW46YWI/Pg=="]);
+        assert_eq!(s.ssh_command, None);
+
+        std::fs::write(&file, "  bob:~~~?  \n").unwrap();
+        let s = auth.setup(url).unwrap();
+        assert_eq!(s.config, header("Ym9iOn5+fj8="));
+        assert_eq!(s.secrets, ["~~~?", "bob:~~~?", "Ym9iOn5+fj8="]);
+
+        for bad in ["", " \n", "one\ntwo\n"] {
+            std::fs::write(&file, bad).unwrap();
+            assert!(matches!(auth.setup(url), Err(GitError::TokenFile { .. })), "{bad:?}");
         }
+        std::fs::remove_file(&file).unwrap();
+        assert!(matches!(auth.setup(url), Err(GitError::TokenFile { .. })));
+    }
+
+    #[test]
+    fn an_ssh_command_comes_with_the_ssh_variant_for_gix() {
+        let auth = GitAuth {
+            ssh_key: Some("/keys/id".into()),
+            ..GitAuth::default()
+        };
+        let s = auth.setup("ssh://git@git.example/r.git").unwrap();
+        assert_eq!(s.ssh_command, auth.ssh_command());
+        assert_eq!(s.config, vec![("ssh.variant".to_string(), "ssh".to_string())]);
+        assert!(s.secrets.is_empty());
+        // Nothing configured: git's own defaults, nothing to add.
+        let s = GitAuth::default().setup("https://git.example/r.git").unwrap();
+        assert!(s.config.is_empty() && s.ssh_command.is_none() && s.secrets.is_empty());
     }
 
     #[test]
