@@ -21,6 +21,7 @@ pub const COMMIT_EMAIL: &str = "driftless@localhost";
 const STDERR_LINES: usize = 8;
 
 /// What one git CLI run gave.
+#[derive(Debug)]
 pub(super) struct Output {
     pub(super) status: ExitStatus,
     pub(super) stdout: Vec<u8>,
@@ -197,5 +198,127 @@ impl GitCli<'_> {
             status: out.status.to_string(),
             stderr: scrub(&stderr, secrets),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    const URL: &str = "https://bob:pw@git.example/r.git";
+    const DEFAULT_TEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// A runner on a fresh bare repository in `dir`.
+    fn runner<'a>(dir: &Path, auth: &'a AuthSetup, timeout: Duration) -> GitCli<'a> {
+        let git_dir = dir.join("scratch.git");
+        std::fs::create_dir_all(&git_dir).unwrap();
+        let cli = GitCli {
+            git_dir,
+            url: URL,
+            auth,
+            timeout,
+        };
+        cli.run_ok(&["init", "--bare", "-q"], None, &[]).unwrap();
+        cli
+    }
+
+    #[test]
+    fn git_runs_with_a_fixed_environment_that_carries_the_auth() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = AuthSetup {
+            config: vec![
+                ("http.extraHeader".into(), "Authorization: Basic c2VjcmV0".into()),
+                ("ssh.variant".into(), "ssh".into()),
+            ],
+            ssh_command: Some("ssh -o BatchMode=yes".into()),
+            secrets: vec![],
+        };
+        let git = runner(dir.path(), &auth, DEFAULT_TEST_TIMEOUT);
+        let line = |args: &[&str], env: &[(&str, OsString)]| git.run_ok(args, None, env).unwrap().stdout_line();
+
+        assert!(
+            line(&["var", "GIT_COMMITTER_IDENT"], &[]).starts_with("driftless <driftless@localhost> "),
+            "status commits need no git identity"
+        );
+        assert_eq!(line(&["config", "--get", "core.hooksPath"], &[]), "/dev/null");
+        assert_eq!(
+            line(&["config", "--get", "http.extraHeader"], &[]),
+            "Authorization: Basic c2VjcmV0"
+        );
+        // ssh.variant is gix's; the CLI is told through GIT_SSH_VARIANT.
+        let variant = git.run(&["config", "--get", "ssh.variant"], None, &[]).unwrap();
+        assert_eq!(variant.status.code(), Some(1), "{}", variant.stderr);
+        let printenv = "alias.env=!printenv GIT_SSH_COMMAND GIT_SSH_VARIANT GIT_TERMINAL_PROMPT LC_ALL GIT_INDEX_FILE";
+        assert_eq!(
+            line(&["-c", printenv, "env"], &[("GIT_INDEX_FILE", "/tmp/idx".into())]),
+            "ssh -o BatchMode=yes\nssh\n0\nC\n/tmp/idx"
+        );
+        // stdin reaches git.
+        let blob = git.run_ok(&["hash-object", "--stdin"], Some(b"hello\n"), &[]).unwrap();
+        assert_eq!(blob.stdout_line(), "ce013625030ba8dba906f756967f9e9ca394464a");
+    }
+
+    #[test]
+    fn a_failure_names_the_command_and_ends_with_gits_words_without_secrets() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = AuthSetup {
+            secrets: vec!["s3cret".into()],
+            ..AuthSetup::default()
+        };
+        let git = runner(dir.path(), &auth, DEFAULT_TEST_TIMEOUT);
+        let err = git
+            .run_ok(&["rev-parse", "--verify", "s3cret-tip"], None, &[])
+            .unwrap_err();
+        let GitError::Command {
+            url,
+            command,
+            status,
+            stderr,
+        } = &err
+        else {
+            panic!("{err:?}");
+        };
+        assert_eq!(url, "https://bob:<redacted>@git.example/r.git");
+        assert_eq!(command, "git rev-parse --verify <redacted>-tip");
+        assert_eq!(status, "exit status: 128");
+        assert!(stderr.starts_with("fatal: "), "{stderr}");
+        let text = err.to_string();
+        assert!(!text.contains("s3cret") && !text.contains(":pw@"), "{text}");
+    }
+
+    #[test]
+    fn a_failure_keeps_the_reason_and_the_last_lines_of_stderr() {
+        let auth = AuthSetup::default();
+        let git = GitCli {
+            git_dir: PathBuf::from("/nonexistent"),
+            url: URL,
+            auth: &auth,
+            timeout: DEFAULT_TEST_TIMEOUT,
+        };
+        let stderr: String = (1..=20).map(|i| format!("line {i}\n\n")).collect();
+        let out = Output {
+            status: ExitStatus::from_raw(1 << 8),
+            stdout: vec![],
+            stderr,
+        };
+        let GitError::Command { stderr, status, .. } = git.failure(&["push"], &out, Some("fetch first")) else {
+            panic!("not a command error");
+        };
+        let kept: Vec<String> = (13..=20).map(|i| format!("line {i}")).collect();
+        assert_eq!(stderr, format!("fetch first; {}", kept.join("\n")));
+        assert_eq!(status, "exit status: 1");
+    }
+
+    #[test]
+    fn a_command_that_outlives_the_timeout_is_killed() {
+        let dir = tempfile::tempdir().unwrap();
+        let auth = AuthSetup::default();
+        let mut git = runner(dir.path(), &auth, DEFAULT_TEST_TIMEOUT);
+        git.timeout = Duration::from_millis(200);
+        let started = Instant::now();
+        let err = git.run(&["-c", "alias.nap=!sleep 5", "nap"], None, &[]).unwrap_err();
+        assert!(matches!(err, GitError::Timeout { .. }), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
     }
 }
