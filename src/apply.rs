@@ -359,3 +359,152 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Desired;
+    use crate::plan::desired_guests;
+    use crate::ports::fakes::{FakeHostShell, FakeProxmox};
+    use crate::test_repo::lab;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    async fn plan_on(proxmox: &FakeProxmox, desired: &Desired, guests: &[DesiredGuest]) -> Plan {
+        let observed = observe(proxmox, guests).await.unwrap();
+        crate::plan::plan(desired, guests, &observed)
+    }
+
+    fn applier<'a>(
+        proxmox: &'a FakeProxmox,
+        shell: &'a FakeHostShell,
+        host: &'a HostShellSettings,
+        stop: Option<&'a AtomicBool>,
+    ) -> Applier<'a, FakeProxmox, FakeHostShell> {
+        Applier {
+            proxmox,
+            shell: Some(shell),
+            host,
+            stop,
+            cluster: None,
+        }
+    }
+
+    /// Sets `stop` once `after` steps have finished: a shutdown arriving mid-apply.
+    struct StopAfter<'a> {
+        stop: &'a AtomicBool,
+        after: usize,
+        finished: usize,
+    }
+
+    impl Progress for StopAfter<'_> {
+        fn step_started(&mut self, _: usize, _: usize, _: &Step) {}
+        fn step_finished(&mut self, _: &StepOutcome) {
+            self.finished += 1;
+            if self.finished == self.after {
+                self.stop.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn the_first_failure_stops_the_apply_and_the_report_says_what_was_not_done() {
+        let (desired, artifacts) = lab();
+        let guests = desired_guests(&desired, &artifacts);
+        let proxmox = FakeProxmox::new();
+        proxmox.fail_task("create", 101);
+        let plan = plan_on(&proxmox, &desired, &guests).await;
+        assert_eq!(plan.steps.len(), 3);
+        let (shell, host) = (FakeHostShell::default(), HostShellSettings::default());
+        let report = applier(&proxmox, &shell, &host, None).apply(&plan, &mut ()).await;
+
+        assert!(!report.ok());
+        assert_eq!(report.done.len(), 2);
+        assert!(report.done[0].ok, "{:?}", report.done[0]);
+        let failed = &report.done[1];
+        assert_eq!((failed.node.as_str(), failed.ok), ("k3s-2", false));
+        assert!(
+            failed.error.as_deref().unwrap().contains("failed: command failed"),
+            "{failed:?}"
+        );
+        assert_eq!(failed.failed_system, Some(System::Proxmox));
+        assert_eq!(report.not_done, ["create k3s-3 (vmid 102)"]);
+        assert!(
+            !proxmox.calls().iter().any(|c| c.contains("102")),
+            "{:?}",
+            proxmox.calls()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_digest_conflict_reads_the_guest_again_and_replans_it_instead_of_overwriting() {
+        let (desired, artifacts) = lab();
+        let guests = desired_guests(&desired, &artifacts);
+        let proxmox = FakeProxmox::new();
+        let (shell, host) = (FakeHostShell::default(), HostShellSettings::default());
+        let create = plan_on(&proxmox, &desired, &guests).await;
+        assert!(
+            applier(&proxmox, &shell, &host, None)
+                .apply(&create, &mut ())
+                .await
+                .ok()
+        );
+        assert!(plan_on(&proxmox, &desired, &guests).await.is_empty(), "converged");
+
+        // Drift on k3s-2, then someone else edits it between driftless's read and its update.
+        let digest = proxmox.guest(101).unwrap().config.digest;
+        let cores = BTreeMap::from([("cores".to_string(), "4".to_string())]);
+        proxmox
+            .update_config("pve", PveKind::Lxc, 101, &cores, &[], &digest)
+            .await
+            .unwrap();
+        let plan = plan_on(&proxmox, &desired, &guests).await;
+        assert_eq!(plan.steps.len(), 1, "{plan:?}");
+        proxmox.edit_before_next_update(101, "memory", "8192");
+        let report = applier(&proxmox, &shell, &host, None).apply(&plan, &mut ()).await;
+
+        assert!(report.ok(), "{report:?}");
+        let log = &report.done[0].log;
+        assert!(
+            log.iter().any(|l| l.contains("observed again and re-planned")),
+            "{log:?}"
+        );
+        let updates: Vec<String> = proxmox
+            .calls()
+            .into_iter()
+            .filter(|c| c.starts_with("update 101"))
+            .collect();
+        assert_eq!(
+            updates,
+            ["update 101 cores", "update 101 cores", "update 101 cores,memory"]
+        );
+        let live = proxmox.guest(101).unwrap().config.options;
+        let wanted = &guests[1].options;
+        assert_eq!((&live["cores"], &live["memory"]), (&wanted["cores"], &wanted["memory"]));
+        assert!(plan_on(&proxmox, &desired, &guests).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stop_request_ends_the_apply_between_two_steps() {
+        let (desired, artifacts) = lab();
+        let guests = desired_guests(&desired, &artifacts);
+        let proxmox = FakeProxmox::new();
+        let plan = plan_on(&proxmox, &desired, &guests).await;
+        let (shell, host) = (FakeHostShell::default(), HostShellSettings::default());
+        let stop = AtomicBool::new(false);
+        let mut progress = StopAfter {
+            stop: &stop,
+            after: 1,
+            finished: 0,
+        };
+        let report = applier(&proxmox, &shell, &host, Some(&stop))
+            .apply(&plan, &mut progress)
+            .await;
+
+        assert!(report.stopped && !report.ok());
+        assert_eq!(report.done.len(), 1);
+        assert!(report.done[0].ok, "the step under way finished: {:?}", report.done[0]);
+        assert_eq!(report.not_done, ["create k3s-2 (vmid 101)", "create k3s-3 (vmid 102)"]);
+        assert_eq!(proxmox.guest(100).unwrap().summary.status, "running");
+        assert!(proxmox.guest(101).is_none());
+    }
+}

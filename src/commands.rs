@@ -413,9 +413,9 @@ fn daemon_cmd(cmd: &crate::cli::DaemonCmd) -> Result<Outcome> {
 }
 
 fn status_cmd(args: &crate::cli::StatusArgs, out: OutputFormat) -> Result<Outcome> {
-    use driftless::daemon::{gitops, status};
+    use driftless::daemon::{git, status};
     let cache = tempfile::tempdir()?;
-    let mirror = gitops::Mirror::open_or_init(&args.repository, cache.path(), gitops::GitAuth::default())?;
+    let mirror = git::Mirror::open_or_init(&args.repository, cache.path(), git::GitAuth::default())?;
     let git_ref = if args.git_ref.starts_with("refs/") {
         args.git_ref.clone()
     } else {

@@ -39,3 +39,5 @@ pub mod runtime;
 pub mod secrets;
 pub mod settings;
 pub mod source;
+#[cfg(test)]
+mod test_repo;

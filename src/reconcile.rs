@@ -145,3 +145,136 @@ impl<'a, P: ProxmoxApi, H: HostShell, C: ClusterConnector> Reconcile<'a, P, H, C
         cluster.health().await.map_err(RunError::Cluster)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::k3s;
+    use crate::ports::fakes::{FakeCluster, FakeHostShell, FakeProxmox};
+    use crate::settings::ClusterSettings;
+    use crate::test_repo::lab;
+    use std::time::Duration;
+
+    fn settings(secrets: &std::path::Path) -> RunSettings {
+        let defaults = RunSettings::default();
+        RunSettings {
+            secrets_dir: secrets.to_path_buf(),
+            cluster: ClusterSettings {
+                gate_timeout: Duration::from_secs(5),
+                ..defaults.cluster.clone()
+            },
+            ..defaults
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_creates_the_guests_then_sets_k3s_up_server_first_and_gates_every_node() {
+        let (desired, artifacts) = lab();
+        let (proxmox, shell) = (FakeProxmox::new(), FakeHostShell::default());
+        let cluster = FakeCluster::with_nodes(&["k3s-1", "k3s-2", "k3s-3"]);
+        // What K3s writes on the server at its first start.
+        let server = &cluster.nodes["k3s-1"];
+        server.files.lock().unwrap().insert(
+            k3s::KUBECONFIG_PATH.into(),
+            b"clusters:\n- cluster:\n    server: https://127.0.0.1:6443\n".to_vec(),
+        );
+        server
+            .files
+            .lock()
+            .unwrap()
+            .insert(k3s::SERVER_TOKEN_PATH.into(), b"K10abc::server:s3cret\n".to_vec());
+        for n in ["k3s-1", "k3s-2", "k3s-3"] {
+            cluster.kube.ready_node(n);
+        }
+        let secrets = tempfile::tempdir().unwrap();
+        let settings = settings(secrets.path());
+        let run = Reconcile::new(&desired, &artifacts, &proxmox, Some(&shell), &cluster, &settings);
+
+        let plan = run.plan().await.unwrap();
+        for node in cluster.nodes.values() {
+            assert!(
+                node.commands.lock().unwrap().is_empty(),
+                "{} was reached before its guest ran",
+                node.name
+            );
+        }
+        let order: Vec<String> = plan
+            .steps
+            .iter()
+            .map(|s| format!("{} {}", s.action.verb(), s.node))
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "create k3s-1",
+                "install k3s k3s-1",
+                "configure k3s k3s-1",
+                "create k3s-2",
+                "install k3s k3s-2",
+                "configure k3s k3s-2",
+                "create k3s-3",
+                "install k3s k3s-3",
+                "configure k3s k3s-3",
+            ]
+        );
+
+        let report = run.apply(&plan, &mut (), None).await;
+        assert!(report.ok(), "{report:#?}");
+        for done in &report.done[2..] {
+            if done.action == "configure k3s" {
+                assert!(
+                    done.log.iter().any(|l| l.ends_with("Ready, API ready (0 ms)")),
+                    "{done:?}"
+                );
+            }
+        }
+        // The agents join the server at its address, with its token as file contents.
+        let agent = cluster.nodes["k3s-2"].files.lock().unwrap().clone();
+        let config = String::from_utf8(agent[k3s::CONFIG_PATH].clone()).unwrap();
+        assert!(config.contains("server: https://10.0.0.11:6443"), "{config}");
+        assert!(!config.contains("s3cret"), "the token is never in config.yaml");
+        assert!(String::from_utf8_lossy(&agent[k3s::TOKEN_PATH]).contains("s3cret"));
+        let kubeconfig = std::fs::read_to_string(secrets.path().join("kubeconfig")).unwrap();
+        assert!(kubeconfig.contains("server: https://10.0.0.11:6443"), "{kubeconfig}");
+    }
+
+    #[tokio::test]
+    async fn a_run_without_the_cluster_layer_plans_guests_only_and_has_no_health_view() {
+        let (desired, artifacts) = lab();
+        let (proxmox, shell) = (FakeProxmox::new(), FakeHostShell::default());
+        let cluster = FakeCluster::with_nodes(&["k3s-1"]);
+        let secrets = tempfile::tempdir().unwrap();
+        let mut settings = settings(secrets.path());
+        settings.cluster.enabled = false;
+        let run = Reconcile::new(&desired, &artifacts, &proxmox, Some(&shell), &cluster, &settings);
+        let plan = run.plan().await.unwrap();
+        assert!(plan.steps.iter().all(|s| s.action.verb() == "create"), "{plan:?}");
+        let err = run.health().await.unwrap_err();
+        assert!(matches!(err, RunError::NoClusterLayer));
+        assert!(!err.retryable());
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_proxmox_is_a_retryable_proxmox_error() {
+        let (desired, artifacts) = lab();
+        let (proxmox, shell) = (FakeProxmox::new(), FakeHostShell::default());
+        proxmox.fail_next(
+            "list",
+            ProxmoxError::Transport {
+                endpoint: "https://127.0.0.1:8006".into(),
+                message: "connection refused".into(),
+            },
+        );
+        let cluster = FakeCluster::default();
+        let secrets = tempfile::tempdir().unwrap();
+        let settings = settings(secrets.path());
+        let run = Reconcile::new(&desired, &artifacts, &proxmox, Some(&shell), &cluster, &settings);
+        let err = run.plan().await.unwrap_err();
+        assert_eq!(err.system(), System::Proxmox);
+        assert!(err.retryable());
+        assert_eq!(
+            err.to_string(),
+            "cannot read the guests from Proxmox: cannot reach Proxmox at https://127.0.0.1:8006: connection refused"
+        );
+    }
+}

@@ -4,7 +4,7 @@
 //! `driftless/status` without touching `main`, surviving a concurrent push without force; the
 //! https token sent as a header and kept out of errors; and the status report layer.
 
-use driftless::daemon::gitops::{DEFAULT_STATUS_BRANCH, GitAuth, GitError, Mirror};
+use driftless::daemon::git::{DEFAULT_STATUS_BRANCH, GitAuth, GitError, Mirror};
 use driftless::daemon::status::{self, Outcome, RunKind, StatusReport};
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

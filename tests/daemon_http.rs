@@ -13,9 +13,10 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::routing::any;
 use driftless::daemon::forge::{CommitState, ForgeClient, ForgeError, ForgeKind};
-use driftless::daemon::metrics::{ApiSystem, Metrics, Outcome, ReconcileKind};
+use driftless::daemon::metrics::{Metrics, Outcome, ReconcileKind};
 use driftless::daemon::server::{self, ServerState, Trigger};
 use driftless::daemon::webhook::{Forge, sign_hex};
+use driftless::ports::System;
 use tokio::sync::{mpsc, oneshot};
 
 const SECRET: &[u8] = b"webhook-secret";
@@ -145,7 +146,7 @@ async fn metrics_are_served_as_openmetrics() {
         .record_reconcile(ReconcileKind::Reconcile, Outcome::Success, Duration::from_secs(3));
     srv.metrics
         .record_reconcile(ReconcileKind::PullRequest, Outcome::Failure, Duration::from_millis(40));
-    srv.metrics.record_api_error(ApiSystem::Git);
+    srv.metrics.record_api_error(System::Git);
     srv.metrics.set_drifted_guests(2);
     srv.metrics.set_last_applied("1111111111111111111111111111111111111111");
     let (_, _, text) = srv.get("/metrics").await;

@@ -838,3 +838,154 @@ impl<C: ClusterConnector> ClusterSteps for ClusterAccess<'_, C> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::fakes::FakeCluster;
+    use crate::settings::RunSettings;
+    use crate::test_repo::lab;
+    use std::time::Duration;
+    use tokio::time::Instant;
+
+    /// A gate of 5 s asking every 0.5 s, with a kubeconfig in the secrets directory.
+    fn settings() -> ClusterSettings {
+        ClusterSettings {
+            gate_timeout: Duration::from_secs(5),
+            gate_interval: Duration::from_millis(500),
+            ..RunSettings::default().cluster
+        }
+    }
+
+    fn secrets_with_kubeconfig() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(KUBECONFIG_FILE), "apiVersion: v1\n").unwrap();
+        dir
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_never_gets_ready_fails_its_gate_at_the_timeout_with_the_last_reason() {
+        let (desired, artifacts) = lab();
+        let cluster = FakeCluster::with_nodes(&["k3s-1", "k3s-2", "k3s-3"]);
+        cluster.kube.node_ready_after("k3s-2", u32::MAX);
+        let secrets = secrets_with_kubeconfig();
+        let access = ClusterAccess::new(
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let started = Instant::now();
+        let err = access.gate("k3s-2", &mut Vec::new()).await.unwrap_err();
+
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(5),
+            "the gate waits its whole timeout"
+        );
+        assert_eq!(cluster.kube.looks(), 11, "once every 0.5 s");
+        let ClusterError::Gate { node, secs, last } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!((node.as_str(), *secs), ("k3s-2", 5));
+        assert_eq!(last, "not Ready: container runtime network not ready");
+        assert_eq!(
+            err.to_string(),
+            "health gate: k3s-2 did not become Ready within 5 s (not Ready: container runtime network not ready); \
+             the wave stops here"
+        );
+        assert_eq!(err.system(), System::Kubernetes);
+        assert!(err.retryable());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_gets_ready_passes_its_gate_as_soon_as_it_is() {
+        let (desired, artifacts) = lab();
+        let cluster = FakeCluster::default();
+        cluster.kube.node_ready_after("k3s-1", 3);
+        let secrets = secrets_with_kubeconfig();
+        let access = ClusterAccess::new(
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let mut log = Vec::new();
+        access.gate("k3s-1", &mut log).await.unwrap();
+        assert_eq!(log, ["k3s-1 Ready, API ready (1500 ms)"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_gate_names_an_unregistered_node_and_an_api_server_that_is_not_ready() {
+        let (desired, artifacts) = lab();
+        let cluster = FakeCluster::default();
+        let secrets = secrets_with_kubeconfig();
+        let access = ClusterAccess::new(
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let err = access.gate("k3s-3", &mut Vec::new()).await.unwrap_err();
+        assert!(
+            err.to_string().contains("(not registered with the API server)"),
+            "{err}"
+        );
+
+        cluster.kube.ready_node("k3s-3");
+        cluster.kube.set_readyz_failing(Some("[-]etcd failed"));
+        let err = access.gate("k3s-3", &mut Vec::new()).await.unwrap_err();
+        assert!(err.to_string().contains("the API server is not ready"), "{err}");
+        assert!(err.to_string().contains("[-]etcd failed"), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_kubeconfig_there_is_no_gate_to_pass_and_the_error_says_why() {
+        let (desired, artifacts) = lab();
+        let cluster = FakeCluster::default();
+        let empty = tempfile::tempdir().unwrap();
+        let access = ClusterAccess::new(
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(empty.path()),
+        );
+        let err = access.gate("k3s-1", &mut Vec::new()).await.unwrap_err();
+        assert_eq!(err.to_string(), "cannot check that k3s-1 is Ready: no kubeconfig yet");
+        assert_eq!(cluster.kube.looks(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_guest_restart_only_a_cluster_member_is_waited_for() {
+        let (desired, artifacts) = lab();
+        let cluster = FakeCluster::default();
+        cluster.kube.node_ready_after("k3s-1", u32::MAX);
+        let secrets = secrets_with_kubeconfig();
+        let access = ClusterAccess::new(
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let step = |node: &str| Step {
+            node: node.into(),
+            vmid: 0,
+            pve_node: "pve".into(),
+            kind: crate::ports::PveKind::Lxc,
+            disruptive: true,
+            action: Action::Start,
+        };
+        // k3s-2 never joined the cluster: nothing to wait for.
+        access.after_guest_step(&step("k3s-2"), &mut Vec::new()).await.unwrap();
+        let err = access
+            .after_guest_step(&step("k3s-1"), &mut Vec::new())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClusterError::Gate { .. }), "{err}");
+    }
+}

@@ -12,6 +12,7 @@
 //! Every metric is an atomic behind an `Arc` inside prometheus-client, so recording takes `&self`
 //! from any thread; the one compound update (switching the applied revision) holds a mutex.
 
+use crate::ports::System;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -73,9 +74,6 @@ impl Outcome {
     }
 }
 
-/// The system a failed call or step is blamed on (the `system` label).
-pub use crate::ports::System as ApiSystem;
-
 macro_rules! label_value_as_str {
     ($($ty:ty),*) => {$(
         impl EncodeLabelValue for $ty {
@@ -85,7 +83,7 @@ macro_rules! label_value_as_str {
         }
     )*};
 }
-label_value_as_str!(ReconcileKind, Outcome, ApiSystem);
+label_value_as_str!(ReconcileKind, Outcome, System);
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct ReconcileLabels {
@@ -105,7 +103,7 @@ struct RevisionLabels {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct SystemLabels {
-    system: ApiSystem,
+    system: System,
 }
 
 /// Reconcile durations span a no-op poll (well under a second) to a cluster bootstrap (tens of
@@ -191,7 +189,7 @@ impl Metrics {
                 drop(reconciles.get_or_create(&ReconcileLabels { kind, outcome }));
             }
         }
-        for system in ApiSystem::ALL {
+        for system in System::ALL {
             drop(api_errors.get_or_create(&SystemLabels { system }));
         }
 
@@ -256,7 +254,7 @@ impl Metrics {
     }
 
     /// Counts a failed call to `system`.
-    pub fn record_api_error(&self, system: ApiSystem) {
+    pub fn record_api_error(&self, system: System) {
         self.api_errors.get_or_create(&SystemLabels { system }).inc();
     }
 
@@ -305,7 +303,7 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
         m.record_reconcile_at(ReconcileKind::Drift, Outcome::Success, Duration::from_millis(1500), t);
         m.record_reconcile_at(ReconcileKind::Drift, Outcome::Success, Duration::from_millis(200), t);
-        m.record_api_error(ApiSystem::Proxmox);
+        m.record_api_error(System::Proxmox);
         m.set_drifted_guests(3);
         let text = m.encode();
         assert_eq!(

@@ -5,7 +5,7 @@
 
 use super::config::DaemonSettings;
 use super::decide::{self, Retry, Revisions};
-use super::gitops::{Mirror, glob_match};
+use super::git::{Mirror, glob_match};
 use super::metrics::{self, Metrics, ReconcileKind};
 use super::server::{self, ServerState, Trigger};
 use super::status::{Outcome, RunKind};
@@ -14,10 +14,11 @@ use crate::ports::System;
 use crate::settings::RunSettings;
 use anyhow::{Context, Result};
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 
 /// What the daemon remembers between runs.
 #[derive(Debug, Default)]
@@ -32,22 +33,91 @@ struct Memory {
     schedule: Option<Schedule>,
 }
 
-pub struct Daemon {
+/// What the loop needs from the world: the refs of the repository and one run of a job. The
+/// daemon fetches into its mirror and starts a worker process ([`Processes`]); the loop's
+/// tests script both.
+pub trait Backend: Send {
+    /// Fetch `refspecs`; the refs the mirror then holds, name -> commit.
+    fn fetch(&mut self, refspecs: Vec<String>)
+    -> impl Future<Output = Result<BTreeMap<String, String>, String>> + Send;
+    /// Run `job` to its end. A run that gave no answer is reported failed by the backend.
+    fn run(&mut self, job: &RunJob, stop: &AtomicBool) -> impl Future<Output = RunResult> + Send;
+    /// A number that differs between daemons, to spread their polls.
+    fn jitter_seed(&self) -> u32;
+}
+
+/// The real backend: a gix mirror of the repository, and a worker process per run.
+pub struct Processes {
+    mirror: Arc<Mirror>,
+    settings: DaemonSettings,
+}
+
+impl Backend for Processes {
+    async fn fetch(&mut self, refspecs: Vec<String>) -> Result<BTreeMap<String, String>, String> {
+        let mirror = self.mirror.clone();
+        match tokio::task::spawn_blocking(move || mirror.fetch(&refspecs)).await {
+            Ok(Ok(refs)) => Ok(refs),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(format!("fetch task failed: {e}")),
+        }
+    }
+
+    async fn run(&mut self, job: &RunJob, stop: &AtomicBool) -> RunResult {
+        match worker::run_in_worker(job, stop).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(commit = %job.commit, git_ref = %job.git_ref, error = %e, "the run failed without a report");
+                self.report_lost_run(job, &e).await
+            }
+        }
+    }
+
+    /// The clock's nanoseconds: enough to spread many daemons' polls.
+    fn jitter_seed(&self) -> u32 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|t| t.subsec_nanos())
+            .unwrap_or(0)
+    }
+}
+
+impl Processes {
+    /// A worker that crashed or was killed left no report: the daemon writes one itself, so
+    /// the status branch and the forge never wait for a run that ended.
+    async fn report_lost_run(&self, job: &RunJob, error: &str) -> RunResult {
+        let now = worker::now_rfc3339();
+        let mut report = job.report(now.clone());
+        report.errors.push(error.to_string());
+        job.finish(&mut report, now);
+        let mut api_errors = Vec::new();
+        if !worker::publish(&self.mirror, &self.settings, &report, &[]).await {
+            api_errors.push(System::Git);
+        }
+        match worker::forge_client(&self.settings) {
+            Ok(forge) => {
+                let context = worker::forge_context(job.kind);
+                let state = worker::forge_state(Outcome::Failed);
+                worker::forge_status(forge.as_ref(), &job.commit, state, context, Outcome::Failed.explain()).await;
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot set the commit status on the forge"),
+        }
+        RunResult {
+            outcome: Outcome::Failed,
+            drifted: None,
+            api_errors,
+            schedule: None,
+        }
+    }
+}
+
+/// The daemon's loop state: its settings, what it remembers, and the backend it runs on.
+pub struct Daemon<B: Backend> {
     settings: DaemonSettings,
     run: RunSettings,
-    mirror: Arc<Mirror>,
+    backend: B,
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     memory: Memory,
-}
-
-/// Up to 10% of `d`, from the clock's nanoseconds: enough to spread many daemons' polls.
-fn jitter(d: Duration) -> Duration {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|t| t.subsec_nanos())
-        .unwrap_or(0);
-    decide::jitter(d, nanos)
 }
 
 /// The branch's full ref name.
@@ -59,8 +129,25 @@ fn branch_ref(branch: &str) -> String {
     }
 }
 
-impl Daemon {
-    /// Run one revision in a worker process (see `worker`), then keep what it tells.
+impl<B: Backend> Daemon<B> {
+    pub fn new(
+        settings: DaemonSettings,
+        run: RunSettings,
+        backend: B,
+        metrics: Arc<Metrics>,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        Daemon {
+            settings,
+            run,
+            backend,
+            metrics,
+            stop,
+            memory: Memory::default(),
+        }
+    }
+
+    /// Run one revision (in a worker process, see `worker`), then keep what it tells.
     async fn run_revision(&mut self, git_ref: &str, commit: &str, kind: RunKind) {
         let clock = Instant::now();
         let job = RunJob {
@@ -71,13 +158,7 @@ impl Daemon {
             kind,
             revisions: self.memory.revisions.clone(),
         };
-        let result = match worker::run_in_worker(&job, &self.stop).await {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(%commit, %git_ref, error = %e, "the run failed without a report");
-                self.report_lost_run(&job, &e).await
-            }
-        };
+        let result = self.backend.run(&job, &self.stop).await;
         for system in &result.api_errors {
             self.metrics.record_api_error(*system);
         }
@@ -114,33 +195,6 @@ impl Daemon {
         super::memory::release_free_memory();
     }
 
-    /// A worker that crashed or was killed left no report: the daemon writes one itself, so
-    /// the status branch and the forge never wait for a run that ended.
-    async fn report_lost_run(&self, job: &RunJob, error: &str) -> RunResult {
-        let now = worker::now_rfc3339();
-        let mut report = job.report(now.clone());
-        report.errors.push(error.to_string());
-        job.finish(&mut report, now);
-        let mut api_errors = Vec::new();
-        if !worker::publish(&self.mirror, &self.settings, &report, &[]).await {
-            api_errors.push(System::Git);
-        }
-        match worker::forge_client(&self.settings) {
-            Ok(forge) => {
-                let context = worker::forge_context(job.kind);
-                let state = worker::forge_state(Outcome::Failed);
-                worker::forge_status(forge.as_ref(), &job.commit, state, context, Outcome::Failed.explain()).await;
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot set the commit status on the forge"),
-        }
-        RunResult {
-            outcome: Outcome::Failed,
-            drifted: None,
-            api_errors,
-            schedule: None,
-        }
-    }
-
     /// Fetch, then run what is new: the watched branch, then pull request refs.
     async fn poll(&mut self, ready: &AtomicBool) {
         let mut specs = vec![format!(
@@ -151,16 +205,11 @@ impl Daemon {
         for p in &self.settings.plan_refs {
             specs.push(format!("+{p}:{p}"));
         }
-        let mirror = self.mirror.clone();
-        let refs = match tokio::task::spawn_blocking(move || mirror.fetch(&specs)).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+        let refs = match self.backend.fetch(specs).await {
+            Ok(r) => r,
+            Err(e) => {
                 self.metrics.record_api_error(System::Git);
                 tracing::error!(error = %e, "fetch failed");
-                return;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "fetch task failed");
                 return;
             }
         };
@@ -299,56 +348,67 @@ pub async fn run_until(settings: DaemonSettings, run: RunSettings, control: Cont
     let (watch_tx, mut watch_rx) = mpsc::channel::<()>(1);
     let _watcher = watch_local(&settings.repository, watch_tx);
 
-    let mut daemon = Daemon {
-        settings,
-        run,
+    let backend = Processes {
         mirror: Arc::new(mirror),
-        metrics,
-        stop: stop.clone(),
-        memory: Memory::default(),
+        settings: settings.clone(),
     };
-    let mut drift_at: Option<Instant> = None;
-    tracing::info!(repository = %super::gitops::display_url(&daemon.settings.repository), branch = %daemon.settings.branch, "daemon started");
-    loop {
-        daemon.poll(&ready).await;
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        // The repository's own policy, as the last run that loaded it reported.
-        let cluster_interval = daemon.memory.schedule.as_ref().and_then(|p| p.interval);
-        let cluster_schedule = daemon.memory.schedule.as_ref().map(|p| p.drift_schedule.clone());
-        if drift_at.is_none() {
-            drift_at = next_drift(&daemon.settings, cluster_schedule.as_deref());
-        }
-        let interval = decide::poll_interval(daemon.settings.poll_interval, cluster_interval);
-        let mut poll_at = Instant::now() + interval + jitter(interval);
-        if let Some((_, at)) = &daemon.memory.retry {
-            poll_at = poll_at.min(*at);
-        }
-        let drift_sleep = async {
-            match drift_at {
-                Some(at) => tokio::time::sleep_until(at.into()).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::time::sleep_until(poll_at.into()) => {}
-            Some(t) = trigger_rx.recv() => tracing::info!(trigger = ?t, "webhook: fetching now"),
-            Some(()) = watch_rx.recv() => tracing::info!("local repository changed: fetching now"),
-            _ = drift_sleep => {
-                daemon.drift().await;
-                drift_at = next_drift(&daemon.settings, cluster_schedule.as_deref());
-            }
-            _ = shutdown.notified() => {}
-        }
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-    }
+    let mut daemon = Daemon::new(settings, run, backend, metrics, stop.clone());
+    tracing::info!(repository = %super::git::display_url(&daemon.settings.repository), branch = %daemon.settings.branch, "daemon started");
+    daemon.run_loop(&ready, &mut trigger_rx, &mut watch_rx, &shutdown).await;
     shutdown.notify_waiters();
     let _ = server.await;
     tracing::info!("daemon stopped");
     Ok(())
+}
+
+impl<B: Backend> Daemon<B> {
+    /// Poll, run what is due, wait for the next poll, webhook, local change or drift check;
+    /// until a stop is requested.
+    pub async fn run_loop(
+        &mut self,
+        ready: &AtomicBool,
+        triggers: &mut mpsc::Receiver<Trigger>,
+        local_changes: &mut mpsc::Receiver<()>,
+        shutdown: &Notify,
+    ) {
+        let mut drift_at: Option<Instant> = None;
+        loop {
+            self.poll(ready).await;
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            // The repository's own schedule, as the last run that loaded it reported.
+            let cluster_interval = self.memory.schedule.as_ref().and_then(|p| p.interval);
+            let cluster_schedule = self.memory.schedule.as_ref().map(|p| p.drift_schedule.clone());
+            if drift_at.is_none() {
+                drift_at = next_drift(&self.settings, cluster_schedule.as_deref());
+            }
+            let interval = decide::poll_interval(self.settings.poll_interval, cluster_interval);
+            let mut poll_at = Instant::now() + interval + decide::jitter(interval, self.backend.jitter_seed());
+            if let Some((_, at)) = &self.memory.retry {
+                poll_at = poll_at.min(*at);
+            }
+            let drift_sleep = async {
+                match drift_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep_until(poll_at) => {}
+                Some(t) = triggers.recv() => tracing::info!(trigger = ?t, "webhook: fetching now"),
+                Some(()) = local_changes.recv() => tracing::info!("local repository changed: fetching now"),
+                _ = drift_sleep => {
+                    self.drift().await;
+                    drift_at = next_drift(&self.settings, cluster_schedule.as_deref());
+                }
+                _ = shutdown.notified() => {}
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                break;
+            }
+        }
+    }
 }
 
 /// Watch a local repository's refs with notify; nothing for URLs.
@@ -383,4 +443,203 @@ fn watch_local(repository: &str, tx: mpsc::Sender<()>) -> Option<notify::Recomme
     .ok()?;
     watcher.watch(&refs, notify::RecursiveMode::Recursive).ok()?;
     Some(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::daemon::config::DaemonFlags;
+    use crate::daemon::webhook::Forge;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// One run the loop started: seconds since the start, what kind, which commit.
+    type Runs = Arc<Mutex<Vec<(u64, RunKind, String)>>>;
+
+    /// A repository whose refs the test sets, and runs whose outcomes it scripts.
+    struct Script {
+        refs: Arc<Mutex<BTreeMap<String, String>>>,
+        reconcile_outcomes: VecDeque<Outcome>,
+        runs: Runs,
+        fetches: Arc<Mutex<Vec<u64>>>,
+        start: Instant,
+    }
+
+    impl Backend for Script {
+        async fn fetch(&mut self, _: Vec<String>) -> Result<BTreeMap<String, String>, String> {
+            self.fetches.lock().unwrap().push(self.start.elapsed().as_secs());
+            Ok(self.refs.lock().unwrap().clone())
+        }
+
+        async fn run(&mut self, job: &RunJob, _: &AtomicBool) -> RunResult {
+            let at = self.start.elapsed().as_secs();
+            self.runs.lock().unwrap().push((at, job.kind, job.commit.clone()));
+            let outcome = match job.kind {
+                RunKind::Reconcile => self.reconcile_outcomes.pop_front().unwrap_or(Outcome::Applied),
+                RunKind::PullRequest => Outcome::Planned,
+                RunKind::Drift => Outcome::NoDrift,
+            };
+            RunResult {
+                outcome,
+                drifted: None,
+                api_errors: Vec::new(),
+                schedule: None,
+            }
+        }
+
+        fn jitter_seed(&self) -> u32 {
+            0
+        }
+    }
+
+    struct Harness {
+        refs: Arc<Mutex<BTreeMap<String, String>>>,
+        runs: Runs,
+        fetches: Arc<Mutex<Vec<u64>>>,
+        triggers: mpsc::Sender<Trigger>,
+        control: Control,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    /// Start the loop on a scripted backend, the watched branch at `head`.
+    fn start(flags: DaemonFlags, head: &str, reconcile_outcomes: &[Outcome]) -> Harness {
+        let settings = DaemonFlags {
+            repository: Some("file:///srv/homelab.git".into()),
+            plan_refs: vec!["refs/pull/*/head".into()],
+            ..flags
+        }
+        .resolve()
+        .unwrap();
+        let refs = Arc::new(Mutex::new(BTreeMap::from([(
+            "refs/heads/main".to_string(),
+            head.to_string(),
+        )])));
+        let runs: Runs = Arc::default();
+        let fetches = Arc::new(Mutex::new(Vec::new()));
+        let backend = Script {
+            refs: refs.clone(),
+            reconcile_outcomes: reconcile_outcomes.iter().copied().collect(),
+            runs: runs.clone(),
+            fetches: fetches.clone(),
+            start: Instant::now(),
+        };
+        let control = Control::default();
+        let (triggers, mut trigger_rx) = mpsc::channel(1);
+        let (_watch_tx, mut watch_rx) = mpsc::channel(1);
+        let mut daemon = Daemon::new(
+            settings,
+            RunSettings::default(),
+            backend,
+            Arc::new(Metrics::new()),
+            control.stop.clone(),
+        );
+        let shutdown = control.shutdown.clone();
+        let task = tokio::spawn(async move {
+            let ready = AtomicBool::new(false);
+            let _keep = _watch_tx;
+            daemon.run_loop(&ready, &mut trigger_rx, &mut watch_rx, &shutdown).await;
+        });
+        Harness {
+            refs,
+            runs,
+            fetches,
+            triggers,
+            control,
+            task,
+        }
+    }
+
+    impl Harness {
+        async fn stop(self) -> (Vec<(u64, RunKind, String)>, Vec<u64>) {
+            self.control.request_stop();
+            self.task.await.unwrap();
+            let runs = self.runs.lock().unwrap().clone();
+            let fetches = self.fetches.lock().unwrap().clone();
+            (runs, fetches)
+        }
+    }
+
+    fn run(at: u64, kind: RunKind, commit: &str) -> (u64, RunKind, String) {
+        (at, kind, commit.to_string())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_revision_is_retried_with_backoff_and_drift_runs_on_its_interval() {
+        let h = start(
+            DaemonFlags {
+                poll_interval: Some("60s".into()),
+                drift_interval: Some("45s".into()),
+                ..DaemonFlags::default()
+            },
+            "c1",
+            &[Outcome::Failed, Outcome::Failed, Outcome::Applied],
+        );
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let (runs, fetches) = h.stop().await;
+        assert_eq!(
+            runs,
+            [
+                run(0, RunKind::Reconcile, "c1"),
+                // Backoff: 10 s after the first failure, 20 s after the second.
+                run(10, RunKind::Reconcile, "c1"),
+                run(30, RunKind::Reconcile, "c1"),
+                // Drift every 45 s, on the revision last applied.
+                run(45, RunKind::Drift, "c1"),
+                run(90, RunKind::Drift, "c1"),
+            ]
+        );
+        // Polls: at start, at each retry, after each drift check, and on the interval.
+        assert_eq!(fetches, [0, 10, 30, 45, 90]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_applied_revision_is_not_run_again_and_a_webhook_brings_the_next_at_once() {
+        let h = start(
+            DaemonFlags {
+                poll_interval: Some("60s".into()),
+                ..DaemonFlags::default()
+            },
+            "c1",
+            &[],
+        );
+        tokio::time::sleep(Duration::from_secs(130)).await;
+        h.refs.lock().unwrap().insert("refs/heads/main".into(), "c2".into());
+        h.refs.lock().unwrap().insert("refs/pull/7/head".into(), "p1".into());
+        h.triggers
+            .send(Trigger::Webhook {
+                forge: Forge::GitHub,
+                git_ref: None,
+            })
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(70)).await;
+        let (runs, fetches) = h.stop().await;
+        assert_eq!(
+            runs,
+            [
+                run(0, RunKind::Reconcile, "c1"),
+                run(130, RunKind::Reconcile, "c2"),
+                run(130, RunKind::PullRequest, "p1"),
+            ],
+            "polls at 60 and 120 s find nothing new; the webhook at 130 s fetches at once"
+        );
+        assert_eq!(fetches, [0, 60, 120, 130, 190]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_invalid_revision_stalls_until_a_new_commit() {
+        let h = start(
+            DaemonFlags {
+                poll_interval: Some("30s".into()),
+                ..DaemonFlags::default()
+            },
+            "bad",
+            &[Outcome::Invalid],
+        );
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let (runs, fetches) = h.stop().await;
+        assert_eq!(runs, [run(0, RunKind::Reconcile, "bad")]);
+        assert_eq!(fetches, [0, 30, 60, 90]);
+    }
 }

@@ -11,7 +11,7 @@
 use super::config::DaemonSettings;
 use super::decide::{self, Revisions};
 use super::forge::{CommitState, ForgeClient};
-use super::gitops::{GitAuth, Mirror};
+use super::git::{GitAuth, Mirror};
 use super::status::{self, Outcome, RunKind, StatusReport};
 use crate::apply::{Progress, StepOutcome};
 use crate::connect::Connection;

@@ -1,0 +1,38 @@
+//! A small repository in memory for unit tests of the effectful layer: one K3s server and
+//! two agents in LXC containers, no ADRs, nothing but what cluster.yaml and the node files
+//! say.
+
+use crate::model::{Desired, LoadOptions, RepoFiles, load};
+use crate::render::{Artifact, render_all};
+
+pub const CLUSTER: &str = "name: lab\ndistribution: k3s\nversion: v1.31.4+k3s1\n\
+    proxmox: {api: \"https://127.0.0.1:8006\"}\n\
+    network: {cidr: 10.0.0.0/24, gateway: 10.0.0.1}\n\
+    defaults: {lxc: {template: \"local:vztmpl/ubuntu.tar.zst\", cores: 2}}\n";
+
+/// The lab's files: `k3s-1` (vmid 100, server), `k3s-2` and `k3s-3` (agents).
+pub fn files() -> RepoFiles {
+    let mut files = RepoFiles::new("memory");
+    files.insert("cluster.yaml", CLUSTER);
+    for (i, role) in [(1, "server"), (2, "agent"), (3, "agent")] {
+        files.insert(
+            format!("nodes/k3s-{i}.yaml"),
+            format!(
+                "vmid: {}\nproxmox_node: pve\nkind: lxc\nrole: {role}\naddress: 10.0.0.{}/24\n",
+                99 + i,
+                10 + i
+            ),
+        );
+    }
+    files
+}
+
+pub fn load_files(files: &RepoFiles) -> (Desired, Vec<Artifact>) {
+    let desired = load(files, &LoadOptions::default()).expect("the test repository is valid");
+    let artifacts = render_all(&desired).expect("the test repository renders");
+    (desired, artifacts)
+}
+
+pub fn lab() -> (Desired, Vec<Artifact>) {
+    load_files(&files())
+}
