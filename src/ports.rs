@@ -199,6 +199,13 @@ pub enum ShellError {
     HostKeyMismatch { host: String },
     #[error("host {host} is not in the known_hosts file {known_hosts}")]
     UnknownHost { host: String, known_hosts: String },
+    /// The presented host key (or its certificate's CA) is listed as `@revoked`.
+    #[error("host key of {host} is marked @revoked in {known_hosts} line {line}: refusing to connect")]
+    HostKeyRevoked {
+        host: String,
+        known_hosts: String,
+        line: usize,
+    },
     #[error("cannot connect to {host}: {message}")]
     Connect { host: String, message: String },
     #[error("authentication to {host} failed")]

@@ -13,6 +13,7 @@ mod e2e_cluster;
 mod e2e_proxmox;
 mod e2e_talos;
 mod git_source;
+mod known_hosts;
 mod kube_api;
 mod proxmox_client;
 mod render_snapshots;

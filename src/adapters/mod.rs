@@ -1,3 +1,4 @@
+pub mod known_hosts;
 pub mod kube;
 pub mod local_shell;
 pub mod proxmox;

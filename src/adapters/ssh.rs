@@ -2,9 +2,14 @@
 //!
 //! * One SSH connection per Proxmox node, opened on first use, shared by every command
 //!   (one channel each) and opened again when it dropped.
-//! * The server's host key must be in the node's known_hosts file: a different key is
-//!   [`ShellError::HostKeyMismatch`], no entry is [`ShellError::UnknownHost`]. Unknown keys
-//!   are never accepted or recorded.
+//! * The server's host key must be in the node's known_hosts file, read as OpenSSH's `ssh`
+//!   reads it with `StrictHostKeyChecking=yes` ([`crate::adapters::known_hosts`]): hashed
+//!   names, `[host]:port`, wildcards and negation, several keys per host, `@revoked` and
+//!   `@cert-authority`. A key listed `@revoked` is [`ShellError::HostKeyRevoked`]; a host
+//!   listed only with other keys is [`ShellError::HostKeyMismatch`]; no entry is
+//!   [`ShellError::UnknownHost`]. Unknown keys are never accepted or recorded. Host
+//!   certificates are asked for (as `ssh` does) and accepted only through a
+//!   `@cert-authority` line; otherwise their plain key is checked.
 //! * Public-key authentication with the node's private key file (OpenSSH format).
 //! * argv is quoted into one command line ([`command_line`]); values never become shell
 //!   syntax. Compare-and-swap writes are one fixed remote script that takes the path and
@@ -19,11 +24,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use russh::client::{self, Handle, Msg};
-use russh::keys::{PrivateKeyWithHashAlg, PublicKeyOrCertificate, check_known_hosts_path};
+use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::{Channel, ChannelMsg};
 use tokio::sync::Mutex;
 use tokio::time::{Instant, timeout, timeout_at};
 
+use crate::adapters::known_hosts::{KnownHosts, Presented, Verdict};
 use crate::adapters::shell_quote::{command_line, has_nul};
 use crate::ports::{CommandOutput, HostShell, ShellError};
 
@@ -88,6 +94,26 @@ impl fmt::Debug for SshHostShell {
             .finish()
     }
 }
+
+/// Host certificate types offered to the server, most preferred first (plain keys follow).
+const HOST_CERTIFICATE_ALGORITHMS: &[Algorithm] = &[
+    Algorithm::Ed25519,
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP256,
+    },
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP384,
+    },
+    Algorithm::Ecdsa {
+        curve: EcdsaCurve::NistP521,
+    },
+    Algorithm::Rsa {
+        hash: Some(HashAlg::Sha512),
+    },
+    Algorithm::Rsa {
+        hash: Some(HashAlg::Sha256),
+    },
+];
 
 /// Exit status of the compare-and-swap script when the file's SHA-1 is not the expected one.
 const CHANGED_STATUS: u32 = 79;
@@ -171,6 +197,12 @@ impl SshHostShell {
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_max: 3,
             nodelay: true,
+            preferred: russh::Preferred {
+                // Ask for host certificates as `ssh` does; one no `@cert-authority` line
+                // vouches for falls back to its plain key (known_hosts.rs).
+                host_key_certificates: HOST_CERTIFICATE_ALGORITHMS.into(),
+                ..Default::default()
+            },
             ..Default::default()
         });
         let handler = Client {
@@ -397,29 +429,45 @@ impl client::Handler for Client {
     type Error = ClientError;
 
     async fn check_server_key(&mut self, server_key: &PublicKeyOrCertificate) -> Result<bool, ClientError> {
-        let PublicKeyOrCertificate::PublicKey { key, .. } = server_key else {
-            return Err(ClientError::Refused(ShellError::Connect {
+        let path = self.known_hosts.display().to_string();
+        let known = KnownHosts::read(&self.known_hosts).map_err(|e| {
+            ClientError::Refused(ShellError::Connect {
                 host: self.address.clone(),
-                message: "the server presented a host certificate; only known_hosts keys are accepted".into(),
-            }));
+                message: format!("cannot check the host key: {e}"),
+            })
+        })?;
+        let presented = match server_key {
+            PublicKeyOrCertificate::PublicKey { key, .. } => Presented::Key(key),
+            PublicKeyOrCertificate::Certificate(cert) => Presented::Certificate(cert),
         };
-        match check_known_hosts_path(&self.host, self.port, key, &self.known_hosts) {
-            Ok(true) => Ok(true),
-            Ok(false) => Err(ClientError::Refused(ShellError::UnknownHost {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        match known.verify(&self.host, self.port, presented, now) {
+            Verdict::Accepted { line } => {
+                tracing::debug!(host = %self.address, known_hosts = %path, line, "ssh host key accepted");
+                Ok(true)
+            }
+            Verdict::Unknown => Err(ClientError::Refused(ShellError::UnknownHost {
                 host: self.address.clone(),
-                known_hosts: self.known_hosts.display().to_string(),
+                known_hosts: path,
             })),
-            Err(russh::keys::Error::KeyChanged { line }) => {
-                tracing::warn!(host = %self.address, known_hosts = %self.known_hosts.display(), line,
+            Verdict::Changed { line } => {
+                tracing::warn!(host = %self.address, known_hosts = %path, line,
                     "ssh host key does not match known_hosts");
                 Err(ClientError::Refused(ShellError::HostKeyMismatch {
                     host: self.address.clone(),
                 }))
             }
-            Err(e) => Err(ClientError::Refused(ShellError::Connect {
-                host: self.address.clone(),
-                message: format!("cannot check the host key against {}: {e}", self.known_hosts.display()),
-            })),
+            Verdict::Revoked { line } => {
+                tracing::warn!(host = %self.address, known_hosts = %path, line,
+                    "ssh host key is marked @revoked in known_hosts");
+                Err(ClientError::Refused(ShellError::HostKeyRevoked {
+                    host: self.address.clone(),
+                    known_hosts: path,
+                    line,
+                }))
+            }
         }
     }
 }
