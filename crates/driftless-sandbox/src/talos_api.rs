@@ -784,6 +784,12 @@ impl Sim {
         .to_string();
         sim.kubelet_running = self.bootstrapped();
         cluster_state::write_node(&self.state_dir, &sim).map_err(|e| io_status(&self.state_dir, e))?;
+        // `cluster.network.cni.name` (flannel when unset) is the cluster's own CNI.
+        let cni = new
+            .str_at("/cluster/network/cni/name")
+            .and_then(|n| cluster_state::BuiltinCni::parse(&n))
+            .unwrap_or(cluster_state::BuiltinCni::Flannel);
+        cluster_state::set_builtin_cni(&self.state_dir, cni).map_err(|e| io_status(&self.state_dir, e))?;
         meta.address = node.to_string();
         meta.registered_as = Some(name);
         self.write_meta(node, &meta)
