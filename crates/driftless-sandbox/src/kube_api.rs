@@ -22,6 +22,7 @@ mod controllers;
 mod fields;
 mod handlers;
 mod objects;
+mod openapi;
 mod resources;
 mod table;
 mod watch;
@@ -292,6 +293,10 @@ async fn entry(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         ("GET", ["apis"]) => return json_response(200, &catalog.group_list()),
         ("GET", ["api", "v1"]) => {
             return json_response(200, &catalog.resource_list("", "v1").unwrap_or_default());
+        }
+        ("GET", ["openapi", "v3"]) => return json_response(200, &openapi::index(&catalog)),
+        ("GET", ["openapi", "v3", gv @ ..]) => {
+            return openapi::document(&catalog, &gv.join("/")).map_or_else(not_found, |d| json_response(200, &d));
         }
         ("GET", ["apis", group]) => return catalog.group(group).map_or_else(not_found, |g| json_response(200, &g)),
         ("GET", ["apis", group, version]) => {

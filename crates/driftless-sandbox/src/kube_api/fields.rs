@@ -723,7 +723,17 @@ pub fn record_update(
     let status_scoped = |v: &Value| strip_for_ownership(v, if subresource.is_some() { scope } else { None });
     let new_stripped = status_scoped(new);
     let new_leaves = leaves(&new_stripped, ctx);
-    let mut managed = old.map(read_managed).unwrap_or_default();
+    // A write that sets managedFields itself (kubectl moving client-side ownership to
+    // server-side apply) replaces them.
+    let client_set = old.is_some_and(|o| {
+        new.pointer("/metadata/managedFields").is_some()
+            && o.pointer("/metadata/managedFields") != new.pointer("/metadata/managedFields")
+    });
+    let mut managed = if client_set {
+        read_managed(new)
+    } else {
+        old.map(read_managed).unwrap_or_default()
+    };
     let (old_leaves, old_stripped) = match old {
         Some(o) => {
             let s = status_scoped(o);
