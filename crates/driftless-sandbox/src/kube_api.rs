@@ -1151,4 +1151,3 @@ fn pod_json(shared: &Shared, name: &str, app: &str, image: &str, placement: Plac
         "status": status,
     })
 }
-

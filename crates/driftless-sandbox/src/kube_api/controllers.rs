@@ -61,13 +61,27 @@ fn res(group: &str, plural: &str) -> Resource {
 pub fn seed_namespaces(shared: &Shared, objects: &Objects) {
     for ns in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         if objects.get("", "namespaces", None, ns).is_none() {
-            let _ = create(shared, objects, "", "namespaces", json!({"metadata": {"name": ns}}), "kube-apiserver");
+            let _ = create(
+                shared,
+                objects,
+                "",
+                "namespaces",
+                json!({"metadata": {"name": ns}}),
+                "kube-apiserver",
+            );
         }
     }
 }
 
 /// Store a new object as the API server would (uid, timestamps, managedFields).
-fn create(shared: &Shared, objects: &Objects, group: &str, plural: &str, mut object: Value, manager: &str) -> Option<Value> {
+fn create(
+    shared: &Shared,
+    objects: &Objects,
+    group: &str,
+    plural: &str,
+    mut object: Value,
+    manager: &str,
+) -> Option<Value> {
     let r = res(group, plural);
     let name = object["metadata"]["name"].as_str()?.to_string();
     let ns = object["metadata"]["namespace"].as_str().map(String::from);
@@ -77,10 +91,25 @@ fn create(shared: &Shared, objects: &Objects, group: &str, plural: &str, mut obj
     object = handlers::served(&r, &object);
     let rv = objects.next_rv().ok()?;
     handlers::initialise(shared, &r, &mut object, rv);
-    fields::record_update(None, &mut object, manager, &r.api_version(), &now(), None, Ctx::builtin());
+    fields::record_update(
+        None,
+        &mut object,
+        manager,
+        &r.api_version(),
+        &now(),
+        None,
+        Ctx::builtin(),
+    );
     object["metadata"]["resourceVersion"] = json!(rv.to_string());
     objects
-        .put(group, plural, &Entry { changed_ms: now_ms(), object: object.clone() })
+        .put(
+            group,
+            plural,
+            &Entry {
+                changed_ms: now_ms(),
+                object: object.clone(),
+            },
+        )
         .ok()?;
     Some(object)
 }
@@ -107,7 +136,14 @@ fn set_status(objects: &Objects, group: &str, plural: &str, entry: &Entry, mut s
     );
     let Ok(rv) = objects.next_rv() else { return };
     object["metadata"]["resourceVersion"] = json!(rv.to_string());
-    let _ = objects.put(group, plural, &Entry { changed_ms: entry.changed_ms, object });
+    let _ = objects.put(
+        group,
+        plural,
+        &Entry {
+            changed_ms: entry.changed_ms,
+            object,
+        },
+    );
 }
 
 fn res_or_custom(group: &str, plural: &str, object: &Value) -> Resource {
@@ -287,7 +323,10 @@ pub fn runs_cilium_install(job: &Value) -> bool {
 
 /// The version a `cilium install` line asks for (`--version 1.18.0`), for the image tags.
 fn cilium_version(job: &Value) -> String {
-    let text = job.pointer("/spec/template/spec/containers").map(|c| c.to_string()).unwrap_or_default();
+    let text = job
+        .pointer("/spec/template/spec/containers")
+        .map(|c| c.to_string())
+        .unwrap_or_default();
     let words: Vec<&str> = text
         .split(|c: char| c.is_whitespace() || c == '"' || c == ',' || c == '[' || c == ']')
         .filter(|w| !w.is_empty())
@@ -311,7 +350,14 @@ fn install_cilium(shared: &Shared, objects: &Objects, job: &Value) {
     let mgr = "cilium-cli";
     let ns = "kube-system";
     for sa in ["cilium", "cilium-operator"] {
-        create(shared, objects, "", "serviceaccounts", json!({"metadata": {"name": sa, "namespace": ns}}), mgr);
+        create(
+            shared,
+            objects,
+            "",
+            "serviceaccounts",
+            json!({"metadata": {"name": sa, "namespace": ns}}),
+            mgr,
+        );
     }
     create(
         shared,
@@ -322,7 +368,8 @@ fn install_cilium(shared: &Shared, objects: &Objects, job: &Value) {
                "data": {"ipam": "kubernetes", "cluster-name": "default", "enable-ipv4": "true"}}),
         mgr,
     );
-    let labels = json!({"k8s-app": "cilium", "app.kubernetes.io/name": "cilium-agent", "app.kubernetes.io/part-of": "cilium"});
+    let labels =
+        json!({"k8s-app": "cilium", "app.kubernetes.io/name": "cilium-agent", "app.kubernetes.io/part-of": "cilium"});
     create(
         shared,
         objects,
@@ -347,7 +394,8 @@ fn install_cilium(shared: &Shared, objects: &Objects, job: &Value) {
         }),
         mgr,
     );
-    let op_labels = json!({"io.cilium/app": "operator", "name": "cilium-operator", "app.kubernetes.io/part-of": "cilium"});
+    let op_labels =
+        json!({"io.cilium/app": "operator", "name": "cilium-operator", "app.kubernetes.io/part-of": "cilium"});
     create(
         shared,
         objects,
@@ -461,7 +509,14 @@ fn crds(objects: &Objects) {
         for c in status["conditions"].as_array_mut().into_iter().flatten() {
             c.as_object_mut().expect("an object").remove("lastUpdateTime");
         }
-        set_status(objects, "apiextensions.k8s.io", "customresourcedefinitions", &e, status, "kube-apiserver");
+        set_status(
+            objects,
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            &e,
+            status,
+            "kube-apiserver",
+        );
     }
 }
 
@@ -510,7 +565,11 @@ fn replicas_ready(view: &View, shared: &Shared, e: &Entry, replicas: i64) -> (i6
     if !runnable || replicas == 0 {
         return (0, false);
     }
-    if elapsed(e) >= ROLLOUT { (replicas, false) } else { (0, true) }
+    if elapsed(e) >= ROLLOUT {
+        (replicas, false)
+    } else {
+        (0, true)
+    }
 }
 
 /// `<name>-<pod-template-hash>`: the ReplicaSet of a Deployment's current template.
@@ -520,7 +579,11 @@ pub fn template_hash(o: &Value) -> String {
 
 fn deployments(shared: &Shared, objects: &Objects, view: &View) -> bool {
     let mut pending = false;
-    for (plural, kind) in [("deployments", "Deployment"), ("replicasets", "ReplicaSet"), ("statefulsets", "StatefulSet")] {
+    for (plural, kind) in [
+        ("deployments", "Deployment"),
+        ("replicasets", "ReplicaSet"),
+        ("statefulsets", "StatefulSet"),
+    ] {
         for e in objects.list("apps", plural, None) {
             let o = &e.object;
             if o.pointer("/metadata/deletionTimestamp").is_some() {
@@ -544,14 +607,34 @@ fn deployments(shared: &Shared, objects: &Objects, view: &View) -> bool {
                     let available = ready >= replicas;
                     status["conditions"] = json!([
                         if available {
-                            condition("Available", true, "MinimumReplicasAvailable", "Deployment has minimum availability.")
+                            condition(
+                                "Available",
+                                true,
+                                "MinimumReplicasAvailable",
+                                "Deployment has minimum availability.",
+                            )
                         } else {
-                            condition("Available", false, "MinimumReplicasUnavailable", "Deployment does not have minimum availability.")
+                            condition(
+                                "Available",
+                                false,
+                                "MinimumReplicasUnavailable",
+                                "Deployment does not have minimum availability.",
+                            )
                         },
                         if available {
-                            condition("Progressing", true, "NewReplicaSetAvailable", &format!("ReplicaSet \"{rs}\" has successfully progressed."))
+                            condition(
+                                "Progressing",
+                                true,
+                                "NewReplicaSetAvailable",
+                                &format!("ReplicaSet \"{rs}\" has successfully progressed."),
+                            )
                         } else {
-                            condition("Progressing", true, "ReplicaSetUpdated", &format!("ReplicaSet \"{rs}\" is progressing."))
+                            condition(
+                                "Progressing",
+                                true,
+                                "ReplicaSetUpdated",
+                                &format!("ReplicaSet \"{rs}\" is progressing."),
+                            )
                         },
                     ]);
                 }
@@ -678,9 +761,11 @@ fn helm_charts(shared: &Shared, objects: &Objects) {
             "uid": chart["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true,
         }]);
         let existing = objects.get("batch", "jobs", Some(&ns), &job_name);
-        let current = existing
-            .as_ref()
-            .is_some_and(|j| j.object.pointer("/metadata/annotations/helmcharts.helm.cattle.io~1configHash") == Some(&json!(hash)));
+        let current = existing.as_ref().is_some_and(|j| {
+            j.object
+                .pointer("/metadata/annotations/helmcharts.helm.cattle.io~1configHash")
+                == Some(&json!(hash))
+        });
         if !current {
             if existing.is_some() {
                 let _ = objects.remove("batch", "jobs", Some(&ns), &job_name);
@@ -781,9 +866,19 @@ fn helm_release(shared: &Shared, objects: &Objects, chart: &Value, target: &str,
     let name = name_of(chart);
     if objects.get("", "namespaces", None, target).is_none() {
         if chart["spec"]["createNamespace"] == true {
-            create(shared, objects, "", "namespaces", json!({"metadata": {"name": target}}), HELM_CONTROLLER);
+            create(
+                shared,
+                objects,
+                "",
+                "namespaces",
+                json!({"metadata": {"name": target}}),
+                HELM_CONTROLLER,
+            );
         } else {
-            return (true, format!("Error: INSTALLATION FAILED: create: failed to create: namespaces \"{target}\" not found"));
+            return (
+                true,
+                format!("Error: INSTALLATION FAILED: create: failed to create: namespaces \"{target}\" not found"),
+            );
         }
     }
     let releases: Vec<Entry> = objects
@@ -792,22 +887,36 @@ fn helm_release(shared: &Shared, objects: &Objects, chart: &Value, target: &str,
         .filter(|s| s.object.pointer("/metadata/labels/owner") == Some(&json!("helm")))
         .filter(|s| s.object.pointer("/metadata/labels/name") == Some(&json!(name)))
         .collect();
-    if releases
-        .iter()
-        .any(|s| s.object.pointer("/metadata/annotations/helmcharts.helm.cattle.io~1configHash") == Some(&json!(hash)))
-    {
+    if releases.iter().any(|s| {
+        s.object
+            .pointer("/metadata/annotations/helmcharts.helm.cattle.io~1configHash")
+            == Some(&json!(hash))
+    }) {
         return (false, String::new());
     }
     let revision = releases
         .iter()
-        .filter_map(|s| s.object.pointer("/metadata/labels/version").and_then(Value::as_str)?.parse::<u32>().ok())
+        .filter_map(|s| {
+            s.object
+                .pointer("/metadata/labels/version")
+                .and_then(Value::as_str)?
+                .parse::<u32>()
+                .ok()
+        })
         .max()
         .unwrap_or(0)
         + 1;
     for old in &releases {
         let mut o = old.object.clone();
         o["metadata"]["labels"]["status"] = json!("superseded");
-        let _ = objects.put("", "secrets", &Entry { changed_ms: old.changed_ms, object: o });
+        let _ = objects.put(
+            "",
+            "secrets",
+            &Entry {
+                changed_ms: old.changed_ms,
+                object: o,
+            },
+        );
     }
     let record = json!({
         "name": name, "version": revision, "namespace": target,
@@ -868,7 +977,11 @@ pub fn orphan_dependents(objects: &Objects, owner: &Value) {
     let uid = owner["metadata"]["uid"].clone();
     for (group, plural) in objects.kinds() {
         for mut e in objects.list(&group, &plural, None) {
-            let Some(refs) = e.object.pointer_mut("/metadata/ownerReferences").and_then(Value::as_array_mut) else {
+            let Some(refs) = e
+                .object
+                .pointer_mut("/metadata/ownerReferences")
+                .and_then(Value::as_array_mut)
+            else {
                 continue;
             };
             let before = refs.len();
@@ -897,7 +1010,9 @@ fn garbage_collect(shared: &Shared, objects: &Objects) {
     let mut owners_gone: BTreeMap<(String, String), Vec<Entry>> = BTreeMap::new();
     for (group, plural, e) in all {
         let refs = e.object.pointer("/metadata/ownerReferences").and_then(Value::as_array);
-        let Some(refs) = refs.filter(|r| !r.is_empty()) else { continue };
+        let Some(refs) = refs.filter(|r| !r.is_empty()) else {
+            continue;
+        };
         if refs.iter().all(|r| !uids.contains(r["uid"].as_str().unwrap_or(""))) {
             owners_gone.entry((group, plural)).or_default().push(e);
         }
@@ -928,9 +1043,23 @@ pub fn workload_pods(shared: &Shared, view: &View, objects: &Objects, namespace:
         let rs = format!("{}-{hash}", name_of(o));
         for i in 0..replicas {
             let name = format!("{rs}-{}", pod_suffix(shared.seed, &format!("{rs}/{i}"), 5));
-            let mut labels = o.pointer("/spec/template/metadata/labels").cloned().unwrap_or(json!({}));
+            let mut labels = o
+                .pointer("/spec/template/metadata/labels")
+                .cloned()
+                .unwrap_or(json!({}));
             labels["pod-template-hash"] = json!(hash);
-            pods.push(pod(shared, view, o, &name, labels, ("ReplicaSet", &rs), None, i < ready, false, i as usize));
+            pods.push(pod(
+                shared,
+                view,
+                o,
+                &name,
+                labels,
+                ("ReplicaSet", &rs),
+                None,
+                i < ready,
+                false,
+                i as usize,
+            ));
         }
     }
     for e in objects.list("apps", "statefulsets", namespace) {
@@ -939,26 +1068,72 @@ pub fn workload_pods(shared: &Shared, view: &View, objects: &Objects, namespace:
         let ready = o.pointer("/status/readyReplicas").and_then(Value::as_i64).unwrap_or(0);
         for i in 0..replicas {
             let name = format!("{}-{i}", name_of(o));
-            let labels = o.pointer("/spec/template/metadata/labels").cloned().unwrap_or(json!({}));
-            pods.push(pod(shared, view, o, &name, labels, ("StatefulSet", &name_of(o)), None, i < ready, false, i as usize));
+            let labels = o
+                .pointer("/spec/template/metadata/labels")
+                .cloned()
+                .unwrap_or(json!({}));
+            pods.push(pod(
+                shared,
+                view,
+                o,
+                &name,
+                labels,
+                ("StatefulSet", &name_of(o)),
+                None,
+                i < ready,
+                false,
+                i as usize,
+            ));
         }
     }
     for e in objects.list("apps", "daemonsets", namespace) {
         let o = &e.object;
         let rolled = o.pointer("/status/numberReady").and_then(Value::as_i64).unwrap_or(0) > 0;
         for (i, (node, runs)) in daemonset_nodes(view, shared, o).into_iter().enumerate() {
-            let name = format!("{}-{}", name_of(o), pod_suffix(shared.seed, &format!("{}/{}", name_of(o), node.name), 5));
-            let labels = o.pointer("/spec/template/metadata/labels").cloned().unwrap_or(json!({}));
-            pods.push(pod(shared, view, o, &name, labels, ("DaemonSet", &name_of(o)), Some(node), rolled && runs, false, i));
+            let name = format!(
+                "{}-{}",
+                name_of(o),
+                pod_suffix(shared.seed, &format!("{}/{}", name_of(o), node.name), 5)
+            );
+            let labels = o
+                .pointer("/spec/template/metadata/labels")
+                .cloned()
+                .unwrap_or(json!({}));
+            pods.push(pod(
+                shared,
+                view,
+                o,
+                &name,
+                labels,
+                ("DaemonSet", &name_of(o)),
+                Some(node),
+                rolled && runs,
+                false,
+                i,
+            ));
         }
     }
     for e in objects.list("batch", "jobs", namespace) {
         let o = &e.object;
         let name = format!("{}-{}", name_of(o), pod_suffix(shared.seed, &name_of(o), 5));
-        let mut labels = o.pointer("/spec/template/metadata/labels").cloned().unwrap_or(json!({}));
+        let mut labels = o
+            .pointer("/spec/template/metadata/labels")
+            .cloned()
+            .unwrap_or(json!({}));
         labels["job-name"] = json!(name_of(o));
         labels["batch.kubernetes.io/job-name"] = json!(name_of(o));
-        pods.push(pod(shared, view, o, &name, labels, ("Job", &name_of(o)), None, false, job_complete(o), 0));
+        pods.push(pod(
+            shared,
+            view,
+            o,
+            &name,
+            labels,
+            ("Job", &name_of(o)),
+            None,
+            false,
+            job_complete(o),
+            0,
+        ));
     }
     pods
 }

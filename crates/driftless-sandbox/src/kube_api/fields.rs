@@ -88,7 +88,12 @@ impl<'a> Ctx<'a> {
 /// The built-in kinds' merge keys (`patchMergeKey`/`listMapKeys` in their Go types).
 fn builtin_list_type(field: &str, items: &[Value]) -> ListType {
     let keys: &[&str] = match field {
-        "containers" | "initContainers" | "ephemeralContainers" | "env" | "volumes" | "imagePullSecrets"
+        "containers"
+        | "initContainers"
+        | "ephemeralContainers"
+        | "env"
+        | "volumes"
+        | "imagePullSecrets"
         | "resourceClaims" => &["name"],
         "volumeMounts" => &["mountPath"],
         "volumeDevices" => &["devicePath"],
@@ -230,7 +235,9 @@ pub fn value_at<'v>(value: &'v Value, path: &[Pe], ctx: Ctx<'_>) -> Option<&'v V
                 let ListType::Map(keys) = effective_list_type(&ctx, &field, items) else {
                     return None;
                 };
-                cur = items.iter().find(|i| item_key(i, &keys).as_deref() == Some(k.as_str()))?;
+                cur = items
+                    .iter()
+                    .find(|i| item_key(i, &keys).as_deref() == Some(k.as_str()))?;
                 ctx = ctx.items();
             }
             Pe::Value(v) => {
@@ -283,7 +290,9 @@ fn remove_at(value: &mut Value, path: &[Pe], ctx: Ctx<'_>) -> bool {
     match last {
         Pe::Field(f) => cur.as_object_mut().and_then(|m| m.remove(f)).is_some(),
         Pe::Key(k) => {
-            let Some(items) = cur.as_array().cloned() else { return false };
+            let Some(items) = cur.as_array().cloned() else {
+                return false;
+            };
             let ListType::Map(keys) = effective_list_type(&ctx_parent, &field, &items) else {
                 return false;
             };
@@ -832,7 +841,12 @@ pub fn strategic_merge_patch(target: &mut Value, patch: &Value, ctx: Ctx<'_>, fi
             }
         }
         (Value::Array(t), Value::Array(p)) => {
-            let all: Vec<Value> = t.iter().chain(p.iter()).filter(|i| i.get("$patch").is_none()).cloned().collect();
+            let all: Vec<Value> = t
+                .iter()
+                .chain(p.iter())
+                .filter(|i| i.get("$patch").is_none())
+                .cloned()
+                .collect();
             match effective_list_type(&ctx, field, &all) {
                 ListType::Map(keys) => {
                     for item in p {
@@ -871,7 +885,10 @@ pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), String> {
     let ops = patch.as_array().ok_or("the JSON patch must be a list of operations")?;
     for op in ops {
         let kind = op.get("op").and_then(Value::as_str).unwrap_or_default();
-        let path = op.get("path").and_then(Value::as_str).ok_or("an operation has no path")?;
+        let path = op
+            .get("path")
+            .and_then(Value::as_str)
+            .ok_or("an operation has no path")?;
         match kind {
             "add" => add(target, path, op.get("value").cloned().unwrap_or(Value::Null))?,
             "remove" => {
@@ -882,7 +899,10 @@ pub fn json_patch(target: &mut Value, patch: &Value) -> Result<(), String> {
                 add(target, path, op.get("value").cloned().unwrap_or(Value::Null))?;
             }
             "move" | "copy" => {
-                let from = op.get("from").and_then(Value::as_str).ok_or("an operation has no from")?;
+                let from = op
+                    .get("from")
+                    .and_then(Value::as_str)
+                    .ok_or("an operation has no from")?;
                 let v = target
                     .pointer(from)
                     .cloned()
@@ -1010,7 +1030,10 @@ mod tests {
         let forced = apply(args(Some(&first), &b_config, "b", true)).unwrap();
         assert_eq!(forced["spec"]["replicas"], 3);
         let a = read_managed(&forced).into_iter().find(|m| m.manager == "a").unwrap();
-        assert!(!a.fields.contains(&vec![Pe::Field("spec".into()), Pe::Field("replicas".into())]));
+        assert!(
+            !a.fields
+                .contains(&vec![Pe::Field("spec".into()), Pe::Field("replicas".into())])
+        );
         // a stops applying its labels: they go.
         let mut less = deployment("nginx:1", None);
         less["metadata"].as_object_mut().unwrap().remove("labels");

@@ -205,7 +205,11 @@ fn manager(call: &Call<'_>) -> String {
         .filter(|m| !m.is_empty())
         .unwrap_or_else(|| {
             let ua = call.user_agent.split('/').next().unwrap_or("").trim();
-            if ua.is_empty() { "unknown".into() } else { ua.to_string() }
+            if ua.is_empty() {
+                "unknown".into()
+            } else {
+                ua.to_string()
+            }
         })
 }
 
@@ -267,7 +271,10 @@ fn split_top(s: &str) -> Vec<String> {
         }
     }
     out.push(cur);
-    out.into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect()
+    out.into_iter()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect()
 }
 
 fn parse_label_selector(s: &str) -> Result<Vec<Req>, String> {
@@ -405,7 +412,12 @@ pub async fn handle(call: Call<'_>) -> Response {
     let res = call.target.res.clone();
     let objects = Objects::new(&call.shared.state_dir);
     if res.namespaced != call.target.namespace.is_some() && !(res.namespaced && call.target.name.is_none()) {
-        return status(404, "NotFound", "the server could not find the requested resource", None);
+        return status(
+            404,
+            "NotFound",
+            "the server could not find the requested resource",
+            None,
+        );
     }
     match (call.method, call.target.name.clone(), call.target.sub.clone()) {
         ("GET", None, None) => {
@@ -426,7 +438,12 @@ pub async fn handle(call: Call<'_>) -> Response {
         }
         ("GET", Some(name), sub) => {
             if sub.as_deref().is_some_and(|s| s != "status" || !res.status) {
-                return status(404, "NotFound", "the server could not find the requested resource", None);
+                return status(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                    None,
+                );
             }
             match objects.get(&res.group, &res.plural, call.target.namespace.as_deref(), &name) {
                 Some(e) => object_response(200, &res, &e.object, &call.accept, call.shared),
@@ -588,7 +605,9 @@ pub fn initialise(shared: &Shared, res: &Resource, object: &mut Value, rv: u64) 
     } else {
         meta.remove("generation");
     }
-    if res.status && let Some(m) = object.as_object_mut() {
+    if res.status
+        && let Some(m) = object.as_object_mut()
+    {
         m.remove("status");
     }
     defaults(shared, res, object);
@@ -643,7 +662,14 @@ fn hash(s: &str) -> u64 {
 fn keep_server_fields(old: &Value, new: &mut Value, res: &Resource, status_write: bool) {
     let old_meta = old["metadata"].clone();
     let meta = new["metadata"].as_object_mut().expect("checked");
-    for k in ["uid", "creationTimestamp", "deletionTimestamp", "generation", "namespace", "name"] {
+    for k in [
+        "uid",
+        "creationTimestamp",
+        "deletionTimestamp",
+        "generation",
+        "namespace",
+        "name",
+    ] {
         match old_meta.get(k) {
             Some(v) => {
                 meta.insert(k.into(), v.clone());
@@ -683,18 +709,17 @@ fn keep_server_fields(old: &Value, new: &mut Value, res: &Resource, status_write
 
 /// Store a written object: resourceVersion, generation, when its spec changed. A deleted
 /// object whose last finalizer went is removed instead. Returns what the API answers.
-fn commit(
-    call: &Call<'_>,
-    objects: &Objects,
-    old: Option<&Entry>,
-    mut object: Value,
-) -> Result<Value, Failure> {
+fn commit(call: &Call<'_>, objects: &Objects, old: Option<&Entry>, mut object: Value) -> Result<Value, Failure> {
     let res = &call.target.res;
     let spec_changed = old.is_none_or(|o| spec_of(&o.object) != spec_of(&object));
     if let Some(o) = old
         && has_generation(res)
     {
-        let g = o.object.pointer("/metadata/generation").and_then(Value::as_i64).unwrap_or(1);
+        let g = o
+            .object
+            .pointer("/metadata/generation")
+            .and_then(Value::as_i64)
+            .unwrap_or(1);
         object["metadata"]["generation"] = json!(if spec_changed { g + 1 } else { g });
     }
     object = served(res, &object);
@@ -730,7 +755,14 @@ fn commit(
         _ => now_ms(),
     };
     objects
-        .put(&res.group, &res.plural, &Entry { changed_ms, object: object.clone() })
+        .put(
+            &res.group,
+            &res.plural,
+            &Entry {
+                changed_ms,
+                object: object.clone(),
+            },
+        )
         .map_err(internal)?;
     Ok(object)
 }
@@ -773,7 +805,14 @@ fn create(call: &Call<'_>, objects: &Objects) -> Response {
                 meta["name"] = json!(n);
                 n
             }
-            None => return invalid(res, "", "metadata.name", "Required value: name or generateName is required"),
+            None => {
+                return invalid(
+                    res,
+                    "",
+                    "metadata.name",
+                    "Required value: name or generateName is required",
+                );
+            }
         },
     };
     if let Some(problem) = name_problem(res, &name) {
@@ -796,7 +835,15 @@ fn create(call: &Call<'_>, objects: &Objects) -> Response {
         m.remove("managedFields");
     }
     initialise(call.shared, res, &mut body, objects.current_rv() + 1);
-    fields::record_update(None, &mut body, &manager(call), &res.api_version(), &now(), None, ctx(res));
+    fields::record_update(
+        None,
+        &mut body,
+        &manager(call),
+        &res.api_version(),
+        &now(),
+        None,
+        ctx(res),
+    );
     match commit(call, objects, None, body) {
         Ok(o) => object_response(201, res, &o, &call.accept, call.shared),
         Err(f) => f,
@@ -1073,12 +1120,21 @@ pub fn delete_object(
                 object["status"] = json!({"phase": "Terminating"});
             }
             objects
-                .put(&res.group, &res.plural, &Entry { changed_ms: entry.changed_ms, object: object.clone() })
+                .put(
+                    &res.group,
+                    &res.plural,
+                    &Entry {
+                        changed_ms: entry.changed_ms,
+                        object: object.clone(),
+                    },
+                )
                 .map_err(internal)?;
         }
         return Ok((true, object));
     }
-    objects.remove(&res.group, &res.plural, ns.as_deref(), &name).map_err(internal)?;
+    objects
+        .remove(&res.group, &res.plural, ns.as_deref(), &name)
+        .map_err(internal)?;
     objects.next_rv().map_err(internal)?;
     super::controllers::on_deleted(shared, objects, res, &object);
     Ok((false, object))

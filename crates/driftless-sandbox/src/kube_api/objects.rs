@@ -53,7 +53,9 @@ impl Objects {
     }
 
     fn kind_dir(&self, group: &str, plural: &str) -> PathBuf {
-        self.root.join(if group.is_empty() { "core" } else { group }).join(plural)
+        self.root
+            .join(if group.is_empty() { "core" } else { group })
+            .join(plural)
     }
 
     fn path(&self, group: &str, plural: &str, namespace: Option<&str>, name: &str) -> PathBuf {
@@ -128,7 +130,11 @@ impl Objects {
     /// Every `(group, plural)` with stored objects.
     pub fn kinds(&self) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        for g in std::fs::read_dir(&self.root).into_iter().flatten().filter_map(|e| e.ok()) {
+        for g in std::fs::read_dir(&self.root)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok())
+        {
             if !g.path().is_dir() {
                 continue;
             }

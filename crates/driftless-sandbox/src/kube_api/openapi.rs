@@ -26,7 +26,10 @@ pub fn index(catalog: &Catalog) -> Value {
             let doc = document(catalog, &p).unwrap_or_default();
             let hash = Sha256::digest(doc.to_string().as_bytes());
             let hex: String = hash.iter().take(32).map(|b| format!("{b:02X}")).collect();
-            paths.insert(p.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash={hex}")}));
+            paths.insert(
+                p.clone(),
+                json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash={hex}")}),
+            );
         }
     }
     json!({"paths": paths})

@@ -371,10 +371,7 @@ fn version_priority(v: &str) -> (u8, u32, u32) {
 pub fn crd_established(crd: &Value) -> bool {
     crd.pointer("/status/conditions")
         .and_then(Value::as_array)
-        .is_some_and(|c| {
-            c.iter()
-                .any(|c| c["type"] == "Established" && c["status"] == "True")
-        })
+        .is_some_and(|c| c.iter().any(|c| c["type"] == "Established" && c["status"] == "True"))
 }
 
 /// The resources a CRD serves, one per served version.

@@ -81,7 +81,11 @@ fn json_path(o: &Value, path: &str) -> Value {
                 .and_then(|a| a.iter().find(|i| i[k] == want).cloned())
                 .unwrap_or(Value::Null);
         } else if let Some(idx) = part.strip_prefix('[').and_then(|p| p.strip_suffix(']')) {
-            cur = idx.parse::<usize>().ok().and_then(|i| cur.get(i).cloned()).unwrap_or(Value::Null);
+            cur = idx
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| cur.get(i).cloned())
+                .unwrap_or(Value::Null);
         } else {
             cur = cur.get(&part).cloned().unwrap_or(Value::Null);
         }
@@ -193,7 +197,10 @@ fn columns(res: &Resource, items: &[Value]) -> (Vec<Value>, Vec<Vec<Value>>) {
             ],
             rows(&|o| {
                 let statuses = o["status"]["containerStatuses"].as_array().cloned().unwrap_or_default();
-                let total = o["spec"]["containers"].as_array().map(Vec::len).unwrap_or(statuses.len());
+                let total = o["spec"]["containers"]
+                    .as_array()
+                    .map(Vec::len)
+                    .unwrap_or(statuses.len());
                 let ready = statuses.iter().filter(|c| c["ready"] == true).count();
                 let phase = s(o, "/status/phase");
                 let waiting = statuses
@@ -235,7 +242,11 @@ fn columns(res: &Resource, items: &[Value]) -> (Vec<Value>, Vec<Vec<Value>>) {
             }),
         ),
         ("apps", "statefulsets") | ("apps", "replicasets") => (
-            vec![col("Name", "string", 0), col("Ready", "string", 0), col("Age", "string", 0)],
+            vec![
+                col("Name", "string", 0),
+                col("Ready", "string", 0),
+                col("Age", "string", 0),
+            ],
             rows(&|o| {
                 let want = o.pointer("/spec/replicas").and_then(Value::as_i64).unwrap_or(1);
                 vec![
@@ -298,7 +309,11 @@ fn columns(res: &Resource, items: &[Value]) -> (Vec<Value>, Vec<Vec<Value>>) {
             }),
         ),
         ("", "namespaces") => (
-            vec![col("Name", "string", 0), col("Status", "string", 0), col("Age", "string", 0)],
+            vec![
+                col("Name", "string", 0),
+                col("Status", "string", 0),
+                col("Age", "string", 0),
+            ],
             rows(&|o| vec![name(o), json!(s(o, "/status/phase")), json!(age(o))]),
         ),
         ("", "services") => (
@@ -333,7 +348,11 @@ fn columns(res: &Resource, items: &[Value]) -> (Vec<Value>, Vec<Vec<Value>>) {
             }),
         ),
         ("", "configmaps") => (
-            vec![col("Name", "string", 0), col("Data", "integer", 0), col("Age", "string", 0)],
+            vec![
+                col("Name", "string", 0),
+                col("Data", "integer", 0),
+                col("Age", "string", 0),
+            ],
             rows(&|o| {
                 let data = o["data"].as_object().map(|m| m.len()).unwrap_or(0)
                     + o["binaryData"].as_object().map(|m| m.len()).unwrap_or(0);
@@ -379,7 +398,9 @@ fn columns(res: &Resource, items: &[Value]) -> (Vec<Value>, Vec<Vec<Value>>) {
                     if c["type"] == "date" {
                         row.push(json!(match v.as_str() {
                             Some(ts) => chrono::DateTime::parse_from_rfc3339(ts)
-                                .map(|t| human_duration((chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds()))
+                                .map(|t| human_duration(
+                                    (chrono::Utc::now() - t.with_timezone(&chrono::Utc)).num_seconds()
+                                ))
                                 .unwrap_or_default(),
                             None => "<unknown>".into(),
                         }));

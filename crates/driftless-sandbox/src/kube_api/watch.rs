@@ -61,7 +61,10 @@ pub fn stream(snapshot: Snapshot, query: Query) -> Response {
     tokio::spawn(async move {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
         let take = |s: &Snapshot| -> BTreeMap<String, Value> {
-            s().into_iter().filter(|o| selector.matches(o)).map(|o| (key(&o), o)).collect()
+            s().into_iter()
+                .filter(|o| selector.matches(o))
+                .map(|o| (key(&o), o))
+                .collect()
         };
         let mut seen = take(&snapshot);
         let line = |kind: &str, o: &Value| {
