@@ -109,6 +109,10 @@ fn builtin_list_type(field: &str, items: &[Value]) -> ListType {
     ListType::Map(keys.iter().map(|k| k.to_string()).collect())
 }
 
+fn json_text(v: &Value) -> String {
+    v.to_string()
+}
+
 /// One step of a field path.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Pe {
@@ -241,7 +245,7 @@ pub fn value_at<'v>(value: &'v Value, path: &[Pe], ctx: Ctx<'_>) -> Option<&'v V
                 ctx = ctx.items();
             }
             Pe::Value(v) => {
-                cur = cur.as_array()?.iter().find(|i| i.to_string() == *v)?;
+                cur = cur.as_array()?.iter().find(|i| json_text(i) == *v)?;
             }
         }
     }
@@ -253,10 +257,6 @@ fn remove_at(value: &mut Value, path: &[Pe], ctx: Ctx<'_>) -> bool {
     let Some((last, parent_path)) = path.split_last() else {
         return false;
     };
-    let parent_field = parent_path.iter().rev().find_map(|p| match p {
-        Pe::Field(f) => Some(f.clone()),
-        _ => None,
-    });
     // Walk to the parent with the context of the parent.
     let mut ctx_parent = ctx;
     let mut field = String::new();
@@ -286,7 +286,6 @@ fn remove_at(value: &mut Value, path: &[Pe], ctx: Ctx<'_>) -> bool {
             Pe::Value(_) => return false,
         }
     }
-    let _ = parent_field;
     match last {
         Pe::Field(f) => cur.as_object_mut().and_then(|m| m.remove(f)).is_some(),
         Pe::Key(k) => {
@@ -304,7 +303,7 @@ fn remove_at(value: &mut Value, path: &[Pe], ctx: Ctx<'_>) -> bool {
         Pe::Value(v) => {
             let Some(arr) = cur.as_array_mut() else { return false };
             let before = arr.len();
-            arr.retain(|i| i.to_string() != *v);
+            arr.retain(|i| json_text(i) != *v);
             arr.len() != before
         }
     }

@@ -259,7 +259,7 @@ impl Catalog {
                 out.push(r.version.clone());
             }
         }
-        out.sort_by(|a, b| version_priority(b).cmp(&version_priority(a)));
+        out.sort_by_key(|v| std::cmp::Reverse(version_priority(v)));
         out
     }
 
