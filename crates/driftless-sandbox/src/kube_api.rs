@@ -1,7 +1,19 @@
-//! The simulated Kubernetes API server: the part of kube-apiserver driftless talks to
-//! (`/readyz`, nodes, node patches, pods), served over HTTPS from the node files under
-//! `STATE/.sandbox/k8s/` ([`cluster_state`](crate::cluster_state)), re-read on every request.
+//! The simulated Kubernetes API server: the subset of kube-apiserver that driftless, kube-rs
+//! and kubectl use, served over HTTPS. Nodes come from the node files under
+//! `STATE/.sandbox/k8s/` ([`cluster_state`](crate::cluster_state)), every other object from the
+//! object store beside them (`objects`), both re-read on every request.
 //!
+//! * Discovery (`/api`, `/api/v1`, `/apis`, `/apis/{group}[/{version}]`) of the built-in groups
+//!   (`resources`), K3s's `helm.cattle.io` on a K3s cluster, and every Established CRD's kinds;
+//!   `/openapi/v3` for what kubectl checks before applying (`openapi`).
+//! * Get, list (label and field selectors, `watch`, Table answers for kubectl), create, replace,
+//!   merge/strategic-merge/JSON patches, server-side apply with managedFields and conflicts,
+//!   dry runs, delete and delete-collection, the status subresource (`handlers`, `fields`).
+//! * Simulated controllers (`controllers`): CRDs Established, workloads rolled out, Jobs
+//!   completed, HelmCharts installed, namespaces emptied, garbage collection; pods derived from
+//!   the workloads.
+//! * A cluster configured without a CNI (`cluster_state::builtin_cni`), when the sandbox
+//!   enforces it (`require-cni`), has NotReady nodes until a CNI add-on runs.
 //! * PKI like K3s: its own CA and a server certificate signed by it (SANs `127.0.0.1`,
 //!   `localhost`, `kubernetes`, `kubernetes.default`); a static bearer token derived from the
 //!   seed; `admin.kubeconfig` written in the shape of K3s's `k3s.yaml`.
@@ -10,7 +22,8 @@
 //! * A node is Ready when its kubelet runs, its guest runs and it is not listed in
 //!   `never-ready`. A stopped kubelet or guest reads like the node controller's verdict
 //!   (`Ready` `Unknown`, "Kubelet stopped posting node status."); a never-ready node like a
-//!   kubelet without CNI (`Ready` `False`, `KubeletNotReady`).
+//!   kubelet without CNI (`Ready` `False`, `KubeletNotReady`), as is every node of a cluster with
+//!   no CNI running. `/readyz` passes while a control plane node's kubelet runs.
 //! * Labels the kubelet and K3s set (`kubernetes.io/hostname`, `kubernetes.io/os`, the
 //!   control-plane role: `"true"` on K3s servers, `""` on Talos control planes) are added
 //!   to the node's own; a merge patch changes the node's own labels, annotations and taints

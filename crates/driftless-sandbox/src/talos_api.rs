@@ -23,7 +23,8 @@
 //!   `staged` is kept apart from the running config; `try` is reverted after its timeout unless
 //!   another apply comes first. A running config registers the node's kubelet as a
 //!   [`SimNode`](cluster_state::SimNode) (name, address, kubelet version, role, labels, taints), whose kubelet runs
-//!   once the control plane is bootstrapped.
+//!   once the control plane is bootstrapped; its `cluster.network.cni.name` is recorded as the
+//!   cluster's CNI (`cluster_state::set_builtin_cni`).
 //! * Bootstrap on a configured control plane: the first call succeeds and starts the kubelets,
 //!   later ones answer AlreadyExists "etcd data directory is not empty" (machined's words).
 //!   Kubeconfig streams a gzipped tar holding `kubeconfig` (the simulated Kubernetes API's admin
