@@ -10,6 +10,13 @@
 //!   /etc/rancher/k3s/k3s.yaml (with `https://127.0.0.1:6443` like K3s), the Talos API
 //!   returns it from `Kubeconfig`.
 //! * `never-ready`: node names, one per line, whose kubelet never becomes Ready (a test knob).
+//! * `cni`: the CNI the cluster brings itself, as its configuration chose it: `flannel` (K3s's
+//!   and Talos's default), `none` (K3s `flannel-backend: none`, Talos `cluster.network.cni.name:
+//!   none`) or `custom` (Talos applies the configured manifests). Written by the simulated K3s
+//!   server and the Talos API when a config registers a node.
+//! * `require-cni`: present when the Kubernetes API enforces the CNI: then the nodes of a
+//!   cluster whose CNI is `none` stay NotReady until a CNI add-on runs (see `kube_api`).
+//! * `objects/`: every other Kubernetes object, kept by the Kubernetes API (`kube_api::store`).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -92,4 +99,72 @@ pub fn set_never_ready(state_dir: &Path, names: &[&str]) -> std::io::Result<()> 
     let mut text = names.join("\n");
     text.push('\n');
     atomic_write(&d.join("never-ready"), text.as_bytes())
+}
+
+/// The CNI a cluster's own configuration provides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BuiltinCni {
+    /// Flannel, K3s's and Talos's default: nodes get a network as they register.
+    Flannel,
+    /// Talos's `custom`: Talos applies the configured manifests (taken as a working CNI).
+    Custom,
+    /// None: the nodes stay NotReady until a CNI is installed as an add-on.
+    None,
+}
+
+impl BuiltinCni {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BuiltinCni::Flannel => "flannel",
+            BuiltinCni::Custom => "custom",
+            BuiltinCni::None => "none",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BuiltinCni> {
+        Some(match s.trim() {
+            "flannel" => BuiltinCni::Flannel,
+            "custom" => BuiltinCni::Custom,
+            "none" => BuiltinCni::None,
+            _ => return None,
+        })
+    }
+}
+
+/// The CNI the cluster brings itself; Flannel when no config said otherwise.
+pub fn builtin_cni(state_dir: &Path) -> BuiltinCni {
+    std::fs::read_to_string(dir(state_dir).join("cni"))
+        .ok()
+        .and_then(|s| BuiltinCni::parse(&s))
+        .unwrap_or(BuiltinCni::Flannel)
+}
+
+/// Records the CNI choice of the cluster's configuration (K3s server config, Talos config).
+pub fn set_builtin_cni(state_dir: &Path, cni: BuiltinCni) -> std::io::Result<()> {
+    let d = dir(state_dir);
+    std::fs::create_dir_all(&d)?;
+    let path = d.join("cni");
+    if std::fs::read_to_string(&path).ok().as_deref().map(str::trim) == Some(cni.as_str()) {
+        return Ok(());
+    }
+    atomic_write(&path, format!("{}\n", cni.as_str()).as_bytes())
+}
+
+/// Whether nodes of a cluster without a CNI stay NotReady until a CNI add-on runs.
+pub fn require_cni(state_dir: &Path) -> bool {
+    dir(state_dir).join("require-cni").exists()
+}
+
+pub fn set_require_cni(state_dir: &Path, on: bool) -> std::io::Result<()> {
+    let d = dir(state_dir);
+    let path = d.join("require-cni");
+    if on {
+        std::fs::create_dir_all(&d)?;
+        atomic_write(&path, b"1\n")
+    } else {
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
 }

@@ -438,6 +438,14 @@ impl Node<'_> {
             return Self::unit_failed(svc, "--server is required for an agent");
         }
         if is_server {
+            // The server's flannel-backend decides whether the cluster has a CNI of its own.
+            let cni = match get("flannel-backend").as_deref() {
+                Some("none") => cluster_state::BuiltinCni::None,
+                _ => cluster_state::BuiltinCni::Flannel,
+            };
+            if let Err(e) = cluster_state::set_builtin_cni(self.state_dir, cni) {
+                return ExecOutput::fail(1, format!("{e}\n"));
+            }
             let secret = st.server_secret.clone().expect("set above");
             let node_token = format!(
                 "K10{}::server:{secret}\n",

@@ -1,7 +1,19 @@
-//! The simulated Kubernetes API server: the part of kube-apiserver driftless talks to
-//! (`/readyz`, nodes, node patches, pods), served over HTTPS from the node files under
-//! `STATE/.sandbox/k8s/` ([`cluster_state`](crate::cluster_state)), re-read on every request.
+//! The simulated Kubernetes API server: the subset of kube-apiserver that driftless, kube-rs
+//! and kubectl use, served over HTTPS. Nodes come from the node files under
+//! `STATE/.sandbox/k8s/` ([`cluster_state`](crate::cluster_state)), every other object from the
+//! object store beside them (`objects`), both re-read on every request.
 //!
+//! * Discovery (`/api`, `/api/v1`, `/apis`, `/apis/{group}[/{version}]`) of the built-in groups
+//!   (`resources`), K3s's `helm.cattle.io` on a K3s cluster, and every Established CRD's kinds;
+//!   `/openapi/v3` for what kubectl checks before applying (`openapi`).
+//! * Get, list (label and field selectors, `watch`, Table answers for kubectl), create, replace,
+//!   merge/strategic-merge/JSON patches, server-side apply with managedFields and conflicts,
+//!   dry runs, delete and delete-collection, the status subresource (`handlers`, `fields`).
+//! * Simulated controllers (`controllers`): CRDs Established, workloads rolled out, Jobs
+//!   completed, HelmCharts installed, namespaces emptied, garbage collection; pods derived from
+//!   the workloads.
+//! * A cluster configured without a CNI (`cluster_state::builtin_cni`), when the sandbox
+//!   enforces it (`require-cni`), has NotReady nodes until a CNI add-on runs.
 //! * PKI like K3s: its own CA and a server certificate signed by it (SANs `127.0.0.1`,
 //!   `localhost`, `kubernetes`, `kubernetes.default`); a static bearer token derived from the
 //!   seed; `admin.kubeconfig` written in the shape of K3s's `k3s.yaml`.
@@ -10,13 +22,23 @@
 //! * A node is Ready when its kubelet runs, its guest runs and it is not listed in
 //!   `never-ready`. A stopped kubelet or guest reads like the node controller's verdict
 //!   (`Ready` `Unknown`, "Kubelet stopped posting node status."); a never-ready node like a
-//!   kubelet without CNI (`Ready` `False`, `KubeletNotReady`).
+//!   kubelet without CNI (`Ready` `False`, `KubeletNotReady`), as is every node of a cluster with
+//!   no CNI running. `/readyz` passes while a control plane node's kubelet runs.
 //! * Labels the kubelet and K3s set (`kubernetes.io/hostname`, `kubernetes.io/os`, the
 //!   control-plane role: `"true"` on K3s servers, `""` on Talos control planes) are added
 //!   to the node's own; a merge patch changes the node's own labels, annotations and taints
 //!   (other fields are not simulated and are refused with 422).
 //! * `kube-system` pods are synthesised: K3s's packaged components, or Talos's CoreDNS and
 //!   kube-apiserver static pods; Running when a control plane node is Ready, else Pending.
+
+mod controllers;
+mod fields;
+mod handlers;
+mod objects;
+mod openapi;
+mod resources;
+mod table;
+mod watch;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -52,11 +74,13 @@ pub struct KubeApiHandle {
     pub kubeconfig_path: PathBuf,
     handle: axum_server::Handle<SocketAddr>,
     join: tokio::task::JoinHandle<()>,
+    controllers: tokio::task::JoinHandle<()>,
 }
 
 impl KubeApiHandle {
-    /// Stop serving (open connections get two seconds to finish).
+    /// Stop serving (open connections get two seconds to finish) and the controllers.
     pub async fn shutdown(self) {
+        self.controllers.abort();
         self.handle.graceful_shutdown(Some(Duration::from_secs(2)));
         let _ = self.join.await;
     }
@@ -116,7 +140,14 @@ pub async fn serve(state_dir: PathBuf, bind: SocketAddr, seed: u64) -> Result<Ku
         started: now(),
         first_seen: Mutex::new(BTreeMap::new()),
         patch_lock: tokio::sync::Mutex::new(()),
+        ca_pem: ca_pem.clone(),
+        url: url.clone(),
     });
+    {
+        let _guard = shared.patch_lock.lock().await;
+        controllers::seed_namespaces(&shared, &objects::Objects::new(&shared.state_dir));
+    }
+    let controllers = tokio::spawn(controllers::run(shared.clone()));
     let app = axum::Router::new().fallback(entry).with_state(shared);
     let handle = axum_server::Handle::new();
     let config = axum_server::tls_rustls::RustlsConfig::from_config(server_cert.server_config()?);
@@ -137,6 +168,7 @@ pub async fn serve(state_dir: PathBuf, bind: SocketAddr, seed: u64) -> Result<Ku
         kubeconfig_path,
         handle,
         join,
+        controllers,
     })
 }
 
@@ -215,8 +247,12 @@ struct Shared {
     started: String,
     /// When the API first saw each node: its `creationTimestamp`.
     first_seen: Mutex<BTreeMap<String, String>>,
-    /// Serialises node read-modify-writes.
+    /// Serialises read-modify-writes of nodes and objects, and the controllers' passes.
     patch_lock: tokio::sync::Mutex<()>,
+    /// The cluster CA (what `kube-root-ca.crt` holds).
+    ca_pem: String,
+    /// The API's URL (what `/api` names as the server address).
+    url: String,
 }
 
 fn now() -> String {
@@ -237,37 +273,213 @@ async fn entry(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     }
     let method = req.method().as_str().to_string();
     let path = req.uri().path().to_string();
-    let verbose = req
-        .uri()
-        .query()
+    let query = handlers::Query::parse(req.uri().query());
+    let verbose = query.0.iter().any(|(k, _)| k == "verbose");
+    let accept = header_text(&req, header::ACCEPT);
+    let user_agent = header_text(&req, header::USER_AGENT);
+    let content_type = header_text(&req, header::CONTENT_TYPE)
+        .split(';')
+        .next()
         .unwrap_or("")
-        .split('&')
-        .any(|kv| kv.split('=').next() == Some("verbose"));
-    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    match (method.as_str(), segments.as_slice()) {
-        ("GET", ["version"]) => version(&shared),
-        ("GET", ["livez"] | ["healthz"]) => health("livez", &[], verbose),
-        ("GET", ["readyz"]) => readyz(&shared, verbose),
-        ("GET", ["api", "v1", "nodes"]) => list_nodes(&shared),
-        ("GET", ["api", "v1", "nodes", name]) => get_node(&shared, name),
-        ("PATCH", ["api", "v1", "nodes", name]) => {
-            let name = name.to_string();
-            patch_node(&shared, &name, req).await
-        }
-        ("GET", ["api", "v1", "namespaces", ns, "pods"]) => list_pods(&shared, ns),
-        (_, ["api", "v1", "nodes", ..] | ["api", "v1", "namespaces", _, "pods"]) => status(
-            405,
-            "MethodNotAllowed",
-            "the server does not allow this method on the requested resource",
-            None,
-        ),
-        _ => status(
+        .trim()
+        .to_ascii_lowercase();
+    let segments: Vec<String> = path.split('/').filter(|s| !s.is_empty()).map(String::from).collect();
+    let segs: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let not_found = || {
+        status(
             404,
             "NotFound",
             "the server could not find the requested resource",
             None,
-        ),
+        )
+    };
+    match (method.as_str(), segs.as_slice()) {
+        ("GET", ["version"]) => return version(&shared),
+        ("GET", ["livez"] | ["healthz"]) => return health("livez", &[], verbose),
+        ("GET", ["readyz"]) => return readyz(&shared, verbose),
+        _ => {}
     }
+    let view = View::load(&shared.state_dir);
+    let catalog = catalog(&shared, &view);
+    match (method.as_str(), segs.as_slice()) {
+        ("GET", ["api"]) => return json_response(200, &catalog.api_versions(&shared.url)),
+        ("GET", ["apis"]) => return json_response(200, &catalog.group_list()),
+        ("GET", ["api", "v1"]) => {
+            return json_response(200, &catalog.resource_list("", "v1").unwrap_or_default());
+        }
+        ("GET", ["openapi", "v3"]) => return json_response(200, &openapi::index(&catalog)),
+        ("GET", ["openapi", "v3", gv @ ..]) => {
+            return openapi::document(&catalog, &gv.join("/")).map_or_else(not_found, |d| json_response(200, &d));
+        }
+        ("GET", ["apis", group]) => return catalog.group(group).map_or_else(not_found, |g| json_response(200, &g)),
+        ("GET", ["apis", group, version]) => {
+            return catalog
+                .resource_list(group, version)
+                .map_or_else(not_found, |l| json_response(200, &l));
+        }
+        _ => {}
+    }
+    let Some(target) = parse_target(&catalog, &segs) else {
+        return not_found();
+    };
+    let res = target.res.clone();
+    let ns = target.namespace.clone();
+    let name = target.name.clone();
+    let reads = method == "GET";
+    // Nodes are the node files; pods are derived from the workloads (and stored ones).
+    if res.is("", "nodes") {
+        return match (method.as_str(), name.as_deref(), target.sub.as_deref()) {
+            ("GET", None, None) if query.flag("watch") => {
+                let shared2 = shared.clone();
+                watch::stream(
+                    Arc::new(move || {
+                        let view = View::load(&shared2.state_dir);
+                        view.nodes.iter().map(|(n, r)| node_json(&shared2, n, *r)).collect()
+                    }),
+                    query,
+                )
+            }
+            ("GET", None, None) => list_nodes(&shared, &view, &catalog, &query, &accept),
+            ("GET", Some(name), None | Some("status")) => get_node(&shared, &view, &catalog, name, &accept),
+            ("PATCH", Some(name), None) => {
+                let name = name.to_string();
+                let Ok(body) = axum::body::to_bytes(req.into_body(), 1 << 20).await else {
+                    return status(400, "BadRequest", "the request body could not be read", None);
+                };
+                patch_node(&shared, &name, &content_type, &body).await
+            }
+            _ => status(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+                None,
+            ),
+        };
+    }
+    if res.is("", "pods") && reads && target.sub.is_none() {
+        let snapshot = {
+            let shared = shared.clone();
+            let ns = ns.clone();
+            move || {
+                let view = View::load(&shared.state_dir);
+                all_pods(&shared, &view, ns.as_deref())
+            }
+        };
+        if name.is_none() && query.flag("watch") {
+            return watch::stream(Arc::new(snapshot), query);
+        }
+        let pods = snapshot();
+        return match &name {
+            None => match handlers::Selector::from_query(&query) {
+                Ok(sel) => {
+                    let items: Vec<Value> = pods.into_iter().filter(|p| sel.matches(p)).collect();
+                    let rv = objects::Objects::new(&shared.state_dir).current_rv();
+                    handlers::list_response(&res, items, rv, &accept, &shared)
+                }
+                Err(e) => status(400, "BadRequest", &e, None),
+            },
+            Some(n) => match pods.iter().find(|p| p["metadata"]["name"] == n.as_str()) {
+                Some(p) => handlers::object_response(200, &res, p, &accept, &shared),
+                None => handlers::not_found(&res, n),
+            },
+        };
+    }
+    if res.namespaced && ns.is_none() && (!reads || name.is_some()) {
+        return not_found();
+    }
+    let body = if reads {
+        Vec::new()
+    } else {
+        match axum::body::to_bytes(req.into_body(), 32 << 20).await {
+            Ok(b) => b.to_vec(),
+            Err(_) => return status(413, "RequestEntityTooLarge", "the request body is too large", None),
+        }
+    };
+    handlers::handle(handlers::Call {
+        shared: &shared,
+        method: &method,
+        target,
+        query,
+        content_type,
+        accept,
+        user_agent,
+        body,
+    })
+    .await
+}
+
+fn header_text(req: &Request, h: header::HeaderName) -> String {
+    req.headers()
+        .get(h)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Every resource served now: the built-in ones (K3s's on a K3s cluster) and the
+/// Established CRDs'.
+fn catalog(shared: &Shared, view: &View) -> resources::Catalog {
+    let crds: Vec<Value> = objects::Objects::new(&shared.state_dir)
+        .list("apiextensions.k8s.io", "customresourcedefinitions", None)
+        .into_iter()
+        .map(|e| e.object)
+        .collect();
+    resources::Catalog::new(view.is_k3s(), &crds)
+}
+
+/// `/api/v1/...` or `/apis/{group}/{version}/...`: the resource, namespace, name and
+/// subresource a path names.
+fn parse_target(catalog: &resources::Catalog, segs: &[&str]) -> Option<handlers::Target> {
+    let (group, version, rest) = match segs {
+        ["api", "v1", rest @ ..] => ("", "v1", rest),
+        ["apis", g, v, rest @ ..] => (*g, *v, rest),
+        _ => return None,
+    };
+    let find = |plural: &str| catalog.find(group, version, plural).cloned();
+    let target = |res, namespace: Option<&str>, name: Option<&str>, sub: Option<&str>| handlers::Target {
+        res,
+        namespace: namespace.map(String::from),
+        name: name.map(String::from),
+        sub: sub.map(String::from),
+    };
+    Some(match rest {
+        ["namespaces", ns, sub @ ("status" | "finalize")] if group.is_empty() => {
+            target(find("namespaces")?, None, Some(ns), Some(sub))
+        }
+        ["namespaces", ns, plural, tail @ ..] if tail.len() <= 2 => {
+            let res = find(plural)?;
+            if !res.namespaced {
+                return None;
+            }
+            target(res, Some(ns), tail.first().copied(), tail.get(1).copied())
+        }
+        [plural, tail @ ..] if tail.len() <= 2 => {
+            target(find(plural)?, None, tail.first().copied(), tail.get(1).copied())
+        }
+        _ => return None,
+    })
+}
+
+/// Every pod in a namespace (or all): K3s's or Talos's kube-system components, the pods of
+/// the stored workloads, and pods created through the API.
+fn all_pods(shared: &Shared, view: &View, namespace: Option<&str>) -> Vec<Value> {
+    let objects = objects::Objects::new(&shared.state_dir);
+    let mut pods = Vec::new();
+    if namespace.is_none_or(|n| n == "kube-system") {
+        pods.extend(kube_system_pods(shared, view));
+    }
+    pods.extend(controllers::workload_pods(shared, view, &objects, namespace));
+    pods.extend(objects.list("", "pods", namespace).into_iter().map(|e| e.object));
+    pods.sort_by(|a, b| {
+        let k = |p: &Value| {
+            (
+                p["metadata"]["namespace"].as_str().unwrap_or("").to_string(),
+                p["metadata"]["name"].as_str().unwrap_or("").to_string(),
+            )
+        };
+        k(a).cmp(&k(b))
+    });
+    pods
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -343,7 +555,7 @@ fn health(what: &str, failing: &[&str], verbose: bool) -> Response {
 
 fn readyz(shared: &Shared, verbose: bool) -> Response {
     let view = View::load(&shared.state_dir);
-    if view.control_plane_ready() {
+    if view.control_plane_up() {
         health("readyz", &[], verbose)
     } else {
         health("readyz", &["etcd", "etcd-readiness"], verbose)
@@ -378,7 +590,7 @@ enum Readiness {
     Ready,
     /// The kubelet or its guest is stopped: the node controller marks it Unknown.
     Stopped,
-    /// The `never-ready` knob: the kubelet runs and reports NotReady.
+    /// The `never-ready` knob, or no CNI: the kubelet runs and reports NotReady.
     NotReady,
 }
 
@@ -391,20 +603,26 @@ impl View {
     fn load(state_dir: &Path) -> View {
         let store = Store::discover(state_dir).ok();
         let never = cluster_state::never_ready(state_dir);
+        // A cluster configured without a CNI has no pod network until a CNI add-on runs.
+        let no_network = cluster_state::require_cni(state_dir)
+            && cluster_state::builtin_cni(state_dir) == cluster_state::BuiltinCni::None
+            && !controllers::cni_running(&objects::Objects::new(state_dir));
         let nodes = cluster_state::nodes(state_dir)
             .into_iter()
             .map(|n| {
-                let r = readiness(&n, store.as_ref(), &never);
+                let r = readiness(&n, store.as_ref(), &never, no_network);
                 (n, r)
             })
             .collect();
         View { nodes }
     }
 
-    fn control_plane_ready(&self) -> bool {
+    /// The API server runs: a control plane node's kubelet (and so K3s's server, or Talos's
+    /// static pods) runs, Ready or not: the API server needs no pod network.
+    fn control_plane_up(&self) -> bool {
         self.nodes
             .iter()
-            .any(|(n, r)| is_control_plane(&n.role) && *r == Readiness::Ready)
+            .any(|(n, r)| is_control_plane(&n.role) && *r != Readiness::Stopped)
     }
 
     fn is_k3s(&self) -> bool {
@@ -412,7 +630,7 @@ impl View {
     }
 }
 
-fn readiness(node: &SimNode, store: Option<&Store>, never: &[String]) -> Readiness {
+fn readiness(node: &SimNode, store: Option<&Store>, never: &[String], no_network: bool) -> Readiness {
     // A guest counts as running when the sandbox's store cannot be opened.
     let guest_running = match (node.vmid, store) {
         (Some(vmid), Some(store)) => store.is_running(vmid),
@@ -420,7 +638,7 @@ fn readiness(node: &SimNode, store: Option<&Store>, never: &[String]) -> Readine
     };
     if !node.kubelet_running || !guest_running {
         Readiness::Stopped
-    } else if never.iter().any(|n| n == &node.name) {
+    } else if no_network || never.iter().any(|n| n == &node.name) {
         Readiness::NotReady
     } else {
         Readiness::Ready
@@ -568,25 +786,37 @@ fn taints_json(taints: &[Taint]) -> Value {
     )
 }
 
-fn list_nodes(shared: &Shared) -> Response {
-    let view = View::load(&shared.state_dir);
-    let items: Vec<Value> = view.nodes.iter().map(|(n, r)| node_json(shared, n, *r)).collect();
+fn list_nodes(
+    shared: &Shared,
+    view: &View,
+    catalog: &resources::Catalog,
+    query: &handlers::Query,
+    accept: &str,
+) -> Response {
+    let selector = match handlers::Selector::from_query(query) {
+        Ok(s) => s,
+        Err(e) => return status(400, "BadRequest", &e, None),
+    };
+    let items: Vec<Value> = view
+        .nodes
+        .iter()
+        .map(|(n, r)| node_json(shared, n, *r))
+        .filter(|n| selector.matches(n))
+        .collect();
     let mut h = Sha256::new();
     for item in &items {
         h.update(item["metadata"]["resourceVersion"].as_str().unwrap_or("").as_bytes());
     }
     let d = h.finalize();
-    let rv = u32::from_be_bytes([d[0], d[1], d[2], d[3]]).to_string();
-    json_response(
-        200,
-        &json!({"kind": "NodeList", "apiVersion": "v1", "metadata": {"resourceVersion": rv}, "items": items}),
-    )
+    let rv = u32::from_be_bytes([d[0], d[1], d[2], d[3]]);
+    let res = catalog.find("", "v1", "nodes").expect("nodes are built in");
+    handlers::list_response(res, items, u64::from(rv), accept, shared)
 }
 
-fn get_node(shared: &Shared, name: &str) -> Response {
-    let view = View::load(&shared.state_dir);
+fn get_node(shared: &Shared, view: &View, catalog: &resources::Catalog, name: &str, accept: &str) -> Response {
+    let res = catalog.find("", "v1", "nodes").expect("nodes are built in");
     match view.nodes.iter().find(|(n, _)| n.name == name) {
-        Some((n, r)) => json_response(200, &node_json(shared, n, *r)),
+        Some((n, r)) => handlers::object_response(200, res, &node_json(shared, n, *r), accept, shared),
         None => not_found(name),
     }
 }
@@ -602,14 +832,7 @@ fn valid_node_name(name: &str) -> bool {
         && b[b.len() - 1].is_ascii_alphanumeric()
 }
 
-async fn patch_node(shared: &Shared, name: &str, req: Request) -> Response {
-    let content_type = req
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase())
-        .unwrap_or_default();
+async fn patch_node(shared: &Shared, name: &str, content_type: &str, body: &[u8]) -> Response {
     if content_type != "application/merge-patch+json" && content_type != "application/strategic-merge-patch+json" {
         return status(
             415,
@@ -621,10 +844,7 @@ async fn patch_node(shared: &Shared, name: &str, req: Request) -> Response {
             None,
         );
     }
-    let Ok(body) = axum::body::to_bytes(req.into_body(), 1 << 20).await else {
-        return status(400, "BadRequest", "the request body could not be read", None);
-    };
-    let patch: Value = match serde_json::from_slice(&body) {
+    let patch: Value = match serde_json::from_slice(body) {
         Ok(v @ Value::Object(_)) => v,
         Ok(_) => return status(400, "BadRequest", "error decoding patch: not a JSON object", None),
         Err(e) => return status(400, "BadRequest", &format!("error decoding patch: {e}"), None),
@@ -807,19 +1027,6 @@ fn valid_label_value(s: &str) -> bool {
 
 // ---- pods -------------------------------------------------------------------------------------
 
-fn list_pods(shared: &Shared, namespace: &str) -> Response {
-    let view = View::load(&shared.state_dir);
-    let items = if namespace == "kube-system" {
-        kube_system_pods(shared, &view)
-    } else {
-        Vec::new()
-    };
-    json_response(
-        200,
-        &json!({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}),
-    )
-}
-
 /// What K3s deploys from its packaged manifests, or what Talos runs before a CNI or
 /// workloads: CoreDNS and one kube-apiserver static pod per control plane node.
 fn kube_system_pods(shared: &Shared, view: &View) -> Vec<Value> {
@@ -852,10 +1059,11 @@ fn kube_system_pods(shared: &Shared, view: &View) -> Vec<Value> {
         deployment("coredns", "registry.k8s.io/coredns/coredns:v1.12.1", 2);
         for (node, readiness) in view.nodes.iter().filter(|(n, _)| is_control_plane(&n.role)) {
             let image = format!("registry.k8s.io/kube-apiserver:{}", node.kubelet_version);
-            // A static pod is bound to its node, and runs only while that node is Ready.
+            // A static pod is bound to its node and runs while its kubelet runs (on the
+            // host's network: no CNI needed).
             let placement = match readiness {
-                Readiness::Ready => Placement::Running(node),
-                _ => Placement::Creating(node),
+                Readiness::Stopped => Placement::Creating(node),
+                _ => Placement::Running(node),
             };
             pods.push(pod_json(
                 shared,

@@ -55,6 +55,11 @@ pub struct SandboxOptions {
     pub seed: u64,
     /// Where to listen (default `127.0.0.1:0`: a free port on loopback).
     pub bind: SocketAddr,
+    /// Nodes of a cluster configured without a CNI (Talos `cni: none`, K3s `flannel-backend:
+    /// none`) stay NotReady until a CNI add-on runs, as in a real cluster. Off by default for
+    /// now: examples/homelab-talos chooses Cilium, which driftless does not install yet, and
+    /// its nodes would never be Ready.
+    pub require_cni: bool,
 }
 
 impl SandboxOptions {
@@ -79,6 +84,7 @@ impl Default for SandboxOptions {
             error_rate: 0.0,
             seed,
             bind: SocketAddr::from(([127, 0, 0, 1], 0)),
+            require_cni: false,
         }
     }
 }
@@ -94,6 +100,7 @@ impl fmt::Debug for SandboxOptions {
             .field("error_rate", &self.error_rate)
             .field("seed", &self.seed)
             .field("bind", &self.bind)
+            .field("require_cni", &self.require_cni)
             .finish()
     }
 }
@@ -289,6 +296,11 @@ impl SandboxHandle {
     pub fn set_never_ready(&self, names: &[&str]) -> std::io::Result<()> {
         cluster_state::set_never_ready(&self.state_dir, names)
     }
+
+    /// Turn the CNI rule on or off while running (see [`SandboxOptions::require_cni`]).
+    pub fn set_require_cni(&self, on: bool) -> std::io::Result<()> {
+        cluster_state::set_require_cni(&self.state_dir, on)
+    }
 }
 
 impl fmt::Debug for SandboxHandle {
@@ -320,6 +332,8 @@ pub async fn start(opts: SandboxOptions) -> Result<SandboxHandle, SandboxError> 
     let store = store::Store::new(opts.state_dir.clone(), opts.nodes.clone());
     store.init()?;
     store.write_seed(opts.seed)?;
+    cluster_state::set_require_cni(&opts.state_dir, opts.require_cni)
+        .map_err(|e| SandboxError::io(&cluster_state::dir(&opts.state_dir), e))?;
 
     let listener = std::net::TcpListener::bind(opts.bind).map_err(|source| SandboxError::Bind {
         addr: opts.bind,

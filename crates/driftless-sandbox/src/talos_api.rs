@@ -23,7 +23,8 @@
 //!   `staged` is kept apart from the running config; `try` is reverted after its timeout unless
 //!   another apply comes first. A running config registers the node's kubelet as a
 //!   [`SimNode`](cluster_state::SimNode) (name, address, kubelet version, role, labels, taints), whose kubelet runs
-//!   once the control plane is bootstrapped.
+//!   once the control plane is bootstrapped; its `cluster.network.cni.name` is recorded as the
+//!   cluster's CNI (`cluster_state::set_builtin_cni`).
 //! * Bootstrap on a configured control plane: the first call succeeds and starts the kubelets,
 //!   later ones answer AlreadyExists "etcd data directory is not empty" (machined's words).
 //!   Kubeconfig streams a gzipped tar holding `kubeconfig` (the simulated Kubernetes API's admin
@@ -784,6 +785,12 @@ impl Sim {
         .to_string();
         sim.kubelet_running = self.bootstrapped();
         cluster_state::write_node(&self.state_dir, &sim).map_err(|e| io_status(&self.state_dir, e))?;
+        // `cluster.network.cni.name` (flannel when unset) is the cluster's own CNI.
+        let cni = new
+            .str_at("/cluster/network/cni/name")
+            .and_then(|n| cluster_state::BuiltinCni::parse(&n))
+            .unwrap_or(cluster_state::BuiltinCni::Flannel);
+        cluster_state::set_builtin_cni(&self.state_dir, cni).map_err(|e| io_status(&self.state_dir, e))?;
         meta.address = node.to_string();
         meta.registered_as = Some(name);
         self.write_meta(node, &meta)
