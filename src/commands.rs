@@ -3,11 +3,11 @@
 
 use crate::cli::{ApplyArgs, Cli, Command, ExplainArgs, OutputFormat, PlanArgs, RenderArgs};
 use anyhow::{Context, Result, bail};
-use driftless::apply::{ApplyReport, Progress, StepOutcome};
+use driftless::apply::ApplyReport;
 use driftless::connect::Connection;
 use driftless::model::{self, Desired, Diagnostics, LoadOptions, Setting};
+use driftless::plan::Plan;
 use driftless::plan::display::{self, Wording};
-use driftless::plan::{Plan, Step};
 use driftless::reconcile::Reconcile;
 use driftless::render::{self, Artifact};
 use driftless::runtime::{init_logging, tokio_runtime};
@@ -301,28 +301,6 @@ fn plan_cmd(
     })
 }
 
-/// Prints each step as it starts and ends: a long apply shows where it is.
-struct StderrProgress;
-
-impl Progress for StderrProgress {
-    fn step_started(&mut self, index: usize, total: usize, step: &Step) {
-        eprint!(
-            "[{}/{}] {} {} (vmid {}) ... ",
-            index + 1,
-            total,
-            step.action.verb(),
-            step.node,
-            step.vmid
-        );
-    }
-    fn step_finished(&mut self, outcome: &StepOutcome) {
-        match &outcome.error {
-            None => eprintln!("ok ({})", outcome.log.join(", ")),
-            Some(e) => eprintln!("FAILED: {e}"),
-        }
-    }
-}
-
 fn confirm(plan: &Plan, desired: &Desired) -> Result<bool> {
     use std::io::{BufRead, IsTerminal};
     if !std::io::stdin().is_terminal() {
@@ -363,7 +341,7 @@ fn apply_cmd(desired: &Desired, artifacts: &[Artifact], args: &ApplyArgs, out: O
     if !args.auto_approve && !confirm(&plan, desired)? {
         bail!("apply cancelled: nothing was changed");
     }
-    let report = rt.block_on(run.apply(&plan, &mut StderrProgress, None));
+    let report = rt.block_on(run.apply(&plan, &mut crate::progress::StderrProgress::new(), None));
     report_apply(&plan, &report, out)
 }
 
