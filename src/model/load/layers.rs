@@ -196,85 +196,109 @@ pub(crate) fn merge(layers: &[&Layer], diags: &mut Diagnostics) -> Provenance {
     for layer in layers {
         for leaf in &layer.leaves {
             let key = display_key(&leaf.path);
+            let entry = merged.entry(leaf.path.clone()).or_insert_with(|| Setting {
+                value: Json::Null,
+                chain: Vec::new(),
+            });
+            let insert_at = match &layer.source {
+                Source::Adr(id) => adr_position(layers, layer, id, leaf, &key, &entry.chain, diags),
+                Source::Builtin => entry.chain.len(),
+                _ => {
+                    check_against_adrs(layer, leaf, &key, &entry.chain, diags);
+                    entry.chain.len()
+                }
+            };
             let set = SetBy {
                 source: layer.source.clone(),
                 location: leaf.location.clone(),
                 value: leaf.value.clone(),
                 items: leaf.items.clone(),
             };
-            let entry = merged.entry(leaf.path.clone()).or_insert_with(|| Setting {
-                value: Json::Null,
-                chain: Vec::new(),
-            });
-            let mut insert_at = entry.chain.len();
-            match &layer.source {
-                Source::Adr(id) => {
-                    let this = layer.adr.expect("ADR layers carry their number");
-                    if let Some((i, prev)) = entry
-                        .chain
-                        .iter()
-                        .enumerate()
-                        .rev()
-                        .find(|(_, s)| matches!(s.source, Source::Adr(_)))
-                        && prev.value != leaf.value
-                    {
-                        let prev_layer = layers.iter().find(|l| l.source == prev.source);
-                        let prev_num = prev_layer.and_then(|l| l.adr).unwrap_or(0);
-                        let prev_supersedes = prev_layer.is_some_and(|l| l.supersedes.contains(&this));
-                        if layer.supersedes.contains(&prev_num) {
-                            // this ADR replaces the earlier one for this key: it wins
-                        } else if prev_supersedes {
-                            insert_at = i;
-                        } else {
-                            diags.push(
-                                    Diagnostic::new(
-                                        leaf.location.clone(),
-                                        format!(
-                                            "{id} sets `{key}: {}` but {} sets it to {}",
-                                            show(&leaf.value),
-                                            adr::adr_id(prev_num),
-                                            show(&prev.value)
-                                        ),
-                                    )
-                                    .related(prev.location.clone(), format!("{} sets `{key}` here", adr::adr_id(prev_num)))
-                                    .hint(format!(
-                                        "two accepted ADRs may not disagree: mark one `Superseded by`, or write `Supersedes {}` in {id}",
-                                        adr::adr_id(prev_num)
-                                    )),
-                                );
-                        }
-                    }
-                }
-                Source::Builtin => {}
-                _ => {
-                    for prev in entry.chain.iter() {
-                        let Source::Adr(adr_name) = &prev.source else { continue };
-                        let num = adr::parse_adr_ref(adr_name).unwrap_or(0);
-                        if prev.value != leaf.value && !deviated(&layer.deviations, num, &key) {
-                            diags.push(
-                                Diagnostic::new(
-                                    leaf.location.clone(),
-                                    format!(
-                                        "`{key}: {}` contradicts accepted {adr_name}, which sets it to {}",
-                                        show(&leaf.value),
-                                        show(&prev.value)
-                                    ),
-                                )
-                                .related(prev.location.clone(), format!("{adr_name} sets `{key}` here"))
-                                .hint(format!(
-                                    "follow the ADR, or record the departure in this file: \
-                                     `deviations: [{{adr: {adr_name}, keys: [{key}], reason: \"...\"}}]`"
-                                )),
-                            );
-                        }
-                    }
-                }
-            }
             entry.chain.insert(insert_at, set);
             entry.value = entry.chain.last().expect("just pushed").value.clone();
         }
     }
     merged.into_iter().map(|(k, v)| (display_key(&k), v)).collect()
+}
+
+/// Where an ADR's value goes in a key's chain: last, unless the ADR before it supersedes this one
+/// (then it goes under that one, which keeps winning). Two ADRs that disagree and neither
+/// supersedes the other are a conflict.
+fn adr_position(
+    layers: &[&Layer],
+    layer: &Layer,
+    id: &str,
+    leaf: &Leaf,
+    key: &str,
+    chain: &[SetBy],
+    diags: &mut Diagnostics,
+) -> usize {
+    let this = layer.adr.expect("ADR layers carry their number");
+    let Some((i, prev)) = chain
+        .iter()
+        .enumerate()
+        .rev()
+        .find(|(_, s)| matches!(s.source, Source::Adr(_)))
+    else {
+        return chain.len();
+    };
+    if prev.value == leaf.value {
+        return chain.len();
+    }
+    let prev_layer = layers.iter().find(|l| l.source == prev.source);
+    let prev_num = prev_layer.and_then(|l| l.adr).unwrap_or(0);
+    let prev_supersedes = prev_layer.is_some_and(|l| l.supersedes.contains(&this));
+    if layer.supersedes.contains(&prev_num) {
+        // this ADR replaces the earlier one for this key: it wins
+    } else if prev_supersedes {
+        return i;
+    } else {
+        diags.push(
+            Diagnostic::new(
+                leaf.location.clone(),
+                format!(
+                    "{id} sets `{key}: {}` but {} sets it to {}",
+                    show(&leaf.value),
+                    adr::adr_id(prev_num),
+                    show(&prev.value)
+                ),
+            )
+            .related(
+                prev.location.clone(),
+                format!("{} sets `{key}` here", adr::adr_id(prev_num)),
+            )
+            .hint(format!(
+                "two accepted ADRs may not disagree: mark one `Superseded by`, or write `Supersedes {}` in {id}",
+                adr::adr_id(prev_num)
+            )),
+        );
+    }
+    chain.len()
+}
+
+/// A file's value that differs from an accepted ADR's is a mistake unless the file records a deviation.
+fn check_against_adrs(layer: &Layer, leaf: &Leaf, key: &str, chain: &[SetBy], diags: &mut Diagnostics) {
+    for prev in chain {
+        let Source::Adr(adr_name) = &prev.source else { continue };
+        let num = adr::parse_adr_ref(adr_name).unwrap_or(0);
+        if prev.value != leaf.value && !deviated(&layer.deviations, num, key) {
+            diags.push(
+                Diagnostic::new(
+                    leaf.location.clone(),
+                    format!(
+                        "`{key}: {}` contradicts accepted {adr_name}, which sets it to {}",
+                        show(&leaf.value),
+                        show(&prev.value)
+                    ),
+                )
+                .related(prev.location.clone(), format!("{adr_name} sets `{key}` here"))
+                .hint(format!(
+                    "follow the ADR, or record the departure in this file: \
+                     `deviations: [{{adr: {adr_name}, keys: [{key}], reason: \"...\"}}]`"
+                )),
+            );
+        }
+    }
 }
 
 pub(crate) fn show(v: &Json) -> String {
