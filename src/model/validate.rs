@@ -919,6 +919,7 @@ fn taints_have_effects(node: &Node, diags: &mut Diagnostics) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::yaml;
 
     #[test]
     fn durations_and_cron() {
@@ -935,5 +936,250 @@ mod tests {
         assert!(k3s_flags().server.contains_key("write-kubeconfig-mode"));
         assert!(k3s_flags().agent.contains_key("node-ip"));
         assert!(!k3s_flags().agent.contains_key("cluster-init"));
+    }
+
+    /// A value the node file at `file` sets at `line`:`col`.
+    fn written(file: &str, line: u32, col: u32, value: Json) -> Setting {
+        Setting {
+            value: value.clone(),
+            chain: vec![SetBy {
+                source: Source::Node,
+                location: Location::new(file, line, col),
+                value,
+                items: Vec::new(),
+            }],
+        }
+    }
+
+    /// An LXC k3s server in `nodes/<name>.yaml`: vmid on line 2, address on line 5.
+    fn node(name: &str, vmid: u32, address: &str) -> Node {
+        let file = format!("nodes/{name}.yaml");
+        let provenance = Provenance::from([
+            ("vmid".to_string(), written(&file, 2, 7, vmid.into())),
+            ("address".to_string(), written(&file, 5, 10, address.into())),
+        ]);
+        Node {
+            name: name.into(),
+            file,
+            vmid,
+            proxmox_node: "pve".into(),
+            kind: GuestKind::Lxc,
+            role: "server".into(),
+            address: address.parse().unwrap(),
+            adopt: false,
+            settings: NodeSettings::default(),
+            provenance,
+        }
+    }
+
+    fn network() -> Network {
+        Network {
+            cidr: "192.168.2.0/24".parse().unwrap(),
+            gateway: "192.168.2.1".parse().unwrap(),
+            dns: Vec::new(),
+            search_domain: None,
+        }
+    }
+
+    fn places(diags: &Diagnostics) -> Vec<String> {
+        diags
+            .0
+            .iter()
+            .map(|d| format!("{}: {}", d.location, d.message))
+            .collect()
+    }
+
+    #[test]
+    fn a_repeated_vmid_is_reported_where_the_later_node_sets_it() {
+        let nodes = [
+            node("a", 100, "192.168.2.20/24"),
+            node("b", 101, "192.168.2.21/24"),
+            node("c", 100, "192.168.2.22/24"),
+        ];
+        let mut diags = Diagnostics::default();
+        unique_vmids(&nodes, &mut diags);
+        assert_eq!(
+            places(&diags),
+            ["nodes/c.yaml:2:7: vmid 100 is used twice: by `a` and `c`"]
+        );
+        assert_eq!(diags.0[0].related[0].location, Location::new("nodes/a.yaml", 2, 7));
+    }
+
+    #[test]
+    fn an_address_must_be_a_host_of_the_network_with_its_prefix() {
+        let check = |address: &str| {
+            let mut diags = Diagnostics::default();
+            address_inside_network(&network(), &node("a", 100, address), &mut diags);
+            diags.0.into_iter().map(|d| d.message).collect::<Vec<_>>()
+        };
+        assert_eq!(check("192.168.2.20/24"), Vec::<String>::new());
+        assert_eq!(
+            check("10.0.0.5/24"),
+            ["address 10.0.0.5 is outside the cluster network 192.168.2.0/24"]
+        );
+        assert_eq!(
+            check("192.168.2.20/16"),
+            ["address prefix /16 differs from the network's /24"]
+        );
+        for reserved in ["192.168.2.1/24", "192.168.2.0/24", "192.168.2.255/24"] {
+            assert_eq!(check(reserved).len(), 1, "{reserved}");
+            assert!(check(reserved)[0].ends_with("is the network's gateway, network or broadcast address"));
+        }
+    }
+
+    #[test]
+    fn a_role_of_another_distribution_lists_this_ones_roles() {
+        let mut n = node("a", 100, "192.168.2.20/24");
+        let mut diags = Diagnostics::default();
+        role_matches_distribution(Distribution::Talos, &n, &mut diags);
+        assert_eq!(places(&diags), ["nodes/a.yaml:1:1: role `server` is not a talos role"]);
+        assert_eq!(diags.0[0].hint.as_deref(), Some("talos roles: controlplane, worker"));
+        n.role = "agnet".into();
+        let mut diags = Diagnostics::default();
+        role_matches_distribution(Distribution::K3s, &n, &mut diags);
+        assert_eq!(
+            diags.0[0].hint.as_deref(),
+            Some("did you mean `agent`? (k3s roles: server, agent)")
+        );
+    }
+
+    #[test]
+    fn raw_lxc_entries_are_reported_at_their_own_list_item() {
+        let mut n = node("a", 100, "192.168.2.20/24");
+        let entry = |pairs: &[(&str, &str)]| -> BTreeMap<String, RawValue> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), RawValue::Str(v.to_string())))
+                .collect()
+        };
+        n.settings.lxc = Some(LxcSettings {
+            raw: Some(vec![
+                entry(&[("lxc.apparmor.profile", "unconfined")]),
+                entry(&[("lxc.cap.drop", ""), ("lxc.mount.auto", "proc:rw")]),
+                entry(&[("lxc.mount.entry", "a\nb")]),
+            ]),
+            ..Default::default()
+        });
+        let mut raw = written("nodes/a.yaml", 8, 3, Json::Null);
+        raw.chain[0].items = (0..3).map(|i| Location::new("nodes/a.yaml", 9 + i, 7)).collect();
+        n.provenance.insert("lxc.raw".into(), raw);
+        let mut diags = Diagnostics::default();
+        raw_lxc_keys_allowed(&n, &mut diags);
+        assert_eq!(
+            places(&diags),
+            [
+                "nodes/a.yaml:10:7: each raw LXC entry is one `lxc.key: value` pair",
+                "nodes/a.yaml:11:7: the value of `lxc.mount.entry` spans lines; Proxmox config values are one line",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_k3s_flag_of_the_other_role_says_so() {
+        let with_config = |role: &str, flag: &str| {
+            let mut n = node("a", 100, "192.168.2.20/24");
+            n.role = role.into();
+            n.settings.k3s = Some(K3sSettings {
+                config: Some(BTreeMap::from([(flag.to_string(), Json::Bool(true))])),
+            });
+            n
+        };
+        let mut diags = Diagnostics::default();
+        k3s_flags_known(
+            Distribution::K3s,
+            &with_config("server", "disable-apiserver-lb"),
+            &mut diags,
+        );
+        k3s_flags_known(Distribution::K3s, &with_config("agent", "cluster-reset"), &mut diags);
+        // `+` appends to a flag: still the flag
+        k3s_flags_known(Distribution::K3s, &with_config("server", "cluster-reset+"), &mut diags);
+        let said: Vec<_> = diags
+            .0
+            .iter()
+            .map(|d| (d.message.as_str(), d.hint.as_deref()))
+            .collect();
+        assert_eq!(
+            said,
+            [
+                (
+                    "`disable-apiserver-lb` is not a K3s server flag",
+                    Some("`disable-apiserver-lb` is a K3s agent flag, and this node is a server")
+                ),
+                (
+                    "`cluster-reset` is not a K3s agent flag",
+                    Some("`cluster-reset` is a K3s server flag, and this node is an agent")
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn k3s_settings_in_a_talos_cluster_are_one_mistake_not_one_per_flag() {
+        let mut n = node("a", 100, "192.168.2.20/24");
+        n.settings.k3s = Some(K3sSettings {
+            config: Some(BTreeMap::from([
+                ("not-a-flag".to_string(), Json::Bool(true)),
+                ("token".to_string(), Json::Bool(true)),
+            ])),
+        });
+        let mut diags = Diagnostics::default();
+        no_k3s_settings_on_talos(Distribution::Talos, &n, &mut diags);
+        k3s_flags_known(Distribution::Talos, &n, &mut diags);
+        assert_eq!(places(&diags), ["nodes/a.yaml:1:1: `k3s` settings in a Talos cluster"]);
+    }
+
+    #[test]
+    fn no_control_plane_is_only_said_when_every_node_file_was_read() {
+        let mut agent = node("b", 101, "192.168.2.21/24");
+        agent.role = "agent".into();
+        let nodes = [agent];
+        let mut diags = Diagnostics::default();
+        has_control_plane(Distribution::K3s, &nodes, false, &mut diags);
+        assert!(diags.is_empty());
+        has_control_plane(Distribution::K3s, &nodes, true, &mut diags);
+        assert_eq!(places(&diags), ["nodes/b.yaml:1:1: the cluster has no server node"]);
+    }
+
+    fn cluster_doc(text: &str) -> Doc {
+        Doc {
+            file: "cluster.yaml".into(),
+            root: yaml::parse(text, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_gateway_outside_the_network_points_at_both() {
+        let doc = cluster_doc("network:\n  cidr: 10.0.0.0/24\n  gateway: 10.0.1.1\n");
+        let cidr = Some("10.0.0.0/24".parse().unwrap());
+        let mut diags = Diagnostics::default();
+        gateway_inside_network(cidr, Some("10.0.0.1".parse().unwrap()), &doc, &mut diags);
+        assert!(diags.is_empty());
+        gateway_inside_network(cidr, Some("10.0.1.1".parse().unwrap()), &doc, &mut diags);
+        assert_eq!(
+            places(&diags),
+            ["cluster.yaml:3:12: gateway 10.0.1.1 is outside the cluster network 10.0.0.0/24"]
+        );
+        assert_eq!(diags.0[0].related[0].location, Location::new("cluster.yaml", 2, 9));
+    }
+
+    #[test]
+    fn a_wrong_version_is_reported_where_it_was_set() {
+        let doc = cluster_doc("name: x\n");
+        let level = ClusterLevel {
+            version: Some("1.31".into()),
+            ..Default::default()
+        };
+        let mut prov = Provenance::new();
+        prov.insert(
+            "version".into(),
+            written("adr/ADR-007-version.md", 12, 10, "1.31".into()),
+        );
+        let mut diags = Diagnostics::default();
+        let version = version_matches_distribution(&level, Some(Distribution::K3s), &prov, &doc, &mut diags);
+        assert_eq!(version.as_deref(), Some("1.31"));
+        assert_eq!(
+            places(&diags),
+            ["adr/ADR-007-version.md:12:10: `version: 1.31` is not a k3s version"]
+        );
     }
 }

@@ -156,3 +156,48 @@ impl Loader<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{loader, repo, said};
+    use crate::model::LoadOptions;
+
+    fn adr(number: u32, status: &str, block: &str) -> String {
+        format!("# ADR-{number:03}: T\n\n**Status:** {status}\n\n```yaml driftless\n{block}```\n")
+    }
+
+    #[test]
+    fn a_repeated_adr_number_is_reported_on_the_later_file() {
+        let files = repo(&[
+            ("adr/ADR-001-a.md", &adr(1, "Accepted", "cores: 2\n")),
+            ("adr/ADR-001-b.md", &adr(1, "Accepted", "cores: 2\n")),
+        ]);
+        let opts = LoadOptions::default();
+        let mut l = loader(&files, &opts);
+        l.adrs();
+        assert_eq!(said(&l.diags), ["adr/ADR-001-b.md:1:1: two ADRs are numbered ADR-001"]);
+        assert_eq!(l.diags.0[0].related[0].location.file, "adr/ADR-001-a.md");
+    }
+
+    #[test]
+    fn a_proposed_adr_is_checked_and_layered_only_when_assumed_accepted() {
+        let files = repo(&[("adr/ADR-002-p.md", &adr(2, "Proposed", "cores: 2\ncors: 1\n"))]);
+        let opts = LoadOptions::default();
+        let mut l = loader(&files, &opts);
+        let adrs = l.adrs();
+        assert_eq!(said(&l.diags), ["adr/ADR-002-p.md:7:1: unknown key `cors`"]);
+        assert_eq!((adrs.docs.len(), adrs.node_layers.len()), (1, 0));
+        // its own mistake may hide a `kind`: the phase says it is incomplete
+        assert!(adrs.incomplete);
+
+        let files = repo(&[("adr/ADR-002-p.md", &adr(2, "Proposed", "cores: 2\n"))]);
+        let opts = LoadOptions {
+            assume_accepted: vec![2],
+        };
+        let mut l = loader(&files, &opts);
+        let adrs = l.adrs();
+        assert!(l.diags.is_empty());
+        assert_eq!((adrs.node_layers.len(), adrs.cluster_layers.len()), (1, 1));
+        assert!(!adrs.incomplete);
+    }
+}

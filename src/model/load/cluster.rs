@@ -96,3 +96,24 @@ impl Loader<'_> {
         (level, provenance)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{loader, repo, said};
+    use crate::model::LoadOptions;
+
+    const CLUSTER: &str =
+        "name: c\nproxmox: {api: https://pve:8006}\nnetwork: {cidr: 10.0.0.0/24, gateway: 10.0.0.1}\n";
+
+    #[test]
+    fn only_defaults_all_may_set_kind() {
+        let text = format!("{CLUSTER}defaults:\n  all: {{kind: lxc}}\n  lxc:\n    cores: 2\n    kind: lxc\n");
+        let files = repo(&[("cluster.yaml", &text)]);
+        let opts = LoadOptions::default();
+        let mut l = loader(&files, &opts);
+        let cluster = l.cluster_file().expect("cluster.yaml reads");
+        let layers = l.cluster_defaults(&cluster);
+        assert_eq!(layers.len(), 2);
+        assert_eq!(said(&l.diags), ["cluster.yaml:8:5: `defaults.lxc` cannot set `kind`"]);
+    }
+}

@@ -329,3 +329,87 @@ pub(super) fn deviations_with_locations(devs: &[Deviation], doc: &Doc, base: &[&
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leaf(key: &str, value: Json, file: &str, line: u32) -> Leaf {
+        Leaf {
+            path: vec![key.to_string()],
+            value,
+            location: Location::new(file, line, 1),
+            items: Vec::new(),
+        }
+    }
+
+    fn adr_layer(n: u32, cores: u32, supersedes: &[u32]) -> Layer {
+        let file = format!("adr/ADR-{n:03}.md");
+        Layer {
+            adr: Some(n),
+            supersedes: supersedes.to_vec(),
+            ..Layer::new(
+                Source::Adr(adr::adr_id(n)),
+                vec![leaf("cores", cores.into(), &file, 10)],
+                Scope::default(),
+                Vec::new(),
+            )
+        }
+    }
+
+    #[test]
+    fn an_adr_that_supersedes_another_wins_in_either_order() {
+        let (old, new) = (adr_layer(1, 2, &[]), adr_layer(2, 4, &[1]));
+        for layers in [[&old, &new], [&new, &old]] {
+            let mut diags = Diagnostics::default();
+            let merged = merge(&layers, &mut diags);
+            assert!(diags.is_empty());
+            assert_eq!(merged["cores"].value, 4);
+            assert_eq!(merged["cores"].cite(), "adr/ADR-002.md:10");
+        }
+    }
+
+    #[test]
+    fn two_adrs_that_disagree_are_reported_at_the_later_one() {
+        let mut diags = Diagnostics::default();
+        merge(&[&adr_layer(1, 2, &[]), &adr_layer(2, 4, &[])], &mut diags);
+        assert_eq!(diags.len(), 1);
+        assert_eq!(diags.0[0].location, Location::new("adr/ADR-002.md", 10, 1));
+        assert_eq!(diags.0[0].message, "ADR-002 sets `cores: 4` but ADR-001 sets it to 2");
+    }
+
+    #[test]
+    fn a_file_may_differ_from_an_adr_only_for_the_keys_of_its_deviation() {
+        let deviation = Deviation {
+            adr: "ADR-001".into(),
+            keys: vec!["cores".into()],
+            reason: "a big node".into(),
+        };
+        let adr = Layer {
+            leaves: vec![
+                leaf("cores", 2.into(), "adr/ADR-001.md", 10),
+                leaf("memory", "4GiB".into(), "adr/ADR-001.md", 11),
+            ],
+            ..adr_layer(1, 2, &[])
+        };
+        let node = Layer::new(
+            Source::Node,
+            vec![
+                leaf("cores", 8.into(), "nodes/a.yaml", 5),
+                leaf("memory", "8GiB".into(), "nodes/a.yaml", 6),
+            ],
+            Scope::default(),
+            vec![(deviation, Location::new("nodes/a.yaml", 8, 9))],
+        );
+        let mut diags = Diagnostics::default();
+        let merged = merge(&[&adr, &node], &mut diags);
+        assert_eq!(merged["cores"].value, 8);
+        assert_eq!(diags.len(), 1);
+        assert_eq!(diags.0[0].location, Location::new("nodes/a.yaml", 6, 1));
+        assert!(
+            diags.0[0]
+                .message
+                .starts_with("`memory: \"8GiB\"` contradicts accepted ADR-001")
+        );
+    }
+}

@@ -126,3 +126,34 @@ impl Loader<'_> {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod test_support {
+    use super::*;
+
+    /// A repository of the given files.
+    pub(super) fn repo(files: &[(&str, &str)]) -> RepoFiles {
+        let mut repo = RepoFiles::new("test");
+        for (path, text) in files {
+            repo.insert(*path, text.as_bytes());
+        }
+        repo
+    }
+
+    pub(super) fn loader<'a>(files: &'a RepoFiles, opts: &'a LoadOptions) -> Loader<'a> {
+        Loader {
+            files,
+            opts,
+            diags: Diagnostics::default(),
+        }
+    }
+
+    /// `file:line:col: message` of each diagnostic, in the order pushed.
+    pub(super) fn said(diags: &Diagnostics) -> Vec<String> {
+        diags
+            .0
+            .iter()
+            .map(|d| format!("{}: {}", d.location, d.message))
+            .collect()
+    }
+}

@@ -263,3 +263,76 @@ fn identity_provenance(input: &NodeInput, name: &str) -> Vec<(String, Setting)> 
     }
     set
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_support::{loader, repo, said};
+    use super::*;
+    use crate::model::LoadOptions;
+
+    const NODE: &str = "vmid: 100\nproxmox_node: pve\nrole: server\naddress: 192.168.2.20/24\n";
+
+    #[test]
+    fn a_node_whose_settings_do_not_type_check_is_read_but_not_resolved() {
+        let files = repo(&[]);
+        let opts = LoadOptions::default();
+        let mut l = loader(&files, &opts);
+        let ok = l
+            .node_input("nodes/a.yaml", format!("{NODE}cores: 2\n").as_bytes())
+            .unwrap();
+        assert!(ok.settings_ok);
+        let bad = l
+            .node_input("nodes/b.yaml", format!("{NODE}cores: many\n").as_bytes())
+            .unwrap();
+        assert!(!bad.settings_ok);
+        assert_eq!(said(&l.diags).len(), 1);
+    }
+
+    #[test]
+    fn a_missing_kind_is_not_reported_when_an_adr_could_not_be_read() {
+        let files = repo(&[]);
+        let opts = LoadOptions::default();
+        let mut l = loader(&files, &opts);
+        let input = l.node_input("nodes/a.yaml", NODE.as_bytes()).unwrap();
+        let layers = [&input.layer];
+        assert_eq!(l.node_kind(&layers, "a", true, &input), None);
+        assert!(l.diags.is_empty());
+        assert_eq!(l.node_kind(&layers, "a", false, &input), None);
+        assert_eq!(said(&l.diags), ["nodes/a.yaml:1:1: node `a` has no `kind`"]);
+    }
+
+    #[test]
+    fn adr_layers_apply_by_number_under_defaults_and_the_node_file() {
+        let layer = |source: Source, adr: Option<u32>| Layer {
+            adr,
+            ..Layer::new(source, Vec::new(), Scope::default(), Vec::new())
+        };
+        let adrs = [
+            layer(Source::Adr("ADR-009".into()), Some(9)),
+            layer(Source::Adr("ADR-002".into()), Some(2)),
+        ];
+        let defaults = [layer(Source::ClusterDefaults("all".into()), None)];
+        let layers = NodeLayers {
+            builtin_lxc: builtin_layer(GuestKind::Lxc),
+            builtin_vm: builtin_layer(GuestKind::Vm),
+            adrs: &adrs,
+            defaults: &defaults,
+        };
+        let node = layer(Source::Node, None);
+        let order: Vec<String> = layers
+            .applying("a", GuestKind::Lxc, "server", &node)
+            .iter()
+            .map(|l| l.source.to_string())
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "built-in default",
+                "ADR-002",
+                "ADR-009",
+                "cluster defaults.all",
+                "node file"
+            ]
+        );
+    }
+}
