@@ -1,10 +1,12 @@
 //! Loading: parse every file, type-check it, resolve ADRs and layers into the desired state.
 //! Pure: works on a `RepoFiles` snapshot; every problem becomes a `Diagnostic` with file:line:col.
 //!
-//! `load` runs in phases, each a method of [`Loader`]: cluster.yaml, its defaults, the ADRs, the
+//! `load` runs in phases, each a method of `Loader`: cluster.yaml, its defaults, the ADRs, the
 //! node files, the deviations they record, the merges that resolve the cluster and every node,
-//! the secrets they name, and last the cross-file rules of `validate`. Every phase runs even when
-//! an earlier one found problems, so one run reports every mistake at once.
+//! the secrets they name, and last the cross-file rules of `validate`. A phase runs whatever the
+//! phases before it found, so one run reports as many mistakes as it can; only a cluster.yaml that
+//! cannot be read stops the phases that need it, and a cluster that breaks its rules stops the
+//! node rules.
 
 mod adrs;
 mod cluster;
@@ -45,6 +47,7 @@ pub fn load(files: &RepoFiles, opts: &LoadOptions) -> Result<Desired, Diagnostic
     let adrs = loader.adrs();
     let node_inputs = loader.node_inputs();
     loader.check_deviations(cluster.as_ref(), &adrs.list, &node_inputs);
+    // Resolving the cluster and its nodes needs cluster.yaml; without it, report what was found.
     let Some(cluster) = cluster else {
         return Err(loader.diags.finish());
     };
