@@ -148,10 +148,6 @@ impl Progress for () {
     fn step_finished(&mut self, _: &StepOutcome) {}
 }
 
-/// The default for how many steps may run at once on one Proxmox node: enough to keep a host
-/// busy creating containers, few enough not to queue on its task workers and storage.
-pub const DEFAULT_PARALLELISM: usize = 8;
-
 pub struct Applier<'a, P: ProxmoxApi, H: HostShell> {
     pub proxmox: &'a P,
     pub shell: Option<&'a H>,

@@ -359,17 +359,31 @@ fn report_apply(plan: &Plan, report: &ApplyReport, out: OutputFormat) -> Result<
             plan.steps.len(),
             if plan.steps.len() == 1 { "" } else { "s" }
         );
-        if let Some(failed) = report.done.iter().find(|s| !s.ok) {
+        let mut failed = report.done.iter().filter(|s| !s.ok);
+        if let Some(first) = failed.next() {
             println!(
                 "Stopped at {} {} (vmid {}): {}",
-                failed.action,
-                failed.node,
-                failed.vmid,
-                failed.error.as_deref().unwrap_or("failed")
+                first.action,
+                first.node,
+                first.vmid,
+                first.error.as_deref().unwrap_or("failed")
             );
-            if !report.not_done.is_empty() {
-                println!("Not done: {}", report.not_done.join("; "));
+            // Steps that were running beside it finished, and may have failed too.
+            for also in failed {
+                println!(
+                    "Also failed: {} {} (vmid {}): {}",
+                    also.action,
+                    also.node,
+                    also.vmid,
+                    also.error.as_deref().unwrap_or("failed")
+                );
             }
+        }
+        if report.stopped {
+            println!("Stopped between two steps, as asked.");
+        }
+        if !report.not_done.is_empty() {
+            println!("Not done: {}", report.not_done.join("; "));
         }
     }
     if report.ok() {

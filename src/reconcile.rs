@@ -8,7 +8,7 @@
 
 use std::sync::atomic::AtomicBool;
 
-use crate::apply::{Applier, ApplyReport, ClusterSteps, DEFAULT_PARALLELISM, Progress, observe};
+use crate::apply::{Applier, ApplyReport, ClusterSteps, Progress, observe};
 use crate::cluster::access::{ClusterAccess, ClusterError};
 use crate::cluster::health::Health;
 use crate::connect::{AnyHostShell, Connection, NodeConnector};
@@ -102,7 +102,10 @@ impl<'a, P: ProxmoxApi, H: HostShell, C: ClusterConnector> Reconcile<'a, P, H, C
             proxmox,
             host,
             host_settings: &settings.host,
-            parallelism: settings.parallelism.unwrap_or(DEFAULT_PARALLELISM),
+            parallelism: settings
+                .parallelism
+                .unwrap_or(desired.cluster.reconcile.parallelism as usize)
+                .max(1),
             cluster,
         }
     }

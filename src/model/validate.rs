@@ -40,6 +40,7 @@ pub(crate) fn cluster(
     fingerprint_or_ca_file(&cf.proxmox, doc, diags);
     interval_is_duration(&cf.reconcile, doc, diags);
     drift_schedule_is_cron(&cf.reconcile, doc, diags);
+    parallelism_at_least_one(&cf.reconcile, doc, diags);
     ownership_tag_is_proxmox_tag(&cf.reconcile, doc, diags);
     talos_apply_mode_known(&cf.talos, doc, diags);
 
@@ -274,6 +275,19 @@ fn interval_is_duration(reconcile: &ReconcilePolicy, doc: &Doc, diags: &mut Diag
                 format!("`reconcile.interval`: `{}` is not a duration", reconcile.interval),
             )
             .hint("write it like 30s, 5m or 1h"),
+        );
+    }
+}
+
+/// `reconcile.parallelism` lets at least one step run.
+fn parallelism_at_least_one(reconcile: &ReconcilePolicy, doc: &Doc, diags: &mut Diagnostics) {
+    if reconcile.parallelism == 0 {
+        diags.push(
+            Diagnostic::new(
+                doc.value_loc(&key(&["reconcile", "parallelism"])),
+                "`reconcile.parallelism`: 0 would apply nothing".to_string(),
+            )
+            .hint("1 applies one step at a time, in plan order; the default is 8 per Proxmox node"),
         );
     }
 }

@@ -6,7 +6,8 @@
 //! 2. the control plane first: a cluster step waits for every earlier cluster step of a
 //!    control-plane node (servers join one at a time; agents and workers join a ready server);
 //! 3. one disruptive step at a time: a disruptive step (a member's restart, a K3s upgrade, a
-//!    Talos apply) waits for every earlier disruptive step, whose health gate has passed;
+//!    Talos apply) waits for every earlier disruptive step and every earlier step with a
+//!    health gate, so nothing is disrupted while an earlier gate may still fail the wave;
 //! 4. deletes last: a pruned guest goes after every other step.
 //!
 //! Everything else may run side by side: creating guests, workers joining, updates that do
@@ -20,6 +21,11 @@ use std::collections::BTreeSet;
 /// transitive edges are not removed).
 pub fn dependencies(steps: &[Step], control_plane: &BTreeSet<String>) -> Vec<Vec<usize>> {
     let is_delete = |s: &Step| matches!(s.action, Action::Delete { .. });
+    let gated = |s: &Step| {
+        s.disruptive
+            || matches!(&s.action, Action::K3sConfigure { restart, .. } if !restart.is_empty())
+            || matches!(s.action, Action::TalosApply { .. } | Action::TalosBootstrap)
+    };
     let cp_cluster = |s: &Step| s.action.is_cluster() && control_plane.contains(&s.node);
     steps
         .iter()
@@ -34,7 +40,7 @@ pub fn dependencies(steps: &[Step], control_plane: &BTreeSet<String>) -> Vec<Vec
                 after.extend((0..i).filter(|&j| cp_cluster(&earlier[j])));
             }
             if step.disruptive {
-                after.extend((0..i).filter(|&j| earlier[j].disruptive));
+                after.extend((0..i).filter(|&j| gated(&earlier[j])));
             }
             if is_delete(step) {
                 after.extend((0..i).filter(|&j| !is_delete(&earlier[j])));
@@ -137,6 +143,26 @@ mod tests {
         );
         assert_eq!(deps[4], [0, 1, 3]);
         assert_eq!(deps[5], [0, 1, 2, 3, 4], "deletes go last");
+    }
+
+    #[test]
+    fn nothing_is_disrupted_while_an_earlier_gate_may_still_fail() {
+        let restarting = Action::K3sConfigure {
+            changes: Vec::new(),
+            restart: "k3s-agent is not running".into(),
+            kubeconfig: false,
+            config: String::new(),
+        };
+        let steps = vec![
+            step("s1", configure(), false),
+            // w1 is not Ready, so restarting it disrupts nothing, but its gate may fail.
+            step("w1", restarting, false),
+            step("w2", install(), true),
+            step("w3", configure(), false),
+        ];
+        let deps = dependencies(&steps, &BTreeSet::from(["s1".to_string()]));
+        assert_eq!(deps[2], [0, 1], "w2's upgrade waits for w1's gate");
+        assert_eq!(deps[3], [0], "a join that disrupts nothing does not wait");
     }
 
     #[test]
