@@ -38,6 +38,7 @@ pub(crate) fn cluster(
     proxmox_api_is_https(&cf.proxmox, doc, diags);
     fingerprint_is_sha256(&cf.proxmox, doc, diags);
     fingerprint_or_ca_file(&cf.proxmox, doc, diags);
+    host_files_in_the_secrets_directory(&cf.proxmox, doc, diags);
     interval_is_duration(&cf.reconcile, doc, diags);
     drift_schedule_is_cron(&cf.reconcile, doc, diags);
     parallelism_at_least_one(&cf.reconcile, doc, diags);
@@ -257,6 +258,37 @@ fn fingerprint_is_sha256(proxmox: &ProxmoxSettings, doc: &Doc, diags: &mut Diagn
 }
 
 /// The Proxmox certificate is trusted one way: a pinned fingerprint or a CA file, not both.
+/// `ca_file`, `known_hosts` and host keys name files of the secrets directory on the host that
+/// runs driftless: plain names, so the repository cannot choose another file of that host.
+fn host_files_in_the_secrets_directory(proxmox: &ProxmoxSettings, doc: &Doc, diags: &mut Diagnostics) {
+    let mut named: Vec<(Vec<String>, &str)> = Vec::new();
+    if let Some(ca) = &proxmox.ca_file {
+        named.push((vec!["proxmox".into(), "ca_file".into()], ca));
+    }
+    for (node, host) in &proxmox.hosts {
+        let base = ["proxmox", "hosts", node.as_str()].map(String::from);
+        if let Some(k) = &host.known_hosts {
+            named.push(([&base[..], &["known_hosts".to_string()]].concat(), k));
+        }
+        if let Some(key) = &host.key {
+            let path = [&base[..], &["key".to_string(), "secret".to_string()]].concat();
+            named.push((path, &key.secret));
+        }
+    }
+    for (path, name) in named {
+        if !crate::secrets::is_plain_name(name) {
+            let segs: Vec<&str> = path.iter().map(String::as_str).collect();
+            diags.push(
+                Diagnostic::new(
+                    doc.value_loc(&key(&segs)),
+                    format!("`{}`: `{name}` is not a plain file name", segs.join(".")),
+                )
+                .hint("host-side files are read from the secrets directory by name: no `/`, no `..`"),
+            );
+        }
+    }
+}
+
 fn fingerprint_or_ca_file(proxmox: &ProxmoxSettings, doc: &Doc, diags: &mut Diagnostics) {
     if proxmox.fingerprint.is_some() && proxmox.ca_file.is_some() {
         diags.push(Diagnostic::new(
