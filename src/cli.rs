@@ -548,6 +548,15 @@ pub struct DaemonArgs {
     /// File holding a token for https:// repositories.
     #[arg(long, env = "DRIFTLESS_GIT_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// How long one reconcile or drift check may take before it is stopped [default: 1h].
+    #[arg(long, env = "DRIFTLESS_RUN_TIMEOUT", value_name = "DURATION")]
+    pub run_timeout: Option<String>,
+    /// How long one pull request plan may take before it is stopped [default: 10m].
+    #[arg(long, env = "DRIFTLESS_PLAN_TIMEOUT", value_name = "DURATION")]
+    pub plan_timeout: Option<String>,
+    /// The most memory (address space) one run's worker may use [default: 2GiB].
+    #[arg(long, env = "DRIFTLESS_WORKER_MEMORY", value_name = "SIZE")]
+    pub worker_memory: Option<String>,
 }
 
 impl DaemonArgs {
@@ -568,6 +577,9 @@ impl DaemonArgs {
             ssh_key: self.ssh_key.clone(),
             known_hosts: self.known_hosts.clone(),
             token_file: self.token_file.clone(),
+            run_timeout: self.run_timeout.clone(),
+            plan_timeout: self.plan_timeout.clone(),
+            worker_memory: self.worker_memory.clone(),
         }
     }
 }

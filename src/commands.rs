@@ -258,7 +258,7 @@ fn connect(desired: &Desired, settings: &RunSettings) -> Result<Connection> {
 fn health_cmd(desired: &Desired, artifacts: &[Artifact], args: &PlanArgs, out: OutputFormat) -> Result<Outcome> {
     let settings = args.connect.settings();
     let connection = connect(desired, &settings)?;
-    let run = Reconcile::connected(desired, artifacts, &connection);
+    let run = Reconcile::connected(desired, desired, artifacts, &connection);
     let health = runtime()?
         .block_on(run.health())
         .context("cannot read the cluster's health")?;
@@ -292,7 +292,7 @@ fn plan_cmd(
 ) -> Result<Outcome> {
     let settings = args.connect.settings();
     let connection = connect(desired, &settings)?;
-    let plan = runtime()?.block_on(Reconcile::connected(desired, artifacts, &connection).plan())?;
+    let plan = runtime()?.block_on(Reconcile::connected(desired, desired, artifacts, &connection).plan())?;
     print_plan(&plan, out, wording)?;
     Ok(if args.detailed_exitcode && !plan.is_empty() {
         Outcome::Changes
@@ -321,7 +321,7 @@ fn confirm(plan: &Plan, desired: &Desired) -> Result<bool> {
 fn apply_cmd(desired: &Desired, artifacts: &[Artifact], args: &ApplyArgs, out: OutputFormat) -> Result<Outcome> {
     let settings = args.connect.settings();
     let connection = connect(desired, &settings)?;
-    let run = Reconcile::connected(desired, artifacts, &connection);
+    let run = Reconcile::connected(desired, desired, artifacts, &connection);
     let rt = runtime()?;
     let plan = rt.block_on(run.plan())?;
     if out != OutputFormat::Json {

@@ -39,6 +39,9 @@ pub enum ClusterError {
         #[source]
         source: Box<ShellError>,
     },
+    /// The trusted state does not name this node (as this guest): it is not reached.
+    #[error("{node}: not a node of the trusted state (the watched branch), so driftless does not reach it")]
+    NotTrusted { node: String },
     /// The node cannot be reached at all with this run's settings.
     #[error("{node}: {}", if *container {
         "reaching a container needs the Proxmox host shell (proxmox.hosts in cluster.yaml)"
@@ -71,6 +74,7 @@ impl ClusterError {
     pub fn system(&self) -> System {
         match self {
             ClusterError::Node { .. } | ClusterError::NoNodeShell { .. } => System::Ssh,
+            ClusterError::NotTrusted { .. } => System::Repository,
             ClusterError::Kube(_) | ClusterError::Gate { .. } => System::Kubernetes,
             ClusterError::Talos(_) => System::Talos,
             ClusterError::Secret(_) | ClusterError::SecretsDir(_) => System::Secrets,
@@ -87,6 +91,7 @@ impl ClusterError {
             ClusterError::Talos(e) => e.retryable(),
             ClusterError::Gate { .. } | ClusterError::Failed { .. } => true,
             ClusterError::NoNodeShell { .. }
+            | ClusterError::NotTrusted { .. }
             | ClusterError::Secret(_)
             | ClusterError::SecretsDir(_)
             | ClusterError::Config(_) => false,
@@ -131,8 +136,15 @@ impl From<TalosSecretsError> for ClusterError {
 
 /// The cluster layer for one run: the nodes, the Kubernetes API and the Talos API, reached
 /// through `connector`.
+///
+/// `desired` is what is planned; `trusted` decides what is reached: a node is contacted only
+/// as the trusted state names it (same vmid, kind and Proxmox node; at its trusted address),
+/// and observed only when its guest carries the trusted ownership tag (or the trusted node
+/// file adopts it). For the watched branch and one-shot commands the two are the same; for a
+/// pull request, `trusted` is the watched branch's last valid revision.
 pub struct ClusterAccess<'a, C: ClusterConnector> {
     pub desired: &'a Desired,
+    pub trusted: &'a Desired,
     pub artifacts: &'a [Artifact],
     pub connector: &'a C,
     pub settings: ClusterSettings,
@@ -155,6 +167,7 @@ pub fn target(node: &Node) -> NodeTarget {
 impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
     pub fn new(
         desired: &'a Desired,
+        trusted: &'a Desired,
         artifacts: &'a [Artifact],
         connector: &'a C,
         settings: ClusterSettings,
@@ -162,6 +175,7 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
     ) -> Self {
         ClusterAccess {
             desired,
+            trusted,
             artifacts,
             connector,
             settings,
@@ -170,13 +184,37 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         }
     }
 
+    /// The node as the trusted state names it: the same guest, at its trusted address. A
+    /// node the trusted state does not name (or names as another guest) is never reached.
+    fn trusted_node(&self, node: &Node) -> Result<&'a Node, ClusterError> {
+        self.trusted
+            .node(&node.name)
+            .filter(|t| t.vmid == node.vmid && t.kind == node.kind && t.proxmox_node == node.proxmox_node)
+            .ok_or_else(|| ClusterError::NotTrusted {
+                node: node.name.clone(),
+            })
+    }
+
     fn node_shell(&self, node: &Node) -> Result<C::Node<'a>, ClusterError> {
+        let node = self.trusted_node(node)?;
         self.connector
             .node_shell(&target(node))
             .ok_or_else(|| ClusterError::NoNodeShell {
                 node: node.name.clone(),
                 container: node.kind == GuestKind::Lxc,
             })
+    }
+
+    /// The trusted node to observe for `node`, when its guest runs and is driftless's: tagged
+    /// with the trusted ownership tag, or adopted by the trusted node file.
+    fn observable(&self, node: &Node, guests: &Observed) -> Option<&'a Node> {
+        let trusted = self.trusted_node(node).ok()?;
+        let tag = &self.trusted.cluster.reconcile.ownership_tag;
+        let guest = guests
+            .guests
+            .iter()
+            .find(|g| g.vmid == trusted.vmid && g.node == trusted.proxmox_node && g.status == "running")?;
+        (trusted.adopt || guest.tags.iter().any(|t| t.eq_ignore_ascii_case(tag))).then_some(trusted)
     }
 
     fn node(&self, name: &str) -> Result<&'a Node, ClusterError> {
@@ -187,6 +225,11 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
 
     fn first_control_plane(&self) -> Option<&'a Node> {
         self.desired.control_plane().next()
+    }
+
+    /// The first server of the trusted state: where the join token is read.
+    fn trusted_first_server(&self) -> Option<&'a Node> {
+        self.trusted.control_plane().next()
     }
 
     fn kubeconfig_path(&self) -> PathBuf {
@@ -256,8 +299,9 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
             Ok(y) => y,
             Err(_) => {
                 let (_, bundle) = self.talos_bundle()?;
-                let endpoints: Vec<String> = self.desired.control_plane().map(|n| n.ip().to_string()).collect();
-                let nodes: Vec<String> = self.desired.nodes.iter().map(|n| n.ip().to_string()).collect();
+                // Where the talosconfig sends its client certificate: trusted addresses only.
+                let endpoints: Vec<String> = self.trusted.control_plane().map(|n| n.ip().to_string()).collect();
+                let nodes: Vec<String> = self.trusted.nodes.iter().map(|n| n.ip().to_string()).collect();
                 let text = talos_secrets::talosconfig(&bundle, &self.desired.cluster.name, &endpoints, &nodes)
                     .map_err(|e| ClusterError::Config(format!("cannot make the talosconfig: {e}")))?;
                 self.write_secret_file(TALOSCONFIG_FILE, text.as_bytes())?;
@@ -289,7 +333,7 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         if let Some(s) = &self.desired.cluster.k3s.token {
             return Ok(Some(self.secrets.resolve(&s.secret)?));
         }
-        match self.first_control_plane() {
+        match self.trusted_first_server() {
             Some(first) => self.read_node_token(first).await,
             None => Ok(None),
         }
@@ -354,6 +398,11 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                         observed.nodes.insert(node.name.clone(), NodeObserved::NotRunning);
                         continue;
                     }
+                    let Some(node) = self.observable(node, guests) else {
+                        notices.push(not_observed(&node.name));
+                        observed.nodes.insert(node.name.clone(), NodeObserved::NotOwned);
+                        continue;
+                    };
                     let Some(config) = self.artifact(&node.name, ArtifactKind::K3sConfig) else {
                         continue;
                     };
@@ -376,7 +425,7 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                         }
                     }
                 }
-                let first_installed = self.first_control_plane().is_some_and(|n| {
+                let first_installed = self.trusted_first_server().is_some_and(|n| {
                     matches!(
                         observed.nodes.get(&n.name),
                         Some(NodeObserved::K3s(K3sObserved { active: Some(_), .. }))
@@ -399,6 +448,11 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                         observed.nodes.insert(node.name.clone(), NodeObserved::NotRunning);
                         continue;
                     }
+                    let Some(node) = self.observable(node, guests) else {
+                        notices.push(not_observed(&node.name));
+                        observed.nodes.insert(node.name.clone(), NodeObserved::NotOwned);
+                        continue;
+                    };
                     let Some(config) = self.artifact(&node.name, ArtifactKind::TalosConfig) else {
                         continue;
                     };
@@ -811,6 +865,13 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
     }
 }
 
+fn not_observed(node: &str) -> String {
+    format!(
+        "{node}: not observed: its guest does not carry the trusted ownership tag, or the watched branch \
+         does not name it (planned from the Proxmox API alone)"
+    )
+}
+
 /// A Talos error with every value of the bundle taken out of its message.
 fn redacted(e: TalosError, bundle: &TalosSecrets) -> ClusterError {
     ClusterError::talos_failed(talos_secrets::redact(&e.to_string(), bundle))
@@ -871,6 +932,7 @@ mod tests {
         let secrets = secrets_with_kubeconfig();
         let access = ClusterAccess::new(
             &desired,
+            &desired,
             &artifacts,
             &cluster,
             settings(),
@@ -907,6 +969,7 @@ mod tests {
         let secrets = secrets_with_kubeconfig();
         let access = ClusterAccess::new(
             &desired,
+            &desired,
             &artifacts,
             &cluster,
             settings(),
@@ -923,6 +986,7 @@ mod tests {
         let cluster = FakeCluster::default();
         let secrets = secrets_with_kubeconfig();
         let access = ClusterAccess::new(
+            &desired,
             &desired,
             &artifacts,
             &cluster,
@@ -949,6 +1013,7 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let access = ClusterAccess::new(
             &desired,
+            &desired,
             &artifacts,
             &cluster,
             settings(),
@@ -966,6 +1031,7 @@ mod tests {
         cluster.kube.node_ready_after("k3s-1", u32::MAX);
         let secrets = secrets_with_kubeconfig();
         let access = ClusterAccess::new(
+            &desired,
             &desired,
             &artifacts,
             &cluster,

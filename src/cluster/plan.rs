@@ -25,6 +25,9 @@ pub const MANAGED_TAINTS: &str = "driftless.dev/managed-taints";
 pub enum NodeObserved {
     /// The guest does not exist or is not running yet: nothing could be read.
     NotRunning,
+    /// The guest runs but is not driftless's (no trusted ownership tag, or not a node of the
+    /// trusted state): it was not looked into.
+    NotOwned,
     K3s(K3sObserved),
     Talos {
         state: TalosNodeState,

@@ -25,6 +25,9 @@ pub struct DaemonFile {
     pub known_hosts: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
     pub forge: Option<ForgeFile>,
+    pub run_timeout: Option<String>,
+    pub plan_timeout: Option<String>,
+    pub worker_memory: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -75,6 +78,12 @@ pub struct DaemonFlags {
     pub known_hosts: Option<PathBuf>,
     /// File holding a token for https:// repositories.
     pub token_file: Option<PathBuf>,
+    /// How long one reconcile or drift check may take [default: 1h].
+    pub run_timeout: Option<String>,
+    /// How long one pull request plan may take [default: 10m].
+    pub plan_timeout: Option<String>,
+    /// The most memory one run's worker process may use [default: 2GiB].
+    pub worker_memory: Option<String>,
 }
 
 /// The resolved settings; serialisable because each run's worker process gets them.
@@ -95,10 +104,38 @@ pub struct DaemonSettings {
     pub known_hosts: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
     pub forge: Option<(ForgeKind, String, String, PathBuf)>,
+    /// The bounds of one run: a reconcile or drift check, a pull request plan (untrusted
+    /// input: shorter), and the worker's address space.
+    #[serde(default = "RunLimits::default")]
+    pub limits: RunLimits,
     /// How each run's worker process logs (the daemon's `--log-format`); `None` keeps runs
     /// silent (the quickstart prints the status reports instead).
     #[serde(default)]
     pub log_format: Option<crate::settings::LogFormat>,
+}
+
+/// What one run may take before it is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunLimits {
+    /// A reconcile or drift check of the watched branch (an apply with its gates).
+    pub run_timeout: Duration,
+    /// A pull request plan: it only reads, and its content is untrusted.
+    pub plan_timeout: Duration,
+    /// After SIGTERM, how long a worker has to stop between two steps before it is killed.
+    pub stop_grace: Duration,
+    /// The worker's address-space limit, in bytes (RLIMIT_AS).
+    pub worker_memory: u64,
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        RunLimits {
+            run_timeout: Duration::from_secs(3600),
+            plan_timeout: Duration::from_secs(600),
+            stop_grace: Duration::from_secs(60),
+            worker_memory: 2 << 30,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +152,8 @@ pub enum ConfigError {
     StatusIsWatched(String),
     #[error("unknown forge kind `{0}` (gitea, forgejo, github, gitlab)")]
     ForgeKind(String),
+    #[error("`{value}` is not a size (write it like 512MiB or 2GiB)")]
+    Size { value: String },
 }
 
 fn duration(s: &str) -> Result<Duration, ConfigError> {
@@ -135,11 +174,35 @@ fn read_file(path: &Path) -> Result<DaemonFile, ConfigError> {
 }
 
 impl DaemonFlags {
+    fn limits(&self, file: &DaemonFile) -> Result<RunLimits, ConfigError> {
+        let defaults = RunLimits::default();
+        let time = |flag: &Option<String>, key: &Option<String>, default| {
+            flag.as_ref()
+                .or(key.as_ref())
+                .map(|s| duration(s))
+                .transpose()
+                .map(|d| d.unwrap_or(default))
+        };
+        let worker_memory = match self.worker_memory.as_ref().or(file.worker_memory.as_ref()) {
+            None => defaults.worker_memory,
+            Some(s) => crate::model::schema::Size::parse(s)
+                .map(|size| size.mib << 20)
+                .map_err(|_| ConfigError::Size { value: s.clone() })?,
+        };
+        Ok(RunLimits {
+            run_timeout: time(&self.run_timeout, &file.run_timeout, defaults.run_timeout)?,
+            plan_timeout: time(&self.plan_timeout, &file.plan_timeout, defaults.plan_timeout)?,
+            stop_grace: defaults.stop_grace,
+            worker_memory,
+        })
+    }
+
     pub fn resolve(&self) -> Result<DaemonSettings, ConfigError> {
         let file = match &self.config {
             Some(p) => read_file(p)?,
             None => DaemonFile::default(),
         };
+        let limits = self.limits(&file)?;
         let repository = self
             .repository
             .clone()
@@ -200,6 +263,7 @@ impl DaemonFlags {
             known_hosts: self.known_hosts.clone().or(file.known_hosts),
             token_file: self.token_file.clone().or(file.token_file),
             forge,
+            limits,
             log_format: None,
         })
     }

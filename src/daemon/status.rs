@@ -102,6 +102,10 @@ pub struct StatusReport {
     pub errors: Vec<String>,
     pub last_attempted_revision: Option<String>,
     pub last_applied_revision: Option<String>,
+    /// A pull request's changes to trusted settings (credentials, hosts, reconcile policy):
+    /// they apply after merge, and were not used for this plan.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub untrusted_changes: Vec<String>,
 }
 
 /// The counts a person (or `driftless status`) wants at a glance.
@@ -394,6 +398,17 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
             let _ = writeln!(out);
         }
     }
+    if !r.untrusted_changes.is_empty() {
+        let _ = writeln!(
+            out,
+            "### Not used for this plan\n\nThis pull request changes settings that decide where credentials go and what \
+             runs where; they apply after merge, and this plan used the watched branch's instead:\n"
+        );
+        for c in &r.untrusted_changes {
+            let _ = writeln!(out, "- {}", md_escape(c));
+        }
+        let _ = writeln!(out);
+    }
     if !r.errors.is_empty() {
         let _ = writeln!(out, "### Errors\n");
         for e in &r.errors {
@@ -504,6 +519,7 @@ mod tests {
             errors: vec!["token s3cr|et rejected".into()],
             last_attempted_revision: Some("0123456789abcdef0123456789abcdef01234567".into()),
             last_applied_revision: None,
+            untrusted_changes: Vec::new(),
         }
     }
 

@@ -13,6 +13,7 @@ use super::decide::{self, Revisions};
 use super::forge::{CommitState, ForgeClient};
 use super::git::{GitAuth, Mirror};
 use super::status::{self, Outcome, RunKind, StatusReport};
+use super::trust;
 use crate::apply::{Progress, StepOutcome};
 use crate::connect::Connection;
 use crate::model::{self, Desired, LoadOptions, RepoFiles};
@@ -55,6 +56,7 @@ impl RunJob {
             errors: Vec::new(),
             last_attempted_revision: None,
             last_applied_revision: None,
+            untrusted_changes: Vec::new(),
         }
     }
 
@@ -89,13 +91,21 @@ pub struct RunResult {
 
 // ---- the daemon's side ----
 
-/// How often a waiting daemon looks at its stop flag, to pass a shutdown on to the worker.
+/// How often a waiting daemon looks at its stop flag and the run's time limit.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 
-/// Run `job` in a worker process and wait for its answer. A stop request (`stop` set) is
-/// passed on as SIGTERM, once: the worker ends its apply between two steps and still
-/// answers. Errors mean the worker gave no answer (it could not start, crashed or was
-/// killed); the message says which and holds no secret.
+fn send(pid: Option<u32>, signal: libc::c_int) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: kill only sends a signal to the worker we started.
+        unsafe { libc::kill(pid, signal) };
+    }
+}
+
+/// Run `job` in a worker process and wait for its answer. A stop request (`stop` set) or the
+/// run's time limit (`limits.run_timeout`, or `plan_timeout` for a pull request) is passed on
+/// as SIGTERM, once: the worker ends its apply between two steps and still answers. A worker
+/// still running `stop_grace` after that is killed. Errors mean the worker gave no answer (it
+/// could not start, crashed or was killed); the message says which and holds no secret.
 pub async fn run_in_worker(job: &RunJob, stop: &AtomicBool) -> Result<RunResult, String> {
     use tokio::io::AsyncWriteExt;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the driftless binary for the worker: {e}"))?;
@@ -114,36 +124,59 @@ pub async fn run_in_worker(job: &RunJob, stop: &AtomicBool) -> Result<RunResult,
     let _ = stdin.write_all(&input).await;
     drop(stdin);
 
+    let limits = job.settings.limits;
+    let time_limit = if job.kind == RunKind::PullRequest {
+        limits.plan_timeout
+    } else {
+        limits.run_timeout
+    };
+    let deadline = tokio::time::Instant::now() + time_limit;
     let output = child.wait_with_output();
     tokio::pin!(output);
-    let mut forwarded = false;
+    let mut terminated: Option<tokio::time::Instant> = None;
+    let mut timed_out = false;
+    let mut killed = false;
     let mut tick = tokio::time::interval(STOP_CHECK);
     let output = loop {
         tokio::select! {
             out = &mut output => break out,
-            _ = tick.tick(), if !forwarded => {
-                if stop.load(Ordering::SeqCst) {
-                    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
-                        // SAFETY: kill only sends a signal to the worker we started.
-                        unsafe { libc::kill(pid, libc::SIGTERM) };
-                    }
-                    forwarded = true;
+            _ = tick.tick() => {
+                let now = tokio::time::Instant::now();
+                if terminated.is_none() && (stop.load(Ordering::SeqCst) || now >= deadline) {
+                    timed_out = now >= deadline;
+                    send(pid, libc::SIGTERM);
+                    terminated = Some(now);
+                }
+                if !killed && terminated.is_some_and(|at| now >= at + limits.stop_grace) {
+                    tracing::warn!(commit = %job.commit, "the worker did not stop within its grace period: killing it");
+                    send(pid, libc::SIGKILL);
+                    killed = true;
                 }
             }
         }
     };
     let output = output.map_err(|e| format!("cannot wait for the worker: {e}"))?;
+    if timed_out {
+        tracing::warn!(commit = %job.commit, limit = ?time_limit, "the run reached its time limit and was stopped");
+    }
     if let Ok(result) = serde_json::from_slice::<RunResult>(&output.stdout) {
         return Ok(result);
     }
+    let why = if timed_out {
+        format!(" after it reached its time limit of {}s", time_limit.as_secs())
+    } else {
+        String::new()
+    };
     Err(
         match (
             output.status.code(),
             std::os::unix::process::ExitStatusExt::signal(&output.status),
         ) {
-            (_, Some(signal)) => format!("the run's worker process was killed by signal {signal} before it answered"),
-            (Some(code), _) => format!("the run's worker process exited with status {code} before it answered"),
-            _ => "the run's worker process ended without an answer".to_string(),
+            (_, Some(signal)) => {
+                format!("the run's worker process was killed by signal {signal}{why} before it answered")
+            }
+            (Some(code), _) => format!("the run's worker process exited with status {code}{why} before it answered"),
+            _ => format!("the run's worker process ended without an answer{why}"),
         },
     )
 }
@@ -160,6 +193,12 @@ pub fn main() -> Result<()> {
     let job: RunJob = serde_json::from_slice(&input).context("daemon-run reads a job from the daemon on stdin")?;
     if let Some(format) = job.settings.log_format {
         crate::runtime::init_logging(format);
+    }
+    // A run is bounded in memory: what it reads (a repository, a pull request's templates, a
+    // node's answers) is untrusted, and must not be able to take the host's memory.
+    super::memory::limit_arenas();
+    if let Err(e) = super::memory::limit_address_space(job.settings.limits.worker_memory) {
+        tracing::warn!(error = %e, "cannot limit the run's memory");
     }
     let result = crate::runtime::tokio_runtime()?.block_on(async {
         let stop = Arc::new(AtomicBool::new(false));
@@ -213,6 +252,70 @@ pub fn git_auth(settings: &DaemonSettings) -> GitAuth {
         known_hosts: settings.known_hosts.clone(),
         token_file: settings.token_file.clone(),
     }
+}
+
+/// Every secret the daemon and this run hold besides the repository's: the Proxmox token of
+/// an override, the webhook, forge and git credentials, and what the cluster wrote into the
+/// secrets directory (kubeconfig, talosconfig). A report is redacted of all of them.
+pub fn daemon_secrets(settings: &DaemonSettings, run: &RunSettings) -> Vec<String> {
+    let mut values = Vec::new();
+    let read = |path: Option<&std::path::Path>| path.and_then(|p| std::fs::read_to_string(p).ok());
+    // Whole credential files: a token, a webhook secret, a private key.
+    for path in [
+        run.proxmox.token_file.as_deref(),
+        settings.webhook_secret_file.as_deref(),
+        settings.token_file.as_deref(),
+        settings.ssh_key.as_deref(),
+        settings.forge.as_ref().map(|f| f.3.as_path()),
+    ] {
+        values.extend(read(path).map(|t| secret_parts(&t, false)).unwrap_or_default());
+    }
+    if let Ok(token) = std::env::var("DRIFTLESS_PROXMOX_TOKEN") {
+        values.extend(secret_parts(&token, false));
+    }
+    // Configs the cluster wrote: only their keys, certificates and tokens are secret.
+    for name in [
+        crate::cluster::access::KUBECONFIG_FILE,
+        crate::cluster::access::TALOSCONFIG_FILE,
+    ] {
+        values.extend(
+            read(Some(&run.secrets_dir.join(name)))
+                .map(|t| secret_parts(&t, true))
+                .unwrap_or_default(),
+        );
+    }
+    values
+}
+
+/// The parts of a credential file worth redacting, when long enough not to be an ordinary
+/// word: the whole text, each line and each line's value; with `credential_keys_only`, just
+/// the values of keys that name a key, token, password, secret or certificate.
+fn secret_parts(text: &str, credential_keys_only: bool) -> Vec<String> {
+    const SHORTEST: usize = 12;
+    const CREDENTIAL: [&str; 6] = ["key", "token", "password", "secret", "crt", "cert"];
+    let mut parts = Vec::new();
+    if !credential_keys_only {
+        parts.push(text.trim().to_string());
+    }
+    for line in text.lines().map(str::trim) {
+        let Some((key, value)) = line.split_once(':').or_else(|| line.split_once('=')) else {
+            if !credential_keys_only {
+                parts.push(line.to_string());
+            }
+            continue;
+        };
+        let key = key.to_ascii_lowercase();
+        if !credential_keys_only || CREDENTIAL.iter().any(|c| key.contains(c)) {
+            parts.push(value.trim().trim_matches('"').to_string());
+            if !credential_keys_only {
+                parts.push(line.to_string());
+            }
+        }
+    }
+    parts.retain(|p| p.len() >= SHORTEST);
+    parts.sort();
+    parts.dedup();
+    parts
 }
 
 /// The forge client the settings name, if any.
@@ -360,7 +463,23 @@ impl Worker {
             }
             values.push(secret.expose().to_string());
         }
+        values.extend(daemon_secrets(&self.settings, &self.run));
         values
+    }
+
+    /// The watched branch's last valid revision, loaded: what a pull request's plan takes its
+    /// trusted settings from.
+    async fn trusted_state(&self, revisions: &decide::Revisions) -> Result<Desired, String> {
+        let commit = revisions.last_valid.as_deref().ok_or(
+            "no valid revision of the watched branch yet: a pull request is planned with the watched \
+             branch's settings (Proxmox, hosts, secrets, policy), so it waits for one",
+        )?;
+        let files = self
+            .read_files(commit)
+            .await
+            .map_err(|e| format!("cannot read the watched branch's revision {commit}: {e:#}"))?;
+        model::load(&files, &LoadOptions::default())
+            .map_err(|_| format!("the watched branch's revision {commit} no longer loads"))
     }
 
     /// Plan (and for the watched branch, apply) one revision, and report it.
@@ -369,28 +488,36 @@ impl Worker {
         let context = forge_context(kind);
         forge_status(self.forge.as_ref(), commit, CommitState::Pending, context, "planning").await;
         let mut report = job.report(now_rfc3339());
-        let mut secrets = Vec::new();
+        let mut secrets = daemon_secrets(&self.settings, &self.run);
         let mut schedule = None;
         match self.read_files(commit).await {
             Err(e) => {
                 self.api_error(System::Git);
                 report.errors.push(format!("cannot read revision {commit}: {e:#}"));
             }
-            Ok(files) => match model::load(&files, &LoadOptions::default())
-                .and_then(|d| render::render_all(&d).map(|a| (d, a)))
-            {
+            Ok(files) => match model::load(&files, &LoadOptions::default()) {
                 Err(diags) => {
                     report.outcome = Outcome::Invalid;
                     report.errors = diags.0.iter().map(ToString::to_string).collect();
                 }
-                Ok((desired, artifacts)) => {
+                Ok(desired) if kind == RunKind::PullRequest => match self.trusted_state(&job.revisions).await {
+                    Err(e) => report.errors.push(e),
+                    Ok(trusted) => {
+                        let (desired, ignored) = trust::pull_request_state(desired, &trusted);
+                        report.untrusted_changes = ignored;
+                        secrets = self.secret_values(&trusted);
+                        self.render_and_run(&desired, &trusted, kind, &mut report).await;
+                    }
+                },
+                Ok(desired) => {
+                    // Only the watched branch's own revisions set the daemon's schedule.
                     let r = &desired.cluster.reconcile;
                     schedule = Some(Schedule {
                         interval: model::parse_duration(&r.interval).map(Duration::from_secs),
                         drift_schedule: r.drift_schedule.clone(),
                     });
                     secrets = self.secret_values(&desired);
-                    self.plan_and_maybe_apply(&desired, &artifacts, kind, &mut report).await;
+                    self.render_and_run(&desired, &desired, kind, &mut report).await;
                 }
             },
         }
@@ -415,14 +542,29 @@ impl Worker {
         }
     }
 
+    async fn render_and_run(&self, desired: &Desired, trusted: &Desired, kind: RunKind, report: &mut StatusReport) {
+        match render::render_all(desired) {
+            Err(diags) => {
+                report.outcome = Outcome::Invalid;
+                report.errors = diags.0.iter().map(ToString::to_string).collect();
+            }
+            Ok(artifacts) => {
+                self.plan_and_maybe_apply(desired, trusted, &artifacts, kind, report)
+                    .await
+            }
+        }
+    }
+
     async fn plan_and_maybe_apply(
         &self,
         desired: &Desired,
+        trusted: &Desired,
         artifacts: &[Artifact],
         kind: RunKind,
         report: &mut StatusReport,
     ) {
-        let connection = match Connection::open(&self.run, &desired.cluster, &desired.nodes) {
+        // Where credentials go is decided by the trusted state alone.
+        let connection = match Connection::open(&self.run, &trusted.cluster, &trusted.nodes) {
             Ok(c) => c,
             Err(e) => {
                 self.api_error(e.system());
@@ -430,7 +572,7 @@ impl Worker {
                 return;
             }
         };
-        let run = Reconcile::connected(desired, artifacts, &connection);
+        let run = Reconcile::connected(desired, trusted, artifacts, &connection);
         let plan = match run.plan().await {
             Ok(p) => p,
             Err(e) => {
@@ -440,11 +582,11 @@ impl Worker {
             }
         };
         let policy = decide::Policy {
-            suspend: desired.cluster.reconcile.suspend,
+            suspend: trusted.cluster.reconcile.suspend,
             auto_correct: self
                 .settings
                 .auto_correct
-                .unwrap_or(desired.cluster.reconcile.auto_correct),
+                .unwrap_or(trusted.cluster.reconcile.auto_correct),
         };
         report.outcome = decide::outcome(kind, policy, plan.is_empty());
         if decide::applies(kind, policy) && !plan.is_empty() {
@@ -470,6 +612,20 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credential_files_are_redacted_whole_and_configs_by_their_credential_keys() {
+        let token = secret_parts("root@pam!driftless=0b4c-5e6f-7a8b-9c0d\n", false);
+        assert!(
+            token.contains(&"root@pam!driftless=0b4c-5e6f-7a8b-9c0d".to_string()),
+            "{token:?}"
+        );
+        assert!(token.contains(&"0b4c-5e6f-7a8b-9c0d".to_string()), "{token:?}");
+        let kubeconfig = "clusters:\n- cluster:\n    server: https://10.0.0.11:6443\nusers:\n- user:\n    \
+                          client-key-data: LS0tLS1CRUdJTiBFQyBQUklWQVRF\n    token: abcdef0123456789\n";
+        let parts = secret_parts(kubeconfig, true);
+        assert_eq!(parts, ["LS0tLS1CRUdJTiBFQyBQUklWQVRF", "abcdef0123456789"]);
+    }
 
     #[test]
     fn a_job_and_a_result_survive_the_trip_through_json() {

@@ -371,7 +371,7 @@ fn demo(example: &str, state: Option<&Path>) -> Result<()> {
             && let Ok(desired) = driftless::model::load(&files, &driftless::model::LoadOptions::default())
             && let Ok(artifacts) = driftless::render::render_all(&desired)
             && let Ok(connection) = Connection::open(&run, &desired.cluster, &desired.nodes)
-            && let Ok(health) = Reconcile::connected(&desired, &artifacts, &connection).health().await
+            && let Ok(health) = Reconcile::connected(&desired, &desired, &artifacts, &connection).health().await
         {
             println!("\nThe cluster, as `driftless health` shows it (kubeconfig in {}):", work.path().join("secrets").display());
             for line in health.text().lines() {
