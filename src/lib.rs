@@ -30,6 +30,7 @@ pub mod connect;
 pub mod daemon;
 pub mod hostshell;
 pub mod model;
+pub mod pki;
 pub mod plan;
 pub mod ports;
 pub mod pve;

@@ -465,7 +465,10 @@ impl TalosApplyMode {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum TalosNodeState {
-    /// Booted without a config: takes its first one without client certificates.
+    /// Booted without a config: takes its first one without client certificates. Nothing
+    /// proves which machine answers like this (a real node has no certificate to trust yet),
+    /// so the cluster layer sends a config only to a VM its run created, or to a node whose
+    /// file allows it.
     Maintenance,
     /// Configured and answering over mTLS; `version` is the Talos tag (`v1.13.9`).
     Configured { version: String },
@@ -492,6 +495,14 @@ pub enum TalosError {
         code: String,
         message: String,
     },
+    /// What answers at the node's address has a certificate the cluster CA does not accept and
+    /// is not a Talos node in maintenance mode either: another machine may hold the address.
+    /// Nothing is sent to it; retrying does not help.
+    #[error(
+        "the Talos API at {node} is not the cluster's: {message}. Another machine may hold the node's address; \
+         it was sent no machine config"
+    )]
+    Untrusted { node: String, message: String },
     #[error("{0}")]
     Other(String),
 }
@@ -501,7 +512,7 @@ impl TalosError {
         match self {
             TalosError::Transport { .. } => true,
             TalosError::Api { code, .. } => matches!(code.as_str(), "Unavailable" | "DeadlineExceeded" | "Aborted"),
-            TalosError::Other(_) => false,
+            TalosError::Untrusted { .. } | TalosError::Other(_) => false,
         }
     }
 }

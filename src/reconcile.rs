@@ -23,10 +23,11 @@ use crate::settings::{HostShellSettings, RunSettings};
 /// [`ApplyReport`] instead.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    // The cause is in the message and not a `#[source]`: printed as a chain, it would repeat.
     #[error("cannot read the guests from Proxmox: {0}")]
-    Proxmox(#[source] ProxmoxError),
+    Proxmox(ProxmoxError),
     #[error("cannot observe the cluster: {0}")]
-    Cluster(#[source] ClusterError),
+    Cluster(ClusterError),
     #[error("the cluster layer is off for this run (--guests-only)")]
     NoClusterLayer,
 }

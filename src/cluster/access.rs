@@ -51,8 +51,13 @@ pub enum ClusterError {
     NoNodeShell { node: String, container: bool },
     #[error("{0}")]
     Kube(#[from] KubeError),
-    #[error("{0}")]
-    Talos(TalosError),
+    /// The Talos API of a node failed, or what answers at its address is not the cluster's.
+    #[error("{node}: {error}")]
+    Talos { node: String, error: TalosError },
+    /// A node in maintenance mode that may not be sent its config (see
+    /// [`maintenance_refusal`](super::plan::maintenance_refusal)): the message says how to allow it.
+    #[error("{node}: {message}")]
+    TalosRefused { node: String, message: String },
     #[error(transparent)]
     Secret(#[from] SecretError),
     /// A file of the secrets directory (kubeconfig, talosconfig) cannot be read or written.
@@ -76,7 +81,7 @@ impl ClusterError {
             ClusterError::Node { .. } | ClusterError::NoNodeShell { .. } => System::Ssh,
             ClusterError::NotTrusted { .. } => System::Repository,
             ClusterError::Kube(_) | ClusterError::Gate { .. } => System::Kubernetes,
-            ClusterError::Talos(_) => System::Talos,
+            ClusterError::Talos { .. } | ClusterError::TalosRefused { .. } => System::Talos,
             ClusterError::Secret(_) | ClusterError::SecretsDir(_) => System::Secrets,
             ClusterError::Config(_) => System::Repository,
             ClusterError::Failed { system, .. } => *system,
@@ -88,10 +93,11 @@ impl ClusterError {
         match self {
             ClusterError::Node { source, .. } => source.retryable(),
             ClusterError::Kube(e) => e.retryable(),
-            ClusterError::Talos(e) => e.retryable(),
+            ClusterError::Talos { error, .. } => error.retryable(),
             ClusterError::Gate { .. } | ClusterError::Failed { .. } => true,
             ClusterError::NoNodeShell { .. }
             | ClusterError::NotTrusted { .. }
+            | ClusterError::TalosRefused { .. }
             | ClusterError::Secret(_)
             | ClusterError::SecretsDir(_)
             | ClusterError::Config(_) => false,
@@ -116,6 +122,13 @@ impl ClusterError {
         ClusterError::Failed {
             system: System::Kubernetes,
             message: message.into(),
+        }
+    }
+
+    fn talos(node: &Node, error: TalosError) -> ClusterError {
+        ClusterError::Talos {
+            node: node.name.clone(),
+            error,
         }
     }
 
@@ -461,7 +474,9 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                     }
                     let client = talos.as_ref().expect("set above");
                     let ip = node.ip().to_string();
-                    let state = client.probe(&ip).await.map_err(ClusterError::Talos)?;
+                    // An address that answers with a certificate the cluster CA did not sign, and
+                    // not as Talos's maintenance service: the plan stops here, naming the node.
+                    let state = client.probe(&ip).await.map_err(|e| ClusterError::talos(node, e))?;
                     let dry_run = if matches!(state, TalosNodeState::Configured { .. }) {
                         let (filled, bundle) = self.filled_talos_config(config)?;
                         let mut r = client
@@ -665,11 +680,15 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         Ok(())
     }
 
+    /// Send the node its config: over mTLS when it answers as a configured node of the cluster;
+    /// in maintenance mode (unauthenticated) only when the plan's step allows it
+    /// (`maintenance_allowed`: this apply creates the VM, or the node file says
+    /// `talos.maintenance_apply`), refused otherwise.
     async fn talos_apply(
         &self,
         node: &Node,
         config: &str,
-        planned_maintenance: bool,
+        maintenance_allowed: bool,
         log: &mut Vec<String>,
     ) -> Result<(), ClusterError> {
         let client = self.talos()?;
@@ -680,13 +699,19 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         let deadline = tokio::time::Instant::now() + self.settings.gate_timeout;
         let maintenance = loop {
             match client.probe(&ip).await {
-                Ok(TalosNodeState::Maintenance) => break true,
+                Ok(TalosNodeState::Maintenance) if maintenance_allowed => break true,
+                Ok(TalosNodeState::Maintenance) => {
+                    return Err(ClusterError::TalosRefused {
+                        node: node.name.clone(),
+                        message: super::plan::maintenance_refusal(node),
+                    });
+                }
                 Ok(TalosNodeState::Configured { .. }) => break false,
-                Err(_) if tokio::time::Instant::now() < deadline => {
+                Err(e) if e.retryable() && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(self.settings.gate_interval).await;
                 }
-                Err(e) => {
-                    let expected = if planned_maintenance {
+                Err(e) if e.retryable() => {
+                    let expected = if maintenance_allowed {
                         "in maintenance mode"
                     } else {
                         "over mTLS"
@@ -696,6 +721,7 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                         node.name
                     )));
                 }
+                Err(e) => return Err(ClusterError::talos(node, e)),
             }
         };
         let mode = if maintenance {
@@ -729,6 +755,7 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         loop {
             match client.probe(&ip).await {
                 Ok(TalosNodeState::Configured { .. }) => break,
+                Err(e) if !e.retryable() => return Err(ClusterError::talos(node, e)),
                 _ if tokio::time::Instant::now() < deadline => tokio::time::sleep(self.settings.gate_interval).await,
                 Ok(state) => {
                     return Err(ClusterError::talos_failed(format!(
@@ -736,16 +763,16 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                         node.name
                     )));
                 }
-                Err(e) => return Err(ClusterError::Talos(e)),
+                Err(e) => return Err(ClusterError::talos(node, e)),
             }
         }
-        let fresh = client.bootstrap(&ip).await.map_err(ClusterError::Talos)?;
+        let fresh = client.bootstrap(&ip).await.map_err(|e| ClusterError::talos(node, e))?;
         log.push(if fresh {
             "etcd bootstrapped".into()
         } else {
             "etcd was already bootstrapped".into()
         });
-        let kubeconfig = client.kubeconfig(&ip).await.map_err(ClusterError::Talos)?;
+        let kubeconfig = client.kubeconfig(&ip).await.map_err(|e| ClusterError::talos(node, e))?;
         self.write_secret_file(KUBECONFIG_FILE, &kubeconfig)?;
         log.push(format!("kubeconfig saved to {}", self.kubeconfig_path().display()));
         self.gate(&node.name, log).await
@@ -903,6 +930,7 @@ impl<C: ClusterConnector> ClusterSteps for ClusterAccess<'_, C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::Plan;
     use crate::ports::fakes::FakeCluster;
     use crate::settings::RunSettings;
     use crate::test_repo::lab;
@@ -1053,5 +1081,236 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, ClusterError::Gate { .. }), "{err}");
+    }
+
+    // ---- Talos: who gets a machine config ----
+
+    const CP: &str = "10.0.0.10";
+    const WORKER_1: &str = "10.0.0.21";
+    const WORKER_2: &str = "10.0.0.22";
+
+    /// examples/homelab-talos, a secrets directory holding its bundle, and Proxmox saying every
+    /// VM runs.
+    fn talos_lab() -> (Desired, Vec<Artifact>, tempfile::TempDir, Observed) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/homelab-talos");
+        let (desired, artifacts) = crate::test_repo::load_files(&crate::source::read_dir(&dir).unwrap());
+        let secrets = tempfile::tempdir().unwrap();
+        std::fs::write(secrets.path().join("talos-secrets"), TalosSecrets::generate().to_yaml()).unwrap();
+        let guests = Observed {
+            guests: desired
+                .nodes
+                .iter()
+                .map(|n| crate::ports::GuestSummary {
+                    vmid: n.vmid,
+                    node: n.proxmox_node.clone(),
+                    kind: crate::ports::PveKind::Qemu,
+                    name: Some(n.name.clone()),
+                    status: "running".into(),
+                    tags: vec!["driftless".into()],
+                })
+                .collect(),
+            configs: Default::default(),
+        };
+        (desired, artifacts, secrets, guests)
+    }
+
+    /// The cluster steps for what `access` observes, on top of `guest_steps`.
+    async fn talos_plan<C: ClusterConnector>(
+        access: &ClusterAccess<'_, C>,
+        guests: &Observed,
+        guest_steps: Vec<Step>,
+    ) -> Plan {
+        let (seen, _) = access.observe(guests).await.unwrap();
+        let plan = Plan {
+            cluster: "talos-homelab".into(),
+            steps: guest_steps,
+            conflicts: vec![],
+            orphans: vec![],
+            notices: vec![],
+        };
+        super::super::plan::merge(access.desired, access.artifacts, &seen, plan)
+    }
+
+    fn talos_apply_of<'p>(plan: &'p Plan, node: &str) -> (&'p Step, bool, &'p str) {
+        let step = plan
+            .steps
+            .iter()
+            .find(|s| s.node == node && matches!(s.action, Action::TalosApply { .. }))
+            .unwrap_or_else(|| panic!("no Talos apply for {node}: {plan:#?}"));
+        let Action::TalosApply { maintenance, diff, .. } = &step.action else {
+            unreachable!()
+        };
+        (step, *maintenance, diff)
+    }
+
+    fn create(node: &Node) -> Step {
+        Step {
+            node: node.name.clone(),
+            vmid: node.vmid,
+            pve_node: node.proxmox_node.clone(),
+            kind: crate::ports::PveKind::Qemu,
+            disruptive: false,
+            action: Action::Create {
+                params: Default::default(),
+                root_options: vec![],
+                raw_lxc: vec![],
+                provenance: Default::default(),
+            },
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_impostor_at_a_node_address_stops_the_plan_and_the_apply_naming_the_node_and_gets_nothing() {
+        let (desired, artifacts, secrets, guests) = talos_lab();
+        let cluster = FakeCluster::default();
+        cluster.talos.configure(CP);
+        cluster.talos.configure(WORKER_2);
+        // Something took talos-worker-1's address after the cluster was set up.
+        cluster.talos.impostor(WORKER_1);
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+
+        let err = access.observe(&guests).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("talos-worker-1: "), "{text}");
+        assert!(text.contains("did not sign its certificate"), "{text}");
+        assert!(
+            matches!(
+                &err,
+                ClusterError::Talos {
+                    error: TalosError::Untrusted { .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.system(), System::Talos);
+        assert!(!err.retryable(), "an impostor does not become the node by waiting");
+
+        // A plan made before it showed up: the step asks again and stops, in maintenance mode
+        // too (a VM this apply created), at once.
+        let worker = desired.node("talos-worker-1").unwrap();
+        for maintenance in [false, true] {
+            let step = Step {
+                action: Action::TalosApply {
+                    mode: "auto".into(),
+                    maintenance,
+                    diff: String::new(),
+                    config: artifacts
+                        .iter()
+                        .find(|a| a.node == worker.name && a.kind == ArtifactKind::TalosConfig)
+                        .unwrap()
+                        .content
+                        .clone(),
+                },
+                ..create(worker)
+            };
+            let started = Instant::now();
+            let err = access.run(&step, &mut Vec::new()).await.unwrap_err();
+            assert_eq!(started.elapsed(), Duration::ZERO, "not retried");
+            assert!(
+                err.to_string()
+                    .starts_with("talos-worker-1: the Talos API at 10.0.0.21 is not the cluster's"),
+                "{err}"
+            );
+        }
+        let bootstrap = Step {
+            action: Action::TalosBootstrap,
+            ..create(worker)
+        };
+        assert!(access.run(&bootstrap, &mut Vec::new()).await.is_err());
+        assert!(cluster.talos.applied.lock().unwrap().is_empty(), "no config was sent");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_in_maintenance_mode_gets_its_config_only_when_this_apply_created_it_or_its_file_says_so() {
+        let (mut desired, artifacts, secrets, guests) = talos_lab();
+        let cluster = FakeCluster::default();
+        cluster.talos.configure(CP);
+        cluster.talos.configure(WORKER_2);
+        // talos-worker-1 answers like Talos's maintenance service: a reinstalled node, or a
+        // machine imitating one. Its VM exists; this apply does not create it.
+        {
+            let access = ClusterAccess::new(
+                &desired,
+                &desired,
+                &artifacts,
+                &cluster,
+                settings(),
+                SecretStore::new(secrets.path()),
+            );
+            let plan = talos_plan(&access, &guests, vec![]).await;
+            let (step, maintenance, diff) = talos_apply_of(&plan, "talos-worker-1");
+            assert!(!maintenance);
+            assert!(
+                diff.starts_with("refused: answers as a Talos node in maintenance mode"),
+                "{diff}"
+            );
+            assert!(
+                diff.contains("`talos: {maintenance_apply: true}` in nodes/talos-worker-1.yaml"),
+                "{diff}"
+            );
+            let err = access.run(step, &mut Vec::new()).await.unwrap_err();
+            assert!(matches!(err, ClusterError::TalosRefused { .. }), "{err:?}");
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "talos-worker-1: {}",
+                    super::super::plan::maintenance_refusal(desired.node("talos-worker-1").unwrap())
+                )
+            );
+            assert!(!err.retryable());
+            assert!(cluster.talos.applied.lock().unwrap().is_empty());
+
+            // The same node in an apply that creates its VM: that VM is what answers.
+            let created = create(desired.node("talos-worker-1").unwrap());
+            let plan = talos_plan(&access, &guests, vec![created]).await;
+            let (step, maintenance, diff) = talos_apply_of(&plan, "talos-worker-1");
+            assert!(maintenance);
+            assert_eq!(diff, "the node has no config yet");
+            let mut log = Vec::new();
+            access.run(step, &mut log).await.unwrap();
+            assert_eq!(log, ["config applied in maintenance mode (mode auto)"]);
+            assert_eq!(*cluster.talos.applied.lock().unwrap(), [(WORKER_1.to_string(), true)]);
+        }
+
+        // A node file that allows it, for a node reinstalled on purpose.
+        let cluster = FakeCluster::default();
+        cluster.talos.configure(CP);
+        cluster.talos.configure(WORKER_2);
+        let worker = desired.nodes.iter_mut().find(|n| n.name == "talos-worker-1").unwrap();
+        worker.settings.talos.get_or_insert_default().maintenance_apply = Some(true);
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        let (step, maintenance, diff) = talos_apply_of(&plan, "talos-worker-1");
+        assert!(maintenance);
+        assert!(diff.contains("as talos.maintenance_apply allows"), "{diff}");
+        access.run(step, &mut Vec::new()).await.unwrap();
+        assert_eq!(*cluster.talos.applied.lock().unwrap(), [(WORKER_1.to_string(), true)]);
+        // Once configured, the setting left in place is said out loud.
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        let notice = plan
+            .notices
+            .iter()
+            .find(|n| n.node == "talos-worker-1")
+            .expect("a notice");
+        assert!(
+            notice.message.starts_with("talos.maintenance_apply is set"),
+            "{}",
+            notice.message
+        );
     }
 }

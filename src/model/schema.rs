@@ -219,6 +219,9 @@ pub struct K3sSettings {
 pub struct TalosSettings {
     pub install_disk: Option<String>,
     pub install_image: Option<String>,
+    /// Send the machine config to this node in maintenance mode although the run did not
+    /// create its VM (a node reinstalled on purpose); unauthenticated, so set it for one apply.
+    pub maintenance_apply: Option<bool>,
 }
 
 // ---------------------------------------------------------------- node files

@@ -4,7 +4,7 @@
 //! nodes that become Ready or not), record every call, and take injected failures.
 
 use super::*;
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 /// One guest of the fake Proxmox.
@@ -479,15 +479,48 @@ impl KubeApi for FakeKube {
     }
 }
 
-/// A Talos API in memory: each node in maintenance mode until it gets a config.
+/// A Talos API in memory: each node in maintenance mode until it gets a config. An
+/// [`impostor`](FakeTalos::impostor) address answers as a machine whose certificate the
+/// cluster CA did not sign: probes and mTLS calls fail with `TalosError::Untrusted`, and what
+/// is sent to it in maintenance mode (no verification) it keeps, like a real one would.
 #[derive(Debug, Clone, Default)]
 pub struct FakeTalos {
+    /// Every config sent for real: (node address, in maintenance mode).
     pub applied: Arc<Mutex<Vec<(String, bool)>>>,
     configured: Arc<Mutex<BTreeMap<String, bool>>>,
+    impostors: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl FakeTalos {
+    /// The node at `addr` runs a config of the cluster (answers over mTLS).
+    pub fn configure(&self, addr: &str) {
+        self.configured.lock().unwrap().insert(addr.to_string(), true);
+    }
+
+    /// Something that is not the cluster's node answers at `addr`.
+    pub fn impostor(&self, addr: &str) {
+        self.impostors.lock().unwrap().insert(addr.to_string());
+    }
+
+    fn untrusted(&self, node: &str) -> Option<TalosError> {
+        self.impostors
+            .lock()
+            .unwrap()
+            .contains(node)
+            .then(|| TalosError::Untrusted {
+                node: node.to_string(),
+                message: "the cluster CA (the talosconfig's `ca`) did not sign its certificate, and it does not \
+                          answer as Talos's maintenance service does"
+                    .into(),
+            })
+    }
 }
 
 impl TalosApi for FakeTalos {
     async fn probe(&self, node: &str) -> Result<TalosNodeState, TalosError> {
+        if let Some(e) = self.untrusted(node) {
+            return Err(e);
+        }
         Ok(if self.configured.lock().unwrap().contains_key(node) {
             TalosNodeState::Configured {
                 version: "v1.13.9".into(),
@@ -505,6 +538,9 @@ impl TalosApi for FakeTalos {
         dry_run: bool,
         maintenance: bool,
     ) -> Result<TalosApplyResult, TalosError> {
+        if !maintenance && let Some(e) = self.untrusted(node) {
+            return Err(e);
+        }
         if !dry_run {
             self.applied.lock().unwrap().push((node.to_string(), maintenance));
             self.configured.lock().unwrap().insert(node.to_string(), true);
@@ -515,12 +551,13 @@ impl TalosApi for FakeTalos {
         })
     }
 
-    async fn bootstrap(&self, _node: &str) -> Result<bool, TalosError> {
-        Ok(true)
+    async fn bootstrap(&self, node: &str) -> Result<bool, TalosError> {
+        self.untrusted(node).map_or(Ok(true), Err)
     }
 
-    async fn kubeconfig(&self, _node: &str) -> Result<Vec<u8>, TalosError> {
-        Ok(b"apiVersion: v1\nkind: Config\n".to_vec())
+    async fn kubeconfig(&self, node: &str) -> Result<Vec<u8>, TalosError> {
+        self.untrusted(node)
+            .map_or(Ok(b"apiVersion: v1\nkind: Config\n".to_vec()), Err)
     }
 }
 
