@@ -7,5 +7,6 @@ pub mod metrics;
 pub mod run;
 pub mod server;
 pub mod status;
+pub mod verify;
 pub mod webhook;
 pub mod worker;
