@@ -536,6 +536,22 @@ pub struct DaemonArgs {
     /// File holding a token for https:// repositories.
     #[arg(long, env = "DRIFTLESS_GIT_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// Which commits must be signed when verifying: head (the revision applied) or all (every
+    /// commit new since the last verified one) [default: head].
+    #[arg(long, env = "DRIFTLESS_VERIFY_MODE", value_name = "MODE")]
+    pub verify_mode: Option<String>,
+    /// Apply only commits signed by a key of this allowed-signers file (git's
+    /// gpg.ssh.allowedSignersFile format).
+    #[arg(long, env = "DRIFTLESS_VERIFY_ALLOWED_SIGNERS", value_name = "FILE")]
+    pub verify_allowed_signers: Option<PathBuf>,
+    /// Apply only commits signed by one of these armored OpenPGP public keys (repeatable).
+    #[arg(
+        long = "verify-openpgp-keys",
+        env = "DRIFTLESS_VERIFY_OPENPGP_KEYS",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    pub verify_openpgp_keys: Vec<PathBuf>,
 }
 
 impl DaemonArgs {
@@ -556,6 +572,9 @@ impl DaemonArgs {
             ssh_key: self.ssh_key.clone(),
             known_hosts: self.known_hosts.clone(),
             token_file: self.token_file.clone(),
+            verify_mode: self.verify_mode.clone(),
+            verify_allowed_signers: self.verify_allowed_signers.clone(),
+            verify_openpgp_keys: self.verify_openpgp_keys.clone(),
         }
     }
 }
