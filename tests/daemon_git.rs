@@ -216,6 +216,7 @@ fn report(git_ref: &str, revision: &str, outcome: Outcome) -> StatusReport {
         errors: vec![],
         last_attempted_revision: Some(revision.into()),
         last_applied_revision: None,
+        verification: None,
     }
 }
 

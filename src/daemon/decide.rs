@@ -81,7 +81,8 @@ pub fn backoff(attempts: u32) -> Duration {
 
 /// What the daemon keeps of a reconcile's `outcome` for retrying: a failure schedules a retry
 /// (counting on from an earlier failure of the same commit); anything else clears it. An
-/// invalid revision is never retried: it stalls until a new commit.
+/// invalid or unverified (not signed as `verify:` requires) revision is never retried: it
+/// stalls until a new commit.
 pub fn retry_after(previous: Option<&Retry>, commit: &str, outcome: Outcome) -> Option<Retry> {
     if outcome != Outcome::Failed {
         return None;
@@ -186,7 +187,12 @@ mod tests {
         assert_eq!(applied.last_applied.as_deref(), Some("b"));
         let unchanged = before.after(RunKind::Reconcile, "b", Outcome::NoChanges);
         assert_eq!(unchanged.last_applied.as_deref(), Some("b"));
-        for outcome in [Outcome::Failed, Outcome::Invalid, Outcome::Suspended] {
+        for outcome in [
+            Outcome::Failed,
+            Outcome::Invalid,
+            Outcome::Suspended,
+            Outcome::Unverified,
+        ] {
             let r = before.after(RunKind::Reconcile, "b", outcome);
             assert_eq!(r.last_attempted.as_deref(), Some("b"), "{outcome:?}");
             assert_eq!(r.last_applied.as_deref(), Some("a"), "{outcome:?}");
@@ -213,6 +219,11 @@ mod tests {
             retry_after(Some(&r), "c1", Outcome::Invalid),
             None,
             "an invalid revision stalls"
+        );
+        assert_eq!(
+            retry_after(Some(&r), "c1", Outcome::Unverified),
+            None,
+            "an unsigned revision stalls too"
         );
     }
 
