@@ -557,6 +557,22 @@ pub struct DaemonArgs {
     /// The most memory (address space) one run's worker may use [default: 2GiB].
     #[arg(long, env = "DRIFTLESS_WORKER_MEMORY", value_name = "SIZE")]
     pub worker_memory: Option<String>,
+    /// Which commits must be signed when verifying: head (the revision applied) or all (every
+    /// commit new since the last verified one) [default: head].
+    #[arg(long, env = "DRIFTLESS_VERIFY_MODE", value_name = "MODE")]
+    pub verify_mode: Option<String>,
+    /// Apply only commits signed by a key of this allowed-signers file (git's
+    /// gpg.ssh.allowedSignersFile format).
+    #[arg(long, env = "DRIFTLESS_VERIFY_ALLOWED_SIGNERS", value_name = "FILE")]
+    pub verify_allowed_signers: Option<PathBuf>,
+    /// Apply only commits signed by one of these armored OpenPGP public keys (repeatable).
+    #[arg(
+        long = "verify-openpgp-keys",
+        env = "DRIFTLESS_VERIFY_OPENPGP_KEYS",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    pub verify_openpgp_keys: Vec<PathBuf>,
 }
 
 impl DaemonArgs {
@@ -580,6 +596,9 @@ impl DaemonArgs {
             run_timeout: self.run_timeout.clone(),
             plan_timeout: self.plan_timeout.clone(),
             worker_memory: self.worker_memory.clone(),
+            verify_mode: self.verify_mode.clone(),
+            verify_allowed_signers: self.verify_allowed_signers.clone(),
+            verify_openpgp_keys: self.verify_openpgp_keys.clone(),
         }
     }
 }

@@ -504,3 +504,47 @@ fn a_run_whose_worker_is_killed_is_reported_failed_and_the_daemon_carries_on() {
     });
     assert_eq!(r["last_applied_revision"], first.as_str(), "{r}");
 }
+
+#[test]
+fn with_verify_in_the_config_an_unsigned_push_waits_for_a_signed_one() {
+    let keys = crate::verify::Keys::new();
+    let mut s = Setup::new("homelab-k3s");
+    let config = s.dir.path().join("daemon.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "poll_interval: 1s\nverify:\n  mode: head\n  allowed_signers: {}\n",
+            keys.allowed_signers.display()
+        ),
+    )
+    .unwrap();
+    let url = s.file_url();
+    s.start_daemon(&url, &["--config", config.to_str().unwrap()]);
+    // The seed commit is unsigned: nothing is applied, and the report says which commit and why.
+    let seed = git(&s.work, &["rev-parse", "HEAD"]);
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == seed.as_str()
+    });
+    assert_eq!(r["outcome"], "unverified", "{r}");
+    assert_eq!(r["verification"]["commits"][0]["rejected"], "unsigned", "{r}");
+    assert_eq!(r["last_applied_revision"], serde_json::Value::Null, "{r}");
+    let md = git(&s.bare, &["show", "driftless/status:status/heads/main.md"]);
+    assert!(md.contains("| outcome | **unverified** |"), "{md}");
+    assert!(md.contains(&format!("commit {seed} is not signed")), "{md}");
+    assert_eq!(s.conf(100), "", "nothing applied");
+
+    let signed = s.commit_change(
+        "nodes/k3s-worker-2.yaml",
+        &worker2_with_memory(&s.work, 6),
+        "worker-2: 6 GiB",
+        &crate::verify::strs(&keys.ssh(&keys.alice)),
+    );
+    s.push("main");
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == signed.as_str()
+    });
+    assert_eq!(r["outcome"], "applied", "{r}");
+    assert_eq!(r["verification"]["verified"], true, "{r}");
+    assert!(s.conf(100).contains("lxc.apparmor.profile: unconfined"));
+    assert!(s.conf(102).contains("memory: 6144"), "{}", s.conf(102));
+}

@@ -23,3 +23,4 @@ mod ssh_host_shell;
 mod ssh_node;
 mod talos_api;
 mod talos_schema;
+mod verify;

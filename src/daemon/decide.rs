@@ -57,7 +57,8 @@ impl Revisions {
             return self.clone();
         }
         let applied = matches!(outcome, Outcome::Applied | Outcome::NoChanges);
-        let valid = outcome != Outcome::Invalid;
+        // An unsigned revision never becomes the one whose settings pull requests are planned with.
+        let valid = !matches!(outcome, Outcome::Invalid | Outcome::Unverified);
         let this_or = |kept: &Option<String>, take: bool| if take { Some(commit.to_string()) } else { kept.clone() };
         Revisions {
             last_attempted: Some(commit.to_string()),
@@ -84,7 +85,8 @@ pub fn backoff(attempts: u32) -> Duration {
 
 /// What the daemon keeps of a reconcile's `outcome` for retrying: a failure schedules a retry
 /// (counting on from an earlier failure of the same commit); anything else clears it. An
-/// invalid revision is never retried: it stalls until a new commit.
+/// invalid or unverified (not signed as `verify:` requires) revision is never retried: it
+/// stalls until a new commit.
 pub fn retry_after(previous: Option<&Retry>, commit: &str, outcome: Outcome) -> Option<Retry> {
     if outcome != Outcome::Failed {
         return None;
@@ -190,7 +192,12 @@ mod tests {
         assert_eq!(applied.last_applied.as_deref(), Some("b"));
         let unchanged = before.after(RunKind::Reconcile, "b", Outcome::NoChanges);
         assert_eq!(unchanged.last_applied.as_deref(), Some("b"));
-        for outcome in [Outcome::Failed, Outcome::Invalid, Outcome::Suspended] {
+        for outcome in [
+            Outcome::Failed,
+            Outcome::Invalid,
+            Outcome::Suspended,
+            Outcome::Unverified,
+        ] {
             let r = before.after(RunKind::Reconcile, "b", outcome);
             assert_eq!(r.last_attempted.as_deref(), Some("b"), "{outcome:?}");
             assert_eq!(r.last_applied.as_deref(), Some("a"), "{outcome:?}");
@@ -203,13 +210,10 @@ mod tests {
                 .as_deref(),
             Some("b")
         );
-        assert_eq!(
-            before
-                .after(RunKind::Reconcile, "b", Outcome::Invalid)
-                .last_valid
-                .as_deref(),
-            Some("a")
-        );
+        for outcome in [Outcome::Invalid, Outcome::Unverified] {
+            let r = before.after(RunKind::Reconcile, "b", outcome);
+            assert_eq!(r.last_valid.as_deref(), Some("a"), "{outcome:?}");
+        }
         assert_eq!(before.after(RunKind::PullRequest, "pr", Outcome::Planned), before);
         assert_eq!(before.after(RunKind::Drift, "a", Outcome::DriftFound), before);
     }
@@ -232,6 +236,11 @@ mod tests {
             retry_after(Some(&r), "c1", Outcome::Invalid),
             None,
             "an invalid revision stalls"
+        );
+        assert_eq!(
+            retry_after(Some(&r), "c1", Outcome::Unverified),
+            None,
+            "an unsigned revision stalls too"
         );
     }
 

@@ -8,5 +8,6 @@ pub mod run;
 pub mod server;
 pub mod status;
 pub mod trust;
+pub mod verify;
 pub mod webhook;
 pub mod worker;

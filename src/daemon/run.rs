@@ -309,7 +309,7 @@ fn record(metrics: &Metrics, kind: RunKind, result: &RunResult, took: Duration) 
     let m_outcome = match result.outcome {
         Outcome::Applied | Outcome::Planned | Outcome::DriftFound => metrics::Outcome::Success,
         Outcome::NoChanges | Outcome::NoDrift | Outcome::Suspended => metrics::Outcome::NoChange,
-        Outcome::Invalid => metrics::Outcome::Stalled,
+        Outcome::Invalid | Outcome::Unverified => metrics::Outcome::Stalled,
         Outcome::Failed => metrics::Outcome::Failure,
     };
     metrics.record_reconcile(m_kind, m_outcome, took);
@@ -396,6 +396,10 @@ pub async fn run_until(settings: DaemonSettings, run: RunSettings, control: Cont
     };
     // Checked at start, so a missing forge token is an error now, not in every run.
     worker::forge_client(&settings)?;
+    // Likewise an unreadable allowed-signers file or key (each run reads them again).
+    if let Some(verify) = &settings.verify {
+        super::verify::Policy::load(verify)?;
+    }
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
     let (stop, shutdown) = (control.stop.clone(), control.shutdown.clone());

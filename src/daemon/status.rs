@@ -6,6 +6,7 @@
 //! final [`redact`] pass over every secret value they are given.
 
 use crate::apply::ApplyReport;
+use crate::daemon::verify::Verification;
 use crate::plan::Plan;
 use crate::plan::display::{self, Wording};
 use serde::{Deserialize, Serialize};
@@ -46,6 +47,8 @@ pub enum Outcome {
     Invalid,
     Failed,
     Suspended,
+    /// `verify:` is on and the revision is not signed as it requires.
+    Unverified,
 }
 
 impl Outcome {
@@ -59,6 +62,7 @@ impl Outcome {
             Outcome::Invalid => "invalid",
             Outcome::Failed => "failed",
             Outcome::Suspended => "suspended",
+            Outcome::Unverified => "unverified",
         }
     }
 
@@ -75,12 +79,18 @@ impl Outcome {
             }
             Outcome::Failed => "The run failed; it is retried with backoff.",
             Outcome::Suspended => "Reconciling is suspended: nothing was applied.",
+            Outcome::Unverified => {
+                "The revision is not signed as the daemon's `verify:` requires: nothing was planned or applied. Push a signed commit; retrying cannot help."
+            }
         }
     }
 
     /// Whether people should look at it.
     pub fn is_problem(self) -> bool {
-        matches!(self, Outcome::Invalid | Outcome::Failed | Outcome::DriftFound)
+        matches!(
+            self,
+            Outcome::Invalid | Outcome::Failed | Outcome::DriftFound | Outcome::Unverified
+        )
     }
 }
 
@@ -106,6 +116,8 @@ pub struct StatusReport {
     /// they apply after merge, and were not used for this plan.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub untrusted_changes: Vec<String>,
+    /// The commit signature check, when `verify:` is on.
+    pub verification: Option<Verification>,
 }
 
 /// The counts a person (or `driftless status`) wants at a glance.
@@ -348,6 +360,9 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
         let _ = writeln!(out, "| last applied revision | {} |", md_escape(&code(rev)));
     }
     let _ = writeln!(out);
+    if let Some(v) = &r.verification {
+        signatures_markdown(&mut out, v);
+    }
     if let Some(plan) = &r.plan {
         let wording = if r.kind == RunKind::Drift {
             Wording::Drift
@@ -420,6 +435,49 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
     all.extend(secrets.iter().map(|s| md_escape(s)).filter(|e| !secrets.contains(e)));
     let text = redact(&out, &all);
     format!("{}\n", text.trim_end())
+}
+
+/// The most commits the markdown report lists (the JSON has them all).
+const SIGNATURE_ROWS: usize = 50;
+
+/// The signature check: who signed each commit checked, or why it is refused.
+fn signatures_markdown(out: &mut String, v: &Verification) {
+    let rejected = v.commits.iter().filter(|c| c.rejected.is_some()).count();
+    let _ = writeln!(out, "### Signatures\n");
+    let _ = writeln!(
+        out,
+        "Mode `{}`: {} commit{} checked, {}.\n",
+        v.mode.as_str(),
+        v.commits.len(),
+        plural(v.commits.len()),
+        if v.verified {
+            "all signed by allowed keys".to_string()
+        } else {
+            format!("**{rejected} not signed as required**")
+        }
+    );
+    if !v.commits.is_empty() {
+        let _ = writeln!(out, "| commit | signature |\n|---|---|");
+        // Refused commits first: they are what a reader needs; a long range is cut short.
+        let mut shown: Vec<_> = v.commits.iter().filter(|c| c.rejected.is_some()).collect();
+        shown.extend(v.commits.iter().filter(|c| c.rejected.is_none()));
+        for c in shown.iter().take(SIGNATURE_ROWS) {
+            let verdict = match (&c.signer, &c.error) {
+                (Some(signer), _) => format!("signed by {signer}"),
+                (None, Some(e)) => format!("**refused**: {e}"),
+                (None, None) => "refused".into(),
+            };
+            let _ = writeln!(out, "| {} | {} |", md_escape(&code(&c.commit)), md_escape(&verdict));
+        }
+        if shown.len() > SIGNATURE_ROWS {
+            let _ = writeln!(
+                out,
+                "\n... and {} more (all in the JSON report).",
+                shown.len() - SIGNATURE_ROWS
+            );
+        }
+        let _ = writeln!(out);
+    }
 }
 
 #[derive(Serialize)]
@@ -520,7 +578,84 @@ mod tests {
             last_attempted_revision: Some("0123456789abcdef0123456789abcdef01234567".into()),
             last_applied_revision: None,
             untrusted_changes: Vec::new(),
+            verification: None,
         }
+    }
+
+    #[test]
+    fn an_unverified_revision_says_which_commit_and_why_in_both_reports() {
+        use crate::daemon::verify::{CommitVerdict, Signer, VerifyMode};
+        let mut r = report();
+        r.outcome = Outcome::Unverified;
+        r.plan = None;
+        r.applied = None;
+        r.errors = vec!["commit bbbb is not signed".into()];
+        r.verification = Some(Verification {
+            mode: VerifyMode::All,
+            verified: false,
+            commits: vec![
+                CommitVerdict {
+                    commit: "aaaa".into(),
+                    signer: Some(Signer {
+                        kind: "ssh".into(),
+                        identity: "alice@example.com".into(),
+                        key: "SHA256:abc".into(),
+                    }),
+                    rejected: None,
+                    error: None,
+                },
+                CommitVerdict {
+                    commit: "bbbb".into(),
+                    signer: None,
+                    rejected: Some("unsigned".into()),
+                    error: Some("commit bbbb is not signed".into()),
+                },
+            ],
+        });
+        assert!(Outcome::Unverified.is_problem());
+        let md = markdown(&r, &[]);
+        assert!(md.contains("| outcome | **unverified** |"), "{md}");
+        assert!(md.contains("not signed as the daemon's `verify:` requires"), "{md}");
+        assert!(md.contains("### Signatures"), "{md}");
+        assert!(
+            md.contains("Mode `all`: 2 commits checked, **1 not signed as required**."),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `aaaa` | signed by alice@example.com (SSH key SHA256:abc) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `bbbb` | **refused**: commit bbbb is not signed |"),
+            "{md}"
+        );
+        let value: serde_json::Value = serde_json::from_str(&json(&r, &[])).unwrap();
+        assert_eq!(value["outcome"], "unverified");
+        assert_eq!(value["verification"]["mode"], "all");
+        assert_eq!(value["verification"]["verified"], false);
+        assert_eq!(value["verification"]["commits"][1]["rejected"], "unsigned");
+        assert_eq!(
+            value["verification"]["commits"][0]["signer"]["identity"],
+            "alice@example.com"
+        );
+        let s = parse_summary(json(&r, &[]).as_bytes()).unwrap();
+        assert_eq!(s.outcome, Outcome::Unverified);
+        assert!(
+            !markdown(&report(), &[]).contains("### Signatures"),
+            "no section when verify is off"
+        );
+
+        // A long range: the refused commits first, the list cut short, the JSON whole.
+        let v = r.verification.as_mut().unwrap();
+        let signed = v.commits[0].clone();
+        v.commits = std::iter::repeat_n(signed, 60).chain([v.commits[1].clone()]).collect();
+        let md = markdown(&r, &[]);
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| `")).collect();
+        assert_eq!(rows.len(), SIGNATURE_ROWS, "{md}");
+        assert!(rows[0].starts_with("| `bbbb` | **refused**"), "{md}");
+        assert!(md.contains("... and 11 more (all in the JSON report)."), "{md}");
+        let value: serde_json::Value = serde_json::from_str(&json(&r, &[])).unwrap();
+        assert_eq!(value["verification"]["commits"].as_array().unwrap().len(), 61);
     }
 
     #[test]

@@ -14,6 +14,7 @@ use super::forge::{CommitState, ForgeClient};
 use super::git::{GitAuth, Mirror};
 use super::status::{self, Outcome, RunKind, StatusReport};
 use super::trust;
+use super::verify::{Policy, Verification, VerifyMode};
 use crate::apply::{Progress, StepOutcome};
 use crate::connect::Connection;
 use crate::model::{self, Desired, LoadOptions, RepoFiles};
@@ -24,6 +25,7 @@ use crate::render::{self, Artifact};
 use crate::settings::RunSettings;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -57,6 +59,7 @@ impl RunJob {
             last_attempted_revision: None,
             last_applied_revision: None,
             untrusted_changes: Vec::new(),
+            verification: None,
         }
     }
 
@@ -405,6 +408,54 @@ pub fn forge_state(outcome: Outcome) -> CommitState {
     }
 }
 
+/// Where a daemon with `verify: mode: all` keeps the last watched-branch head whose new commits
+/// all verified: every commit reachable from it has been checked, so later runs check only what
+/// is new, across restarts too (the daemon's own memory of the last applied revision is not).
+/// One file per repository URL, as the mirror: another repository's commit would hide nothing.
+pub fn verified_head_path(state_dir: &Path, repository: &str) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let hash: String = Sha256::digest(repository.as_bytes())[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    state_dir.join(format!("verified-head-{hash}"))
+}
+
+/// The commits a run's signature check covers, newest first: the head alone (`head` mode, or
+/// `all` mode with nothing verified before: the first revision is taken at its head), or every
+/// commit reachable from it and from none of `verified` (always the head among them).
+fn commits_to_verify(mirror: &Mirror, mode: VerifyMode, head: &str, verified: &[String]) -> Result<Vec<String>> {
+    if mode == VerifyMode::Head || verified.is_empty() {
+        return Ok(vec![head.to_string()]);
+    }
+    let mut ids = mirror.commits_since(head, verified)?;
+    if !ids.iter().any(|c| c == head) {
+        // The head is already verified (a branch reset to it): checked again all the same.
+        ids.insert(0, head.to_string());
+    }
+    Ok(ids)
+}
+
+/// Check the commit signatures of `head` under `verify:`. Errors are the daemon's own (a key
+/// file it cannot read, a mirror it cannot read), not a verdict on the revision.
+fn verify_revision(
+    mirror: &Mirror,
+    settings: &super::verify::VerifySettings,
+    head: &str,
+    verified: &[String],
+) -> Result<Verification> {
+    let policy = Policy::load(settings)?;
+    let ids = commits_to_verify(mirror, settings.mode, head, verified)?;
+    let raw = mirror.raw_commits(&ids)?;
+    let commits: Vec<(String, Vec<u8>)> = ids.into_iter().zip(raw).collect();
+    Ok(Verification::check(
+        settings.mode,
+        &commits,
+        &policy,
+        chrono::Utc::now().timestamp(),
+    ))
+}
+
 struct Worker {
     settings: DaemonSettings,
     run: RunSettings,
@@ -490,12 +541,18 @@ impl Worker {
         let mut report = job.report(now_rfc3339());
         let mut secrets = daemon_secrets(&self.settings, &self.run);
         let mut schedule = None;
-        match self.read_files(commit).await {
+        let loaded = if self.check_signatures(job, &mut report).await {
+            self.read_files(commit).await.map(Some)
+        } else {
+            Ok(None)
+        };
+        match loaded {
+            Ok(None) => {}
             Err(e) => {
                 self.api_error(System::Git);
                 report.errors.push(format!("cannot read revision {commit}: {e:#}"));
             }
-            Ok(files) => match model::load(&files, &LoadOptions::default()) {
+            Ok(Some(files)) => match model::load(&files, &LoadOptions::default()) {
                 Err(diags) => {
                     report.outcome = Outcome::Invalid;
                     report.errors = diags.0.iter().map(ToString::to_string).collect();
@@ -553,6 +610,60 @@ impl Worker {
                     .await
             }
         }
+    }
+
+    /// With `verify:` on, check the signatures of the run's revision before anything of it is
+    /// read, and put the verdict in `report`; whether the run goes on. A revision not signed as
+    /// required is `Unverified` and stalls until a new commit, like an invalid one. A pull
+    /// request is planned all the same (it is never applied); its report shows the verdict, for
+    /// the reviewers.
+    async fn check_signatures(&self, job: &RunJob, report: &mut StatusReport) -> bool {
+        let Some(settings) = self.settings.verify.clone() else {
+            return true;
+        };
+        let anchor = verified_head_path(&self.settings.state_dir, &self.settings.repository);
+        // Commits reachable from these were verified by this daemon: `all` mode starts there.
+        let verified: Vec<String> = std::fs::read_to_string(&anchor)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .into_iter()
+            .chain(job.revisions.last_applied.clone())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let (mirror, head) = (self.mirror.clone(), job.commit.clone());
+        let checked = tokio::task::spawn_blocking(move || verify_revision(&mirror, &settings, &head, &verified))
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+        let verification = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                // The daemon could not check (a key file or the mirror unreadable): a failure,
+                // retried with backoff, never an apply.
+                report.errors.push(format!("cannot check the commit signatures: {e:#}"));
+                return false;
+            }
+        };
+        let verified = verification.verified;
+        let mode = verification.mode;
+        if !verified {
+            tracing::warn!(commit = %job.commit, git_ref = %job.git_ref, "commit signatures do not verify");
+        }
+        if verified && job.kind == RunKind::Reconcile && mode == VerifyMode::All {
+            let written = tempfile::NamedTempFile::new_in(&self.settings.state_dir).and_then(|mut f| {
+                std::io::Write::write_all(&mut f, format!("{}\n", job.commit).as_bytes())?;
+                f.persist(&anchor).map(|_| ()).map_err(|e| e.error)
+            });
+            if let Err(e) = written {
+                tracing::warn!(error = %e, path = %anchor.display(), "cannot record the verified revision");
+            }
+        }
+        if !verified && job.kind != RunKind::PullRequest {
+            report.outcome = Outcome::Unverified;
+            report.errors.extend(verification.errors(5));
+        }
+        report.verification = Some(verification);
+        verified || job.kind == RunKind::PullRequest
     }
 
     async fn plan_and_maybe_apply(

@@ -154,9 +154,27 @@ impl Setup {
 
     /// Commit a change in the work tree and push it; returns the new commit.
     pub fn push_change(&self, rel: &str, text: &str, message: &str, branch: &str) -> String {
+        self.commit_change(rel, text, message, &[]);
+        self.push(branch)
+    }
+
+    /// Commit a change in the work tree without pushing it; returns the new commit. With
+    /// `signing` (git `-c` settings such as `gpg.format=ssh`, `user.signingkey=FILE`) the commit
+    /// is signed (`commit -S`).
+    pub fn commit_change(&self, rel: &str, text: &str, message: &str, signing: &[&str]) -> String {
         std::fs::write(self.work.join(rel), text).unwrap();
         git(&self.work, &["add", "-A"]);
-        git(&self.work, &["commit", "-q", "-m", message]);
+        let mut args: Vec<&str> = signing.iter().flat_map(|setting| ["-c", *setting]).collect();
+        args.extend(["commit", "-q", "-m", message]);
+        if !signing.is_empty() {
+            args.push("-S");
+        }
+        git(&self.work, &args);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    /// Push the work tree's HEAD to `branch` (forced); returns the commit pushed.
+    pub fn push(&self, branch: &str) -> String {
         git(
             &self.work,
             &[

@@ -328,6 +328,55 @@ impl Mirror {
         })
     }
 
+    /// The raw commit objects of `commits` (commit ids or refs of the mirror), byte for byte as
+    /// git stores them: what a commit signature is checked against (`daemon::verify`).
+    pub fn raw_commits(&self, commits: &[String]) -> Result<Vec<Vec<u8>>, GitError> {
+        let repo = self.open_repo()?;
+        let mut out = Vec::with_capacity(commits.len());
+        for commit in commits {
+            let err = |message: String| GitError::Read {
+                url: self.shown_url(),
+                what: format!("commit {commit}"),
+                message,
+            };
+            let id = repo.rev_parse_single(commit.as_str()).map_err(|e| err(chain(&e)))?;
+            let c = id
+                .object()
+                .map_err(|e| err(chain(&e)))?
+                .peel_to_commit()
+                .map_err(|e| err(chain(&e)))?;
+            out.push(c.data.clone());
+        }
+        Ok(out)
+    }
+
+    /// The commits reachable from `head` and from none of `hidden` (as `git rev-list head
+    /// ^hidden...`), newest first, as full ids. A hidden commit the mirror does not have hides
+    /// nothing: the walk is then longer, never shorter.
+    pub fn commits_since(&self, head: &str, hidden: &[String]) -> Result<Vec<String>, GitError> {
+        let repo = self.open_repo()?;
+        let err = |message: String| GitError::Read {
+            url: self.shown_url(),
+            what: format!("the commits of {head}"),
+            message,
+        };
+        let tip = repo.rev_parse_single(head).map_err(|e| err(chain(&e)))?.detach();
+        let hidden: Vec<gix::ObjectId> = hidden
+            .iter()
+            .filter_map(|h| repo.rev_parse_single(h.as_str()).ok().map(|id| id.detach()))
+            .collect();
+        let walk = repo
+            .rev_walk([tip])
+            .with_hidden(hidden)
+            .all()
+            .map_err(|e| err(chain(&e)))?;
+        let mut out = Vec::new();
+        for info in walk {
+            out.push(info.map_err(|e| err(chain(&e)))?.id.to_string());
+        }
+        Ok(out)
+    }
+
     /// The summary line and the author (`Name <email>`) of a commit.
     pub fn commit_info(&self, commit: &str) -> Result<(String, String), GitError> {
         let repo = self.open_repo()?;
