@@ -269,7 +269,6 @@ fn with_role(privs: &[&str]) -> impl FnOnce(&mut SandboxOptions) {
 const APPLY_ROLE: &[&str] = &[
     "VM.Allocate",
     "VM.Audit",
-    "VM.Config.CDROM",
     "VM.Config.CPU",
     "VM.Config.Disk",
     "VM.Config.HWType",

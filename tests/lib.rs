@@ -20,6 +20,7 @@ mod kube_api;
 mod proxmox_client;
 mod render_snapshots;
 mod sandbox_proxmox;
+mod setup_guide;
 mod ssh_host_shell;
 mod ssh_node;
 mod talos_api;
