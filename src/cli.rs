@@ -61,7 +61,8 @@ Examples:
   driftless --repo . doctor                       # before the first apply
   driftless --repo . doctor --output json         # for scripts: {\"ok\": ..., \"checks\": [...]}
   driftless --repo . doctor --repository ssh://git@git.example.com/homelab/infra.git \\
-      --git-ssh-key /etc/driftless/secrets/deploy-key --git-known-hosts /etc/driftless/secrets/git.known_hosts
+      --git-ssh-key /etc/driftless/secrets/deploy-key \\
+      --git-known-hosts /etc/driftless/secrets/git.known_hosts
   driftless --repo . doctor --plan-refs 'refs/pull/*/head' --plan-token-file secrets/pve-plan-token
 
 Exit code 0 when no check failed (warnings allowed), 1 otherwise. docs/setup.md walks
@@ -219,9 +220,9 @@ pub enum Command {
     /// with its settings as node values, `adopt: true`, and a comment saying where it came
     /// from; values every imported guest of a kind shares are lifted into cluster.yaml
     /// `defaults`. Raw `lxc.*` keys (and snapshots) are read from the config file through the
-    /// host shell when one is given. What the repository format cannot say (mount points,
-    /// extra NICs, snapshots) is listed in the file as kept unmanaged; what the first plan
-    /// would change is noted. Then `driftless plan` shows exactly what driftless would change:
+    /// host shell when one is given (--ssh-host, or --host-shell local on the host itself).
+    /// What the repository format cannot say (mount points, extra NICs, snapshots) is listed
+    /// in the file as kept unmanaged; what the first plan would change is noted. Then `driftless plan` shows exactly what driftless would change:
     /// for guests made by hand, ideally nothing but the ownership tag.
     #[command(after_help = IMPORT_EXAMPLES)]
     Import(Box<ImportArgs>),

@@ -1036,7 +1036,7 @@ fn bridge_check(name: &str, bridge: &str, ifaces: &[crate::ports::NetworkInterfa
             ),
             String::from(
                 "create it (System > Network > Create > Linux Bridge, then Apply Configuration), or set `bridge:` to \
-                 an existing one"
+                 an existing one",
             ),
         ),
     }

@@ -528,3 +528,108 @@ fn the_report_reads_as_one_line_per_check_with_its_fix_below() {
     assert!(text.contains("1 error"), "{text}");
     assert!(text.contains("not ready"), "{text}");
 }
+
+#[test]
+fn a_vm_node_that_does_not_answer_on_ssh_says_how_to_pin_its_key() {
+    let files = {
+        let mut f = crate::test_repo::files();
+        f.insert(
+            "nodes/k3s-4.yaml",
+            "vmid: 104\nproxmox_node: pve\nkind: vm\nrole: agent\naddress: 10.0.0.14/24\nimage: local:iso/ubuntu.iso\n",
+        );
+        f
+    };
+    let (desired, artifacts) = crate::test_repo::load_files(&files);
+    let guests = desired_guests(&desired, &artifacts);
+    let plan = crate::plan::plan(&desired, &guests, &Observed::default());
+    let mut seen = healthy(&desired, &plan);
+    seen.api
+        .as_mut()
+        .unwrap()
+        .hosts
+        .get_mut("pve")
+        .unwrap()
+        .content
+        .get_mut("local")
+        .unwrap()
+        .as_mut()
+        .unwrap()
+        .push(StorageVolume {
+            volid: "local:iso/ubuntu.iso".into(),
+            content: "iso".into(),
+            format: "iso".into(),
+            size: 1,
+            vmid: None,
+        });
+    seen.vm_nodes.insert("k3s-4".into(), NodeReach::NotCreated);
+    assert!(checks(&desired, &seen).ok());
+    seen.vm_nodes.insert(
+        "k3s-4".into(),
+        NodeReach::Ssh(Err(ShellError::UnknownHost {
+            host: "10.0.0.14:22".into(),
+            known_hosts: "/root/.ssh/known_hosts".into(),
+        })),
+    );
+    let report = checks(&desired, &seen);
+    let c = only_error(&report);
+    assert_eq!(c.name, "node k3s-4");
+    assert!(c.detail.contains("SSH to 10.0.0.14"), "{c:?}");
+    assert!(
+        c.advice
+            .as_deref()
+            .unwrap()
+            .contains("ssh-keyscan -t ed25519 10.0.0.14"),
+        "{c:?}"
+    );
+}
+
+#[test]
+fn a_token_enough_for_this_plan_but_not_for_later_changes_is_a_warning() {
+    let (desired, artifacts) = crate::test_repo::lab();
+    let guests = desired_guests(&desired, &artifacts);
+    let observed = Observed {
+        guests: guests
+            .iter()
+            .map(|g| GuestSummary {
+                vmid: g.vmid,
+                node: g.pve_node.clone(),
+                kind: g.kind,
+                name: Some(g.node.clone()),
+                status: "running".into(),
+                tags: vec!["driftless".into()],
+            })
+            .collect(),
+        configs: guests
+            .iter()
+            .map(|g| {
+                (
+                    g.vmid,
+                    crate::ports::LiveConfig {
+                        options: g.options.clone(),
+                        raw_lxc: g.raw_lxc.clone(),
+                        digest: "d".into(),
+                    },
+                )
+            })
+            .collect(),
+    };
+    let plan = crate::plan::plan(&desired, &guests, &observed);
+    let mut seen = healthy(&desired, &plan);
+    let audit_only: BTreeMap<String, bool> = BTreeMap::from([("VM.Audit".to_string(), true)]);
+    for vmid in [100, 101, 102] {
+        seen.api
+            .as_mut()
+            .unwrap()
+            .permissions
+            .insert(format!("/vms/{vmid}"), audit_only.clone());
+    }
+    let report = checks(&desired, &seen);
+    assert!(report.ok(), "{}", report.text());
+    let c = find(&report, "privileges later");
+    assert_eq!(c.status, Status::Warning);
+    assert!(c.detail.contains("VM.Config.CPU or VM.Config.Memory"), "{c:?}");
+    assert_eq!(
+        find(&report, "privileges").detail,
+        "nothing to change; reading the 3 guests is granted"
+    );
+}
