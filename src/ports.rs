@@ -100,6 +100,82 @@ impl Upid {
     }
 }
 
+/// `GET /version`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PveVersion {
+    /// `9.1.3`
+    pub version: String,
+    /// `9.1`
+    pub release: String,
+}
+
+/// One entry of `GET /nodes`: a node of the Proxmox cluster.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PveNode {
+    pub node: String,
+    /// `online`, `offline` or `unknown`.
+    pub status: String,
+    /// SHA-256 of the node's API certificate, `AB:CD:...`, when Proxmox says.
+    pub ssl_fingerprint: Option<String>,
+}
+
+/// One entry of `GET /nodes/{node}/network`: an interface of the host.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetworkInterface {
+    /// `vmbr0`, `eno1`, `bond0`.
+    pub iface: String,
+    /// Proxmox's `type`: `bridge`, `OVSBridge`, `eth`, `bond`, `vlan`, ...
+    pub kind: String,
+    /// Up right now (`active`); a bridge only in /etc/network/interfaces.new is not.
+    pub active: bool,
+}
+
+impl NetworkInterface {
+    /// Whether guests can be attached to it: a Linux or an Open vSwitch bridge.
+    pub fn is_bridge(&self) -> bool {
+        self.kind == "bridge" || self.kind == "OVSBridge"
+    }
+}
+
+/// A storage of one node: an entry of `GET /nodes/{node}/storage`, or
+/// `GET /nodes/{node}/storage/{storage}/status`. Sizes in bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StorageStatus {
+    pub storage: String,
+    /// Proxmox's `type`: `dir`, `lvmthin`, `zfspool`, `nfs`, ...
+    pub kind: String,
+    /// What it may hold: `images`, `rootdir`, `vztmpl`, `iso`, `backup`, ...
+    pub content: Vec<String>,
+    pub active: bool,
+    pub enabled: bool,
+    pub shared: bool,
+    pub total: Option<u64>,
+    pub used: Option<u64>,
+    pub avail: Option<u64>,
+}
+
+impl StorageStatus {
+    pub fn holds(&self, content: &str) -> bool {
+        self.content.iter().any(|c| c == content)
+    }
+}
+
+/// One entry of `GET /nodes/{node}/storage/{storage}/content`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StorageVolume {
+    /// `local:vztmpl/ubuntu-22.04-standard_22.04-1_amd64.tar.zst`
+    pub volid: String,
+    /// `vztmpl`, `iso`, `images`, `rootdir`, `backup`, ...
+    pub content: String,
+    pub format: String,
+    pub size: u64,
+    /// The guest a disk belongs to.
+    pub vmid: Option<u32>,
+}
+
+/// `GET /access/permissions`: ACL path -> privilege -> whether it propagates to the paths below.
+pub type Permissions = BTreeMap<String, BTreeMap<String, bool>>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PowerAction {
@@ -191,6 +267,33 @@ pub trait ProxmoxApi: Send + Sync {
     /// Poll `GET /nodes/{node}/tasks/{upid}/status` until the task stops; an exit status
     /// other than `OK` is `TaskFailed`.
     fn wait_task(&self, upid: &Upid) -> impl Future<Output = Result<(), ProxmoxError>> + Send;
+
+    // Read-only calls of `driftless doctor` and `driftless import`.
+
+    /// `GET /version`: needs no privilege, so it checks the address, TLS and the token alone.
+    fn api_version(&self) -> impl Future<Output = Result<PveVersion, ProxmoxError>> + Send;
+    /// `GET /access/permissions` for the caller (the token): every path, or only `path`
+    /// (the privileges effective there, inherited ones included).
+    fn permissions(&self, path: Option<&str>) -> impl Future<Output = Result<Permissions, ProxmoxError>> + Send;
+    /// `GET /nodes`.
+    fn nodes(&self) -> impl Future<Output = Result<Vec<PveNode>, ProxmoxError>> + Send;
+    /// `GET /nodes/{node}/network`.
+    fn node_network(&self, node: &str) -> impl Future<Output = Result<Vec<NetworkInterface>, ProxmoxError>> + Send;
+    /// `GET /nodes/{node}/storage`: the storages the caller may see on `node`.
+    fn storages(&self, node: &str) -> impl Future<Output = Result<Vec<StorageStatus>, ProxmoxError>> + Send;
+    /// `GET /nodes/{node}/storage/{storage}/status`.
+    fn storage_status(
+        &self,
+        node: &str,
+        storage: &str,
+    ) -> impl Future<Output = Result<StorageStatus, ProxmoxError>> + Send;
+    /// `GET /nodes/{node}/storage/{storage}/content`, only `content` (`vztmpl`, `iso`) when given.
+    fn storage_content(
+        &self,
+        node: &str,
+        storage: &str,
+        content: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<StorageVolume>, ProxmoxError>> + Send;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -1184,10 +1184,15 @@ mod tests {
     #[test]
     fn embedded_schema_has_all_endpoints() {
         let s = ApiSchema::embedded();
-        assert_eq!(s.endpoints().len(), 27);
+        assert_eq!(s.endpoints().len(), 32);
         for (m, p) in [
             ("GET", "/version"),
             ("GET", "/nodes"),
+            ("GET", "/access/permissions"),
+            ("GET", "/nodes/pve/network"),
+            ("GET", "/nodes/pve/storage"),
+            ("GET", "/nodes/pve/storage/local-lvm/status"),
+            ("GET", "/nodes/pve/storage/local/content"),
             ("GET", "/cluster/resources"),
             (
                 "GET",

@@ -14,6 +14,7 @@ use std::net::IpAddr;
 
 use serde_json::{Map, Value};
 
+use crate::access::Perms;
 use crate::store;
 use driftless::pve::api_schema::{ApiSchema, ParamErrors, Property};
 use driftless::pve::conf::{self, GuestConf, GuestKind, Section};
@@ -585,6 +586,221 @@ pub(crate) fn qemu_check_perm(authid: &str, keys: &[String]) -> Result<(), ApiEr
     for opt in keys {
         if opt == "args" || opt == "lock" || opt == "hookscript" {
             return Err(ApiError::die(format!("only root can set '{opt}' config")));
+        }
+    }
+    Ok(())
+}
+
+/// The privilege half of pve-container's `check_ct_modify_config_perm` (the root-only half
+/// is [`lxc_check_perm`]): which privilege each option needs on `/vms/{vmid}`, and storage
+/// and bridge access for disks and NICs.
+pub(crate) fn lxc_check_privs(
+    perms: &Perms,
+    vmid: u32,
+    old: Option<&Section>,
+    new: &BTreeMap<String, String>,
+    delete: &[String],
+) -> Result<(), ApiError> {
+    let check = |opt: &str, is_delete: bool| -> Result<(), ApiError> {
+        if opt == "cores" || opt == "cpuunits" || opt == "cpulimit" {
+            perms.check_vm(vmid, &["VM.Config.CPU"])
+        } else if opt == "rootfs" || numbered(opt, "mp") {
+            perms.check_vm(vmid, &["VM.Config.Disk"])?;
+            if is_delete {
+                return Ok(());
+            }
+            let value = new.get(opt).map(String::as_str).unwrap_or("");
+            let volume = value.split(',').next().unwrap_or("");
+            let volume = volume.strip_prefix("volume=").unwrap_or(volume);
+            match new_disk(volume) {
+                Some((Some(sid), _)) => perms.check(&format!("/storage/{sid}"), &["Datastore.AllocateSpace"]),
+                _ => Ok(()),
+            }
+        } else if opt == "memory" || opt == "swap" {
+            perms.check_vm(vmid, &["VM.Config.Memory"])
+        } else if numbered(opt, "net") {
+            perms.check_vm(vmid, &["VM.Config.Network"])?;
+            let old_value = old.and_then(|s| sget(s, opt));
+            for value in [
+                old_value.as_deref(),
+                if is_delete {
+                    None
+                } else {
+                    new.get(opt).map(String::as_str)
+                },
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let (bridge, tag) = nic_bridge(value);
+                if let Some(bridge) = bridge {
+                    perms.check_bridge(&bridge, tag.as_deref())?;
+                }
+            }
+            Ok(())
+        } else if opt == "nameserver" || opt == "searchdomain" || opt == "hostname" {
+            perms.check_vm(vmid, &["VM.Config.Network"])
+        } else if opt == "features" {
+            // Root-only changes were refused before; what is left changes `nesting` alone.
+            let old_value = old.and_then(|s| sget(s, "features")).unwrap_or_default();
+            let new_value = if is_delete {
+                String::new()
+            } else {
+                new.get(opt).cloned().unwrap_or_default()
+            };
+            let nesting = |v: &str| {
+                v.split(',')
+                    .find_map(|p| p.strip_prefix("nesting="))
+                    .unwrap_or("")
+                    .to_string()
+            };
+            if nesting(&old_value) != nesting(&new_value) {
+                perms.check_vm(vmid, &["VM.Allocate"])
+            } else {
+                Ok(())
+            }
+        } else {
+            // `tags` (assert_tag_permissions, every tag allowed: the datacenter default) and
+            // every other option.
+            perms.check_vm(vmid, &["VM.Config.Options"])
+        }
+    };
+    for opt in new.keys() {
+        check(opt, false)?;
+    }
+    for opt in delete {
+        check(opt, true)?;
+    }
+    Ok(())
+}
+
+/// The bridge and VLAN tag of a NIC's property string (LXC `bridge=vmbr0,tag=20`, QEMU
+/// `virtio=MAC,bridge=vmbr0`).
+fn nic_bridge(value: &str) -> (Option<String>, Option<String>) {
+    let mut bridge = None;
+    let mut tag = None;
+    for part in value.split(',') {
+        if let Some(b) = part.strip_prefix("bridge=") {
+            bridge = Some(b.to_string());
+        } else if let Some(t) = part.strip_prefix("tag=") {
+            tag = Some(t.to_string());
+        }
+    }
+    (bridge, tag)
+}
+
+/// qemu-server's privilege classes of config options (`$cpuoptions`, `$memoryoptions`, ...).
+fn qemu_option_privilege(opt: &str) -> Option<&'static str> {
+    const CPU: &[&str] = &[
+        "cores",
+        "cpu",
+        "runningcpu",
+        "cpulimit",
+        "cpuunits",
+        "numa",
+        "smp",
+        "sockets",
+        "vcpus",
+    ];
+    const MEMORY: &[&str] = &["memory", "balloon", "shares", "allow-ksm"];
+    const HWTYPE: &[&str] = &[
+        "acpi",
+        "hotplug",
+        "kvm",
+        "machine",
+        "runningmachine",
+        "scsihw",
+        "smbios1",
+        "tablet",
+        "vga",
+        "watchdog",
+        "audio0",
+        "rng0",
+    ];
+    const GENERAL: &[&str] = &[
+        "agent",
+        "autostart",
+        "bios",
+        "description",
+        "keyboard",
+        "localtime",
+        "migrate_downtime",
+        "migrate_speed",
+        "name",
+        "onboot",
+        "ostype",
+        "protection",
+        "reboot",
+        "startdate",
+        "startup",
+        "tdf",
+        "template",
+        "tags",
+    ];
+    const DISK: &[&str] = &["boot", "bootdisk", "vmstatestorage"];
+    if CPU.contains(&opt) || numbered(opt, "numa") {
+        Some("VM.Config.CPU")
+    } else if MEMORY.contains(&opt) {
+        Some("VM.Config.Memory")
+    } else if HWTYPE.contains(&opt) {
+        Some("VM.Config.HWType")
+    } else if GENERAL.contains(&opt) {
+        Some("VM.Config.Options")
+    } else if DISK.contains(&opt) {
+        Some("VM.Config.Disk")
+    } else if numbered(opt, "net") {
+        Some("VM.Config.Network")
+    } else {
+        None
+    }
+}
+
+/// qemu-server's privilege checks of a create (`update: false`) or a config change: the
+/// option classes (`check_vm_modify_config_perm`, creation skips drives), drives (a CD-ROM
+/// needs `VM.Config.CDROM`, a disk `VM.Config.Disk`; new disks `Datastore.AllocateSpace`,
+/// ISOs read access to their storage) and bridges (`SDN.Use`). Options outside every class
+/// are root-only in Proxmox; the sandbox leaves that to [`qemu_check_perm`]'s list.
+pub(crate) fn qemu_check_privs(
+    perms: &Perms,
+    vmid: u32,
+    set: &BTreeMap<String, String>,
+    delete: &[String],
+    update: bool,
+) -> Result<(), ApiError> {
+    for opt in delete {
+        let o = if opt == "cdrom" { "ide2" } else { opt.as_str() };
+        if is_qemu_drive(o) {
+            perms.check_vm(vmid, &["VM.Config.Disk"])?;
+        } else if let Some(p) = qemu_option_privilege(o) {
+            perms.check_vm(vmid, &[p])?;
+        }
+    }
+    for (opt, value) in set {
+        let o = if opt == "cdrom" { "ide2" } else { opt.as_str() };
+        if is_qemu_drive(o) {
+            let cdrom = opt == "cdrom" || is_cdrom(value);
+            if update {
+                perms.check_vm(vmid, &[if cdrom { "VM.Config.CDROM" } else { "VM.Config.Disk" }])?;
+            }
+            let volume = value.split(',').next().unwrap_or("");
+            let volume = volume.strip_prefix("file=").unwrap_or(volume);
+            if volume == "none" || volume == "cdrom" || volume.is_empty() {
+                continue;
+            }
+            match new_disk(volume) {
+                Some((Some(sid), _)) if !cdrom => {
+                    perms.check(&format!("/storage/{sid}"), &["Datastore.AllocateSpace"])?
+                }
+                _ => perms.check_template_access(volume)?,
+            }
+        } else if let Some(p) = qemu_option_privilege(o) {
+            perms.check_vm(vmid, &[p])?;
+        }
+        if numbered(opt, "net") {
+            let (bridge, tag) = nic_bridge(value);
+            if let Some(bridge) = bridge {
+                perms.check_bridge(&bridge, tag.as_deref())?;
+            }
         }
     }
     Ok(())

@@ -1,7 +1,7 @@
 //! `pct` on the sandbox's state: what an SSH session as root on the node runs.
 //!
 //! Supported: `pct set VMID --KEY VALUE ... [--delete a,b] [--revert a] [--digest D]`,
-//! `pct config VMID [--current]`, `pct status VMID`, and `pct push` / `pct exec` on the
+//! `pct config VMID [--current]`, `pct status VMID`, `pct list`, and `pct push` / `pct exec` on the
 //! simulated containers (`k3s_sim`). Values are validated with the API
 //! schema of `PUT /nodes/{node}/lxc/{vmid}/config`; the caller is `root@pam`, so features,
 //! device passthrough and bind mounts are allowed (unlike through an API token). A running
@@ -31,12 +31,13 @@ pub fn pct(state_dir: &Path, args: &[String]) -> Result<String, SandboxError> {
         "set" => set(&store, &args[1..]),
         "config" => config(&store, &args[1..]),
         "status" => status(&store, &args[1..]),
+        "list" => Ok(list(&store)),
         "push" => crate::k3s_sim::push(state_dir, &args[1..]),
         "exec" => Err(SandboxError::Pct(
             "ERROR: `pct exec` has an exit status of its own: use sandbox::pct_exec".into(),
         )),
         other => Err(SandboxError::Pct(format!(
-            "ERROR: unknown command 'pct {other}' (the sandbox knows set, config, status, push, exec)"
+            "ERROR: unknown command 'pct {other}' (the sandbox knows set, config, status, list, push, exec)"
         ))),
     }
 }
@@ -199,6 +200,18 @@ fn config(store: &Store, args: &[String]) -> Result<String, SandboxError> {
         out.push_str(&format!("{k}: {v}\n"));
     }
     Ok(out)
+}
+
+/// `pct list`: the containers of the node, as pct prints them.
+fn list(store: &Store) -> String {
+    let mut out = format!("{:<10} {:<10} {:<12} {:<20}\n", "VMID", "Status", "Lock", "Name");
+    for g in store.list().into_iter().filter(|g| g.kind == GuestKind::Lxc) {
+        let status = if store.is_running(g.vmid) { "running" } else { "stopped" };
+        let lock = g.conf.options.get("lock").cloned().unwrap_or_default();
+        let name = g.conf.options.get("hostname").cloned().unwrap_or_default();
+        out.push_str(&format!("{:<10} {:<10} {:<12} {:<20}\n", g.vmid, status, lock, name));
+    }
+    out
 }
 
 fn status(store: &Store, args: &[String]) -> Result<String, SandboxError> {
