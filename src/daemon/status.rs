@@ -9,6 +9,7 @@ use crate::apply::ApplyReport;
 use crate::daemon::verify::Verification;
 use crate::plan::Plan;
 use crate::plan::display::{self, Wording};
+use crate::plan::markdown as md;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt::Write;
@@ -309,20 +310,6 @@ pub fn redact(text: &str, secrets: &[String]) -> String {
     out
 }
 
-fn md_escape(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', "<br>")
-}
-
-fn code(s: &str) -> String {
-    let longest = s.split(|c| c != '`').map(str::len).max().unwrap_or(0);
-    let fence = "`".repeat(longest + 1);
-    let pad = if s.starts_with('`') || s.ends_with('`') {
-        " "
-    } else {
-        ""
-    };
-    format!("{fence}{pad}{s}{pad}{fence}")
-}
 
 fn fenced(s: &str) -> String {
     let mut longest = 0;
@@ -342,22 +329,22 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
         out,
         "## driftless {}: {} {}\n",
         r.kind.as_str(),
-        code(&r.git_ref),
+        md::code(&r.git_ref),
         r.outcome.as_str()
     );
     let _ = writeln!(out, "{}\n", r.outcome.explain());
     let _ = writeln!(out, "| | |\n|---|---|");
-    let _ = writeln!(out, "| ref | {} |", md_escape(&code(&r.git_ref)));
-    let _ = writeln!(out, "| revision | {} |", md_escape(&code(&r.revision)));
+    let _ = writeln!(out, "| ref | {} |", md::code(&r.git_ref));
+    let _ = writeln!(out, "| revision | {} |", md::code(&r.revision));
     let _ = writeln!(out, "| run | {} |", r.kind.as_str());
     let _ = writeln!(out, "| outcome | **{}** |", r.outcome.as_str());
-    let _ = writeln!(out, "| started | {} |", md_escape(&r.started));
-    let _ = writeln!(out, "| finished | {} |", md_escape(&r.finished));
+    let _ = writeln!(out, "| started | {} |", md::text(&r.started));
+    let _ = writeln!(out, "| finished | {} |", md::text(&r.finished));
     if let Some(rev) = &r.last_attempted_revision {
-        let _ = writeln!(out, "| last attempted revision | {} |", md_escape(&code(rev)));
+        let _ = writeln!(out, "| last attempted revision | {} |", md::code(rev));
     }
     if let Some(rev) = &r.last_applied_revision {
-        let _ = writeln!(out, "| last applied revision | {} |", md_escape(&code(rev)));
+        let _ = writeln!(out, "| last applied revision | {} |", md::code(rev));
     }
     let _ = writeln!(out);
     if let Some(v) = &r.verification {
@@ -395,9 +382,9 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
                     "| {} | {} | {} (vmid {}) | {} |",
                     if s.ok { "ok" } else { "**failed**" },
                     s.action,
-                    md_escape(&s.node),
+                    md::text(&s.node),
                     s.vmid,
-                    md_escape(&result)
+                    md::text(&result)
                 );
             }
             let _ = writeln!(out);
@@ -408,7 +395,7 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
         if !applied.not_done.is_empty() {
             let _ = writeln!(out, "Not done:\n");
             for n in &applied.not_done {
-                let _ = writeln!(out, "- {}", md_escape(n));
+                let _ = writeln!(out, "- {}", md::text(n));
             }
             let _ = writeln!(out);
         }
@@ -420,7 +407,7 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
              runs where; they apply after merge, and this plan used the watched branch's instead:\n"
         );
         for c in &r.untrusted_changes {
-            let _ = writeln!(out, "- {}", md_escape(c));
+            let _ = writeln!(out, "- {}", md::text(c));
         }
         let _ = writeln!(out);
     }
@@ -430,9 +417,15 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
             let _ = writeln!(out, "{}", fenced(e));
         }
     }
-    // The markdown escapes `|` and newlines: redact a secret's escaped form too.
+    // Quoted text is escaped: redact a secret's escaped forms too.
     let mut all: Vec<String> = secrets.to_vec();
-    all.extend(secrets.iter().map(|s| md_escape(s)).filter(|e| !secrets.contains(e)));
+    for s in secrets {
+        for form in [md::text(s), s.replace('|', "\\|")] {
+            if !all.contains(&form) {
+                all.push(form);
+            }
+        }
+    }
     let text = redact(&out, &all);
     format!("{}\n", text.trim_end())
 }
@@ -462,12 +455,13 @@ fn signatures_markdown(out: &mut String, v: &Verification) {
         let mut shown: Vec<_> = v.commits.iter().filter(|c| c.rejected.is_some()).collect();
         shown.extend(v.commits.iter().filter(|c| c.rejected.is_none()));
         for c in shown.iter().take(SIGNATURE_ROWS) {
+            // Signer and error text come from the commit: quoted as text, around our own markup.
             let verdict = match (&c.signer, &c.error) {
-                (Some(signer), _) => format!("signed by {signer}"),
-                (None, Some(e)) => format!("**refused**: {e}"),
+                (Some(signer), _) => format!("signed by {}", md::text(&signer.to_string())),
+                (None, Some(e)) => format!("**refused**: {}", md::text(e)),
                 (None, None) => "refused".into(),
             };
-            let _ = writeln!(out, "| {} | {} |", md_escape(&code(&c.commit)), md_escape(&verdict));
+            let _ = writeln!(out, "| {} | {verdict} |", md::code(&c.commit));
         }
         if shown.len() > SIGNATURE_ROWS {
             let _ = writeln!(
@@ -583,6 +577,25 @@ mod tests {
     }
 
     #[test]
+    fn text_from_a_guest_or_a_pull_request_renders_as_text_not_markup() {
+        let mut r = report();
+        let hostile = "<img src=https://evil.example/x.png> [docs](https://evil.example) @owner | cell";
+        if let Some(applied) = r.applied.as_mut() {
+            applied.done[0].log = vec![hostile.into()];
+        }
+        if let Some(plan) = r.plan.as_mut() {
+            plan.steps[0].action = Action::Restart { reason: hostile.into() };
+        }
+        r.untrusted_changes = vec![hostile.into()];
+        let md = markdown(&r, &[]);
+        for markup in ["<img", "](https://evil", "@owner", "| cell"] {
+            let unescaped = md.match_indices(markup).any(|(i, _)| !md[..i].ends_with('\\'));
+            assert!(!unescaped, "{markup} reached the report unescaped:\n{md}");
+        }
+        assert_eq!(md.matches("evil.example").count(), 6, "the text is still shown:\n{md}");
+    }
+
+    #[test]
     fn an_unverified_revision_says_which_commit_and_why_in_both_reports() {
         use crate::daemon::verify::{CommitVerdict, Signer, VerifyMode};
         let mut r = report();
@@ -622,7 +635,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("| `aaaa` | signed by alice@example.com (SSH key SHA256:abc) |"),
+            md.contains("| `aaaa` | signed by alice&#64;example.com (SSH key SHA256:abc) |"),
             "{md}"
         );
         assert!(

@@ -4,6 +4,7 @@
 
 mod diff;
 pub mod display;
+pub mod markdown;
 pub mod schedule;
 
 use crate::model::Desired;
