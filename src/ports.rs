@@ -323,8 +323,25 @@ pub enum ShellError {
     /// A compare-and-swap write found the file changed since it was read.
     #[error("{path} on {host} changed since it was read: refusing to overwrite")]
     Changed { host: String, path: String },
+    /// A command printed more than [`MAX_COMMAND_OUTPUT`]: what a guest answers is untrusted,
+    /// and a run must not grow without bound on it.
+    #[error("`{command}` on {host} printed more than {} MiB: stopped", MAX_COMMAND_OUTPUT >> 20)]
+    TooMuchOutput { host: String, command: String },
     #[error("{0}")]
     Other(String),
+}
+
+/// The most a remote command's stdout or stderr may hold (each). Far above any config file
+/// or status answer driftless reads; a compromised guest answering gigabytes is cut off here.
+pub const MAX_COMMAND_OUTPUT: usize = 16 << 20;
+
+/// Append `data` to a command's output buffer, or say it is over [`MAX_COMMAND_OUTPUT`].
+pub fn append_capped(buffer: &mut Vec<u8>, data: &[u8]) -> Result<(), ()> {
+    if buffer.len() + data.len() > MAX_COMMAND_OUTPUT {
+        return Err(());
+    }
+    buffer.extend_from_slice(data);
+    Ok(())
 }
 
 impl ShellError {

@@ -31,7 +31,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::adapters::known_hosts::{KnownHosts, Presented, Verdict};
 use crate::adapters::shell_quote::{command_line, has_nul};
-use crate::ports::{CommandOutput, HostShell, ShellError};
+use crate::ports::{CommandOutput, HostShell, ShellError, append_capped};
 
 /// Where and how to reach the Proxmox host serving one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,6 +330,10 @@ async fn exec(
         host: address.to_string(),
         message,
     };
+    let too_much = || ShellError::TooMuchOutput {
+        host: address.to_string(),
+        command: what.to_string(),
+    };
     let (mut read, write) = channel.split();
     write
         .exec(true, line)
@@ -355,8 +359,12 @@ async fn exec(
                 }
                 msg = read.wait() => match msg {
                     None | Some(ChannelMsg::Close) => break Ok(()),
-                    Some(ChannelMsg::Data { data }) => stdout.extend_from_slice(&data),
-                    Some(ChannelMsg::ExtendedData { data, ext: 1 }) => stderr.extend_from_slice(&data),
+                    Some(ChannelMsg::Data { data }) => if append_capped(&mut stdout, &data).is_err() {
+                        break Err(too_much());
+                    },
+                    Some(ChannelMsg::ExtendedData { data, ext: 1 }) => if append_capped(&mut stderr, &data).is_err() {
+                        break Err(too_much());
+                    },
                     Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
                     Some(ChannelMsg::ExitSignal { signal_name, .. }) => signal = Some(format!("{signal_name:?}")),
                     Some(ChannelMsg::Failure) => break Err(ShellError::Other(format!(
@@ -373,7 +381,11 @@ async fn exec(
             let _ = write.close().await;
             return Err(ShellError::Other(format!("`{what}` on {address} timed out")));
         }
-        Ok(Err(e)) => return Err(e),
+        Ok(Err(e)) => {
+            // Closing the channel stops the remote command instead of letting it stream on.
+            let _ = write.close().await;
+            return Err(e);
+        }
         Ok(Ok(())) => {}
     }
     match (status, signal) {
