@@ -304,9 +304,10 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         Ok((name, bundle))
     }
 
-    /// The Talos API, with the talosconfig in the secrets directory (made from the bundle
-    /// when missing).
-    fn talos(&self) -> Result<C::Talos, ClusterError> {
+    /// The Talos API, with the talosconfig in the secrets directory, made from the bundle when
+    /// missing. Only an apply (`keep`) saves a made one: a plan writes nothing, so a plan of
+    /// anything (a pull request included) cannot leave a file that later runs use.
+    fn talos(&self, keep: bool) -> Result<C::Talos, ClusterError> {
         let path = self.secrets.dir.join(TALOSCONFIG_FILE);
         let yaml = match std::fs::read(&path) {
             Ok(y) => y,
@@ -317,7 +318,9 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                 let nodes: Vec<String> = self.trusted.nodes.iter().map(|n| n.ip().to_string()).collect();
                 let text = talos_secrets::talosconfig(&bundle, &self.desired.cluster.name, &endpoints, &nodes)
                     .map_err(|e| ClusterError::Config(format!("cannot make the talosconfig: {e}")))?;
-                self.write_secret_file(TALOSCONFIG_FILE, text.as_bytes())?;
+                if keep {
+                    self.write_secret_file(TALOSCONFIG_FILE, text.as_bytes())?;
+                }
                 text.into_bytes()
             }
         };
@@ -470,7 +473,7 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                         continue;
                     };
                     if talos.is_none() {
-                        talos = Some(self.talos()?);
+                        talos = Some(self.talos(false)?);
                     }
                     let client = talos.as_ref().expect("set above");
                     let ip = node.ip().to_string();
@@ -691,7 +694,7 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         maintenance_allowed: bool,
         log: &mut Vec<String>,
     ) -> Result<(), ClusterError> {
-        let client = self.talos()?;
+        let client = self.talos(true)?;
         let ip = node.ip().to_string();
         let (filled, bundle) = self.filled_talos_config(config)?;
         // The plan may be older than the node: ask again which API it speaks now, waiting
@@ -748,7 +751,7 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
     }
 
     async fn talos_bootstrap(&self, node: &Node, log: &mut Vec<String>) -> Result<(), ClusterError> {
-        let client = self.talos()?;
+        let client = self.talos(true)?;
         let ip = node.ip().to_string();
         let deadline = tokio::time::Instant::now() + self.settings.gate_timeout;
         // A control plane node that just took its first config reboots into it: wait for mTLS.
@@ -1226,6 +1229,30 @@ mod tests {
         };
         assert!(access.run(&bootstrap, &mut Vec::new()).await.is_err());
         assert!(cluster.talos.applied.lock().unwrap().is_empty(), "no config was sent");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_plan_writes_no_talosconfig_and_an_apply_saves_the_one_it_used() {
+        let (desired, artifacts, secrets, guests) = talos_lab();
+        let cluster = FakeCluster::default();
+        for ip in [CP, WORKER_1, WORKER_2] {
+            cluster.talos.configure(ip);
+        }
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let talosconfig = secrets.path().join(TALOSCONFIG_FILE);
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        assert!(!talosconfig.exists(), "a plan left a talosconfig behind");
+        let (step, _, _) = talos_apply_of(&plan, "talos-worker-1");
+        access.run(step, &mut Vec::new()).await.unwrap();
+        let saved = std::fs::read_to_string(&talosconfig).expect("the apply saves the talosconfig it used");
+        assert!(saved.contains(CP), "{saved}");
     }
 
     #[tokio::test(start_paused = true)]
