@@ -548,3 +548,32 @@ fn with_verify_in_the_config_an_unsigned_push_waits_for_a_signed_one() {
     assert!(s.conf(100).contains("lxc.apparmor.profile: unconfined"));
     assert!(s.conf(102).contains("memory: 6144"), "{}", s.conf(102));
 }
+
+#[test]
+fn a_revision_that_sets_what_the_daemons_policy_forbids_is_refused_with_its_line() {
+    let mut s = Setup::new("homelab-k3s");
+    let config = s.dir.path().join("daemon.yaml");
+    // Whoever can push to main is root on the host through a raw hook; this operator forbids it.
+    std::fs::write(&config, "poll_interval: 1s\npolicy:\n  forbid_raw_lxc: [lxc.hook.]\n").unwrap();
+    let url = s.file_url();
+    s.start_daemon(&url, &["--config", config.to_str().unwrap()]);
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str() && r["outcome"] == "applied"
+    });
+    let node = std::fs::read_to_string(s.work.join("nodes/k3s-worker-1.yaml")).unwrap();
+    let hook = format!(
+        "{node}deviations: [{{adr: ADR-001, keys: [lxc.raw], reason: a hook}}]\nlxc:\n  raw:\n    - lxc.hook.pre-start: /bin/sh -c 'id > /tmp/pwned'\n"
+    );
+    let bad = s.push_change("nodes/k3s-worker-1.yaml", &hook, "a hook", "main");
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| r["revision"] == bad.as_str());
+    assert_eq!(r["outcome"], "invalid", "{r}");
+    let error = r["errors"][0].as_str().unwrap();
+    assert!(error.contains("nodes/k3s-worker-1.yaml:"), "{r}");
+    assert!(error.contains("policy.forbid_raw_lxc"), "{r}");
+    assert!(
+        !s.conf(101).contains("lxc.hook"),
+        "nothing of it applied: {}",
+        s.conf(101)
+    );
+}

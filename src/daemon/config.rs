@@ -2,6 +2,7 @@
 //! variable (flags win over the file).
 
 use crate::daemon::forge::ForgeKind;
+use crate::daemon::policy::Policy;
 use crate::daemon::verify::{VerifyMode, VerifySettings};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,8 @@ pub struct DaemonFile {
     pub plan_timeout: Option<String>,
     pub worker_memory: Option<String>,
     pub verify: Option<VerifyFile>,
+    /// What the repository may not set (daemon::policy).
+    pub policy: Option<Policy>,
 }
 
 /// `verify:`: apply only commits signed by these keys.
@@ -132,6 +135,9 @@ pub struct DaemonSettings {
     /// Signed commits: off when `None`.
     #[serde(default)]
     pub verify: Option<VerifySettings>,
+    /// What the repository may not set, whoever pushes it.
+    #[serde(default)]
+    pub policy: Policy,
     /// How each run's worker process logs (the daemon's `--log-format`); `None` keeps runs
     /// silent (the quickstart prints the status reports instead).
     #[serde(default)]
@@ -178,6 +184,8 @@ pub enum ConfigError {
     ForgeKind(String),
     #[error("`{value}` is not a size (write it like 512MiB or 2GiB)")]
     Size { value: String },
+    #[error("{0}")]
+    Policy(String),
     #[error("unknown verify mode `{0}` (head, all)")]
     VerifyMode(String),
     #[error(
@@ -266,6 +274,8 @@ impl DaemonFlags {
             }
         };
         let verify = self.verify_settings(file.verify)?;
+        let policy = file.policy.unwrap_or_default();
+        policy.check().map_err(ConfigError::Policy)?;
         Ok(DaemonSettings {
             repository,
             branch,
@@ -296,6 +306,7 @@ impl DaemonFlags {
             forge,
             limits,
             verify,
+            policy,
             log_format: None,
         })
     }

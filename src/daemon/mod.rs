@@ -4,6 +4,7 @@ pub mod forge;
 pub mod git;
 pub mod memory;
 pub mod metrics;
+pub mod policy;
 pub mod run;
 pub mod server;
 pub mod status;

@@ -310,7 +310,6 @@ pub fn redact(text: &str, secrets: &[String]) -> String {
     out
 }
 
-
 fn fenced(s: &str) -> String {
     let mut longest = 0;
     let mut run = 0;

@@ -533,6 +533,17 @@ impl Worker {
             .map_err(|_| format!("the watched branch's revision {commit} no longer loads"))
     }
 
+    /// Load a revision, and refuse it like an invalid one when it sets what the daemon's
+    /// `policy:` forbids (a pull request's plan says so before it is merged).
+    fn load_within_policy(&self, files: &RepoFiles) -> Result<Desired, Vec<String>> {
+        let desired = model::load(files, &LoadOptions::default())
+            .map_err(|diags| diags.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        match self.settings.policy.violations(&desired) {
+            v if v.is_empty() => Ok(desired),
+            v => Err(v),
+        }
+    }
+
     /// Plan (and for the watched branch, apply) one revision, and report it.
     async fn run(&self, job: &RunJob) -> RunResult {
         let (commit, kind) = (job.commit.as_str(), job.kind);
@@ -552,10 +563,10 @@ impl Worker {
                 self.api_error(System::Git);
                 report.errors.push(format!("cannot read revision {commit}: {e:#}"));
             }
-            Ok(Some(files)) => match model::load(&files, &LoadOptions::default()) {
-                Err(diags) => {
+            Ok(Some(files)) => match self.load_within_policy(&files) {
+                Err(errors) => {
                     report.outcome = Outcome::Invalid;
-                    report.errors = diags.0.iter().map(ToString::to_string).collect();
+                    report.errors = errors;
                 }
                 Ok(desired) if kind == RunKind::PullRequest => match self.trusted_state(&job.revisions).await {
                     Err(e) => report.errors.push(e),

@@ -489,6 +489,7 @@ pub(crate) fn nodes(cluster: &Cluster, nodes: &mut [Node], all_nodes_loaded: boo
         proxmox_node_known(&cluster.proxmox, node, diags);
         has_template_or_image(cluster.distribution, node, diags);
         vm_has_no_lxc_settings(node, diags);
+        mount_feature_names_filesystems(node, diags);
         raw_lxc_keys_allowed(node, diags);
         no_k3s_settings_on_talos(cluster.distribution, node, diags);
         k3s_flags_known(cluster.distribution, node, diags);
@@ -734,6 +735,30 @@ fn vm_has_no_lxc_settings(node: &Node, diags: &mut Diagnostics) {
                 format!("vm node `{}` has `lxc` settings", node.name),
             )
             .hint("lxc settings apply to containers; scope the ADR or defaults with `kind: lxc`"),
+        );
+    }
+}
+
+/// `lxc.features.mount` lists file system types (`nfs;cifs`) and nothing else: it is written
+/// into Proxmox's `features:` property list, where a `,` or `=` would smuggle in another
+/// feature flag (`nfs,force_rw_sys=1`) that review of the `mount` line would not see.
+fn mount_feature_names_filesystems(node: &Node, diags: &mut Diagnostics) {
+    let Some(mount) = node
+        .settings
+        .lxc
+        .as_ref()
+        .and_then(|l| l.features.as_ref()?.mount.as_ref())
+    else {
+        return;
+    };
+    let fs_type = |t: &str| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    if !mount.split(';').all(fs_type) {
+        diags.push(
+            Diagnostic::new(
+                setting_loc(node, "lxc.features.mount"),
+                format!("`lxc.features.mount` `{mount}` is not a list of file system types"),
+            )
+            .hint("write file system types separated by `;`, as Proxmox does: `nfs;cifs`"),
         );
     }
 }

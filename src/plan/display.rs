@@ -462,7 +462,13 @@ pub fn markdown(plan: &Plan, wording: Wording) -> String {
         let _ = writeln!(out);
     }
     for n in &plan.notices {
-        let _ = writeln!(out, "> note: {} (vmid {}): {}", md::code(&n.node), n.vmid, md::text(&n.message));
+        let _ = writeln!(
+            out,
+            "> note: {} (vmid {}): {}",
+            md::code(&n.node),
+            n.vmid,
+            md::text(&n.message)
+        );
     }
     out
 }

@@ -31,10 +31,7 @@ pub fn text(s: &str) -> String {
 /// `s` as a code span on one line, usable inside a table cell: the fence is longer than any
 /// run of backticks in `s`, and `|` is escaped (GitHub splits cells on it even in code).
 pub fn code(s: &str) -> String {
-    let s: String = s
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect();
+    let s: String = s.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
     let mut longest = 0;
     let mut run = 0;
     for c in s.chars() {
@@ -42,7 +39,11 @@ pub fn code(s: &str) -> String {
         longest = longest.max(run);
     }
     let fence = "`".repeat(longest + 1);
-    let pad = if s.starts_with('`') || s.ends_with('`') { " " } else { "" };
+    let pad = if s.starts_with('`') || s.ends_with('`') {
+        " "
+    } else {
+        ""
+    };
     format!("{fence}{pad}{}{pad}{fence}", s.replace('|', "\\|"))
 }
 
