@@ -21,5 +21,6 @@ mod render_snapshots;
 mod sandbox_proxmox;
 mod ssh_host_shell;
 mod ssh_node;
+mod systemd_unit;
 mod talos_api;
 mod talos_schema;
