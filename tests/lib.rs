@@ -24,6 +24,7 @@ mod sandbox_proxmox;
 mod setup_guide;
 mod ssh_host_shell;
 mod ssh_node;
+mod systemd_unit;
 mod talos_api;
 mod talos_schema;
 mod verify;

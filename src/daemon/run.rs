@@ -384,6 +384,12 @@ pub async fn run(settings: DaemonSettings, run: RunSettings) -> Result<()> {
 
 /// Run the daemon until `control` asks it to stop.
 pub async fn run_until(settings: DaemonSettings, run: RunSettings, control: Control) -> Result<()> {
+    // The hard limit (systemd's LimitNOFILE), not the soft 1024: clients of the HTTP server must
+    // never leave the daemon's own fetches without descriptors.
+    match server::raise_open_files_limit() {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
     std::fs::create_dir_all(&settings.state_dir)
         .with_context(|| format!("cannot create the state directory {}", settings.state_dir.display()))?;
     let mirror = {

@@ -9,6 +9,9 @@ pub struct RepoFiles {
     pub files: BTreeMap<String, Vec<u8>>,
     /// Where the files came from, for messages: a directory, or a URL and commit.
     pub origin: String,
+    /// Files a source did not read because of the size limits (`crate::model::load::limits`):
+    /// path -> size in bytes. Loading reports them.
+    pub oversized: BTreeMap<String, u64>,
 }
 
 impl RepoFiles {
@@ -16,6 +19,7 @@ impl RepoFiles {
         RepoFiles {
             files: BTreeMap::new(),
             origin: origin.into(),
+            oversized: BTreeMap::new(),
         }
     }
 

@@ -12,5 +12,5 @@ pub mod yaml;
 pub use desired::*;
 pub use diag::{Diagnostic, Diagnostics, Location};
 pub use files::RepoFiles;
-pub use load::{LoadOptions, builtin_location, load};
+pub use load::{LoadOptions, builtin_location, limits, load};
 pub use validate::{parse_duration, valid_tag};
