@@ -335,13 +335,15 @@ pub enum ShellError {
 /// or status answer driftless reads; a compromised guest answering gigabytes is cut off here.
 pub const MAX_COMMAND_OUTPUT: usize = 16 << 20;
 
-/// Append `data` to a command's output buffer, or say it is over [`MAX_COMMAND_OUTPUT`].
-pub fn append_capped(buffer: &mut Vec<u8>, data: &[u8]) -> Result<(), ()> {
+/// Append `data` to a command's output buffer; false (and nothing appended) when that would
+/// go over [`MAX_COMMAND_OUTPUT`].
+#[must_use]
+pub fn append_capped(buffer: &mut Vec<u8>, data: &[u8]) -> bool {
     if buffer.len() + data.len() > MAX_COMMAND_OUTPUT {
-        return Err(());
+        return false;
     }
     buffer.extend_from_slice(data);
-    Ok(())
+    true
 }
 
 impl ShellError {

@@ -113,7 +113,9 @@ async fn read_capped(pipe: Option<impl AsyncRead + Unpin>) -> Result<Vec<u8>, Ca
         if n == 0 {
             return Ok(out);
         }
-        append_capped(&mut out, &chunk[..n]).map_err(|()| Capped::TooMuch)?;
+        if !append_capped(&mut out, &chunk[..n]) {
+            return Err(Capped::TooMuch);
+        }
     }
 }
 

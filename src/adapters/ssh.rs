@@ -359,10 +359,10 @@ async fn exec(
                 }
                 msg = read.wait() => match msg {
                     None | Some(ChannelMsg::Close) => break Ok(()),
-                    Some(ChannelMsg::Data { data }) => if append_capped(&mut stdout, &data).is_err() {
+                    Some(ChannelMsg::Data { data }) => if !append_capped(&mut stdout, &data) {
                         break Err(too_much());
                     },
-                    Some(ChannelMsg::ExtendedData { data, ext: 1 }) => if append_capped(&mut stderr, &data).is_err() {
+                    Some(ChannelMsg::ExtendedData { data, ext: 1 }) => if !append_capped(&mut stderr, &data) {
                         break Err(too_much());
                     },
                     Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
