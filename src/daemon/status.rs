@@ -634,7 +634,7 @@ mod tests {
             "{md}"
         );
         assert!(
-            md.contains("| `aaaa` | signed by alice&#64;example.com (SSH key SHA256:abc) |"),
+            md.contains("| `aaaa` | signed by alice@example.com (SSH key SHA256:abc) |"),
             "{md}"
         );
         assert!(

@@ -11,12 +11,16 @@
 /// read plainly in the raw file.
 pub fn text(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + s.len() / 8);
+    let mut previous: Option<char> = None;
     for c in s.chars() {
+        let after_word = previous.is_some_and(|p| p.is_alphanumeric());
+        previous = Some(c);
         match c {
             '\n' => out.push_str("<br>"),
             '\r' => {}
-            // GitHub links `@name` even after a backslash; an entity is shown as `@` and never links.
-            '@' => out.push_str("&#64;"),
+            // GitHub links `@name` even after a backslash; an entity is shown as `@` and never
+            // links. An `@` inside a word (an e-mail address) starts no mention: kept readable.
+            '@' if !after_word => out.push_str("&#64;"),
             '\\' | '`' | '*' | '_' | '[' | ']' | '<' | '>' | '!' | '|' | '~' | '&' | '#' | '$' => {
                 out.push('\\');
                 out.push(c);
@@ -62,6 +66,7 @@ mod tests {
         assert!(!t.contains("@admin"), "{t}");
         assert!(t.contains("<br>\\# h"), "{t}");
         assert_eq!(text("plain words 42"), "plain words 42");
+        assert_eq!(text("alice@example.com"), "alice@example.com");
     }
 
     #[test]
