@@ -702,6 +702,10 @@ pub struct DaemonArgs {
     /// File holding a token for https:// repositories.
     #[arg(long, env = "DRIFTLESS_GIT_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// A read-only Proxmox token (a PVEAuditor role) for pull request plans, in a file as
+    /// USER@REALM!TOKENID=SECRET: a plan of untrusted content never holds the token that writes.
+    #[arg(long, env = "DRIFTLESS_PLAN_TOKEN_FILE", value_name = "FILE")]
+    pub plan_token_file: Option<PathBuf>,
     /// How long one reconcile or drift check may take before it is stopped [default: 1h].
     #[arg(long, env = "DRIFTLESS_RUN_TIMEOUT", value_name = "DURATION")]
     pub run_timeout: Option<String>,
@@ -747,6 +751,7 @@ impl DaemonArgs {
             ssh_key: self.ssh_key.clone(),
             known_hosts: self.known_hosts.clone(),
             token_file: self.token_file.clone(),
+            plan_token_file: self.plan_token_file.clone(),
             run_timeout: self.run_timeout.clone(),
             plan_timeout: self.plan_timeout.clone(),
             worker_memory: self.worker_memory.clone(),

@@ -577,3 +577,123 @@ fn a_revision_that_sets_what_the_daemons_policy_forbids_is_refused_with_its_line
         s.conf(101)
     );
 }
+
+/// A listener standing for a server a pull request's author runs: it counts who connects.
+fn attacker_listener() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    (port, seen)
+}
+
+/// main's cluster.yaml pointed at the sandbox on loopback and pinned to its certificate.
+fn cluster_at(s: &Setup, api: &str, fingerprint: &str) -> String {
+    std::fs::read_to_string(s.work.join("cluster.yaml"))
+        .unwrap()
+        .replace("https://192.168.2.10:8006", api)
+        .replace(
+            "# fingerprint: \"AB:CD:...\"",
+            &format!("fingerprint: \"{fingerprint}\""),
+        )
+}
+
+#[test]
+fn a_hostile_pull_request_cannot_send_the_token_elsewhere_or_set_the_schedule() {
+    let mut s = Setup::new("homelab-k3s");
+    s.proxmox_from_repository = true;
+    let (url, fp, token) = (
+        s.sandbox().url.clone(),
+        s.sandbox().fingerprint.clone(),
+        s.sandbox().token.clone(),
+    );
+    let main = s.push_change("cluster.yaml", &cluster_at(&s, &url, &fp), "the lab's API", "main");
+    let repo = s.file_url();
+    s.start_daemon(&repo, &["--poll-interval", "1s", "--plan-refs", "refs/heads/pr/*"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == main.as_str() && r["outcome"] == "applied"
+    });
+
+    // The pull request sends the API (and so the token) to its author's server, pins that
+    // server's certificate, and asks for a one-second schedule.
+    let (port, seen) = attacker_listener();
+    let hostile_fp = ["AB"; 32].join(":");
+    let hostile = std::fs::read_to_string(s.work.join("cluster.yaml"))
+        .unwrap()
+        .replace(&url, &format!("https://127.0.0.1:{port}"))
+        .replace(&fp, &hostile_fp)
+        .replace("interval: 5m", "interval: 1s");
+    assert!(hostile.contains(&hostile_fp));
+    let pr = s.push_change("cluster.yaml", &hostile, "faster", "pr/9");
+    let r = s.wait_report("heads/pr/9", Duration::from_secs(60), |r| r["revision"] == pr.as_str());
+    assert_eq!(r["outcome"], "planned", "planned against the trusted API: {r}");
+    let ignored: Vec<&str> = r["untrusted_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(ignored.contains(&"proxmox (API, certificate, token, hosts)"), "{r}");
+    assert!(ignored.contains(&"reconcile"), "{r}");
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the attacker's server was dialled"
+    );
+    let md = git(&s.bare, &["show", "driftless/status:status/heads/pr/9.md"]);
+    assert!(md.contains("### Not used for this plan"), "{md}");
+    let secret = token.rsplit('=').next().unwrap();
+    assert!(!md.contains(secret) && !s.log().contains(secret), "the token leaked");
+    // The schedule stays main's: no drift or reconcile report appears every second for main.
+    let commits = s.status_commits();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        s.status_commits() <= commits + 1,
+        "main's schedule was changed by the pull request"
+    );
+}
+
+#[test]
+fn a_pull_request_is_planned_with_the_read_only_plan_token() {
+    let mut s = Setup::new("homelab-k3s");
+    // A token the sandbox does not know: the pull request's plan must fail with it, while
+    // main keeps applying with the daemon's writing token.
+    let plan_token = s.dir.path().join("plan-token");
+    std::fs::write(&plan_token, "auditor@pve!plan=00000000-0000-0000-0000-000000000000\n").unwrap();
+    let url = s.file_url();
+    s.start_daemon(
+        &url,
+        &[
+            "--poll-interval",
+            "1s",
+            "--plan-refs",
+            "refs/heads/pr/*",
+            "--plan-token-file",
+            plan_token.to_str().unwrap(),
+        ],
+    );
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str() && r["outcome"] == "applied"
+    });
+    let pr = s.push_change(
+        "nodes/k3s-worker-2.yaml",
+        &worker2_with_memory(&s.work, 8),
+        "8 GiB",
+        "pr/3",
+    );
+    let r = s.wait_report("heads/pr/3", Duration::from_secs(60), |r| r["revision"] == pr.as_str());
+    assert_eq!(r["outcome"], "failed", "{r}");
+    let errors = r["errors"].to_string();
+    assert!(errors.contains("401") || errors.contains("authentication"), "{r}");
+    assert!(
+        !errors.contains("00000000-0000"),
+        "the plan token's secret is in the report: {r}"
+    );
+}

@@ -26,6 +26,7 @@ pub struct DaemonFile {
     pub ssh_key: Option<PathBuf>,
     pub known_hosts: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
+    pub plan_token_file: Option<PathBuf>,
     pub forge: Option<ForgeFile>,
     pub run_timeout: Option<String>,
     pub plan_timeout: Option<String>,
@@ -96,6 +97,8 @@ pub struct DaemonFlags {
     pub known_hosts: Option<PathBuf>,
     /// File holding a token for https:// repositories.
     pub token_file: Option<PathBuf>,
+    /// A read-only Proxmox token for pull request plans.
+    pub plan_token_file: Option<PathBuf>,
     /// How long one reconcile or drift check may take [default: 1h].
     pub run_timeout: Option<String>,
     /// How long one pull request plan may take [default: 10m].
@@ -127,6 +130,9 @@ pub struct DaemonSettings {
     pub ssh_key: Option<PathBuf>,
     pub known_hosts: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
+    /// A read-only Proxmox token for pull request plans.
+    #[serde(default)]
+    pub plan_token_file: Option<PathBuf>,
     pub forge: Option<(ForgeKind, String, String, PathBuf)>,
     /// The bounds of one run: a reconcile or drift check, a pull request plan (untrusted
     /// input: shorter), and the worker's address space.
@@ -303,6 +309,7 @@ impl DaemonFlags {
             ssh_key: self.ssh_key.clone().or(file.ssh_key),
             known_hosts: self.known_hosts.clone().or(file.known_hosts),
             token_file: self.token_file.clone().or(file.token_file),
+            plan_token_file: self.plan_token_file.clone().or(file.plan_token_file),
             forge,
             limits,
             verify,

@@ -266,6 +266,7 @@ pub fn daemon_secrets(settings: &DaemonSettings, run: &RunSettings) -> Vec<Strin
     // Whole credential files: a token, a webhook secret, a private key.
     for path in [
         run.proxmox.token_file.as_deref(),
+        settings.plan_token_file.as_deref(),
         settings.webhook_secret_file.as_deref(),
         settings.token_file.as_deref(),
         settings.ssh_key.as_deref(),
@@ -685,8 +686,13 @@ impl Worker {
         kind: RunKind,
         report: &mut StatusReport,
     ) {
-        // Where credentials go is decided by the trusted state alone.
-        let connection = match Connection::open(&self.run, &trusted.cluster, &trusted.nodes) {
+        // Where credentials go is decided by the trusted state alone; a pull request's plan
+        // holds the read-only token when the daemon has one.
+        let mut run = self.run.clone();
+        if kind == RunKind::PullRequest && self.settings.plan_token_file.is_some() {
+            run.proxmox.token_file = self.settings.plan_token_file.clone();
+        }
+        let connection = match Connection::open(&run, &trusted.cluster, &trusted.nodes) {
             Ok(c) => c,
             Err(e) => {
                 self.api_error(e.system());
