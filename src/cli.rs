@@ -167,8 +167,8 @@ pub enum Command {
     /// The same read-only pass as plan, worded as a drift report: what differs from git.
     Drift(PlanArgs),
 
-    /// Show the plan, ask for confirmation, and apply it: one step at a time, every Proxmox
-    /// task awaited, every disruptive step followed by a health gate (the node Ready and the
+    /// Show the plan, ask for confirmation, and apply it: independent steps side by side (up to
+    /// --parallelism per Proxmox node; 1 keeps the plan's order), every Proxmox task awaited, every disruptive step followed by a health gate (the node Ready and the
     /// API server's /readyz ok within --gate-timeout), stopping at the first failure with a
     /// report of what was and was not done.
     #[command(after_help = APPLY_EXAMPLES)]

@@ -138,8 +138,9 @@ impl<'a, P: ProxmoxApi, H: HostShell, C: ClusterConnector> Reconcile<'a, P, H, C
         Ok(plan)
     }
 
-    /// Apply `plan`: one step at a time, every task awaited, a health gate after every
-    /// disruptive step, stopping at the first failure or, between two steps, when `stop` is set.
+    /// Apply `plan`: steps that do not depend on each other side by side (plan::schedule's
+    /// rules, up to the parallelism bound), every task awaited, a health gate after every
+    /// disruptive step; the first failure, or `stop`, lets running steps finish and starts no new one.
     pub async fn apply(
         &self,
         plan: &Plan,

@@ -6,7 +6,7 @@
 //!
 //! After an intended change to the output, regenerate the snapshots with
 //!
-//!     DRIFTLESS_BLESS=1 cargo test --test render_snapshots
+//!     DRIFTLESS_BLESS=1 cargo test --test integration render_snapshots
 //!
 //! and read `git diff tests/snapshots` the way an operator would before committing it.
 
@@ -121,7 +121,7 @@ fn rendered_artifacts_match_the_snapshots() {
     assert!(
         failures.is_empty(),
         "rendered artifacts differ from tests/snapshots (if the change is intended, run \
-         `DRIFTLESS_BLESS=1 cargo test --test render_snapshots` and review the diff):\n  {}",
+         `DRIFTLESS_BLESS=1 cargo test --test integration render_snapshots` and review the diff):\n  {}",
         failures.join("\n  ")
     );
 }

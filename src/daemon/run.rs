@@ -1,7 +1,9 @@
 //! The daemon loop: fetch the watched branch on an interval (with jitter), at once on a signed
 //! webhook or a change of a local repository; reconcile each new revision, plan pull request
 //! refs without applying, check drift on a schedule, and commit a status report after every
-//! run. One run at a time; a shutdown stops an apply between two steps.
+//! run. The watched branch's runs go one at a time; pull request plans run on a lane of their
+//! own beside them, so a slow or hostile one never delays the branch. A shutdown stops an
+//! apply between two steps.
 
 use super::config::DaemonSettings;
 use super::decide::{self, Retry, Revisions};

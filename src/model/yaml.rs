@@ -381,21 +381,6 @@ impl YNode {
         }
     }
 
-    pub fn as_map(&self) -> Option<&[(YKey, YNode)]> {
-        match &self.value {
-            YValue::Map(m) => Some(m),
-            _ => None,
-        }
-    }
-
-    pub fn get(&self, key: &str) -> Option<&YNode> {
-        self.as_map()?.iter().find(|(k, _)| k.name == key).map(|(_, v)| v)
-    }
-
-    pub fn key_pos(&self, key: &str) -> Option<Pos> {
-        self.as_map()?.iter().find(|(k, _)| k.name == key).map(|(k, _)| k.pos)
-    }
-
     /// The position of what `path` names: the key, for a mapping entry (that is where a
     /// reader looks), the item for a sequence element. Falls back to the deepest part found.
     pub fn pos_at(&self, path: &[Seg]) -> Pos {
@@ -438,18 +423,6 @@ impl YNode {
             }
         }
         node.pos
-    }
-
-    pub fn type_name(&self) -> &'static str {
-        match &self.value {
-            YValue::Null => "null",
-            YValue::Bool(_) => "a boolean",
-            YValue::Int(_) => "an integer",
-            YValue::Float(_) => "a number",
-            YValue::Str(_) => "a string",
-            YValue::Seq(_) => "a list",
-            YValue::Map(_) => "a mapping",
-        }
     }
 }
 

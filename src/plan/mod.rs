@@ -4,8 +4,8 @@
 
 mod diff;
 pub mod display;
-pub mod markdown;
-pub mod schedule;
+pub(crate) mod markdown;
+pub(crate) mod schedule;
 
 use crate::model::Desired;
 use crate::ports::{GuestSummary, LiveConfig, PveKind};

@@ -8,7 +8,7 @@
 
 pub mod api_schema;
 pub mod conf;
-pub mod lxc_keys;
+pub(crate) mod lxc_keys;
 
 pub use api_schema::{ApiSchema, Endpoint, ParamErrors, RequestError};
 pub use conf::{ConfError, GuestConf, GuestKind, Section};

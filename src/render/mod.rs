@@ -2,7 +2,7 @@
 //! in the binary; a template of the same name in the repository's templates/ overrides one.
 //! Pure and deterministic: the same desired state renders to the same bytes.
 
-pub mod context;
+pub(crate) mod context;
 mod proxmox;
 
 use crate::model::diag::{Diagnostic, Diagnostics, Location};
