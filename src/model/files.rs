@@ -12,6 +12,9 @@ pub struct RepoFiles {
     /// Files a source did not read because of the size limits (`crate::model::load::limits`):
     /// path -> size in bytes. Loading reports them.
     pub oversized: BTreeMap<String, u64>,
+    /// Symbolic links where a file driftless reads would be: never followed (from a directory
+    /// a link could reach /etc/shadow or /dev/zero), and loading reports them.
+    pub links: std::collections::BTreeSet<String>,
 }
 
 impl RepoFiles {
@@ -20,6 +23,7 @@ impl RepoFiles {
             files: BTreeMap::new(),
             origin: origin.into(),
             oversized: BTreeMap::new(),
+            links: Default::default(),
         }
     }
 

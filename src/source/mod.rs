@@ -92,8 +92,10 @@ pub fn read_dir(root: &Path) -> Result<RepoFiles, SourceError> {
                 if !matches!(entry.file_name().to_str(), Some(".git" | "target" | "node_modules")) {
                     stack.push(path);
                 }
+            } else if ty.is_symlink() && RepoFiles::is_relevant(&rel) {
+                // Never followed, never read: reported by the loader.
+                files.links.insert(rel);
             } else if RepoFiles::is_relevant(&rel) {
-                // Follows a symbolic link, as reading does.
                 let size = std::fs::metadata(&path)
                     .map(|m| m.len())
                     .map_err(|source| SourceError::Io {
@@ -207,6 +209,13 @@ pub fn files_at_named(
     let mut recorder = gix::traverse::tree::Recorder::default();
     tree.traverse().breadthfirst(&mut recorder).map_err(|e| tree_err(&e))?;
     let mut files = RepoFiles::new(format!("{repo} @ {rev} ({})", commit.id().to_hex_with_len(12)));
+    files.links = recorder
+        .records
+        .iter()
+        .filter(|entry| entry.mode.is_link())
+        .map(|entry| entry.filepath.to_string())
+        .filter(|path| RepoFiles::is_relevant(path))
+        .collect();
     let mut relevant: Vec<(String, gix::ObjectId)> = recorder
         .records
         .into_iter()
@@ -250,13 +259,36 @@ mod tests {
     }
 
     #[test]
-    fn a_link_to_an_endless_file_is_cut_at_the_limit() {
+    fn a_link_is_listed_and_never_followed() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("nodes")).unwrap();
         std::os::unix::fs::symlink("/dev/zero", dir.path().join("nodes/zero.yaml")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("nodes/k3s-9.yaml")).unwrap();
         let files = read_dir(dir.path()).unwrap();
-        assert_eq!(files.oversized.get("nodes/zero.yaml"), Some(&(MAX_FILE_BYTES + 1)));
-        assert!(files.files.is_empty());
+        assert!(files.files.is_empty() && files.oversized.is_empty());
+        assert_eq!(
+            files.links.iter().collect::<Vec<_>>(),
+            ["nodes/k3s-9.yaml", "nodes/zero.yaml"]
+        );
+    }
+
+    #[test]
+    fn a_growing_file_is_cut_at_the_limit() {
+        // A FIFO has no length in its metadata: what it gives is cut at the limit, as a file
+        // that grew since it was listed would be.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("nodes")).unwrap();
+        let fifo = dir.path().join("nodes/fifo.yaml");
+        assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let writer = std::thread::spawn(move || {
+            let mut f = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            let chunk = vec![b'a'; 64 * 1024];
+            while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+        });
+        let files = read_dir(dir.path()).unwrap();
+        assert_eq!(files.oversized.get("nodes/fifo.yaml"), Some(&(MAX_FILE_BYTES + 1)));
+        drop(files);
+        writer.join().unwrap();
     }
 
     #[test]

@@ -67,8 +67,18 @@ impl Loader<'_> {
             .chain(self.files.oversized.iter().map(|(path, size)| (path.as_str(), *size)))
             .collect();
         sizes.sort();
-        let mut budget = SizeBudget::default();
         let mut found = false;
+        for path in &self.files.links {
+            found = true;
+            self.diags.push(
+                Diagnostic::new(
+                    Location::file_start(path),
+                    "a symbolic link: driftless reads regular files only, and does not follow it",
+                )
+                .hint("commit the file itself in its place"),
+            );
+        }
+        let mut budget = SizeBudget::default();
         for (path, size) in sizes {
             match budget.admit(size) {
                 Admit::Read => {}
@@ -120,6 +130,19 @@ mod tests {
         }
         assert_eq!(budget.admit(1), Admit::RepositoryFull);
         assert_eq!(budget.admit(0), Admit::RepositoryFull, "nothing after is read");
+    }
+
+    #[test]
+    fn a_symbolic_link_is_reported_at_its_path_and_stops_loading() {
+        let mut files = repo(&[("cluster.yaml", "name: x\n")]);
+        files.links.insert("nodes/k3s-9.yaml".into());
+        let opts = LoadOptions::default();
+        let mut l = loader(&files, &opts);
+        assert!(l.check_sizes());
+        assert_eq!(
+            said(&l.diags),
+            ["nodes/k3s-9.yaml:1:1: a symbolic link: driftless reads regular files only, and does not follow it"]
+        );
     }
 
     #[test]
