@@ -35,9 +35,14 @@ pub fn desired_guests(desired: &Desired, artifacts: &[Artifact]) -> Vec<DesiredG
             let parsed = conf::parse(conf_text, conf_kind(kind)).expect("rendered configs are canonical");
             let create_params: BTreeMap<String, String> =
                 serde_json::from_str(params_text).expect("rendered parameters are JSON");
-            let provenance = parsed
-                .current
-                .options
+            // The API lists the description as a key like any other: compared the same way,
+            // so a description added in git to an existing guest is planned.
+            let mut options = parsed.current.options.clone();
+            let description = parsed.current.description.trim_end_matches('\n');
+            if !description.is_empty() {
+                options.insert("description".into(), description.to_string());
+            }
+            let provenance = options
                 .keys()
                 .map(String::as_str)
                 .chain(std::iter::once("lxc.raw"))
@@ -48,7 +53,7 @@ pub fn desired_guests(desired: &Desired, artifacts: &[Artifact]) -> Vec<DesiredG
                 vmid: node.vmid,
                 pve_node: node.proxmox_node.clone(),
                 kind,
-                options: parsed.current.options.clone(),
+                options,
                 raw_lxc: parsed.current.raw_lxc.clone(),
                 create_params,
                 provenance,
