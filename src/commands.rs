@@ -345,8 +345,40 @@ fn apply_cmd(desired: &Desired, artifacts: &[Artifact], args: &ApplyArgs, out: O
     if !args.auto_approve && !confirm(&plan, desired)? {
         bail!("apply cancelled: nothing was changed");
     }
-    let report = rt.block_on(run.apply(&plan, &mut crate::progress::StderrProgress::new(), None));
+    let report = rt.block_on(async {
+        // Ctrl-C or SIGTERM stops the apply between two steps, as in the daemon: the steps
+        // running finish, none starts, and the report says what was not done. A second one
+        // ends the process at once.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = tokio::spawn(stop_on_signal(stop.clone()));
+        let report = run
+            .apply(&plan, &mut crate::progress::StderrProgress::new(), Some(&stop))
+            .await;
+        watcher.abort();
+        report
+    });
     report_apply(&plan, &report, out)
+}
+
+async fn stop_on_signal(stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    let mut signalled = false;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        if signalled {
+            eprintln!("driftless: stopped at once; `driftless plan` shows what is left");
+            std::process::exit(130);
+        }
+        signalled = true;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        eprintln!("driftless: stopping after the steps that are running (again to stop at once)");
+    }
 }
 
 /// Print what an apply did; a failed step makes the command fail.

@@ -272,7 +272,8 @@ fn sigterm_during_an_apply_stops_between_steps_and_leaves_no_half_written_file()
         driftless::pve::conf::parse(&text, driftless::pve::conf::GuestKind::Lxc)
             .unwrap_or_else(|err| panic!("{} is not a whole config: {err}\n{text}", e.path().display()));
         assert!(
-            !e.file_name().to_string_lossy().contains(".tmp"),
+            !e.file_name().to_string_lossy().contains(".tmp")
+                && !e.file_name().to_string_lossy().contains(".driftless"),
             "no temporary file left"
         );
     }
