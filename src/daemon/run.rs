@@ -93,8 +93,13 @@ pub struct Processes {
 impl Backend for Processes {
     async fn fetch(&mut self, refspecs: Vec<String>) -> Result<BTreeMap<String, String>, String> {
         let mirror = self.mirror.clone();
-        match tokio::task::spawn_blocking(move || mirror.fetch(&refspecs)).await {
-            Ok(Ok(refs)) => Ok(refs),
+        match tokio::task::spawn_blocking(move || mirror.fetch_healing(&refspecs)).await {
+            Ok(Ok((refs, remade))) => {
+                if remade {
+                    tracing::warn!("the mirror was damaged and has been fetched again from scratch");
+                }
+                Ok(refs)
+            }
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(format!("fetch task failed: {e}")),
         }
@@ -241,6 +246,8 @@ impl<B: Backend> Daemon<B> {
             Err(e) => {
                 self.metrics.record_api_error(System::Git);
                 tracing::error!(error = %e, "fetch failed");
+                // Not ready while the repository cannot be fetched: /readyz says so.
+                ready.store(false, Ordering::Release);
                 return;
             }
         };
@@ -562,12 +569,16 @@ mod tests {
         plan_takes: Duration,
         runs: Runs,
         fetches: Arc<Mutex<Vec<u64>>>,
+        fetch_fails: Arc<AtomicBool>,
         start: Instant,
     }
 
     impl Backend for Script {
         async fn fetch(&mut self, _: Vec<String>) -> Result<BTreeMap<String, String>, String> {
             self.fetches.lock().unwrap().push(self.start.elapsed().as_secs());
+            if self.fetch_fails.load(Ordering::SeqCst) {
+                return Err("the remote is gone".into());
+            }
             Ok(self.refs.lock().unwrap().clone())
         }
 
@@ -605,6 +616,8 @@ mod tests {
         refs: Arc<Mutex<BTreeMap<String, String>>>,
         runs: Runs,
         fetches: Arc<Mutex<Vec<u64>>>,
+        fetch_fails: Arc<AtomicBool>,
+        ready: Arc<AtomicBool>,
         triggers: mpsc::Sender<Trigger>,
         control: Control,
         task: tokio::task::JoinHandle<()>,
@@ -642,12 +655,15 @@ mod tests {
         )])));
         let runs: Runs = Arc::default();
         let fetches = Arc::new(Mutex::new(Vec::new()));
+        let fetch_fails = Arc::new(AtomicBool::new(false));
+        let ready = Arc::new(AtomicBool::new(false));
         let backend = Script {
             refs: refs.clone(),
             reconcile_outcomes: Arc::new(Mutex::new(reconcile_outcomes.iter().copied().collect())),
             plan_takes,
             runs: runs.clone(),
             fetches: fetches.clone(),
+            fetch_fails: fetch_fails.clone(),
             start: Instant::now(),
         };
         let control = Control::default();
@@ -661,16 +677,20 @@ mod tests {
             control.stop.clone(),
         );
         let shutdown = control.shutdown.clone();
+        let loop_ready = ready.clone();
         let task = tokio::spawn(async move {
-            let ready = AtomicBool::new(false);
             let _keep = _watch_tx;
-            daemon.run_loop(&ready, &mut trigger_rx, &mut watch_rx, &shutdown).await;
+            daemon
+                .run_loop(&loop_ready, &mut trigger_rx, &mut watch_rx, &shutdown)
+                .await;
         });
         Harness {
             _state: state,
             refs,
             runs,
             fetches,
+            fetch_fails,
+            ready,
             triggers,
             control,
             task,
@@ -694,6 +714,27 @@ mod tests {
 
     fn run(at: u64, kind: RunKind, commit: &str) -> (u64, RunKind, String) {
         (at, kind, commit.to_string())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ready_only_while_the_repository_can_be_fetched() {
+        let h = start(
+            DaemonFlags {
+                poll_interval: Some("60s".into()),
+                ..DaemonFlags::default()
+            },
+            "c1",
+            &[],
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(h.ready.load(Ordering::SeqCst), "ready after the first fetch");
+        h.fetch_fails.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(70)).await;
+        assert!(!h.ready.load(Ordering::SeqCst), "not ready while fetches fail");
+        h.fetch_fails.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(70)).await;
+        assert!(h.ready.load(Ordering::SeqCst), "ready again");
+        h.stop().await;
     }
 
     #[tokio::test(start_paused = true)]

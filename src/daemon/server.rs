@@ -1,7 +1,8 @@
 //! The daemon's HTTP server: health, readiness, metrics and the push webhook.
 //!
 //! - `GET /healthz`: 200 `ok` while the process serves.
-//! - `GET /readyz`: 200 once `ready` is set (the first successful fetch), 503 before.
+//! - `GET /readyz`: 200 while `ready` is set (the last fetch succeeded), 503 before the first
+//!   one and while fetches fail.
 //! - `GET /metrics`: OpenMetrics text.
 //! - `POST /webhook`: 404 when no secret is configured (webhooks off); 401 when the signature is
 //!   missing or wrong, and nothing is triggered; 202 when verified, with a [`Trigger`] sent
@@ -372,7 +373,11 @@ async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     if shared.state.ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ready").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready: no successful fetch yet").into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the repository cannot be fetched (yet)",
+        )
+            .into_response()
     }
 }
 
