@@ -698,3 +698,39 @@ fn a_pull_request_is_planned_with_the_read_only_plan_token() {
         "the plan token's secret is in the report: {r}"
     );
 }
+
+#[test]
+fn a_force_push_to_an_older_commit_is_applied_and_reported_as_rewritten_history() {
+    let mut s = Setup::new("homelab-k3s");
+    let url = s.file_url();
+    s.start_daemon(&url, &["--poll-interval", "1s"]);
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str() && r["outcome"] == "applied"
+    });
+    let second = s.push_change(
+        "nodes/k3s-worker-2.yaml",
+        &worker2_with_memory(&s.work, 6),
+        "6 GiB",
+        "main",
+    );
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == second.as_str()
+    });
+    assert_eq!(r["outcome"], "applied", "{r}");
+    assert!(
+        r.get("history_rewritten").is_none(),
+        "a fast-forward is not a rewrite: {r}"
+    );
+
+    git(&s.work, &["reset", "-q", "--hard", &first]);
+    s.push("main");
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str()
+    });
+    assert_eq!(r["history_rewritten"], second.as_str(), "{r}");
+    assert_eq!(r["outcome"], "applied", "the older revision is what main says now: {r}");
+    let md = git(&s.bare, &["show", "driftless/status:status/heads/main.md"]);
+    assert!(md.contains("**History rewritten**"), "{md}");
+    assert!(s.conf(102).contains("memory: 4096"), "{}", s.conf(102));
+}

@@ -217,6 +217,7 @@ fn report(git_ref: &str, revision: &str, outcome: Outcome) -> StatusReport {
         last_attempted_revision: Some(revision.into()),
         last_applied_revision: None,
         untrusted_changes: Vec::new(),
+        history_rewritten: None,
         verification: None,
     }
 }

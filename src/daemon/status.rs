@@ -117,6 +117,11 @@ pub struct StatusReport {
     /// they apply after merge, and were not used for this plan.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub untrusted_changes: Vec<String>,
+    /// The last applied revision, when this revision of the watched branch does not descend
+    /// from it: the branch's history was rewritten (a force-push), and what was applied
+    /// before is no longer in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_rewritten: Option<String>,
     /// The commit signature check, when `verify:` is on.
     pub verification: Option<Verification>,
 }
@@ -346,6 +351,14 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
         let _ = writeln!(out, "| last applied revision | {} |", md::code(rev));
     }
     let _ = writeln!(out);
+    if let Some(previous) = &r.history_rewritten {
+        let _ = writeln!(
+            out,
+            "**History rewritten**: the last applied revision {} is not in this revision's history \
+             (the branch was force-pushed); what it applied is compared afresh.\n",
+            md::code(previous)
+        );
+    }
     if let Some(v) = &r.verification {
         signatures_markdown(&mut out, v);
     }
@@ -571,6 +584,7 @@ mod tests {
             last_attempted_revision: Some("0123456789abcdef0123456789abcdef01234567".into()),
             last_applied_revision: None,
             untrusted_changes: Vec::new(),
+            history_rewritten: None,
             verification: None,
         }
     }

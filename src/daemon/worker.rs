@@ -59,6 +59,7 @@ impl RunJob {
             last_attempted_revision: None,
             last_applied_revision: None,
             untrusted_changes: Vec::new(),
+            history_rewritten: None,
             verification: None,
         }
     }
@@ -553,6 +554,16 @@ impl Worker {
         let mut report = job.report(now_rfc3339());
         let mut secrets = daemon_secrets(&self.settings, &self.run);
         let mut schedule = None;
+        if kind == RunKind::Reconcile
+            && let Some(previous) = job.revisions.last_applied.clone()
+        {
+            let (mirror, head, before) = (self.mirror.clone(), job.commit.clone(), previous.clone());
+            let descends = tokio::task::spawn_blocking(move || mirror.is_ancestor(&before, &head)).await;
+            if let Ok(Ok(false)) = descends {
+                tracing::warn!(%commit, last_applied = %previous, "the watched branch's history was rewritten");
+                report.history_rewritten = Some(previous);
+            }
+        }
         let loaded = if self.check_signatures(job, &mut report).await {
             self.read_files(commit).await.map(Some)
         } else {

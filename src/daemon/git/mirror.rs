@@ -423,6 +423,19 @@ impl Mirror {
         Ok(out)
     }
 
+    /// Whether `ancestor` is in the history of `commit` (itself included). A commit the mirror
+    /// no longer has (dropped by a force-push and pruned) is in no history.
+    pub fn is_ancestor(&self, ancestor: &str, commit: &str) -> Result<bool, GitError> {
+        if ancestor == commit {
+            return Ok(true);
+        }
+        let repo = self.open_repo()?;
+        if repo.rev_parse_single(ancestor).is_err() {
+            return Ok(false);
+        }
+        Ok(self.commits_since(ancestor, &[commit.to_string()])?.is_empty())
+    }
+
     /// The summary line and the author (`Name <email>`) of a commit.
     pub fn commit_info(&self, commit: &str) -> Result<(String, String), GitError> {
         let repo = self.open_repo()?;
