@@ -734,3 +734,34 @@ fn a_force_push_to_an_older_commit_is_applied_and_reported_as_rewritten_history(
     assert!(md.contains("**History rewritten**"), "{md}");
     assert!(s.conf(102).contains("memory: 4096"), "{}", s.conf(102));
 }
+
+#[test]
+fn a_status_report_the_remote_refused_is_pushed_once_it_accepts_again() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut s = Setup::new("homelab-k3s");
+    // The remote refuses every push while the gate file exists.
+    let gate = s.dir.path().join("remote-refuses");
+    std::fs::write(&gate, "").unwrap();
+    let hook = s.bare.join("hooks/pre-receive");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\n[ -e '{}' ] && exit 1\nexit 0\n", gate.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let url = s.file_url();
+    s.start_daemon(&url, &["--poll-interval", "1s"]);
+    wait_until(Duration::from_secs(60), || {
+        s.log().contains("queued, retried on the next poll").then_some(())
+    })
+    .unwrap_or_else(|| panic!("the push is refused and the report queued\n{}", s.log()));
+    assert!(s.report("heads/main").is_none());
+
+    std::fs::remove_file(&gate).unwrap();
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str()
+    });
+    assert_eq!(r["outcome"], "applied", "{r}");
+    assert!(s.log().contains("queued status report pushed"), "{}", s.log());
+}

@@ -81,6 +81,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn run(&mut self, job: &RunJob, stop: &AtomicBool) -> impl Future<Output = RunResult> + Send;
     /// A number that differs between daemons, to spread their polls.
     fn jitter_seed(&self) -> u32;
+    /// Push the status reports that could not be pushed before.
+    fn flush_reports(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// The real backend: a gix mirror of the repository, and a worker process per run.
@@ -103,6 +107,11 @@ impl Backend for Processes {
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(format!("fetch task failed: {e}")),
         }
+    }
+
+    async fn flush_reports(&mut self) {
+        let (mirror, settings) = (self.mirror.clone(), self.settings.clone());
+        let _ = tokio::task::spawn_blocking(move || worker::flush_queued_reports(&mirror, &settings)).await;
     }
 
     async fn run(&mut self, job: &RunJob, stop: &AtomicBool) -> RunResult {
@@ -252,6 +261,7 @@ impl<B: Backend> Daemon<B> {
             }
         };
         ready.store(true, Ordering::Release);
+        self.backend.flush_reports().await;
         let watched = branch_ref(&self.settings.branch);
         if let Some(commit) = refs.get(&watched).cloned() {
             let retry_due = self

@@ -360,13 +360,27 @@ pub async fn publish(
     let mirror = mirror.clone();
     let url = settings.repository.clone();
     let branch = settings.status_branch.clone();
-    match tokio::task::spawn_blocking(move || mirror.publish_status(&url, &branch, &files, &message)).await {
+    let queue = report_queue(settings);
+    let git_ref = report.git_ref.clone();
+    match tokio::task::spawn_blocking(move || {
+        let pushed = mirror.publish_status(&url, &branch, &files, &message);
+        if pushed.is_err() {
+            // Kept until a later push gets through: the daemon retries queued reports on
+            // every poll, so a busy or unreachable remote delays a report, never loses it.
+            if let Err(e) = queue_report(&queue, &git_ref, &files, &message) {
+                tracing::error!(error = %e, "cannot queue the status report");
+            }
+        }
+        pushed
+    })
+    .await
+    {
         Ok(Ok(commit)) => {
             tracing::info!(%commit, git_ref = %report.git_ref, outcome = report.outcome.as_str(), "status report committed");
             true
         }
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "cannot commit the status report");
+            tracing::error!(error = %e, "cannot commit the status report now: queued, retried on the next poll");
             false
         }
         Err(e) => {
@@ -374,6 +388,85 @@ pub async fn publish(
             false
         }
     }
+}
+
+/// Where status reports wait that could not be pushed: one directory per ref (the latest
+/// report of a ref replaces one still waiting), in the daemon's state directory.
+fn report_queue(settings: &DaemonSettings) -> std::path::PathBuf {
+    settings.state_dir.join("status-queue")
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct QueuedReport {
+    files: Vec<(String, Vec<u8>)>,
+    message: String,
+}
+
+fn queue_report(queue: &std::path::Path, git_ref: &str, files: &[(String, Vec<u8>)], message: &str) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    std::fs::create_dir_all(queue)?;
+    let name: String = Sha256::digest(git_ref.as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let entry = QueuedReport {
+        files: files.to_vec(),
+        message: message.to_string(),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(queue)?;
+    serde_json::to_writer(&mut tmp, &entry)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(queue.join(format!("{name}.json")))?;
+    Ok(())
+}
+
+/// Push the reports waiting in the queue, oldest first; each one pushed leaves the queue. How
+/// many are still waiting.
+pub fn flush_queued_reports(mirror: &Mirror, settings: &DaemonSettings) -> usize {
+    let queue = report_queue(settings);
+    let Ok(dir) = std::fs::read_dir(&queue) else {
+        return 0;
+    };
+    let mut entries: Vec<(std::time::SystemTime, std::path::PathBuf)> = dir
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            (
+                std::fs::metadata(&p)
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                p,
+            )
+        })
+        .collect();
+    entries.sort();
+    let mut waiting = 0;
+    for (_, path) in entries {
+        let Some(entry) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<QueuedReport>(&b).ok())
+        else {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        };
+        match mirror.publish_status(
+            &settings.repository,
+            &settings.status_branch,
+            &entry.files,
+            &entry.message,
+        ) {
+            Ok(commit) => {
+                tracing::info!(%commit, "queued status report pushed");
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "queued status report still waiting");
+                waiting += 1;
+            }
+        }
+    }
+    waiting
 }
 
 /// Set a commit status on the forge, if there is one. Failures are logged: the forge is a
