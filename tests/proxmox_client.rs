@@ -789,6 +789,50 @@ async fn task_polling_reaches_ok_and_failures_are_task_failed() {
 }
 
 #[tokio::test]
+async fn a_short_task_is_polled_at_once_then_with_backoff() {
+    // A container start that ends 120 ms after Proxmox accepted it. With the default schedule
+    // the status polls go out at 0, 50 and 150 ms, so the third sees it stopped and the wait
+    // costs about 150 ms; polling every 500 ms would have waited 500 ms (two polls), polling
+    // every 10 ms would have sent a dozen.
+    let upid = "UPID:pve:0000B1B2:00C3D4F5:65F0A1C2:vzstart:100:root@pam!driftless:";
+    let accepted: Arc<Mutex<Option<std::time::Instant>>> = Arc::default();
+    let polls = Arc::new(AtomicUsize::new(0));
+    let (started, counter) = (accepted.clone(), polls.clone());
+    let fake = serve_http(move |seen: &Seen| {
+        if seen.method == "POST" && seen.uri == "/api2/json/nodes/pve/lxc/100/status/start" {
+            *started.lock().unwrap() = Some(std::time::Instant::now());
+            return Reply::data(json!(upid));
+        }
+        if seen.method == "GET" && seen.uri.starts_with("/api2/json/nodes/pve/tasks/") && seen.uri.ends_with("/status") {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let since = started.lock().unwrap().expect("polled before the task was started").elapsed();
+            return if since >= Duration::from_millis(120) {
+                Reply::data(json!({ "status": "stopped", "exitstatus": "OK", "upid": upid }))
+            } else {
+                Reply::data(json!({ "status": "running", "upid": upid }))
+            };
+        }
+        Reply::error(404, &format!("no such path {}", seen.uri), json!({ "data": null }))
+    })
+    .await;
+    let defaults = ClientOptions::new(vec![fake.url.clone()], ApiToken::parse(TOKEN).unwrap(), TlsTrust::System);
+    let mut options = options(&[&fake.url], TlsTrust::System);
+    options.task_poll_first = defaults.task_poll_first;
+    options.task_poll_interval = defaults.task_poll_interval;
+    let client = ProxmoxClient::new(options).unwrap();
+    let task = client
+        .power("pve", PveKind::Lxc, 100, PowerAction::Start)
+        .await
+        .unwrap();
+    client.wait_task(&task).await.unwrap();
+    assert_eq!(
+        polls.load(Ordering::SeqCst),
+        3,
+        "status polls of a task that ran 120 ms (expected polls at 0, 50 and 150 ms)"
+    );
+}
+
+#[tokio::test]
 async fn task_timeout_is_respected() {
     let fake = serve_http(|_: &Seen| Reply::data(json!({ "status": "running" }))).await;
     let mut options = options(&[&fake.url], TlsTrust::System);

@@ -187,7 +187,10 @@ pub struct ClientOptions {
     pub backoff: Duration,
     /// Requests in flight at once (default 8).
     pub max_concurrent: usize,
-    /// Interval between task status polls (default 500 ms).
+    /// The pause before the second task status poll (default 50 ms; the first poll is sent
+    /// at once). Each pause doubles, up to `task_poll_interval`.
+    pub task_poll_first: Duration,
+    /// The longest pause between two task status polls (default 1 s).
     pub task_poll_interval: Duration,
     /// How long [`ProxmoxApi::wait_task`] waits for a task to stop (default 10 min).
     pub task_timeout: Duration,
@@ -205,7 +208,8 @@ impl ClientOptions {
             retries: 4,
             backoff: Duration::from_millis(200),
             max_concurrent: 8,
-            task_poll_interval: Duration::from_millis(500),
+            task_poll_first: Duration::from_millis(50),
+            task_poll_interval: Duration::from_secs(1),
             task_timeout: Duration::from_secs(600),
         }
     }
@@ -222,6 +226,7 @@ pub struct ProxmoxClient {
     authorization: HeaderValue,
     retries: u32,
     backoff: Duration,
+    task_poll_first: Duration,
     task_poll_interval: Duration,
     task_timeout: Duration,
     in_flight: Semaphore,
@@ -270,6 +275,7 @@ impl ProxmoxClient {
             token: options.token,
             retries: options.retries,
             backoff: options.backoff,
+            task_poll_first: options.task_poll_first,
             task_poll_interval: options.task_poll_interval,
             task_timeout: options.task_timeout,
             in_flight: Semaphore::new(options.max_concurrent.max(1)),
@@ -514,6 +520,20 @@ fn backoff_delay(base: Duration, retry: u32) -> Duration {
     exponential + jitter
 }
 
+/// The pauses between task status polls: `first`, doubling each time, capped at `max`.
+///
+/// Proxmox tasks take from tens of milliseconds (a config change, a start of a small container)
+/// to minutes (a container create unpacking its template). Polling at a fixed interval makes
+/// every short task cost that interval; doubling from a short first pause keeps the wait for a
+/// short task close to its duration (never more than twice it, plus one request) while a long
+/// task is polled at most once per `max`. A `first` above `max` is lowered to `max`, and
+/// pauses are at least 1 ms so a zero setting cannot spin.
+pub fn task_poll_delays(first: Duration, max: Duration) -> impl Iterator<Item = Duration> {
+    let max = max.max(Duration::from_millis(1));
+    let first = first.clamp(Duration::from_millis(1), max);
+    std::iter::successors(Some(first), move |d| Some(d.saturating_mul(2).min(max)))
+}
+
 /// Percent-encodes one path segment or query component (everything but RFC 3986 unreserved).
 fn encode(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -690,6 +710,8 @@ impl ProxmoxApi for ProxmoxClient {
         };
         let path = format!("/nodes/{}/tasks/{}/status", encode(node), encode(&upid.0));
         let deadline = tokio::time::Instant::now() + self.task_timeout;
+        // The first poll goes out at once: a task may already be done when its UPID comes back.
+        let mut delays = task_poll_delays(self.task_poll_first, self.task_poll_interval);
         loop {
             let data = self.call(Method::GET, &path, "", None).await?;
             let status = data.get("status").and_then(Value::as_str).unwrap_or("");
@@ -708,7 +730,8 @@ impl ProxmoxApi for ProxmoxClient {
                     exit_status,
                 });
             }
-            if tokio::time::Instant::now() + self.task_poll_interval > deadline {
+            let delay = delays.next().expect("the poll schedule never ends");
+            if tokio::time::Instant::now() + delay > deadline {
                 return Err(ProxmoxError::Other(format!(
                     "task {} still {} after {:?}",
                     upid.0,
@@ -716,7 +739,7 @@ impl ProxmoxApi for ProxmoxClient {
                     self.task_timeout
                 )));
             }
-            tokio::time::sleep(self.task_poll_interval).await;
+            tokio::time::sleep(delay).await;
         }
     }
 }
@@ -766,6 +789,39 @@ mod tests {
             config.raw_lxc[0],
             ("lxc.apparmor.profile".to_string(), "unconfined".to_string())
         );
+    }
+
+    #[test]
+    fn task_polls_back_off_from_50_ms_to_1_s() {
+        let ms = |d: Duration| d.as_millis();
+        let defaults = ClientOptions::new(
+            vec!["https://pve:8006".into()],
+            ApiToken::parse("root@pam!ci=s3cr3t").unwrap(),
+            TlsTrust::System,
+        );
+        let waits: Vec<u128> = task_poll_delays(defaults.task_poll_first, defaults.task_poll_interval)
+            .take(9)
+            .map(ms)
+            .collect();
+        assert_eq!(waits, [50, 100, 200, 400, 800, 1000, 1000, 1000, 1000]);
+        // Polls at 0, 50, 150, 350 ms: a task that ends after 100 ms is seen at 150 ms.
+        let polls_at: Vec<u128> = std::iter::once(0)
+            .chain(waits.iter().scan(0, |t, w| {
+                *t += w;
+                Some(*t)
+            }))
+            .take(4)
+            .collect();
+        assert_eq!(polls_at, [0, 50, 150, 350]);
+        // A first pause above the cap is the cap (a test that sets only the interval polls
+        // at that interval); zero cannot spin.
+        let capped: Vec<u128> = task_poll_delays(Duration::from_millis(50), Duration::from_millis(5))
+            .take(3)
+            .map(ms)
+            .collect();
+        assert_eq!(capped, [5, 5, 5]);
+        let floor: Vec<u128> = task_poll_delays(Duration::ZERO, Duration::ZERO).take(2).map(ms).collect();
+        assert_eq!(floor, [1, 1]);
     }
 
     #[test]

@@ -269,13 +269,15 @@ struct RawEndpoint {
     protected: bool,
 }
 
-/// The API schema with compiled patterns, loaded once.
+/// The API schema, loaded once; its patterns are compiled on first use.
 #[derive(Debug)]
 pub struct ApiSchema {
     endpoints: Vec<Endpoint>,
     index_bounds: BTreeMap<String, u32>,
-    /// Perl pattern -> compiled anchored regex (None if it cannot be translated).
-    patterns: HashMap<String, Option<Regex>>,
+    /// Perl pattern -> compiled anchored regex (None if it cannot be translated). Compiled
+    /// the first time a value is checked against it: compiling every pattern up front cost
+    /// most of a command's start-up, and a run checks values against a handful.
+    patterns: HashMap<String, OnceLock<Option<Regex>>>,
     /// Guest config keys (confdesc, from GET .../config `returns`), per kind.
     lxc_config: BTreeMap<String, Property>,
     qemu_config: BTreeMap<String, Property>,
@@ -372,8 +374,7 @@ impl ApiSchema {
             }
         }
         for p in pats {
-            let re = compile_perl_pattern(&p);
-            schema.patterns.insert(p, re);
+            schema.patterns.entry(p).or_default();
         }
         Ok(schema)
     }
@@ -720,11 +721,13 @@ impl ApiSchema {
     }
 
     fn pattern_matches(&self, pattern: &str, value: &str) -> bool {
-        match self.patterns.get(pattern) {
-            Some(Some(re)) => re.is_match(value),
-            Some(None) => true, // untranslatable Perl construct: not checked
-            None => compile_perl_pattern(pattern).is_none_or(|re| re.is_match(value)),
-        }
+        // An untranslatable Perl construct is not checked.
+        let Some(cell) = self.patterns.get(pattern) else {
+            return compile_perl_pattern(pattern).is_none_or(|re| re.is_match(value));
+        };
+        cell.get_or_init(|| compile_perl_pattern(pattern))
+            .as_ref()
+            .is_none_or(|re| re.is_match(value))
     }
 
     fn check_named_format(&self, name: &str, value: &str, path: &str) -> Result<(), String> {
@@ -1207,8 +1210,8 @@ mod tests {
         assert!(s.find("GET", "/nodes/pve/lxc/100/snapshot").is_none());
         assert_eq!(s.methods_at("/nodes/pve/qemu/100/config"), ["GET", "PUT", "POST"]);
         // every pattern in the subset translates to a Rust regex
-        for (p, re) in &s.patterns {
-            assert!(re.is_some(), "pattern {p:?} did not compile");
+        for p in s.patterns.keys() {
+            assert!(compile_perl_pattern(p).is_some(), "pattern {p:?} did not compile");
         }
     }
 
