@@ -5,12 +5,14 @@
 
 use crate::cluster::access::ClusterError;
 use crate::hostshell::{self, HostShellError};
-use crate::plan::{Action, Change, DesiredGuest, Observed, Plan, Step, Via, diff_guest, normalize_tags};
+use crate::plan::{Action, Change, DesiredGuest, Observed, Plan, Step, Via, diff_guest, normalize_tags, schedule};
 use crate::ports::{HostShell, PowerAction, ProxmoxApi, ProxmoxError, PveKind, ShellError, System};
 use crate::settings::HostShellSettings;
+use futures_util::StreamExt;
 use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
 use serde::Serialize;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -99,10 +101,15 @@ pub async fn observe<P: ProxmoxApi>(proxmox: &P, guests: &[DesiredGuest]) -> Res
 
 #[derive(Debug, Clone, Serialize)]
 pub struct StepOutcome {
+    /// The step's place in the plan.
+    #[serde(skip)]
+    pub index: usize,
     pub node: String,
     pub vmid: u32,
     pub action: &'static str,
     pub ok: bool,
+    /// How long the step took, gates included.
+    pub duration_ms: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     /// The system a failed step is blamed on.
@@ -112,7 +119,8 @@ pub struct StepOutcome {
     pub log: Vec<String>,
 }
 
-/// The result of one apply: each step attempted, and the steps not reached.
+/// The result of one apply: each step attempted (in the order they ended), and the steps
+/// never started (in plan order).
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct ApplyReport {
     pub done: Vec<StepOutcome>,
@@ -128,7 +136,8 @@ impl ApplyReport {
     }
 }
 
-/// Progress events for people watching a long apply.
+/// Progress events for people watching a long apply. With several steps running at once, a
+/// step's start and its end are separate events; `index` is the step's place in the plan.
 pub trait Progress {
     fn step_started(&mut self, index: usize, total: usize, step: &Step);
     fn step_finished(&mut self, outcome: &StepOutcome);
@@ -149,45 +158,89 @@ pub struct Applier<'a, P: ProxmoxApi, H: HostShell> {
     /// The cluster layer; `None` applies guest steps only (a plan made without it has no
     /// cluster steps).
     pub cluster: Option<&'a dyn ClusterSteps>,
+    /// At most this many steps run at once on one Proxmox node; 1 runs one step at a time,
+    /// in plan order.
+    pub parallelism: usize,
+    /// The control-plane nodes, whose cluster steps come first (`plan::schedule`).
+    pub control_plane: BTreeSet<String>,
+}
+
+fn describe(step: &Step) -> String {
+    format!("{} {} (vmid {})", step.action.verb(), step.node, step.vmid)
 }
 
 impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
+    /// Run the plan's steps, each as soon as the steps it depends on are done
+    /// (`plan::schedule`) and a slot on its Proxmox node is free. The first failure stops new
+    /// steps from starting; steps already running finish; so does a stop request.
     pub async fn apply(&self, plan: &Plan, progress: &mut (dyn Progress + Send)) -> ApplyReport {
-        let mut report = ApplyReport::default();
-        let total = plan.steps.len();
-        for (i, step) in plan.steps.iter().enumerate() {
-            if self.stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
-                report.not_done = plan.steps[i..]
-                    .iter()
-                    .map(|s| format!("{} {} (vmid {})", s.action.verb(), s.node, s.vmid))
-                    .collect();
-                report.stopped = true;
-                break;
-            }
-            progress.step_started(i, total, step);
-            let mut log = Vec::new();
-            let result = self.run_step(step, &mut log).await;
-            let outcome = StepOutcome {
-                node: step.node.clone(),
-                vmid: step.vmid,
-                action: step.action.verb(),
-                ok: result.is_ok(),
-                failed_system: result.as_ref().err().map(ApplyError::system),
-                error: result.err().map(|e| e.to_string()),
-                log,
-            };
-            progress.step_finished(&outcome);
-            let failed = !outcome.ok;
-            report.done.push(outcome);
-            if failed {
-                report.not_done = plan.steps[i + 1..]
-                    .iter()
-                    .map(|s| format!("{} {} (vmid {})", s.action.verb(), s.node, s.vmid))
-                    .collect();
-                break;
-            }
+        #[derive(Clone, Copy, PartialEq)]
+        enum State {
+            Waiting,
+            Running,
+            Done,
         }
+        let steps = &plan.steps;
+        let total = steps.len();
+        let after = schedule::dependencies(steps, &self.control_plane);
+        let per_node = self.parallelism.max(1);
+        let overall = if per_node == 1 { 1 } else { usize::MAX };
+        let mut state = vec![State::Waiting; total];
+        let mut busy: BTreeMap<&str, usize> = BTreeMap::new();
+        let mut running = FuturesUnordered::new();
+        let mut report = ApplyReport::default();
+        let mut halted = false;
+        loop {
+            if !halted && self.stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+                halted = true;
+                report.stopped = state.contains(&State::Waiting);
+            }
+            if !halted {
+                for i in 0..total {
+                    let node = steps[i].pve_node.as_str();
+                    let ready = state[i] == State::Waiting
+                        && after[i].iter().all(|&j| state[j] == State::Done)
+                        && busy.get(node).copied().unwrap_or(0) < per_node
+                        && running.len() < overall;
+                    if ready {
+                        state[i] = State::Running;
+                        *busy.entry(node).or_default() += 1;
+                        progress.step_started(i, total, &steps[i]);
+                        running.push(self.run_one(i, &steps[i]));
+                    }
+                }
+            }
+            let Some(outcome) = running.next().await else { break };
+            let step = &steps[outcome.index];
+            state[outcome.index] = State::Done;
+            *busy.get_mut(step.pve_node.as_str()).expect("counted when started") -= 1;
+            progress.step_finished(&outcome);
+            halted |= !outcome.ok;
+            report.done.push(outcome);
+        }
+        report.not_done = (0..total)
+            .filter(|&i| state[i] == State::Waiting)
+            .map(|i| describe(&steps[i]))
+            .collect();
         report
+    }
+
+    /// One step, timed, with its log and its error (which never holds a secret).
+    async fn run_one(&self, index: usize, step: &Step) -> StepOutcome {
+        let started = tokio::time::Instant::now();
+        let mut log = Vec::new();
+        let result = self.run_step(step, &mut log).await;
+        StepOutcome {
+            index,
+            node: step.node.clone(),
+            vmid: step.vmid,
+            action: step.action.verb(),
+            ok: result.is_ok(),
+            duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            failed_system: result.as_ref().err().map(ApplyError::system),
+            error: result.err().map(|e| e.to_string()),
+            log,
+        }
     }
 
     fn shell(&self) -> Result<&H, ApplyError> {
@@ -386,6 +439,8 @@ mod tests {
             host,
             stop,
             cluster: None,
+            parallelism: 1,
+            control_plane: BTreeSet::new(),
         }
     }
 
@@ -506,5 +561,131 @@ mod tests {
         assert_eq!(report.not_done, ["create k3s-2 (vmid 101)", "create k3s-3 (vmid 102)"]);
         assert_eq!(proxmox.guest(100).unwrap().summary.status, "running");
         assert!(proxmox.guest(101).is_none());
+    }
+
+    /// What a run looked like: starts and ends of steps in the order they happened, with
+    /// tokio's (paused) clock.
+    #[derive(Default)]
+    struct Recorder {
+        events: Vec<(bool, usize, tokio::time::Instant)>,
+    }
+
+    impl Progress for Recorder {
+        fn step_started(&mut self, index: usize, _: usize, _: &Step) {
+            self.events.push((true, index, tokio::time::Instant::now()));
+        }
+        fn step_finished(&mut self, outcome: &StepOutcome) {
+            self.events.push((false, outcome.index, tokio::time::Instant::now()));
+        }
+    }
+
+    impl Recorder {
+        /// The most steps that were running at one time.
+        fn most_at_once(&self) -> usize {
+            let (mut now, mut most) = (0usize, 0usize);
+            for (start, ..) in &self.events {
+                if *start {
+                    now += 1;
+                    most = most.max(now);
+                } else {
+                    now -= 1;
+                }
+            }
+            most
+        }
+
+        fn starts(&self) -> Vec<usize> {
+            self.events.iter().filter(|e| e.0).map(|e| e.1).collect()
+        }
+    }
+
+    fn parallel<'a>(
+        proxmox: &'a FakeProxmox,
+        shell: &'a FakeHostShell,
+        host: &'a HostShellSettings,
+        parallelism: usize,
+    ) -> Applier<'a, FakeProxmox, FakeHostShell> {
+        Applier {
+            parallelism,
+            ..applier(proxmox, shell, host, None)
+        }
+    }
+
+    /// Proxmox tasks as long as on a real host: a container create unpacks a template.
+    fn realistic_tasks(proxmox: &FakeProxmox) {
+        proxmox.set_task_duration("create", std::time::Duration::from_secs(3));
+        proxmox.set_task_duration("start", std::time::Duration::from_millis(800));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn guests_are_created_side_by_side_never_more_than_the_bound_at_once() {
+        let (desired, artifacts) = crate::test_repo::load_files(&crate::test_repo::files_of(20));
+        let guests = desired_guests(&desired, &artifacts);
+        let proxmox = FakeProxmox::new();
+        realistic_tasks(&proxmox);
+        let plan = plan_on(&proxmox, &desired, &guests).await;
+        assert_eq!(plan.steps.len(), 20);
+        let (shell, host) = (FakeHostShell::default(), HostShellSettings::default());
+        let mut recorder = Recorder::default();
+        let started = tokio::time::Instant::now();
+        let report = parallel(&proxmox, &shell, &host, 4).apply(&plan, &mut recorder).await;
+
+        assert!(report.ok(), "{report:?}");
+        assert_eq!(recorder.most_at_once(), 4);
+        // ceil(20 / 4) rounds of one guest's chain of tasks (create 3 s + start 0.8 s).
+        assert_eq!(started.elapsed(), std::time::Duration::from_millis(5 * 3800));
+        assert_eq!(report.done.iter().map(|s| s.duration_ms).max(), Some(3800));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parallelism_of_one_runs_the_plan_in_its_order_one_step_at_a_time() {
+        let (desired, artifacts) = crate::test_repo::load_files(&crate::test_repo::files_of(6));
+        let guests = desired_guests(&desired, &artifacts);
+        let proxmox = FakeProxmox::new();
+        realistic_tasks(&proxmox);
+        let plan = plan_on(&proxmox, &desired, &guests).await;
+        let (shell, host) = (FakeHostShell::default(), HostShellSettings::default());
+        let mut recorder = Recorder::default();
+        let report = parallel(&proxmox, &shell, &host, 1).apply(&plan, &mut recorder).await;
+
+        assert!(report.ok());
+        assert_eq!(recorder.most_at_once(), 1);
+        assert_eq!(recorder.starts(), (0..6).collect::<Vec<_>>());
+        let done: Vec<&str> = report.done.iter().map(|s| s.node.as_str()).collect();
+        assert_eq!(done, ["k3s-1", "k3s-2", "k3s-3", "k3s-4", "k3s-5", "k3s-6"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_failure_no_new_step_starts_and_running_steps_finish() {
+        let (desired, artifacts) = crate::test_repo::load_files(&crate::test_repo::files_of(6));
+        let guests = desired_guests(&desired, &artifacts);
+        let proxmox = FakeProxmox::new();
+        realistic_tasks(&proxmox);
+        // k3s-1's create fails when its task ends, while k3s-2's create is still running.
+        proxmox.set_task_duration("create", std::time::Duration::from_secs(3));
+        proxmox.fail_task("create", 100);
+        let plan = plan_on(&proxmox, &desired, &guests).await;
+        let (shell, host) = (FakeHostShell::default(), HostShellSettings::default());
+        let mut recorder = Recorder::default();
+        let report = parallel(&proxmox, &shell, &host, 2).apply(&plan, &mut recorder).await;
+
+        assert!(!report.ok());
+        assert_eq!(recorder.starts(), [0, 1], "nothing started after the failure");
+        let outcomes: Vec<(&str, bool)> = report.done.iter().map(|s| (s.node.as_str(), s.ok)).collect();
+        assert_eq!(
+            outcomes,
+            [("k3s-1", false), ("k3s-2", true)],
+            "the running step finished"
+        );
+        assert_eq!(
+            report.not_done,
+            [
+                "create k3s-3 (vmid 102)",
+                "create k3s-4 (vmid 103)",
+                "create k3s-5 (vmid 104)",
+                "create k3s-6 (vmid 105)"
+            ]
+        );
+        assert!(proxmox.guest(102).is_none());
     }
 }

@@ -435,6 +435,17 @@ pub struct ConnectArgs {
         help_heading = "Cluster layer"
     )]
     pub node_root: String,
+    /// How many steps apply runs at once on one Proxmox node [default: cluster.yaml
+    /// reconcile.parallelism, else 8]. Steps that depend on each other still wait (a node's
+    /// own steps, the control plane first, one disruptive step at a time); 1 applies one step
+    /// at a time, in plan order.
+    #[arg(
+        long,
+        env = "DRIFTLESS_PARALLELISM",
+        value_name = "N",
+        help_heading = "Cluster layer"
+    )]
+    pub parallelism: Option<usize>,
 }
 
 /// `--host-shell`.
@@ -477,6 +488,7 @@ impl ConnectArgs {
             node_ssh_known_hosts: self.node_ssh_known_hosts.clone(),
             node_ssh_host: self.node_ssh_host.clone(),
             node_root: Some(self.node_root.clone()).filter(|r| !r.is_empty()),
+            parallelism: self.parallelism,
         })
     }
 }

@@ -3,11 +3,11 @@
 
 use crate::cli::{ApplyArgs, Cli, Command, ExplainArgs, OutputFormat, PlanArgs, RenderArgs};
 use anyhow::{Context, Result, bail};
-use driftless::apply::{ApplyReport, Progress, StepOutcome};
+use driftless::apply::ApplyReport;
 use driftless::connect::Connection;
 use driftless::model::{self, Desired, Diagnostics, LoadOptions, Setting};
+use driftless::plan::Plan;
 use driftless::plan::display::{self, Wording};
-use driftless::plan::{Plan, Step};
 use driftless::reconcile::Reconcile;
 use driftless::render::{self, Artifact};
 use driftless::runtime::{init_logging, tokio_runtime};
@@ -301,28 +301,6 @@ fn plan_cmd(
     })
 }
 
-/// Prints each step as it starts and ends: a long apply shows where it is.
-struct StderrProgress;
-
-impl Progress for StderrProgress {
-    fn step_started(&mut self, index: usize, total: usize, step: &Step) {
-        eprint!(
-            "[{}/{}] {} {} (vmid {}) ... ",
-            index + 1,
-            total,
-            step.action.verb(),
-            step.node,
-            step.vmid
-        );
-    }
-    fn step_finished(&mut self, outcome: &StepOutcome) {
-        match &outcome.error {
-            None => eprintln!("ok ({})", outcome.log.join(", ")),
-            Some(e) => eprintln!("FAILED: {e}"),
-        }
-    }
-}
-
 fn confirm(plan: &Plan, desired: &Desired) -> Result<bool> {
     use std::io::{BufRead, IsTerminal};
     if !std::io::stdin().is_terminal() {
@@ -363,7 +341,7 @@ fn apply_cmd(desired: &Desired, artifacts: &[Artifact], args: &ApplyArgs, out: O
     if !args.auto_approve && !confirm(&plan, desired)? {
         bail!("apply cancelled: nothing was changed");
     }
-    let report = rt.block_on(run.apply(&plan, &mut StderrProgress, None));
+    let report = rt.block_on(run.apply(&plan, &mut crate::progress::StderrProgress::new(), None));
     report_apply(&plan, &report, out)
 }
 
@@ -381,17 +359,31 @@ fn report_apply(plan: &Plan, report: &ApplyReport, out: OutputFormat) -> Result<
             plan.steps.len(),
             if plan.steps.len() == 1 { "" } else { "s" }
         );
-        if let Some(failed) = report.done.iter().find(|s| !s.ok) {
+        let mut failed = report.done.iter().filter(|s| !s.ok);
+        if let Some(first) = failed.next() {
             println!(
                 "Stopped at {} {} (vmid {}): {}",
-                failed.action,
-                failed.node,
-                failed.vmid,
-                failed.error.as_deref().unwrap_or("failed")
+                first.action,
+                first.node,
+                first.vmid,
+                first.error.as_deref().unwrap_or("failed")
             );
-            if !report.not_done.is_empty() {
-                println!("Not done: {}", report.not_done.join("; "));
+            // Steps that were running beside it finished, and may have failed too.
+            for also in failed {
+                println!(
+                    "Also failed: {} {} (vmid {}): {}",
+                    also.action,
+                    also.node,
+                    also.vmid,
+                    also.error.as_deref().unwrap_or("failed")
+                );
             }
+        }
+        if report.stopped {
+            println!("Stopped between two steps, as asked.");
+        }
+        if !report.not_done.is_empty() {
+            println!("Not done: {}", report.not_done.join("; "));
         }
     }
     if report.ok() {

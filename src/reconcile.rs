@@ -58,6 +58,8 @@ pub struct Reconcile<'a, P: ProxmoxApi, H: HostShell, C: ClusterConnector> {
     proxmox: &'a P,
     host: Option<&'a H>,
     host_settings: &'a HostShellSettings,
+    /// Steps at once per Proxmox node.
+    parallelism: usize,
     /// `None` with `--guests-only`: guest steps only.
     cluster: Option<ClusterAccess<'a, C>>,
 }
@@ -100,6 +102,10 @@ impl<'a, P: ProxmoxApi, H: HostShell, C: ClusterConnector> Reconcile<'a, P, H, C
             proxmox,
             host,
             host_settings: &settings.host,
+            parallelism: settings
+                .parallelism
+                .unwrap_or(desired.cluster.reconcile.parallelism as usize)
+                .max(1),
             cluster,
         }
     }
@@ -135,6 +141,8 @@ impl<'a, P: ProxmoxApi, H: HostShell, C: ClusterConnector> Reconcile<'a, P, H, C
             host: self.host_settings,
             stop,
             cluster: self.cluster.as_ref().map(|c| c as &dyn ClusterSteps),
+            parallelism: self.parallelism,
+            control_plane: self.desired.control_plane().map(|n| n.name.clone()).collect(),
         };
         applier.apply(plan, progress).await
     }
@@ -276,5 +284,160 @@ mod tests {
             err.to_string(),
             "cannot read the guests from Proxmox: cannot reach Proxmox at https://127.0.0.1:8006: connection refused"
         );
+    }
+
+    /// Starts and ends of steps, in the order they happened.
+    #[derive(Default)]
+    struct Recorder {
+        events: Vec<(bool, usize)>,
+    }
+
+    impl Progress for Recorder {
+        fn step_started(&mut self, index: usize, _: usize, _: &crate::plan::Step) {
+            self.events.push((true, index));
+        }
+        fn step_finished(&mut self, outcome: &crate::apply::StepOutcome) {
+            self.events.push((false, outcome.index));
+        }
+    }
+
+    impl Recorder {
+        fn position(&self, start: bool, index: usize) -> usize {
+            self.events.iter().position(|&e| e == (start, index)).unwrap()
+        }
+
+        /// Whether steps `a` and `b` were running at the same time.
+        fn overlap(&self, a: usize, b: usize) -> bool {
+            let (a0, a1) = (self.position(true, a), self.position(false, a));
+            let (b0, b1) = (self.position(true, b), self.position(false, b));
+            a0 < b1 && b0 < a1
+        }
+    }
+
+    /// A K3s lab of `n` nodes whose guests run as the repository says, with K3s `version`
+    /// running on every node and its config as rendered.
+    fn running_lab(n: u32, version: &str) -> (Desired, Vec<Artifact>, FakeProxmox, FakeCluster) {
+        use crate::ports::{GuestSummary, PveKind};
+        use crate::render::ArtifactKind;
+        let (desired, artifacts) = crate::test_repo::load_files(&crate::test_repo::files_of(n));
+        let proxmox = FakeProxmox::new();
+        for g in crate::plan::desired_guests(&desired, &artifacts) {
+            let summary = GuestSummary {
+                vmid: g.vmid,
+                node: g.pve_node.clone(),
+                kind: PveKind::Lxc,
+                name: Some(g.node.clone()),
+                status: "running".into(),
+                tags: vec!["driftless".into()],
+            };
+            proxmox.insert(summary, g.options.clone());
+        }
+        let names: Vec<String> = desired.nodes.iter().map(|n| n.name.clone()).collect();
+        let cluster = FakeCluster::with_nodes(&names.iter().map(String::as_str).collect::<Vec<_>>());
+        let token = crate::secrets::Secret::new("K10abc::server:s3cret");
+        let token_sha = k3s::sha256_hex(&k3s::token_file_contents(&token));
+        for node in &desired.nodes {
+            let config = artifacts
+                .iter()
+                .find(|a| a.node == node.name && a.kind == ArtifactKind::K3sConfig)
+                .unwrap();
+            let fake = &cluster.nodes[&node.name];
+            let mut seen = format!(
+                "version={version}\nactive={}\nconfig_sha256={}\n",
+                k3s::service(&node.role),
+                k3s::sha256_hex(config.content.as_bytes())
+            );
+            if node.role != "server" {
+                seen.push_str(&format!("token_sha256={token_sha}\n"));
+            }
+            fake.answer("config_sha256=", 0, &seen);
+            cluster.kube.ready_node(&node.name);
+        }
+        cluster.nodes["k3s-1"]
+            .files
+            .lock()
+            .unwrap()
+            .insert(k3s::SERVER_TOKEN_PATH.into(), b"K10abc::server:s3cret\n".to_vec());
+        (desired, artifacts, proxmox, cluster)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_k3s_upgrade_restarts_one_node_at_a_time_even_with_parallelism() {
+        let (desired, artifacts, proxmox, cluster) = running_lab(4, "v1.30.9+k3s1");
+        let shell = FakeHostShell::default();
+        let secrets = tempfile::tempdir().unwrap();
+        std::fs::write(secrets.path().join("kubeconfig"), "apiVersion: v1\n").unwrap();
+        let settings = RunSettings {
+            parallelism: Some(8),
+            ..settings(secrets.path())
+        };
+        let run = Reconcile::new(&desired, &artifacts, &proxmox, Some(&shell), &cluster, &settings);
+        let plan = run.plan().await.unwrap();
+        assert_eq!(plan.steps.len(), 8, "{plan:#?}");
+        assert!(
+            plan.steps.iter().all(|s| s.disruptive),
+            "upgrading members interrupts them"
+        );
+
+        let mut recorder = Recorder::default();
+        let report = run.apply(&plan, &mut recorder, None).await;
+        assert!(report.ok(), "{report:#?}");
+        for a in 0..plan.steps.len() {
+            for b in a + 1..plan.steps.len() {
+                assert!(!recorder.overlap(a, b), "disruptive steps {a} and {b} ran together");
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn from_empty_the_server_is_set_up_before_any_agent_joins_and_agents_join_together() {
+        let (desired, artifacts) = crate::test_repo::load_files(&crate::test_repo::files_of(5));
+        let (proxmox, shell) = (FakeProxmox::new(), FakeHostShell::default());
+        proxmox.set_task_duration("create", Duration::from_secs(3));
+        let names = ["k3s-1", "k3s-2", "k3s-3", "k3s-4", "k3s-5"];
+        let cluster = FakeCluster::with_nodes(&names);
+        let server = &cluster.nodes["k3s-1"];
+        server.files.lock().unwrap().extend([
+            (
+                k3s::KUBECONFIG_PATH.to_string(),
+                b"server: https://127.0.0.1:6443\n".to_vec(),
+            ),
+            (k3s::SERVER_TOKEN_PATH.to_string(), b"K10abc::server:s3cret\n".to_vec()),
+        ]);
+        for n in names {
+            cluster.kube.ready_node(n);
+        }
+        let secrets = tempfile::tempdir().unwrap();
+        let settings = settings(secrets.path());
+        let run = Reconcile::new(&desired, &artifacts, &proxmox, Some(&shell), &cluster, &settings);
+        let plan = run.plan().await.unwrap();
+        let mut recorder = Recorder::default();
+        let report = run.apply(&plan, &mut recorder, None).await;
+        assert!(report.ok(), "{report:#?}");
+
+        let (server_steps, agent_cluster_steps): (Vec<usize>, Vec<usize>) = (0..plan.steps.len())
+            .filter(|&i| plan.steps[i].action.is_cluster())
+            .partition(|&i| plan.steps[i].node == "k3s-1");
+        let server_done = server_steps.iter().map(|&i| recorder.position(false, i)).max().unwrap();
+        for &i in &agent_cluster_steps {
+            assert!(
+                recorder.position(true, i) > server_done,
+                "{} started before the server was set up",
+                i
+            );
+        }
+        let creates: Vec<usize> = (0..plan.steps.len())
+            .filter(|&i| plan.steps[i].action.verb() == "create")
+            .collect();
+        assert!(
+            recorder.overlap(creates[0], creates[4]),
+            "guests are created side by side"
+        );
+        let joins: Vec<usize> = agent_cluster_steps
+            .iter()
+            .copied()
+            .filter(|&i| plan.steps[i].action.verb() == "configure k3s")
+            .collect();
+        assert!(recorder.overlap(joins[0], joins[3]), "agents join side by side");
     }
 }

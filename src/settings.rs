@@ -132,6 +132,9 @@ pub struct RunSettings {
     /// The secrets the repository names are `<dir>/<name>` (or `DRIFTLESS_SECRET_<NAME>`).
     pub secrets_dir: PathBuf,
     pub cluster: ClusterSettings,
+    /// Steps applied at once per Proxmox node (`--parallelism`); `None`: cluster.yaml's
+    /// `reconcile.parallelism`, else the default.
+    pub parallelism: Option<usize>,
 }
 
 impl Default for RunSettings {
@@ -164,6 +167,7 @@ pub struct RunFlags {
     pub node_ssh_known_hosts: Option<PathBuf>,
     pub node_ssh_host: Option<String>,
     pub node_root: Option<String>,
+    pub parallelism: Option<usize>,
 }
 
 impl RunSettings {
@@ -215,6 +219,7 @@ impl RunSettings {
                 node_ssh,
                 node_root: flags.node_root.unwrap_or_default(),
             },
+            parallelism: flags.parallelism.filter(|&p| p > 0),
         }
     }
 }

@@ -12,9 +12,15 @@ pub const CLUSTER: &str = "name: lab\ndistribution: k3s\nversion: v1.31.4+k3s1\n
 
 /// The lab's files: `k3s-1` (vmid 100, server), `k3s-2` and `k3s-3` (agents).
 pub fn files() -> RepoFiles {
+    files_of(3)
+}
+
+/// A lab of `n` nodes: `k3s-1` (vmid 100, 10.0.0.11) the server, the others agents.
+pub fn files_of(n: u32) -> RepoFiles {
     let mut files = RepoFiles::new("memory");
     files.insert("cluster.yaml", CLUSTER);
-    for (i, role) in [(1, "server"), (2, "agent"), (3, "agent")] {
+    for i in 1..=n {
+        let role = if i == 1 { "server" } else { "agent" };
         files.insert(
             format!("nodes/k3s-{i}.yaml"),
             format!(

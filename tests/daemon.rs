@@ -231,13 +231,16 @@ fn an_invalid_revision_stalls_and_is_reported_never_half_applied() {
 }
 
 /// A daemon polling every `poll_interval` against a sandbox slowed to 300 ms a request,
-/// returned once its first apply has begun, with the daemon's pid.
+/// applying one step at a time, returned once its first apply has begun, with the daemon's pid.
 fn daemon_in_a_slow_apply(poll_interval: &str) -> (Setup, u32) {
     let mut s = Setup::new("homelab-k3s");
     s.sandbox().knobs().set_latency(Duration::from_millis(300));
     let url = s.file_url();
-    s.start_daemon(&url, &["--poll-interval", poll_interval]);
-    wait_until(Duration::from_secs(60), || s.log().contains("applying").then_some(())).expect("an apply starts");
+    s.start_daemon(&url, &["--poll-interval", poll_interval, "--parallelism", "1"]);
+    wait_until(Duration::from_secs(60), || {
+        s.log().contains("step started").then_some(())
+    })
+    .expect("an apply starts");
     let pid = s.daemon.as_ref().unwrap().0.id();
     (s, pid)
 }
@@ -264,7 +267,6 @@ fn sigterm_during_an_apply_stops_between_steps_and_leaves_no_half_written_file()
     let confs: Vec<_> = std::fs::read_dir(&dir)
         .map(|d| d.filter_map(|e| e.ok()).collect())
         .unwrap_or_default();
-    assert!(confs.len() < 3, "the apply stopped before the end: {}", confs.len());
     for e in &confs {
         let text = std::fs::read_to_string(e.path()).unwrap();
         driftless::pve::conf::parse(&text, driftless::pve::conf::GuestKind::Lxc)
@@ -277,6 +279,9 @@ fn sigterm_during_an_apply_stops_between_steps_and_leaves_no_half_written_file()
     let r = s.report("heads/main").expect("the interrupted run is reported");
     assert_eq!(r["outcome"], "failed", "{r}");
     assert!(r.to_string().contains("stopped by shutdown"), "{r}");
+    let not_done = r["applied"]["not_done"].as_array().expect("steps not done");
+    assert!(!not_done.is_empty(), "the apply stopped before the end: {r}");
+    assert!(confs.len() < 3, "the apply stopped before the end: {}", confs.len());
 }
 
 #[test]

@@ -333,11 +333,14 @@ fn a_fingerprint_that_does_not_match_is_refused() {
 fn a_wrong_host_key_stops_the_apply_before_raw_keys_are_written() {
     let env = Env::new("homelab-k3s");
     let wrong = env.sshd.known_hosts_with_wrong_key();
+    // One step at a time, so the apply stops at the first guest and starts no other.
     let mut args: Vec<String> = vec![
         "--repo".into(),
         env.repo.path().display().to_string(),
         "apply".into(),
         "--auto-approve".into(),
+        "--parallelism".into(),
+        "1".into(),
     ];
     let mut conn = env.connection_args();
     let i = conn.iter().position(|a| a == "--ssh-known-hosts").unwrap();

@@ -15,6 +15,7 @@ mod e2e_talos;
 mod git_source;
 mod known_hosts;
 mod kube_api;
+mod parallel_apply;
 mod proxmox_client;
 mod render_snapshots;
 mod sandbox_proxmox;

@@ -488,6 +488,8 @@ mod tests {
             }),
             applied: Some(ApplyReport {
                 done: vec![StepOutcome {
+                    index: 0,
+                    duration_ms: 5200,
                     node: "k3s-master".into(),
                     vmid: 200,
                     action: "restart",

@@ -188,12 +188,17 @@ struct LogProgress;
 
 impl Progress for LogProgress {
     fn step_started(&mut self, index: usize, total: usize, step: &Step) {
-        tracing::info!(step = index + 1, total, action = step.action.verb(), node = %step.node, vmid = step.vmid, "applying");
+        tracing::info!(step = index + 1, total, action = step.action.verb(), node = %step.node, vmid = step.vmid, "step started");
     }
     fn step_finished(&mut self, o: &StepOutcome) {
+        let step = o.index + 1;
         match &o.error {
-            None => tracing::info!(node = %o.node, action = o.action, log = %o.log.join(", "), "step done"),
-            Some(e) => tracing::error!(node = %o.node, action = o.action, error = %e, "step failed"),
+            None => {
+                tracing::info!(step, node = %o.node, action = o.action, duration_ms = o.duration_ms, log = %o.log.join(", "), "step done")
+            }
+            Some(e) => {
+                tracing::error!(step, node = %o.node, action = o.action, duration_ms = o.duration_ms, error = %e, "step failed")
+            }
         }
     }
 }

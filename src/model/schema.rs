@@ -358,6 +358,8 @@ pub struct ReconcilePolicy {
     pub prune: bool,
     pub ownership_tag: String,
     pub suspend: bool,
+    /// How many steps apply runs at once on one Proxmox node (`--parallelism` overrides it).
+    pub parallelism: u32,
 }
 
 impl Default for ReconcilePolicy {
@@ -369,6 +371,9 @@ impl Default for ReconcilePolicy {
             prune: false,
             ownership_tag: "driftless".into(),
             suspend: false,
+            // Enough to keep a Proxmox host busy creating containers, few enough not to queue
+            // on its task workers and its storage.
+            parallelism: 8,
         }
     }
 }

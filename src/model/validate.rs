@@ -26,186 +26,25 @@ pub(crate) fn cluster(
 ) -> Option<Cluster> {
     let before = diags.len();
     let net = &cf.network;
-    let cidr = match net.cidr.parse::<ipnet::IpNet>() {
-        Ok(c) => Some(c),
-        Err(_) => {
-            diags.push(
-                Diagnostic::new(
-                    doc.value_loc(&key(&["network", "cidr"])),
-                    format!("`network.cidr`: `{}` is not a network", net.cidr),
-                )
-                .hint("write it like 192.168.2.0/24"),
-            );
-            None
-        }
-    };
-    if let Some(c) = cidr
-        && c.trunc() != c
-    {
-        diags.push(
-            Diagnostic::new(
-                doc.value_loc(&key(&["network", "cidr"])),
-                format!("`network.cidr`: `{c}` has host bits set"),
-            )
-            .hint(format!("the network is `{}`", c.trunc())),
-        );
-    }
+    let cidr = network_cidr(net, doc, diags);
+    cidr_has_no_host_bits(cidr, doc, diags);
     let gateway = parse_ip(&net.gateway, doc, &["network", "gateway"], diags);
-    if let (Some(c), Some(g)) = (cidr, gateway)
-        && !c.contains(&g)
-    {
-        diags.push(
-            Diagnostic::new(
-                doc.value_loc(&key(&["network", "gateway"])),
-                format!("gateway {g} is outside the cluster network {c}"),
-            )
-            .related(doc.value_loc(&key(&["network", "cidr"])), "the network is set here")
-            .hint("the gateway must be an address inside network.cidr"),
-        );
-    }
-    let mut dns = Vec::new();
-    for (i, d) in net.dns.iter().enumerate() {
-        let mut p = key(&["network", "dns"]);
-        p.push(Seg::Index(i));
-        match d.parse::<IpAddr>() {
-            Ok(a) => dns.push(a),
-            Err(_) => diags.push(Diagnostic::new(
-                doc.value_loc(&p),
-                format!("`network.dns`: `{d}` is not an IP address"),
-            )),
-        }
-    }
+    gateway_inside_network(cidr, gateway, doc, diags);
+    let dns = dns_servers(net, doc, diags);
+    let distribution = distribution_set(&level, doc, diags);
+    let version = version_matches_distribution(&level, distribution, &prov, doc, diags);
+    talos_has_kubernetes_version(&level, distribution, doc, diags);
+    let cni = cni_known(&level, &prov, doc, diags);
+    proxmox_api_is_https(&cf.proxmox, doc, diags);
+    fingerprint_is_sha256(&cf.proxmox, doc, diags);
+    fingerprint_or_ca_file(&cf.proxmox, doc, diags);
+    interval_is_duration(&cf.reconcile, doc, diags);
+    drift_schedule_is_cron(&cf.reconcile, doc, diags);
+    parallelism_at_least_one(&cf.reconcile, doc, diags);
+    ownership_tag_is_proxmox_tag(&cf.reconcile, doc, diags);
+    talos_apply_mode_known(&cf.talos, doc, diags);
 
-    let distribution = match level.distribution {
-        Some(d) => Some(d),
-        None => {
-            diags.push(
-                Diagnostic::new(Location::file_start(&doc.file), "the cluster has no `distribution`")
-                    .hint("set `distribution: k3s` or `distribution: talos` in cluster.yaml, or in an accepted ADR's config block"),
-            );
-            None
-        }
-    };
-    let version = match (&level.version, distribution) {
-        (Some(v), Some(d)) => {
-            let ok = match d {
-                Distribution::K3s => v.starts_with('v') && v.contains("+k3s"),
-                Distribution::Talos => v.starts_with('v') && v[1..].split('.').count() == 3,
-            };
-            if !ok {
-                let loc = prov
-                    .get("version")
-                    .map(|s| s.winner().location.clone())
-                    .unwrap_or_else(|| Location::file_start(&doc.file));
-                let example = if d == Distribution::K3s {
-                    "v1.31.4+k3s1"
-                } else {
-                    "v1.13.9"
-                };
-                diags.push(
-                    Diagnostic::new(loc, format!("`version: {v}` is not a {} version", d.as_str()))
-                        .hint(format!("write it as the release is tagged, e.g. `{example}`")),
-                );
-            }
-            Some(v.clone())
-        }
-        (None, Some(_)) => {
-            diags.push(
-                Diagnostic::new(Location::file_start(&doc.file), "the cluster has no `version`")
-                    .hint("set the K3s or Talos release, e.g. `version: v1.31.4+k3s1`"),
-            );
-            None
-        }
-        _ => None,
-    };
-    if distribution == Some(Distribution::Talos) && level.kubernetes_version.is_none() {
-        diags.push(
-            Diagnostic::new(
-                Location::file_start(&doc.file),
-                "a Talos cluster needs `kubernetes_version`",
-            )
-            .hint("set the Kubernetes release Talos runs, e.g. `kubernetes_version: v1.33.4`"),
-        );
-    }
-    let cni = level.cni.clone().unwrap_or_else(|| "flannel".into());
-    if !["flannel", "cilium", "none"].contains(&cni.as_str()) {
-        let loc = prov
-            .get("cni")
-            .map(|s| s.winner().location.clone())
-            .unwrap_or_else(|| Location::file_start(&doc.file));
-        diags.push(Diagnostic::new(loc, format!("unknown CNI `{cni}`")).hint("one of: flannel, cilium, none"));
-    }
-
-    // Proxmox connection settings
-    for (i, api) in cf.proxmox.api.to_vec().iter().enumerate() {
-        if !api.starts_with("https://") {
-            let mut p = key(&["proxmox", "api"]);
-            if matches!(cf.proxmox.api, OneOrMany::Many(_)) {
-                p.push(Seg::Index(i));
-            }
-            diags.push(
-                Diagnostic::new(doc.value_loc(&p), format!("Proxmox API `{api}` is not an https:// URL"))
-                    .hint("the Proxmox API listens on https://HOST:8006"),
-            );
-        }
-    }
-    if let Some(fp) = &cf.proxmox.fingerprint {
-        let hex: String = fp.chars().filter(|c| *c != ':').collect();
-        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
-            diags.push(
-                Diagnostic::new(
-                    doc.value_loc(&key(&["proxmox", "fingerprint"])),
-                    "`proxmox.fingerprint` is not a SHA-256 fingerprint",
-                )
-                .hint("32 hex bytes separated by colons, as `pvenode cert info` shows them"),
-            );
-        }
-    }
-    if cf.proxmox.fingerprint.is_some() && cf.proxmox.ca_file.is_some() {
-        diags.push(Diagnostic::new(
-            doc.loc(&key(&["proxmox", "ca_file"])),
-            "set either `fingerprint` or `ca_file`, not both",
-        ));
-    }
-    if parse_duration(&cf.reconcile.interval).is_none() {
-        diags.push(
-            Diagnostic::new(
-                doc.value_loc(&key(&["reconcile", "interval"])),
-                format!("`reconcile.interval`: `{}` is not a duration", cf.reconcile.interval),
-            )
-            .hint("write it like 30s, 5m or 1h"),
-        );
-    }
-    if let Err(e) = check_cron(&cf.reconcile.drift_schedule) {
-        diags.push(
-            Diagnostic::new(
-                doc.value_loc(&key(&["reconcile", "drift_schedule"])),
-                format!("`reconcile.drift_schedule`: {e}"),
-            )
-            .hint("five crontab fields: minute hour day-of-month month day-of-week, e.g. \"0 */6 * * *\""),
-        );
-    }
-    if !valid_tag(&cf.reconcile.ownership_tag) {
-        diags.push(
-            Diagnostic::new(
-                doc.value_loc(&key(&["reconcile", "ownership_tag"])),
-                format!("`{}` is not a valid Proxmox tag", cf.reconcile.ownership_tag),
-            )
-            .hint("tags are letters, digits and - _ . +, starting with a letter or digit"),
-        );
-    }
-    if let Some(mode) = &cf.talos.apply_mode
-        && !["auto", "no-reboot", "reboot", "staged", "try"].contains(&mode.as_str())
-    {
-        diags.push(
-            Diagnostic::new(
-                doc.value_loc(&key(&["talos", "apply_mode"])),
-                format!("unknown Talos apply mode `{mode}`"),
-            )
-            .hint("one of: auto, no-reboot, reboot, staged, try"),
-        );
-    }
-
+    // Every rule runs so all of cluster.yaml's mistakes show at once; any one means no cluster.
     if diags.len() > before {
         return None;
     }
@@ -228,6 +67,270 @@ pub(crate) fn cluster(
         secrets: cf.secrets.clone(),
         provenance: prov,
     })
+}
+
+/// Where a cluster-wide key's value is written: cluster.yaml or the ADR it comes from.
+fn level_loc(prov: &Provenance, key: &str, doc: &Doc) -> Location {
+    prov.get(key)
+        .map(|s| s.winner().location.clone())
+        .unwrap_or_else(|| Location::file_start(&doc.file))
+}
+
+/// `network.cidr` is a network.
+fn network_cidr(net: &NetworkSettings, doc: &Doc, diags: &mut Diagnostics) -> Option<ipnet::IpNet> {
+    match net.cidr.parse::<ipnet::IpNet>() {
+        Ok(c) => Some(c),
+        Err(_) => {
+            diags.push(
+                Diagnostic::new(
+                    doc.value_loc(&key(&["network", "cidr"])),
+                    format!("`network.cidr`: `{}` is not a network", net.cidr),
+                )
+                .hint("write it like 192.168.2.0/24"),
+            );
+            None
+        }
+    }
+}
+
+/// `network.cidr` is written as a network: `192.168.2.0/24`, not `192.168.2.7/24`.
+fn cidr_has_no_host_bits(cidr: Option<ipnet::IpNet>, doc: &Doc, diags: &mut Diagnostics) {
+    if let Some(c) = cidr
+        && c.trunc() != c
+    {
+        diags.push(
+            Diagnostic::new(
+                doc.value_loc(&key(&["network", "cidr"])),
+                format!("`network.cidr`: `{c}` has host bits set"),
+            )
+            .hint(format!("the network is `{}`", c.trunc())),
+        );
+    }
+}
+
+/// The gateway is inside the cluster network.
+fn gateway_inside_network(cidr: Option<ipnet::IpNet>, gateway: Option<IpAddr>, doc: &Doc, diags: &mut Diagnostics) {
+    if let (Some(c), Some(g)) = (cidr, gateway)
+        && !c.contains(&g)
+    {
+        diags.push(
+            Diagnostic::new(
+                doc.value_loc(&key(&["network", "gateway"])),
+                format!("gateway {g} is outside the cluster network {c}"),
+            )
+            .related(doc.value_loc(&key(&["network", "cidr"])), "the network is set here")
+            .hint("the gateway must be an address inside network.cidr"),
+        );
+    }
+}
+
+/// Every `network.dns` entry is an IP address.
+fn dns_servers(net: &NetworkSettings, doc: &Doc, diags: &mut Diagnostics) -> Vec<IpAddr> {
+    let mut dns = Vec::new();
+    for (i, d) in net.dns.iter().enumerate() {
+        let mut p = key(&["network", "dns"]);
+        p.push(Seg::Index(i));
+        match d.parse::<IpAddr>() {
+            Ok(a) => dns.push(a),
+            Err(_) => diags.push(Diagnostic::new(
+                doc.value_loc(&p),
+                format!("`network.dns`: `{d}` is not an IP address"),
+            )),
+        }
+    }
+    dns
+}
+
+/// The cluster has a distribution, from cluster.yaml or an ADR.
+fn distribution_set(level: &ClusterLevel, doc: &Doc, diags: &mut Diagnostics) -> Option<Distribution> {
+    if level.distribution.is_none() {
+        diags.push(
+            Diagnostic::new(Location::file_start(&doc.file), "the cluster has no `distribution`")
+                .hint("set `distribution: k3s` or `distribution: talos` in cluster.yaml, or in an accepted ADR's config block"),
+        );
+    }
+    level.distribution
+}
+
+/// The cluster has a version, tagged as the distribution tags its releases.
+fn version_matches_distribution(
+    level: &ClusterLevel,
+    distribution: Option<Distribution>,
+    prov: &Provenance,
+    doc: &Doc,
+    diags: &mut Diagnostics,
+) -> Option<String> {
+    match (&level.version, distribution) {
+        (Some(v), Some(d)) => {
+            let ok = match d {
+                Distribution::K3s => v.starts_with('v') && v.contains("+k3s"),
+                Distribution::Talos => v.starts_with('v') && v[1..].split('.').count() == 3,
+            };
+            if !ok {
+                let example = if d == Distribution::K3s {
+                    "v1.31.4+k3s1"
+                } else {
+                    "v1.13.9"
+                };
+                diags.push(
+                    Diagnostic::new(
+                        level_loc(prov, "version", doc),
+                        format!("`version: {v}` is not a {} version", d.as_str()),
+                    )
+                    .hint(format!("write it as the release is tagged, e.g. `{example}`")),
+                );
+            }
+            Some(v.clone())
+        }
+        (None, Some(_)) => {
+            diags.push(
+                Diagnostic::new(Location::file_start(&doc.file), "the cluster has no `version`")
+                    .hint("set the K3s or Talos release, e.g. `version: v1.31.4+k3s1`"),
+            );
+            None
+        }
+        // Without a distribution there is nothing to check a version against; that is reported.
+        _ => None,
+    }
+}
+
+/// A Talos cluster names the Kubernetes release it runs (a K3s version already includes it).
+fn talos_has_kubernetes_version(
+    level: &ClusterLevel,
+    distribution: Option<Distribution>,
+    doc: &Doc,
+    diags: &mut Diagnostics,
+) {
+    if distribution == Some(Distribution::Talos) && level.kubernetes_version.is_none() {
+        diags.push(
+            Diagnostic::new(
+                Location::file_start(&doc.file),
+                "a Talos cluster needs `kubernetes_version`",
+            )
+            .hint("set the Kubernetes release Talos runs, e.g. `kubernetes_version: v1.33.4`"),
+        );
+    }
+}
+
+/// The CNI is one driftless knows how to set up (flannel when unset).
+fn cni_known(level: &ClusterLevel, prov: &Provenance, doc: &Doc, diags: &mut Diagnostics) -> String {
+    let cni = level.cni.clone().unwrap_or_else(|| "flannel".into());
+    if !["flannel", "cilium", "none"].contains(&cni.as_str()) {
+        diags.push(
+            Diagnostic::new(level_loc(prov, "cni", doc), format!("unknown CNI `{cni}`"))
+                .hint("one of: flannel, cilium, none"),
+        );
+    }
+    cni
+}
+
+/// Every Proxmox API URL is https://.
+fn proxmox_api_is_https(proxmox: &ProxmoxSettings, doc: &Doc, diags: &mut Diagnostics) {
+    for (i, api) in proxmox.api.to_vec().iter().enumerate() {
+        if !api.starts_with("https://") {
+            let mut p = key(&["proxmox", "api"]);
+            if matches!(proxmox.api, OneOrMany::Many(_)) {
+                p.push(Seg::Index(i));
+            }
+            diags.push(
+                Diagnostic::new(doc.value_loc(&p), format!("Proxmox API `{api}` is not an https:// URL"))
+                    .hint("the Proxmox API listens on https://HOST:8006"),
+            );
+        }
+    }
+}
+
+/// `proxmox.fingerprint` is a SHA-256 fingerprint: 32 hex bytes, colons optional.
+fn fingerprint_is_sha256(proxmox: &ProxmoxSettings, doc: &Doc, diags: &mut Diagnostics) {
+    if let Some(fp) = &proxmox.fingerprint {
+        let hex: String = fp.chars().filter(|c| *c != ':').collect();
+        if hex.len() != 64 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+            diags.push(
+                Diagnostic::new(
+                    doc.value_loc(&key(&["proxmox", "fingerprint"])),
+                    "`proxmox.fingerprint` is not a SHA-256 fingerprint",
+                )
+                .hint("32 hex bytes separated by colons, as `pvenode cert info` shows them"),
+            );
+        }
+    }
+}
+
+/// The Proxmox certificate is trusted one way: a pinned fingerprint or a CA file, not both.
+fn fingerprint_or_ca_file(proxmox: &ProxmoxSettings, doc: &Doc, diags: &mut Diagnostics) {
+    if proxmox.fingerprint.is_some() && proxmox.ca_file.is_some() {
+        diags.push(Diagnostic::new(
+            doc.loc(&key(&["proxmox", "ca_file"])),
+            "set either `fingerprint` or `ca_file`, not both",
+        ));
+    }
+}
+
+/// `reconcile.interval` is a duration.
+fn interval_is_duration(reconcile: &ReconcilePolicy, doc: &Doc, diags: &mut Diagnostics) {
+    if parse_duration(&reconcile.interval).is_none() {
+        diags.push(
+            Diagnostic::new(
+                doc.value_loc(&key(&["reconcile", "interval"])),
+                format!("`reconcile.interval`: `{}` is not a duration", reconcile.interval),
+            )
+            .hint("write it like 30s, 5m or 1h"),
+        );
+    }
+}
+
+/// `reconcile.parallelism` lets at least one step run.
+fn parallelism_at_least_one(reconcile: &ReconcilePolicy, doc: &Doc, diags: &mut Diagnostics) {
+    if reconcile.parallelism == 0 {
+        diags.push(
+            Diagnostic::new(
+                doc.value_loc(&key(&["reconcile", "parallelism"])),
+                "`reconcile.parallelism`: 0 would apply nothing".to_string(),
+            )
+            .hint("1 applies one step at a time, in plan order; the default is 8 per Proxmox node"),
+        );
+    }
+}
+
+/// `reconcile.drift_schedule` is a five-field crontab schedule.
+fn drift_schedule_is_cron(reconcile: &ReconcilePolicy, doc: &Doc, diags: &mut Diagnostics) {
+    if let Err(e) = check_cron(&reconcile.drift_schedule) {
+        diags.push(
+            Diagnostic::new(
+                doc.value_loc(&key(&["reconcile", "drift_schedule"])),
+                format!("`reconcile.drift_schedule`: {e}"),
+            )
+            .hint("five crontab fields: minute hour day-of-month month day-of-week, e.g. \"0 */6 * * *\""),
+        );
+    }
+}
+
+/// `reconcile.ownership_tag` is a tag Proxmox accepts.
+fn ownership_tag_is_proxmox_tag(reconcile: &ReconcilePolicy, doc: &Doc, diags: &mut Diagnostics) {
+    if !valid_tag(&reconcile.ownership_tag) {
+        diags.push(
+            Diagnostic::new(
+                doc.value_loc(&key(&["reconcile", "ownership_tag"])),
+                format!("`{}` is not a valid Proxmox tag", reconcile.ownership_tag),
+            )
+            .hint("tags are letters, digits and - _ . +, starting with a letter or digit"),
+        );
+    }
+}
+
+/// `talos.apply_mode` is one of talosctl's apply modes.
+fn talos_apply_mode_known(talos: &TalosCluster, doc: &Doc, diags: &mut Diagnostics) {
+    if let Some(mode) = &talos.apply_mode
+        && !["auto", "no-reboot", "reboot", "staged", "try"].contains(&mode.as_str())
+    {
+        diags.push(
+            Diagnostic::new(
+                doc.value_loc(&key(&["talos", "apply_mode"])),
+                format!("unknown Talos apply mode `{mode}`"),
+            )
+            .hint("one of: auto, no-reboot, reboot, staged, try"),
+        );
+    }
 }
 
 fn parse_ip(s: &str, doc: &Doc, path: &[&str], diags: &mut Diagnostics) -> Option<IpAddr> {
@@ -338,11 +441,36 @@ fn setting_loc(node: &Node, k: &str) -> Location {
 
 /// Per-node and cross-node rules.
 pub(crate) fn nodes(cluster: &Cluster, nodes: &mut [Node], all_nodes_loaded: bool, diags: &mut Diagnostics) {
-    let dist = cluster.distribution;
-    let mut by_vmid: BTreeMap<u32, &Node> = BTreeMap::new();
-    let mut by_name: BTreeMap<&str, &Node> = BTreeMap::new();
-    let mut by_ip: BTreeMap<IpAddr, &Node> = BTreeMap::new();
+    // Diagnostics::finish sorts by place and message, and no two of these rules share a message,
+    // so running each over all nodes (not node by node, as before) prints the same.
+    unique_vmids(nodes, diags);
+    unique_names(nodes, diags);
+    unique_addresses(nodes, diags);
     for node in nodes.iter() {
+        name_matches_file(node, diags);
+        name_is_hostname(node, diags);
+        vmid_in_range(node, diags);
+        role_matches_distribution(cluster.distribution, node, diags);
+        vlan_in_range(node, diags);
+        address_inside_network(&cluster.network, node, diags);
+        talos_only_on_vms(cluster.distribution, node, diags);
+        proxmox_node_known(&cluster.proxmox, node, diags);
+        has_template_or_image(cluster.distribution, node, diags);
+        vm_has_no_lxc_settings(node, diags);
+        raw_lxc_keys_allowed(node, diags);
+        no_k3s_settings_on_talos(cluster.distribution, node, diags);
+        k3s_flags_known(cluster.distribution, node, diags);
+        label_keys_valid(node, diags);
+        taints_have_effects(node, diags);
+        tags_valid(node, diags);
+    }
+    has_control_plane(cluster.distribution, nodes, all_nodes_loaded, diags);
+}
+
+/// No two guests share a vmid: a repeat is reported where it is set, pointing at the one before.
+fn unique_vmids(nodes: &[Node], diags: &mut Diagnostics) {
+    let mut by_vmid: BTreeMap<u32, &Node> = BTreeMap::new();
+    for node in nodes {
         if let Some(first) = by_vmid.insert(node.vmid, node) {
             diags.push(
                 Diagnostic::new(
@@ -356,6 +484,13 @@ pub(crate) fn nodes(cluster: &Cluster, nodes: &mut [Node], all_nodes_loaded: boo
                 .hint("every guest on a Proxmox cluster needs its own vmid"),
             );
         }
+    }
+}
+
+/// No two nodes share a name.
+fn unique_names(nodes: &[Node], diags: &mut Diagnostics) {
+    let mut by_name: BTreeMap<&str, &Node> = BTreeMap::new();
+    for node in nodes {
         if let Some(first) = by_name.insert(&node.name, node) {
             diags.push(
                 Diagnostic::new(
@@ -365,6 +500,13 @@ pub(crate) fn nodes(cluster: &Cluster, nodes: &mut [Node], all_nodes_loaded: boo
                 .related(Location::file_start(&first.file), "first used here"),
             );
         }
+    }
+}
+
+/// No two nodes share an IP address.
+fn unique_addresses(nodes: &[Node], diags: &mut Diagnostics) {
+    let mut by_ip: BTreeMap<IpAddr, &Node> = BTreeMap::new();
+    for node in nodes {
         if let Some(first) = by_ip.insert(node.ip(), node) {
             diags.push(
                 Diagnostic::new(
@@ -380,164 +522,207 @@ pub(crate) fn nodes(cluster: &Cluster, nodes: &mut [Node], all_nodes_loaded: boo
             );
         }
     }
+}
 
-    for node in nodes.iter() {
-        let file_stem = super::files::node_stem(&node.file);
-        if node.name != file_stem {
-            diags.push(
-                Diagnostic::new(
-                    setting_loc(node, "name"),
-                    format!("node `{}` is in a file named `{}`", node.name, node.file),
-                )
-                .hint(format!(
-                    "rename the file to nodes/{}.yaml, or drop `name:` to use the file name",
-                    node.name
-                )),
-            );
-        }
-        if !valid_hostname(&node.name) {
-            diags.push(
-                Diagnostic::new(
-                    setting_loc(node, "name"),
-                    format!("`{}` is not a valid host name", node.name),
-                )
-                .hint("use lowercase letters, digits and '-', at most 63 characters, not starting or ending with '-'"),
-            );
-        }
-        if !(100..=999_999_999).contains(&node.vmid) {
-            diags.push(
-                Diagnostic::new(setting_loc(node, "vmid"), format!("vmid {} is out of range", node.vmid))
-                    .hint("Proxmox guest ids run from 100 to 999999999"),
-            );
-        }
-        if !dist.roles().contains(&node.role.as_str()) {
-            diags.push(
-                Diagnostic::new(
-                    setting_loc(node, "role"),
-                    format!("role `{}` is not a {} role", node.role, dist.as_str()),
-                )
-                .hint({
-                    let roles = format!("{} roles: {}", dist.as_str(), dist.roles().join(", "));
-                    match did_you_mean(&node.role, dist.roles().iter().copied()) {
-                        Some(h) => format!("{h} ({roles})"),
-                        None => roles,
-                    }
-                }),
-            );
-        }
-        if let Some(vlan) = node.settings.vlan.filter(|v| !(1..=4094).contains(v)) {
-            diags.push(
-                Diagnostic::new(setting_loc(node, "vlan"), format!("VLAN tag {vlan} is out of range"))
-                    .hint("Proxmox VLAN tags run from 1 to 4094; leave `vlan` out for an untagged NIC"),
-            );
-        }
-        let net = &cluster.network;
-        if !net.cidr.contains(&node.ip()) {
-            diags.push(
-                Diagnostic::new(
-                    setting_loc(node, "address"),
-                    format!("address {} is outside the cluster network {}", node.ip(), net.cidr),
-                )
-                .hint(format!(
-                    "pick an address in {} (network.cidr in cluster.yaml)",
-                    net.cidr
-                )),
-            );
-        } else if node.address.prefix_len() != net.cidr.prefix_len() {
-            diags.push(
-                Diagnostic::new(
-                    setting_loc(node, "address"),
-                    format!(
-                        "address prefix /{} differs from the network's /{}",
-                        node.address.prefix_len(),
-                        net.cidr.prefix_len()
-                    ),
-                )
-                .hint(format!("write `{}/{}`", node.ip(), net.cidr.prefix_len())),
-            );
-        } else if node.ip() == net.gateway || node.ip() == net.cidr.network() || node.ip() == net.cidr.broadcast() {
-            diags.push(Diagnostic::new(
+/// A node's name is its file's name (`name:` may only repeat it).
+fn name_matches_file(node: &Node, diags: &mut Diagnostics) {
+    let file_stem = super::files::node_stem(&node.file);
+    if node.name != file_stem {
+        diags.push(
+            Diagnostic::new(
+                setting_loc(node, "name"),
+                format!("node `{}` is in a file named `{}`", node.name, node.file),
+            )
+            .hint(format!(
+                "rename the file to nodes/{}.yaml, or drop `name:` to use the file name",
+                node.name
+            )),
+        );
+    }
+}
+
+/// A node's name can be its host name.
+fn name_is_hostname(node: &Node, diags: &mut Diagnostics) {
+    if !valid_hostname(&node.name) {
+        diags.push(
+            Diagnostic::new(
+                setting_loc(node, "name"),
+                format!("`{}` is not a valid host name", node.name),
+            )
+            .hint("use lowercase letters, digits and '-', at most 63 characters, not starting or ending with '-'"),
+        );
+    }
+}
+
+/// The vmid is one Proxmox accepts for a guest.
+fn vmid_in_range(node: &Node, diags: &mut Diagnostics) {
+    if !(100..=999_999_999).contains(&node.vmid) {
+        diags.push(
+            Diagnostic::new(setting_loc(node, "vmid"), format!("vmid {} is out of range", node.vmid))
+                .hint("Proxmox guest ids run from 100 to 999999999"),
+        );
+    }
+}
+
+/// The role is one of the distribution's roles.
+fn role_matches_distribution(dist: Distribution, node: &Node, diags: &mut Diagnostics) {
+    if !dist.roles().contains(&node.role.as_str()) {
+        diags.push(
+            Diagnostic::new(
+                setting_loc(node, "role"),
+                format!("role `{}` is not a {} role", node.role, dist.as_str()),
+            )
+            .hint({
+                let roles = format!("{} roles: {}", dist.as_str(), dist.roles().join(", "));
+                match did_you_mean(&node.role, dist.roles().iter().copied()) {
+                    Some(h) => format!("{h} ({roles})"),
+                    None => roles,
+                }
+            }),
+        );
+    }
+}
+
+/// A VLAN tag, when set, is one Proxmox accepts.
+fn vlan_in_range(node: &Node, diags: &mut Diagnostics) {
+    if let Some(vlan) = node.settings.vlan.filter(|v| !(1..=4094).contains(v)) {
+        diags.push(
+            Diagnostic::new(setting_loc(node, "vlan"), format!("VLAN tag {vlan} is out of range"))
+                .hint("Proxmox VLAN tags run from 1 to 4094; leave `vlan` out for an untagged NIC"),
+        );
+    }
+}
+
+/// The address is a host of the cluster network, written with the network's prefix length.
+/// One finding per node: each case assumes the one before it holds.
+fn address_inside_network(net: &Network, node: &Node, diags: &mut Diagnostics) {
+    if !net.cidr.contains(&node.ip()) {
+        diags.push(
+            Diagnostic::new(
+                setting_loc(node, "address"),
+                format!("address {} is outside the cluster network {}", node.ip(), net.cidr),
+            )
+            .hint(format!(
+                "pick an address in {} (network.cidr in cluster.yaml)",
+                net.cidr
+            )),
+        );
+    } else if node.address.prefix_len() != net.cidr.prefix_len() {
+        diags.push(
+            Diagnostic::new(
                 setting_loc(node, "address"),
                 format!(
-                    "address {} is the network's gateway, network or broadcast address",
-                    node.ip()
+                    "address prefix /{} differs from the network's /{}",
+                    node.address.prefix_len(),
+                    net.cidr.prefix_len()
                 ),
-            ));
-        }
-        if dist == Distribution::Talos && node.kind == GuestKind::Lxc {
-            diags.push(
-                Diagnostic::new(
-                    setting_loc(node, "kind"),
-                    format!(
-                        "node `{}` runs Talos in an LXC container; Talos runs only as a VM",
-                        node.name
-                    ),
-                )
-                .hint("set `kind: vm` (Talos is a whole operating system with its own kernel)"),
-            );
-        }
-        if !cluster.proxmox.hosts.is_empty() && !cluster.proxmox.hosts.contains_key(&node.proxmox_node) {
-            diags.push(
-                Diagnostic::new(
-                    setting_loc(node, "proxmox_node"),
-                    format!(
-                        "Proxmox node `{}` is not in cluster.yaml `proxmox.hosts`",
-                        node.proxmox_node
-                    ),
-                )
-                .maybe_hint(did_you_mean(
-                    &node.proxmox_node,
-                    cluster.proxmox.hosts.keys().map(String::as_str),
-                )),
-            );
-        }
-        let s = &node.settings;
-        match node.kind {
-            // Talos in a container is reported above; a template would not make it right.
-            GuestKind::Lxc if s.template.is_none() && dist != Distribution::Talos => diags.push(
-                Diagnostic::new(
-                    Location::file_start(&node.file),
-                    format!("lxc node `{}` has no `template`", node.name),
-                )
-                .hint("set the OS template (local:vztmpl/...) in the node file, cluster.yaml defaults.lxc or an ADR"),
+            )
+            .hint(format!("write `{}/{}`", node.ip(), net.cidr.prefix_len())),
+        );
+    } else if node.ip() == net.gateway || node.ip() == net.cidr.network() || node.ip() == net.cidr.broadcast() {
+        diags.push(Diagnostic::new(
+            setting_loc(node, "address"),
+            format!(
+                "address {} is the network's gateway, network or broadcast address",
+                node.ip()
             ),
-            GuestKind::Vm if s.image.is_none() => diags.push(
-                Diagnostic::new(
-                    Location::file_start(&node.file),
-                    format!("vm node `{}` has no `image`", node.name),
-                )
-                .hint("set the boot image (local:iso/...) in the node file, cluster.yaml defaults.vm or an ADR"),
-            ),
-            _ => {}
-        }
-        if node.kind == GuestKind::Vm && s.lxc.is_some() {
+        ));
+    }
+}
+
+/// Talos nodes are VMs: Talos is a whole operating system with its own kernel.
+fn talos_only_on_vms(dist: Distribution, node: &Node, diags: &mut Diagnostics) {
+    if dist == Distribution::Talos && node.kind == GuestKind::Lxc {
+        diags.push(
+            Diagnostic::new(
+                setting_loc(node, "kind"),
+                format!(
+                    "node `{}` runs Talos in an LXC container; Talos runs only as a VM",
+                    node.name
+                ),
+            )
+            .hint("set `kind: vm` (Talos is a whole operating system with its own kernel)"),
+        );
+    }
+}
+
+/// The Proxmox node is one of `proxmox.hosts`, when cluster.yaml lists them.
+fn proxmox_node_known(proxmox: &ProxmoxSettings, node: &Node, diags: &mut Diagnostics) {
+    if !proxmox.hosts.is_empty() && !proxmox.hosts.contains_key(&node.proxmox_node) {
+        diags.push(
+            Diagnostic::new(
+                setting_loc(node, "proxmox_node"),
+                format!(
+                    "Proxmox node `{}` is not in cluster.yaml `proxmox.hosts`",
+                    node.proxmox_node
+                ),
+            )
+            .maybe_hint(did_you_mean(
+                &node.proxmox_node,
+                proxmox.hosts.keys().map(String::as_str),
+            )),
+        );
+    }
+}
+
+/// A container has an OS template and a VM a boot image: the guest cannot be created without one.
+fn has_template_or_image(dist: Distribution, node: &Node, diags: &mut Diagnostics) {
+    let s = &node.settings;
+    match node.kind {
+        // Talos in a container is reported by talos_only_on_vms; a template would not make it right.
+        GuestKind::Lxc if s.template.is_none() && dist != Distribution::Talos => diags.push(
+            Diagnostic::new(
+                Location::file_start(&node.file),
+                format!("lxc node `{}` has no `template`", node.name),
+            )
+            .hint("set the OS template (local:vztmpl/...) in the node file, cluster.yaml defaults.lxc or an ADR"),
+        ),
+        GuestKind::Vm if s.image.is_none() => diags.push(
+            Diagnostic::new(
+                Location::file_start(&node.file),
+                format!("vm node `{}` has no `image`", node.name),
+            )
+            .hint("set the boot image (local:iso/...) in the node file, cluster.yaml defaults.vm or an ADR"),
+        ),
+        _ => {}
+    }
+}
+
+/// A VM has no `lxc` settings: they are for containers.
+fn vm_has_no_lxc_settings(node: &Node, diags: &mut Diagnostics) {
+    if node.kind == GuestKind::Vm && node.settings.lxc.is_some() {
+        let loc = node
+            .provenance
+            .iter()
+            .find(|(k, _)| k.starts_with("lxc."))
+            .map(|(_, v)| v.winner().location.clone());
+        diags.push(
+            Diagnostic::new(
+                loc.unwrap_or_else(|| Location::file_start(&node.file)),
+                format!("vm node `{}` has `lxc` settings", node.name),
+            )
+            .hint("lxc settings apply to containers; scope the ADR or defaults with `kind: lxc`"),
+        );
+    }
+}
+
+/// Every tag is one Proxmox accepts.
+fn tags_valid(node: &Node, diags: &mut Diagnostics) {
+    for (i, t) in node.settings.tags.iter().flatten().enumerate() {
+        if !valid_tag(t) {
             let loc = node
                 .provenance
-                .iter()
-                .find(|(k, _)| k.starts_with("lxc."))
-                .map(|(_, v)| v.winner().location.clone());
-            diags.push(
-                Diagnostic::new(
-                    loc.unwrap_or_else(|| Location::file_start(&node.file)),
-                    format!("vm node `{}` has `lxc` settings", node.name),
-                )
-                .hint("lxc settings apply to containers; scope the ADR or defaults with `kind: lxc`"),
-            );
-        }
-        check_raw_lxc(node, diags);
-        check_k3s_config(cluster, node, diags);
-        check_labels_and_taints(node, diags);
-        for (i, t) in s.tags.iter().flatten().enumerate() {
-            if !valid_tag(t) {
-                let loc = node
-                    .provenance
-                    .get("tags")
-                    .and_then(|p| p.winner().items.get(i).cloned())
-                    .unwrap_or_else(|| setting_loc(node, "tags"));
-                diags.push(Diagnostic::new(loc, format!("`{t}` is not a valid Proxmox tag")));
-            }
+                .get("tags")
+                .and_then(|p| p.winner().items.get(i).cloned())
+                .unwrap_or_else(|| setting_loc(node, "tags"));
+            diags.push(Diagnostic::new(loc, format!("`{t}` is not a valid Proxmox tag")));
         }
     }
+}
+
+/// There is a control plane node. Only said when every node file was read: the missing one
+/// may be a file with a mistake of its own.
+fn has_control_plane(dist: Distribution, nodes: &[Node], all_nodes_loaded: bool, diags: &mut Diagnostics) {
     if all_nodes_loaded && !nodes.is_empty() && !nodes.iter().any(|n| dist.is_control_plane(&n.role)) {
         let first = &nodes[0];
         diags.push(
@@ -559,7 +744,8 @@ fn valid_hostname(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
 }
 
-fn check_raw_lxc(node: &Node, diags: &mut Diagnostics) {
+/// Every raw LXC entry is one `lxc.key: value` line Proxmox accepts.
+fn raw_lxc_keys_allowed(node: &Node, diags: &mut Diagnostics) {
     let Some(raw) = node.settings.lxc.as_ref().and_then(|l| l.raw.as_ref()) else {
         return;
     };
@@ -619,56 +805,52 @@ const K3S_MANAGED_KEYS: &[(&str, &str)] = &[
     ("node-taint", "set `taints:` on the node instead"),
 ];
 
-fn check_k3s_config(cluster: &Cluster, node: &Node, diags: &mut Diagnostics) {
+/// A Talos cluster has no `k3s` settings.
+fn no_k3s_settings_on_talos(dist: Distribution, node: &Node, diags: &mut Diagnostics) {
     let Some(config) = node.settings.k3s.as_ref().and_then(|k| k.config.as_ref()) else {
         return;
     };
-    if cluster.distribution != Distribution::K3s {
+    if dist != Distribution::K3s {
+        let first = config.keys().next().map(|k| format!("k3s.config.{k}"));
         diags.push(
             Diagnostic::new(
-                setting_loc(
-                    node,
-                    config
-                        .keys()
-                        .next()
-                        .map(|k| format!("k3s.config.{k}"))
-                        .as_deref()
-                        .unwrap_or("k3s"),
-                ),
+                setting_loc(node, first.as_deref().unwrap_or("k3s")),
                 "`k3s` settings in a Talos cluster",
             )
             .hint("remove them, or set `distribution: k3s`"),
         );
+    }
+}
+
+/// Every `k3s.config` key is a K3s flag of the node's role that driftless does not set itself,
+/// with a value of the flag's type.
+fn k3s_flags_known(dist: Distribution, node: &Node, diags: &mut Diagnostics) {
+    let Some(config) = node.settings.k3s.as_ref().and_then(|k| k.config.as_ref()) else {
         return;
+    };
+    if dist != Distribution::K3s {
+        return; // no_k3s_settings_on_talos says so, once
     }
     let flags = k3s_flags();
-    let (table, role_name) = if node.role == "server" {
-        (&flags.server, "server")
+    let (table, other, role_name) = if node.role == "server" {
+        (&flags.server, &flags.agent, "server")
     } else {
-        (&flags.agent, "agent")
+        (&flags.agent, &flags.server, "agent")
     };
     for (flag, value) in config {
+        let display = display_key(&["k3s".into(), "config".into(), flag.clone()]);
+        let loc = setting_loc(node, &display);
         if let Some((_, why)) = K3S_MANAGED_KEYS.iter().find(|(k, _)| *k == flag.as_str()) {
-            let display = display_key(&["k3s".into(), "config".into(), flag.clone()]);
             diags.push(
-                Diagnostic::new(
-                    setting_loc(node, &display),
-                    format!("`{flag}` is set by driftless itself: {why}"),
-                )
-                .hint(format!("remove `{flag}` from k3s.config")),
+                Diagnostic::new(loc, format!("`{flag}` is set by driftless itself: {why}"))
+                    .hint(format!("remove `{flag}` from k3s.config")),
             );
             continue;
         }
-        let display = display_key(&["k3s".into(), "config".into(), flag.clone()]);
-        let loc = setting_loc(node, &display);
+        // In K3s's config file `flag+:` appends to a list flag; the flag is the name without `+`.
         let name = flag.trim_end_matches('+');
         match table.get(name) {
             None => {
-                let other = if role_name == "server" {
-                    &flags.agent
-                } else {
-                    &flags.server
-                };
                 let hint = if other.contains_key(name) {
                     Some(format!(
                         "`{name}` is a K3s {} flag, and this node is a{} {role_name}",
@@ -681,21 +863,7 @@ fn check_k3s_config(cluster: &Cluster, node: &Node, diags: &mut Diagnostics) {
                 diags.push(Diagnostic::new(loc, format!("`{name}` is not a K3s {role_name} flag")).maybe_hint(hint));
             }
             Some(ty) => {
-                let ok = match ty.as_str() {
-                    "bool" => value.is_boolean(),
-                    "int" => value.is_i64() || value.is_u64(),
-                    "stringslice" => {
-                        value.is_string() || value.as_array().is_some_and(|a| a.iter().all(|v| v.is_string()))
-                    }
-                    _ => value.is_string() || value.is_number(),
-                };
-                if !ok {
-                    let want = match ty.as_str() {
-                        "bool" => "true or false",
-                        "int" => "a whole number",
-                        "stringslice" => "a string or a list of strings",
-                        _ => "a string",
-                    };
+                if let Err(want) = k3s_value_fits(ty, value) {
                     diags.push(Diagnostic::new(
                         loc,
                         format!("K3s flag `{name}` takes {want}, not {value}"),
@@ -706,7 +874,22 @@ fn check_k3s_config(cluster: &Cluster, node: &Node, diags: &mut Diagnostics) {
     }
 }
 
-fn check_labels_and_taints(node: &Node, diags: &mut Diagnostics) {
+/// Whether a value suits a K3s flag of type `ty` (from k3s-flags.json); if not, what would.
+fn k3s_value_fits(ty: &str, value: &Json) -> Result<(), &'static str> {
+    let (ok, want) = match ty {
+        "bool" => (value.is_boolean(), "true or false"),
+        "int" => (value.is_i64() || value.is_u64(), "a whole number"),
+        "stringslice" => (
+            value.is_string() || value.as_array().is_some_and(|a| a.iter().all(|v| v.is_string())),
+            "a string or a list of strings",
+        ),
+        _ => (value.is_string() || value.is_number(), "a string"),
+    };
+    if ok { Ok(()) } else { Err(want) }
+}
+
+/// Every label key is a Kubernetes label key: an optional DNS-subdomain prefix and a name.
+fn label_keys_valid(node: &Node, diags: &mut Diagnostics) {
     for k in node.settings.labels.iter().flat_map(|l| l.keys()) {
         let (prefix, name) = k.rsplit_once('/').map_or((None, k.as_str()), |(p, n)| (Some(p), n));
         let name_ok = !name.is_empty()
@@ -728,6 +911,10 @@ fn check_labels_and_taints(node: &Node, diags: &mut Diagnostics) {
             ));
         }
     }
+}
+
+/// Every taint ends in an effect Kubernetes knows.
+fn taints_have_effects(node: &Node, diags: &mut Diagnostics) {
     let taints = node.provenance.get("taints");
     for (i, t) in node.settings.taints.iter().flatten().enumerate() {
         let effect = t.rsplit_once(':').map(|(_, e)| e);
@@ -746,6 +933,7 @@ fn check_labels_and_taints(node: &Node, diags: &mut Diagnostics) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::yaml;
 
     #[test]
     fn durations_and_cron() {
@@ -762,5 +950,250 @@ mod tests {
         assert!(k3s_flags().server.contains_key("write-kubeconfig-mode"));
         assert!(k3s_flags().agent.contains_key("node-ip"));
         assert!(!k3s_flags().agent.contains_key("cluster-init"));
+    }
+
+    /// A value the node file at `file` sets at `line`:`col`.
+    fn written(file: &str, line: u32, col: u32, value: Json) -> Setting {
+        Setting {
+            value: value.clone(),
+            chain: vec![SetBy {
+                source: Source::Node,
+                location: Location::new(file, line, col),
+                value,
+                items: Vec::new(),
+            }],
+        }
+    }
+
+    /// An LXC k3s server in `nodes/<name>.yaml`: vmid on line 2, address on line 5.
+    fn node(name: &str, vmid: u32, address: &str) -> Node {
+        let file = format!("nodes/{name}.yaml");
+        let provenance = Provenance::from([
+            ("vmid".to_string(), written(&file, 2, 7, vmid.into())),
+            ("address".to_string(), written(&file, 5, 10, address.into())),
+        ]);
+        Node {
+            name: name.into(),
+            file,
+            vmid,
+            proxmox_node: "pve".into(),
+            kind: GuestKind::Lxc,
+            role: "server".into(),
+            address: address.parse().unwrap(),
+            adopt: false,
+            settings: NodeSettings::default(),
+            provenance,
+        }
+    }
+
+    fn network() -> Network {
+        Network {
+            cidr: "192.168.2.0/24".parse().unwrap(),
+            gateway: "192.168.2.1".parse().unwrap(),
+            dns: Vec::new(),
+            search_domain: None,
+        }
+    }
+
+    fn places(diags: &Diagnostics) -> Vec<String> {
+        diags
+            .0
+            .iter()
+            .map(|d| format!("{}: {}", d.location, d.message))
+            .collect()
+    }
+
+    #[test]
+    fn a_repeated_vmid_is_reported_where_the_later_node_sets_it() {
+        let nodes = [
+            node("a", 100, "192.168.2.20/24"),
+            node("b", 101, "192.168.2.21/24"),
+            node("c", 100, "192.168.2.22/24"),
+        ];
+        let mut diags = Diagnostics::default();
+        unique_vmids(&nodes, &mut diags);
+        assert_eq!(
+            places(&diags),
+            ["nodes/c.yaml:2:7: vmid 100 is used twice: by `a` and `c`"]
+        );
+        assert_eq!(diags.0[0].related[0].location, Location::new("nodes/a.yaml", 2, 7));
+    }
+
+    #[test]
+    fn an_address_must_be_a_host_of_the_network_with_its_prefix() {
+        let check = |address: &str| {
+            let mut diags = Diagnostics::default();
+            address_inside_network(&network(), &node("a", 100, address), &mut diags);
+            diags.0.into_iter().map(|d| d.message).collect::<Vec<_>>()
+        };
+        assert_eq!(check("192.168.2.20/24"), Vec::<String>::new());
+        assert_eq!(
+            check("10.0.0.5/24"),
+            ["address 10.0.0.5 is outside the cluster network 192.168.2.0/24"]
+        );
+        assert_eq!(
+            check("192.168.2.20/16"),
+            ["address prefix /16 differs from the network's /24"]
+        );
+        for reserved in ["192.168.2.1/24", "192.168.2.0/24", "192.168.2.255/24"] {
+            assert_eq!(check(reserved).len(), 1, "{reserved}");
+            assert!(check(reserved)[0].ends_with("is the network's gateway, network or broadcast address"));
+        }
+    }
+
+    #[test]
+    fn a_role_of_another_distribution_lists_this_ones_roles() {
+        let mut n = node("a", 100, "192.168.2.20/24");
+        let mut diags = Diagnostics::default();
+        role_matches_distribution(Distribution::Talos, &n, &mut diags);
+        assert_eq!(places(&diags), ["nodes/a.yaml:1:1: role `server` is not a talos role"]);
+        assert_eq!(diags.0[0].hint.as_deref(), Some("talos roles: controlplane, worker"));
+        n.role = "agnet".into();
+        let mut diags = Diagnostics::default();
+        role_matches_distribution(Distribution::K3s, &n, &mut diags);
+        assert_eq!(
+            diags.0[0].hint.as_deref(),
+            Some("did you mean `agent`? (k3s roles: server, agent)")
+        );
+    }
+
+    #[test]
+    fn raw_lxc_entries_are_reported_at_their_own_list_item() {
+        let mut n = node("a", 100, "192.168.2.20/24");
+        let entry = |pairs: &[(&str, &str)]| -> BTreeMap<String, RawValue> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), RawValue::Str(v.to_string())))
+                .collect()
+        };
+        n.settings.lxc = Some(LxcSettings {
+            raw: Some(vec![
+                entry(&[("lxc.apparmor.profile", "unconfined")]),
+                entry(&[("lxc.cap.drop", ""), ("lxc.mount.auto", "proc:rw")]),
+                entry(&[("lxc.mount.entry", "a\nb")]),
+            ]),
+            ..Default::default()
+        });
+        let mut raw = written("nodes/a.yaml", 8, 3, Json::Null);
+        raw.chain[0].items = (0..3).map(|i| Location::new("nodes/a.yaml", 9 + i, 7)).collect();
+        n.provenance.insert("lxc.raw".into(), raw);
+        let mut diags = Diagnostics::default();
+        raw_lxc_keys_allowed(&n, &mut diags);
+        assert_eq!(
+            places(&diags),
+            [
+                "nodes/a.yaml:10:7: each raw LXC entry is one `lxc.key: value` pair",
+                "nodes/a.yaml:11:7: the value of `lxc.mount.entry` spans lines; Proxmox config values are one line",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_k3s_flag_of_the_other_role_says_so() {
+        let with_config = |role: &str, flag: &str| {
+            let mut n = node("a", 100, "192.168.2.20/24");
+            n.role = role.into();
+            n.settings.k3s = Some(K3sSettings {
+                config: Some(BTreeMap::from([(flag.to_string(), Json::Bool(true))])),
+            });
+            n
+        };
+        let mut diags = Diagnostics::default();
+        k3s_flags_known(
+            Distribution::K3s,
+            &with_config("server", "disable-apiserver-lb"),
+            &mut diags,
+        );
+        k3s_flags_known(Distribution::K3s, &with_config("agent", "cluster-reset"), &mut diags);
+        // `+` appends to a flag: still the flag
+        k3s_flags_known(Distribution::K3s, &with_config("server", "cluster-reset+"), &mut diags);
+        let said: Vec<_> = diags
+            .0
+            .iter()
+            .map(|d| (d.message.as_str(), d.hint.as_deref()))
+            .collect();
+        assert_eq!(
+            said,
+            [
+                (
+                    "`disable-apiserver-lb` is not a K3s server flag",
+                    Some("`disable-apiserver-lb` is a K3s agent flag, and this node is a server")
+                ),
+                (
+                    "`cluster-reset` is not a K3s agent flag",
+                    Some("`cluster-reset` is a K3s server flag, and this node is an agent")
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn k3s_settings_in_a_talos_cluster_are_one_mistake_not_one_per_flag() {
+        let mut n = node("a", 100, "192.168.2.20/24");
+        n.settings.k3s = Some(K3sSettings {
+            config: Some(BTreeMap::from([
+                ("not-a-flag".to_string(), Json::Bool(true)),
+                ("token".to_string(), Json::Bool(true)),
+            ])),
+        });
+        let mut diags = Diagnostics::default();
+        no_k3s_settings_on_talos(Distribution::Talos, &n, &mut diags);
+        k3s_flags_known(Distribution::Talos, &n, &mut diags);
+        assert_eq!(places(&diags), ["nodes/a.yaml:1:1: `k3s` settings in a Talos cluster"]);
+    }
+
+    #[test]
+    fn no_control_plane_is_only_said_when_every_node_file_was_read() {
+        let mut agent = node("b", 101, "192.168.2.21/24");
+        agent.role = "agent".into();
+        let nodes = [agent];
+        let mut diags = Diagnostics::default();
+        has_control_plane(Distribution::K3s, &nodes, false, &mut diags);
+        assert!(diags.is_empty());
+        has_control_plane(Distribution::K3s, &nodes, true, &mut diags);
+        assert_eq!(places(&diags), ["nodes/b.yaml:1:1: the cluster has no server node"]);
+    }
+
+    fn cluster_doc(text: &str) -> Doc {
+        Doc {
+            file: "cluster.yaml".into(),
+            root: yaml::parse(text, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_gateway_outside_the_network_points_at_both() {
+        let doc = cluster_doc("network:\n  cidr: 10.0.0.0/24\n  gateway: 10.0.1.1\n");
+        let cidr = Some("10.0.0.0/24".parse().unwrap());
+        let mut diags = Diagnostics::default();
+        gateway_inside_network(cidr, Some("10.0.0.1".parse().unwrap()), &doc, &mut diags);
+        assert!(diags.is_empty());
+        gateway_inside_network(cidr, Some("10.0.1.1".parse().unwrap()), &doc, &mut diags);
+        assert_eq!(
+            places(&diags),
+            ["cluster.yaml:3:12: gateway 10.0.1.1 is outside the cluster network 10.0.0.0/24"]
+        );
+        assert_eq!(diags.0[0].related[0].location, Location::new("cluster.yaml", 2, 9));
+    }
+
+    #[test]
+    fn a_wrong_version_is_reported_where_it_was_set() {
+        let doc = cluster_doc("name: x\n");
+        let level = ClusterLevel {
+            version: Some("1.31".into()),
+            ..Default::default()
+        };
+        let mut prov = Provenance::new();
+        prov.insert(
+            "version".into(),
+            written("adr/ADR-007-version.md", 12, 10, "1.31".into()),
+        );
+        let mut diags = Diagnostics::default();
+        let version = version_matches_distribution(&level, Some(Distribution::K3s), &prov, &doc, &mut diags);
+        assert_eq!(version.as_deref(), Some("1.31"));
+        assert_eq!(
+            places(&diags),
+            ["adr/ADR-007-version.md:12:10: `version: 1.31` is not a k3s version"]
+        );
     }
 }

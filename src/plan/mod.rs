@@ -4,6 +4,7 @@
 
 mod diff;
 pub mod display;
+pub mod schedule;
 
 use crate::model::Desired;
 use crate::ports::{GuestSummary, LiveConfig, PveKind};

@@ -26,6 +26,8 @@ struct ProxmoxState {
     /// `(vmid, key, value)` written behind driftless's back just before the next update:
     /// the concurrent edit a digest protects against.
     edit_before_update: Option<(u32, String, String)>,
+    /// How long tasks of a verb (`create`, `start`, ...) run before they end.
+    task_durations: BTreeMap<String, std::time::Duration>,
     digests: u64,
 }
 
@@ -92,6 +94,11 @@ impl FakeProxmox {
     /// The task of `verb vmid` (`create 100`, `start 100`) ends with an error exit status.
     pub fn fail_task(&self, verb: &str, vmid: u32) {
         self.state.lock().unwrap().failing_tasks.push(format!("{verb} {vmid}"));
+    }
+
+    /// Tasks of `verb` take `duration` (on tokio's clock: pause it in tests).
+    pub fn set_task_duration(&self, verb: &str, duration: std::time::Duration) {
+        self.state.lock().unwrap().task_durations.insert(verb.into(), duration);
     }
 
     /// Someone sets `key` of `vmid` between driftless's read and its next update.
@@ -237,8 +244,13 @@ impl ProxmoxApi for FakeProxmox {
 
     async fn wait_task(&self, upid: &Upid) -> Result<(), ProxmoxError> {
         let fields: Vec<&str> = upid.0.split(':').collect();
-        let task = format!("{} {}", fields.get(5).unwrap_or(&""), fields.get(6).unwrap_or(&""));
-        let s = self.call(format!("wait {task}"));
+        let verb = fields.get(5).copied().unwrap_or("");
+        let task = format!("{verb} {}", fields.get(6).unwrap_or(&""));
+        let duration = self.call(format!("wait {task}")).task_durations.get(verb).copied();
+        if let Some(d) = duration {
+            tokio::time::sleep(d).await;
+        }
+        let s = self.state.lock().unwrap();
         if s.failing_tasks.contains(&task) {
             return Err(ProxmoxError::TaskFailed {
                 upid: upid.0.clone(),

@@ -158,6 +158,40 @@ pub struct Knobs {
     seed: u64,
     sequence: AtomicU64,
     counts: Mutex<BTreeMap<String, u64>>,
+    task_durations: Mutex<TaskDurations>,
+    tasks_running: AtomicU64,
+    most_tasks_running: AtomicU64,
+}
+
+/// How long simulated tasks run (on top of the latency knob): a real host unpacks a template
+/// to create a container (seconds), starts it in under one, and most other tasks are quick.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TaskDurations {
+    /// `vzcreate`, `qmcreate`.
+    pub create: Duration,
+    /// `vzstart`, `qmstart`.
+    pub start: Duration,
+    /// Every other task (reboot, shutdown, stop, destroy, config).
+    pub other: Duration,
+}
+
+impl TaskDurations {
+    /// Times like a real Proxmox host's: create 3 s, start 0.8 s, others 0.3 s.
+    pub fn realistic() -> TaskDurations {
+        TaskDurations {
+            create: Duration::from_secs(3),
+            start: Duration::from_millis(800),
+            other: Duration::from_millis(300),
+        }
+    }
+
+    fn of(&self, task_type: &str) -> Duration {
+        match task_type {
+            "vzcreate" | "qmcreate" => self.create,
+            "vzstart" | "qmstart" => self.start,
+            _ => self.other,
+        }
+    }
 }
 
 impl Knobs {
@@ -169,6 +203,9 @@ impl Knobs {
             seed: opts.seed,
             sequence: AtomicU64::new(0),
             counts: Mutex::new(BTreeMap::new()),
+            task_durations: Mutex::new(TaskDurations::default()),
+            tasks_running: AtomicU64::new(0),
+            most_tasks_running: AtomicU64::new(0),
         };
         k.set_latency(opts.latency);
         k.set_error_rate(opts.error_rate);
@@ -192,6 +229,33 @@ impl Knobs {
     pub fn set_error_rate(&self, rate: f64) {
         let rate = if rate.is_nan() { 0.0 } else { rate.clamp(0.0, 1.0) };
         self.error_rate_bits.store(rate.to_bits(), Ordering::Relaxed);
+    }
+
+    pub fn set_task_durations(&self, durations: TaskDurations) {
+        *self.task_durations.lock().unwrap_or_else(|e| e.into_inner()) = durations;
+    }
+
+    /// How long a task of `task_type` (`vzcreate`, `vzstart`, ...) runs, latency included.
+    fn task_duration(&self, task_type: &str) -> Duration {
+        self.task_durations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .of(task_type)
+            + self.latency()
+    }
+
+    fn task_started(&self) {
+        let now = self.tasks_running.fetch_add(1, Ordering::SeqCst) + 1;
+        self.most_tasks_running.fetch_max(now, Ordering::SeqCst);
+    }
+
+    fn task_ended(&self) {
+        self.tasks_running.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// The most tasks that ran at the same time since the sandbox started.
+    pub fn most_tasks_at_once(&self) -> u64 {
+        self.most_tasks_running.load(Ordering::SeqCst)
     }
 
     /// When on, the next `PUT`/`POST .../config` first sees someone else edit the guest's

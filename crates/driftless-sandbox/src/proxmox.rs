@@ -48,7 +48,7 @@ use driftless::pve::conf::{GuestConf, GuestKind};
 
 /// Proxmox's limit on a form body (`$limit_max_post`).
 const MAX_POST: usize = 64 * 1024;
-/// How long a task runs, on top of the latency knob.
+/// How long a task runs at least, on top of the latency knob and its task-duration knob.
 const TASK_TIME: Duration = Duration::from_millis(3);
 /// The simulated host.
 const NODE_CPUS: u64 = 8;
@@ -596,13 +596,15 @@ impl Shared {
         );
         let sh = self.clone();
         let key = upid.clone();
-        let delay = TASK_TIME + self.knobs.latency();
+        let delay = TASK_TIME + self.knobs.task_duration(kind);
+        self.knobs.task_started();
         let worker = tokio::spawn(async move {
             tokio::time::sleep(delay).await;
             let result = {
                 let _io = sh.io();
                 effect(&sh)
             };
+            sh.knobs.task_ended();
             let exit = match result {
                 Ok(()) => "OK".to_string(),
                 Err(e) => e.first_line().to_string(),
