@@ -262,6 +262,37 @@ async fn wrong_host_key_is_refused_and_nothing_runs() {
 }
 
 #[tokio::test]
+async fn commands_waiting_for_one_connection_share_its_failure() {
+    let Some(server) = Sshd::start() else { return };
+    let sh = Arc::new(shell_with(
+        &server,
+        server.known_hosts_with_wrong_key(),
+        server.client_key.clone(),
+    ));
+    // TCP connections the server accepted, ours and the one Sshd::start probes it with
+    // (counted once logged, so it is not mistaken for one of ours).
+    let connections = || server.log().matches("Connection from 127.0.0.1").count();
+    let probe = testkit::wait_until(Duration::from_secs(10), || (connections() >= 1).then_some(()));
+    assert!(probe.is_some(), "{}", server.log());
+    // Callers that arrive together wait for one connection attempt; when it fails, they
+    // all get its answer instead of trying one after the other (each paying the connect
+    // timeout when a host does not answer).
+    let runs = (0..MAX_CHANNELS_PER_CONNECTION).map(|_| {
+        let sh = sh.clone();
+        tokio::spawn(async move { sh.run(NODE, &argv(&["true"]), &[]).await })
+    });
+    for r in futures_util::future::join_all(runs).await {
+        let err = r.unwrap().unwrap_err();
+        assert!(matches!(err, ShellError::HostKeyMismatch { .. }), "{err:?}");
+    }
+    assert_eq!(connections(), 1 + 1, "{}", server.log());
+    // A command that comes later tries again.
+    let err = sh.run(NODE, &argv(&["true"]), &[]).await.unwrap_err();
+    assert!(matches!(err, ShellError::HostKeyMismatch { .. }), "{err:?}");
+    assert_eq!(connections(), 1 + 2, "{}", server.log());
+}
+
+#[tokio::test]
 async fn a_key_the_server_does_not_accept_is_an_auth_error() {
     let Some(server) = Sshd::start() else { return };
     let other = server.dir.path().join("other_client_key");
@@ -312,7 +343,11 @@ async fn commands_in_a_row_and_at_once_share_one_connection() {
         let sh = sh.clone();
         tokio::spawn(async move {
             let out = sh
-                .run(NODE, &argv(&["sh", "-c", "sleep 0.1; echo $1", "sh", &i.to_string()]), &[])
+                .run(
+                    NODE,
+                    &argv(&["sh", "-c", "sleep 0.1; echo $1", "sh", &i.to_string()]),
+                    &[],
+                )
                 .await;
             (i, out)
         })
@@ -328,9 +363,16 @@ async fn commands_in_a_row_and_at_once_share_one_connection() {
     }
     // File writes ride on the same connection.
     let file = path_str(&server.dir.path().join("100.conf"));
-    sh.write_file_if_unchanged(NODE, &file, b"cores: 2\n", "").await.unwrap();
+    sh.write_file_if_unchanged(NODE, &file, b"cores: 2\n", "")
+        .await
+        .unwrap();
     assert_eq!(sh.read_file(NODE, &file).await.unwrap(), b"cores: 2\n");
-    assert_eq!(logins(&server), 1, "31 commands and 2 file operations opened more than one connection:\n{}", server.log());
+    assert_eq!(
+        logins(&server),
+        1,
+        "31 commands and 2 file operations opened more than one connection:\n{}",
+        server.log()
+    );
 }
 
 #[tokio::test]

@@ -3,7 +3,7 @@
 //! * One SSH connection per Proxmox node, opened on first use and shared by every command
 //!   and file write (one session channel each, at most [`MAX_CHANNELS_PER_CONNECTION`] at
 //!   once; callers beyond that wait for a free slot). Callers that arrive together wait for
-//!   one connection rather than each opening their own.
+//!   one connection rather than each opening their own, and share its error when it fails.
 //! * A connection that dropped (closed by the server, keepalive failed, a channel open that
 //!   finds it gone or gets no answer) is opened again. A command that could not be started
 //!   on a kept connection is sent once more on a fresh one; a command that was started when
@@ -85,9 +85,23 @@ struct Host {
     target: HostTarget,
     /// The kept connection. Locked while connecting, so callers that arrive together wait
     /// for one connection; not locked while channels are opened or commands run.
-    conn: Mutex<Option<Arc<Handle<Client>>>>,
+    conn: Mutex<Kept>,
     /// One permit per session channel in use on this host's connection.
     channels: Semaphore,
+}
+
+/// What a host's connection slot holds.
+enum Kept {
+    None,
+    Open(Arc<Handle<Client>>),
+    /// The last attempt to connect failed, and when it ended. Callers that were already
+    /// waiting for that attempt get its error rather than each trying again: with a host
+    /// that does not answer, eight waiting commands would otherwise pay the connect timeout
+    /// eight times in a row. A caller that arrives later tries again.
+    Failed {
+        at: Instant,
+        error: ShellError,
+    },
 }
 
 /// Why a command could not be started. Either way nothing was sent to run.
@@ -175,7 +189,7 @@ impl SshHostShell {
                 .map(|(node, target)| {
                     let host = Host {
                         target,
-                        conn: Mutex::new(None),
+                        conn: Mutex::new(Kept::None),
                         channels: Semaphore::new(MAX_CHANNELS_PER_CONNECTION),
                     };
                     (node, host)
@@ -268,23 +282,34 @@ impl SshHostShell {
     /// The node's kept connection, or a new one when there is none or it closed. Also
     /// says whether the connection was made by this call.
     async fn connection(&self, host: &Host) -> Result<(Arc<Handle<Client>>, bool), ShellError> {
+        let arrived = Instant::now();
         let mut conn = host.conn.lock().await;
-        if let Some(handle) = conn.as_ref()
-            && !handle.is_closed()
-        {
-            return Ok((handle.clone(), false));
+        match &*conn {
+            Kept::Open(handle) if !handle.is_closed() => return Ok((handle.clone(), false)),
+            Kept::Failed { at, error } if *at >= arrived => return Err(error.clone()),
+            _ => {}
         }
-        *conn = None;
-        let handle = Arc::new(self.connect(&host.target).await?);
-        *conn = Some(handle.clone());
-        Ok((handle, true))
+        match self.connect(&host.target).await {
+            Ok(handle) => {
+                let handle = Arc::new(handle);
+                *conn = Kept::Open(handle.clone());
+                Ok((handle, true))
+            }
+            Err(error) => {
+                *conn = Kept::Failed {
+                    at: Instant::now(),
+                    error: error.clone(),
+                };
+                Err(error)
+            }
+        }
     }
 
     /// Stop handing out a connection that failed, unless another caller already replaced it.
     async fn forget(&self, host: &Host, failed: &Arc<Handle<Client>>) {
         let mut conn = host.conn.lock().await;
-        if conn.as_ref().is_some_and(|current| Arc::ptr_eq(current, failed)) {
-            *conn = None;
+        if matches!(&*conn, Kept::Open(current) if Arc::ptr_eq(current, failed)) {
+            *conn = Kept::None;
         }
     }
 
@@ -425,7 +450,9 @@ async fn exec(
             Some(e) => format!(
                 "the connection dropped while sending input to `{what}` (it may have taken effect; not run again): {e}"
             ),
-            None => format!("the connection dropped while `{what}` was running (it may have taken effect; not run again)"),
+            None => {
+                format!("the connection dropped while `{what}` was running (it may have taken effect; not run again)")
+            }
         })),
     }
 }
