@@ -788,12 +788,9 @@ async fn task_polling_reaches_ok_and_failures_are_task_failed() {
     ));
 }
 
-#[tokio::test]
-async fn a_short_task_is_polled_at_once_then_with_backoff() {
-    // A container start that ends 120 ms after Proxmox accepted it. With the default schedule
-    // the status polls go out at 0, 50 and 150 ms, so the third sees it stopped and the wait
-    // costs about 150 ms; polling every 500 ms would have waited 500 ms (two polls), polling
-    // every 10 ms would have sent a dozen.
+/// Status polls of a container start that ends `runs` after Proxmox accepted it, waited for
+/// with the default poll schedule against a loopback server.
+async fn polls_of_a_task_that_runs(runs: Duration) -> usize {
     let upid = "UPID:pve:0000B1B2:00C3D4F5:65F0A1C2:vzstart:100:root@pam!driftless:";
     let accepted: Arc<Mutex<Option<std::time::Instant>>> = Arc::default();
     let polls = Arc::new(AtomicUsize::new(0));
@@ -803,10 +800,15 @@ async fn a_short_task_is_polled_at_once_then_with_backoff() {
             *started.lock().unwrap() = Some(std::time::Instant::now());
             return Reply::data(json!(upid));
         }
-        if seen.method == "GET" && seen.uri.starts_with("/api2/json/nodes/pve/tasks/") && seen.uri.ends_with("/status") {
+        if seen.method == "GET" && seen.uri.starts_with("/api2/json/nodes/pve/tasks/") && seen.uri.ends_with("/status")
+        {
             counter.fetch_add(1, Ordering::SeqCst);
-            let since = started.lock().unwrap().expect("polled before the task was started").elapsed();
-            return if since >= Duration::from_millis(120) {
+            let since = started
+                .lock()
+                .unwrap()
+                .expect("polled before the task was started")
+                .elapsed();
+            return if since >= runs {
                 Reply::data(json!({ "status": "stopped", "exitstatus": "OK", "upid": upid }))
             } else {
                 Reply::data(json!({ "status": "running", "upid": upid }))
@@ -815,7 +817,11 @@ async fn a_short_task_is_polled_at_once_then_with_backoff() {
         Reply::error(404, &format!("no such path {}", seen.uri), json!({ "data": null }))
     })
     .await;
-    let defaults = ClientOptions::new(vec![fake.url.clone()], ApiToken::parse(TOKEN).unwrap(), TlsTrust::System);
+    let defaults = ClientOptions::new(
+        vec![fake.url.clone()],
+        ApiToken::parse(TOKEN).unwrap(),
+        TlsTrust::System,
+    );
     let mut options = options(&[&fake.url], TlsTrust::System);
     options.task_poll_first = defaults.task_poll_first;
     options.task_poll_interval = defaults.task_poll_interval;
@@ -825,11 +831,23 @@ async fn a_short_task_is_polled_at_once_then_with_backoff() {
         .await
         .unwrap();
     client.wait_task(&task).await.unwrap();
-    assert_eq!(
-        polls.load(Ordering::SeqCst),
-        3,
-        "status polls of a task that ran 120 ms (expected polls at 0, 50 and 150 ms)"
+    polls.load(Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn a_task_is_polled_at_once_then_at_a_quarter_of_the_time_waited() {
+    // The default schedule polls at 0, 50, 100, 150, 200, 250, 312, 390, 488, 610 and 762 ms:
+    // a task that ends after 700 ms is seen by the 11th poll, about 60 ms late. A slow
+    // machine delays polls, so fewer fit before the end; never more. Pauses that double
+    // from 50 ms would poll 5 times and see it at 750 ms, every 500 ms 3 times (at 1 s),
+    // every 100 ms 8 times, every 50 ms 15 times.
+    let polls = polls_of_a_task_that_runs(Duration::from_millis(700)).await;
+    assert!(
+        (9..=11).contains(&polls),
+        "{polls} status polls of a task that ran 700 ms"
     );
+    // A task done before its first poll costs that poll alone.
+    assert_eq!(polls_of_a_task_that_runs(Duration::ZERO).await, 1);
 }
 
 #[tokio::test]
