@@ -213,12 +213,13 @@ fn match_keyword<'a>(line: &'a str, keyword: &str) -> Option<&'a str> {
 
 /// `snapstate:WS*(prepare|delete)WS*$`, anywhere in the line.
 fn match_snapstate(line: &str) -> Option<&'static str> {
-    line.match_indices("snapstate:")
-        .find_map(|(at, _)| match line[at + "snapstate:".len()..].trim_matches(is_perl_space) {
+    line.match_indices("snapstate:").find_map(|(at, _)| {
+        match line[at + "snapstate:".len()..].trim_matches(is_perl_space) {
             "prepare" => Some("prepare"),
             "delete" => Some("delete"),
             _ => None,
-        })
+        }
+    })
 }
 
 /// `^([a-z][a-z_]*[0-9]*):WS*(.+?)WS*$` (QEMU keys may hold `-` too): a key and its value.
@@ -1215,12 +1216,49 @@ name: talos-cp-1
         let option_qemu = re(format!(r"^([a-z][a-z_\-]*[0-9]*):{WS}*(.+?){WS}*$"));
         // A line is a head (what the patterns look for first) and up to 8 pieces.
         const HEADS: &[&str] = &[
-            "", "", "lxc.", "lxc.cap.drop", "lxc.net.0.type", "description:", "args:", "delete:",
-            "snapstate:", "x snapstate:", "net0:", "cores:", "a-b:",
+            "",
+            "",
+            "lxc.",
+            "lxc.cap.drop",
+            "lxc.net.0.type",
+            "description:",
+            "args:",
+            "delete:",
+            "snapstate:",
+            "x snapstate:",
+            "net0:",
+            "cores:",
+            "a-b:",
         ];
         const PIECES: &[&str] = &[
-            "lxc.", "lxc", ".", "snapstate:", "prepare", "delete", ":", "=", "a", "z", "net", "0", "9",
-            "_", "-", " ", " ", "\t", "\r", "\x0b", "\x0c", "A", "é", "ſ", "#", "[", "]", "%3A",
+            "lxc.",
+            "lxc",
+            ".",
+            "snapstate:",
+            "prepare",
+            "delete",
+            ":",
+            "=",
+            "a",
+            "z",
+            "net",
+            "0",
+            "9",
+            "_",
+            "-",
+            " ",
+            " ",
+            "\t",
+            "\r",
+            "\x0b",
+            "\x0c",
+            "A",
+            "é",
+            "ſ",
+            "#",
+            "[",
+            "]",
+            "%3A",
             "\u{a0}",
         ];
         // xorshift64: the same lines on every run.
