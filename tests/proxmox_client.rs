@@ -847,6 +847,68 @@ async fn task_polling_reaches_ok_and_failures_are_task_failed() {
     ));
 }
 
+/// Status polls of a container start that ends `runs` after Proxmox accepted it, waited for
+/// with the default poll schedule against a loopback server.
+async fn polls_of_a_task_that_runs(runs: Duration) -> usize {
+    let upid = "UPID:pve:0000B1B2:00C3D4F5:65F0A1C2:vzstart:100:root@pam!driftless:";
+    let accepted: Arc<Mutex<Option<std::time::Instant>>> = Arc::default();
+    let polls = Arc::new(AtomicUsize::new(0));
+    let (started, counter) = (accepted.clone(), polls.clone());
+    let fake = serve_http(move |seen: &Seen| {
+        if seen.method == "POST" && seen.uri == "/api2/json/nodes/pve/lxc/100/status/start" {
+            *started.lock().unwrap() = Some(std::time::Instant::now());
+            return Reply::data(json!(upid));
+        }
+        if seen.method == "GET" && seen.uri.starts_with("/api2/json/nodes/pve/tasks/") && seen.uri.ends_with("/status")
+        {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let since = started
+                .lock()
+                .unwrap()
+                .expect("polled before the task was started")
+                .elapsed();
+            return if since >= runs {
+                Reply::data(json!({ "status": "stopped", "exitstatus": "OK", "upid": upid }))
+            } else {
+                Reply::data(json!({ "status": "running", "upid": upid }))
+            };
+        }
+        Reply::error(404, &format!("no such path {}", seen.uri), json!({ "data": null }))
+    })
+    .await;
+    let defaults = ClientOptions::new(
+        vec![fake.url.clone()],
+        ApiToken::parse(TOKEN).unwrap(),
+        TlsTrust::System,
+    );
+    let mut options = options(&[&fake.url], TlsTrust::System);
+    options.task_poll_first = defaults.task_poll_first;
+    options.task_poll_interval = defaults.task_poll_interval;
+    let client = ProxmoxClient::new(options).unwrap();
+    let task = client
+        .power("pve", PveKind::Lxc, 100, PowerAction::Start)
+        .await
+        .unwrap();
+    client.wait_task(&task).await.unwrap();
+    polls.load(Ordering::SeqCst)
+}
+
+#[tokio::test]
+async fn a_task_is_polled_at_once_then_at_a_quarter_of_the_time_waited() {
+    // The default schedule polls at 0, 50, 100, 150, 200, 250, 312, 390, 488, 610 and 762 ms:
+    // a task that ends after 700 ms is seen by the 11th poll, about 60 ms late. A slow
+    // machine delays polls, so fewer fit before the end; never more. Pauses that double
+    // from 50 ms would poll 5 times and see it at 750 ms, every 500 ms 3 times (at 1 s),
+    // every 100 ms 8 times, every 50 ms 15 times.
+    let polls = polls_of_a_task_that_runs(Duration::from_millis(700)).await;
+    assert!(
+        (9..=11).contains(&polls),
+        "{polls} status polls of a task that ran 700 ms"
+    );
+    // A task done before its first poll costs that poll alone.
+    assert_eq!(polls_of_a_task_that_runs(Duration::ZERO).await, 1);
+}
+
 #[tokio::test]
 async fn task_timeout_is_respected() {
     let fake = serve_http(|_: &Seen| Reply::data(json!({ "status": "running" }))).await;

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use driftless::adapters::ssh::{HostTarget, SshHostShell};
+use driftless::adapters::ssh::{HostTarget, MAX_CHANNELS_PER_CONNECTION, SshHostShell};
 use driftless::hostshell::{self, HostShellError};
 use driftless::ports::{HostShell, ShellError};
 use driftless::pve::conf::digest_bytes;
@@ -262,6 +262,37 @@ async fn wrong_host_key_is_refused_and_nothing_runs() {
 }
 
 #[tokio::test]
+async fn commands_waiting_for_one_connection_share_its_failure() {
+    let Some(server) = Sshd::start() else { return };
+    let sh = Arc::new(shell_with(
+        &server,
+        server.known_hosts_with_wrong_key(),
+        server.client_key.clone(),
+    ));
+    // TCP connections the server accepted, ours and the one Sshd::start probes it with
+    // (counted once logged, so it is not mistaken for one of ours).
+    let connections = || server.log().matches("Connection from 127.0.0.1").count();
+    let probe = testkit::wait_until(Duration::from_secs(10), || (connections() >= 1).then_some(()));
+    assert!(probe.is_some(), "{}", server.log());
+    // Callers that arrive together wait for one connection attempt; when it fails, they
+    // all get its answer instead of trying one after the other (each paying the connect
+    // timeout when a host does not answer).
+    let runs = (0..MAX_CHANNELS_PER_CONNECTION).map(|_| {
+        let sh = sh.clone();
+        tokio::spawn(async move { sh.run(NODE, &argv(&["true"]), &[]).await })
+    });
+    for r in futures_util::future::join_all(runs).await {
+        let err = r.unwrap().unwrap_err();
+        assert!(matches!(err, ShellError::HostKeyMismatch { .. }), "{err:?}");
+    }
+    assert_eq!(connections(), 1 + 1, "{}", server.log());
+    // A command that comes later tries again.
+    let err = sh.run(NODE, &argv(&["true"]), &[]).await.unwrap_err();
+    assert!(matches!(err, ShellError::HostKeyMismatch { .. }), "{err:?}");
+    assert_eq!(connections(), 1 + 2, "{}", server.log());
+}
+
+#[tokio::test]
 async fn a_key_the_server_does_not_accept_is_an_auth_error() {
     let Some(server) = Sshd::start() else { return };
     let other = server.dir.path().join("other_client_key");
@@ -297,25 +328,24 @@ exit 1"#;
     Ok(String::from_utf8(out.stdout).unwrap().trim().to_string())
 }
 
+/// Connections the server accepted so far: one `Accepted publickey` line per authenticated
+/// TCP connection in sshd's log (`LogLevel VERBOSE`).
+fn logins(server: &Sshd) -> usize {
+    server.log().matches("Accepted publickey").count()
+}
+
 #[tokio::test]
-async fn one_connection_is_reused_and_reopened_when_it_drops() {
+async fn commands_in_a_row_and_at_once_share_one_connection() {
     let Some(server) = Sshd::start() else { return };
     let sh = Arc::new(shell(&server));
-    let first = session_pid(&sh).await.unwrap();
-    assert_eq!(
-        session_pid(&sh).await.unwrap(),
-        first,
-        "second command used a new connection"
-    );
-
-    // many commands at once share the connection (one channel each)
-    let runs = (0..8).map(|i| {
+    // Ten callers arrive together before any connection exists: they wait for one.
+    let runs = (0..10).map(|i| {
         let sh = sh.clone();
         tokio::spawn(async move {
             let out = sh
                 .run(
                     NODE,
-                    &argv(&["sh", "-c", "sleep 0.2; echo $1", "sh", &i.to_string()]),
+                    &argv(&["sh", "-c", "sleep 0.1; echo $1", "sh", &i.to_string()]),
                     &[],
                 )
                 .await;
@@ -324,22 +354,130 @@ async fn one_connection_is_reused_and_reopened_when_it_drops() {
     });
     for r in futures_util::future::join_all(runs).await {
         let (i, out) = r.unwrap();
-        assert_eq!(out.unwrap().stdout, format!("{i}\n").as_bytes());
+        let out = out.unwrap_or_else(|e| panic!("{e}\n{}", server.log()));
+        assert_eq!(out.stdout, format!("{i}\n").as_bytes());
     }
-    assert_eq!(session_pid(&sh).await.unwrap(), first);
-
-    // the server side of the connection goes away: the next command reconnects
-    let status = std::process::Command::new("kill")
-        .args(["-KILL", &first])
-        .status()
+    for i in 0..20 {
+        let out = sh.run(NODE, &argv(&["echo", &i.to_string()]), &[]).await.unwrap();
+        assert_eq!(out.stdout, format!("{i}\n").as_bytes());
+    }
+    // File writes ride on the same connection.
+    let file = path_str(&server.dir.path().join("100.conf"));
+    sh.write_file_if_unchanged(NODE, &file, b"cores: 2\n", "")
+        .await
         .unwrap();
-    assert!(status.success());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sh.read_file(NODE, &file).await.unwrap(), b"cores: 2\n");
+    assert_eq!(
+        logins(&server),
+        1,
+        "31 commands and 2 file operations opened more than one connection:\n{}",
+        server.log()
+    );
+}
+
+#[tokio::test]
+async fn more_commands_than_the_server_allows_sessions_wait_for_a_free_channel() {
+    // OpenSSH's default: at most 10 session channels on one connection.
+    let Some(server) = Sshd::start_with("Match Address 127.0.0.1\n  MaxSessions 10") else {
+        return;
+    };
+    let sh = Arc::new(shell(&server));
+    let trace = path_str(&server.dir.path().join("trace"));
+    let script = "echo start >> \"$1\"; sleep 0.4; echo end >> \"$1\"";
+    let runs = (0..14).map(|_| {
+        let sh = sh.clone();
+        let trace = trace.clone();
+        tokio::spawn(async move { sh.run(NODE, &argv(&["sh", "-c", script, "sh", &trace]), &[]).await })
+    });
+    for r in futures_util::future::join_all(runs).await {
+        let out = r.unwrap().unwrap_or_else(|e| panic!("{e}\n{}", server.log()));
+        assert_eq!(out.status, 0, "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    // How many commands were running at once, as the server saw them.
+    let (mut running, mut most) = (0usize, 0usize);
+    for line in fs::read_to_string(&trace).unwrap().lines() {
+        if line == "start" {
+            running += 1;
+            most = most.max(running);
+        } else {
+            running -= 1;
+        }
+    }
+    assert!(
+        (2..=MAX_CHANNELS_PER_CONNECTION).contains(&most),
+        "{most} commands ran at once"
+    );
+    assert_eq!(logins(&server), 1, "{}", server.log());
+}
+
+#[tokio::test]
+async fn a_killed_connection_is_opened_again_for_the_next_command() {
+    let Some(server) = Sshd::start() else { return };
+    let sh = shell(&server);
+    let first = session_pid(&sh).await.unwrap();
+    assert_eq!(logins(&server), 1);
+    // The server side of the connection goes away; the next command follows at once, before
+    // or after the client noticed: either way it runs, on a new connection.
+    kill(&first);
     let again = session_pid(&sh)
         .await
         .unwrap_or_else(|e| panic!("no reconnect: {e}\n{}", server.log()));
     assert_ne!(again, first);
-    assert_eq!(session_pid(&sh).await.unwrap(), again);
+    assert_eq!(logins(&server), 2, "{}", server.log());
+    // And that connection is kept in turn.
+    for _ in 0..3 {
+        assert_eq!(session_pid(&sh).await.unwrap(), again);
+    }
+    assert_eq!(logins(&server), 2, "{}", server.log());
+}
+
+#[tokio::test]
+async fn a_command_running_when_the_connection_drops_fails_and_is_not_run_again() {
+    let Some(server) = Sshd::start() else { return };
+    let sh = Arc::new(shell(&server));
+    let dir = server.dir.path().to_path_buf();
+    let (marker, pids) = (path_str(&dir.join("ran")), path_str(&dir.join("pids")));
+    // Records that it ran, then the sshd process serving it and its own pid; a second run
+    // would find the marker and succeed at once.
+    let script = r#"[ -e "$1" ] && exit 0
+echo ran > "$1"
+pid=$$
+while [ "$(cat /proc/$pid/comm)" != sshd ]; do pid=$(cut -d' ' -f4 /proc/$pid/stat); done
+echo "$pid $$" > "$2.tmp" && mv "$2.tmp" "$2"
+exec sleep 30"#;
+    let running = {
+        let sh = sh.clone();
+        let command = argv(&["sh", "-c", script, "sh", &marker, &pids]);
+        tokio::spawn(async move { sh.run(NODE, &command, &[]).await })
+    };
+    let (session, command) = loop {
+        if let Ok(text) = fs::read_to_string(&pids) {
+            let (a, b) = text.trim().split_once(' ').unwrap();
+            break (a.to_string(), b.to_string());
+        }
+        assert!(!running.is_finished(), "the command ended early: {:?}", running.await);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    kill(&session);
+    let result = running.await.unwrap();
+    kill(&command);
+    let err = result.expect_err("a command whose connection dropped cannot have succeeded");
+    assert!(
+        matches!(&err, ShellError::Connect { message, .. } if message.contains("dropped while") && message.contains("not run again")),
+        "{err:?}"
+    );
+    assert_eq!(fs::read_to_string(&marker).unwrap(), "ran\n");
+    // The next command gets a new connection.
+    assert_eq!(sh.run(NODE, &argv(&["true"]), &[]).await.unwrap().status, 0);
+    assert_eq!(logins(&server), 2, "{}", server.log());
+}
+
+fn kill(pid: &str) {
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {pid}");
 }
 
 const FRESH_CT: &str = "\

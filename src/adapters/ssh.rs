@@ -1,7 +1,13 @@
 //! The Proxmox host shell over SSH (russh): [`SshHostShell`] implements [`HostShell`].
 //!
-//! * One SSH connection per Proxmox node, opened on first use, shared by every command
-//!   (one channel each) and opened again when it dropped.
+//! * One SSH connection per Proxmox node, opened on first use and shared by every command
+//!   and file write (one session channel each, at most [`MAX_CHANNELS_PER_CONNECTION`] at
+//!   once; callers beyond that wait for a free slot). Callers that arrive together wait for
+//!   one connection rather than each opening their own, and share its error when it fails.
+//! * A connection that dropped (closed by the server, keepalive failed, a channel open that
+//!   finds it gone or gets no answer) is opened again. A command that could not be started
+//!   on a kept connection is sent once more on a fresh one; a command that was started when
+//!   the connection dropped is not (it may have taken effect): it fails, saying so.
 //! * The server's host key must be in the node's known_hosts file, read as OpenSSH's `ssh`
 //!   reads it with `StrictHostKeyChecking=yes` ([`crate::adapters::known_hosts`]): hashed
 //!   names, `[host]:port`, wildcards and negation, several keys per host, `@revoked` and
@@ -26,7 +32,7 @@ use std::time::Duration;
 use russh::client::{self, Handle, Msg};
 use russh::keys::{Algorithm, EcdsaCurve, HashAlg, PrivateKeyWithHashAlg, PublicKeyOrCertificate};
 use russh::{Channel, ChannelMsg};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
 use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::adapters::known_hosts::{KnownHosts, Presented, Verdict};
@@ -68,9 +74,42 @@ impl fmt::Debug for Passphrase {
     }
 }
 
+/// Session channels open at once on one connection. OpenSSH's sshd refuses session channels
+/// beyond `MaxSessions` (default 10) on one connection. 8 stays below that with room to spare
+/// for a channel the server has not released yet (a timed-out command's process keeps its
+/// session until it exits). More concurrent commands wait for a free slot on the same
+/// connection instead of opening a second one.
+pub const MAX_CHANNELS_PER_CONNECTION: usize = 8;
+
 struct Host {
     target: HostTarget,
-    conn: Mutex<Option<Arc<Handle<Client>>>>,
+    /// The kept connection. Locked while connecting, so callers that arrive together wait
+    /// for one connection; not locked while channels are opened or commands run.
+    conn: Mutex<Kept>,
+    /// One permit per session channel in use on this host's connection.
+    channels: Semaphore,
+}
+
+/// What a host's connection slot holds.
+enum Kept {
+    None,
+    Open(Arc<Handle<Client>>),
+    /// The last attempt to connect failed, and when it ended. Callers that were already
+    /// waiting for that attempt get its error rather than each trying again: with a host
+    /// that does not answer, eight waiting commands would otherwise pay the connect timeout
+    /// eight times in a row. A caller that arrives later tries again.
+    Failed {
+        at: Instant,
+        error: ShellError,
+    },
+}
+
+/// Why a command could not be started. Either way nothing was sent to run.
+enum NotStarted {
+    /// The connection is gone or does not answer: another connection may work.
+    Dropped(String),
+    /// The server answered and would not open a session channel.
+    Refused(String),
 }
 
 /// [`HostShell`] over SSH; see the module documentation.
@@ -173,7 +212,8 @@ impl SshHostShell {
                 .map(|(node, target)| {
                     let host = Host {
                         target,
-                        conn: Mutex::new(None),
+                        conn: Mutex::new(Kept::None),
+                        channels: Semaphore::new(MAX_CHANNELS_PER_CONNECTION),
                     };
                     (node, host)
                 })
@@ -262,48 +302,64 @@ impl SshHostShell {
         Ok(handle)
     }
 
-    /// A session channel on the node's connection, connecting (again) when needed. A
-    /// failure to open a channel on a kept connection means it went stale: reconnect once.
-    async fn open_channel(&self, host: &Host) -> Result<Channel<Msg>, ShellError> {
+    /// The node's kept connection, or a new one when there is none or it closed. Also
+    /// says whether the connection was made by this call.
+    async fn connection(&self, host: &Host) -> Result<(Arc<Handle<Client>>, bool), ShellError> {
+        let arrived = Instant::now();
         let mut conn = host.conn.lock().await;
-        let mut reused = false;
-        loop {
-            let handle = match conn.as_ref() {
-                Some(h) if !h.is_closed() => {
-                    reused = true;
-                    h.clone()
-                }
-                _ => {
-                    *conn = None;
-                    let h = Arc::new(self.connect(&host.target).await?);
-                    *conn = Some(h.clone());
-                    h
-                }
-            };
-            match timeout(self.connect_timeout, handle.channel_open_session()).await {
-                Ok(Ok(channel)) => return Ok(channel),
-                Ok(Err(_)) | Err(_) if reused => {
-                    tracing::debug!(host = %host.target.address(), "ssh connection went stale; reconnecting");
-                    *conn = None;
-                    reused = false;
-                    continue;
-                }
-                Ok(Err(e)) => {
-                    *conn = None;
-                    return Err(ShellError::Connect {
-                        host: host.target.address(),
-                        message: format!("cannot open a session channel: {e}"),
-                    });
-                }
-                Err(_) => {
-                    *conn = None;
-                    return Err(ShellError::Connect {
-                        host: host.target.address(),
-                        message: "timed out opening a session channel".into(),
-                    });
-                }
+        match &*conn {
+            Kept::Open(handle) if !handle.is_closed() => return Ok((handle.clone(), false)),
+            Kept::Failed { at, error } if *at >= arrived => return Err(error.clone()),
+            _ => {}
+        }
+        match self.connect(&host.target).await {
+            Ok(handle) => {
+                let handle = Arc::new(handle);
+                *conn = Kept::Open(handle.clone());
+                Ok((handle, true))
+            }
+            Err(error) => {
+                *conn = Kept::Failed {
+                    at: Instant::now(),
+                    error: error.clone(),
+                };
+                Err(error)
             }
         }
+    }
+
+    /// Stop handing out a connection that failed, unless another caller already replaced it.
+    async fn forget(&self, host: &Host, failed: &Arc<Handle<Client>>) {
+        let mut conn = host.conn.lock().await;
+        if matches!(&*conn, Kept::Open(current) if Arc::ptr_eq(current, failed)) {
+            *conn = Kept::None;
+        }
+    }
+
+    /// Open a session channel and ask the server to run `line` on it.
+    async fn start(&self, handle: &Handle<Client>, line: &str, what: &str) -> Result<Channel<Msg>, NotStarted> {
+        let channel = match timeout(self.connect_timeout, handle.channel_open_session()).await {
+            Ok(Ok(channel)) => channel,
+            Ok(Err(russh::Error::ChannelOpenFailure(reason))) => {
+                return Err(NotStarted::Refused(format!(
+                    "the server refused a session channel ({reason:?}); driftless opens up to \
+                     {MAX_CHANNELS_PER_CONNECTION} at once per host, check the server's MaxSessions"
+                )));
+            }
+            Ok(Err(e)) => return Err(NotStarted::Dropped(format!("cannot open a session channel: {e}"))),
+            Err(_) => {
+                return Err(NotStarted::Dropped(format!(
+                    "no answer to a session channel request within {:?}",
+                    self.connect_timeout
+                )));
+            }
+        };
+        // Sending fails only when the connection is already gone: the request never left.
+        channel
+            .exec(true, line)
+            .await
+            .map_err(|e| NotStarted::Dropped(format!("cannot start `{what}`: {e}")))?;
+        Ok(channel)
     }
 
     /// Run argv; `what` names the command in errors (defaults to the command line).
@@ -323,27 +379,39 @@ impl SshHostShell {
             ));
         }
         let host = self.host(pve_node)?;
+        let address = host.target.address();
         let line = command_line(argv);
         let what = what.map(str::to_string).unwrap_or_else(|| line.clone());
+        // Held until the command is done, so the server never sees more channels than it allows.
+        let _slot = host.channels.acquire().await.expect("the semaphore is never closed");
         tracing::debug!(node = pve_node, program = %argv[0], "ssh exec");
-        let channel = self.open_channel(host).await?;
-        exec(
-            channel,
-            line,
-            stdin,
-            Instant::now() + self.command_timeout,
-            &host.target.address(),
-            &what,
-        )
-        .await
+        let mut retried = false;
+        let channel = loop {
+            let (handle, fresh) = self.connection(host).await?;
+            match self.start(&handle, &line, &what).await {
+                Ok(channel) => break channel,
+                Err(NotStarted::Dropped(message)) => {
+                    self.forget(host, &handle).await;
+                    // A kept connection may have dropped since its last use: nothing ran, so
+                    // the command goes once more on a fresh connection. A fresh one failing
+                    // the same way is the answer.
+                    if fresh || retried {
+                        return Err(ShellError::Connect { host: address, message });
+                    }
+                    tracing::debug!(host = %address, %message, "ssh connection went away; reconnecting");
+                    retried = true;
+                }
+                Err(NotStarted::Refused(message)) => return Err(ShellError::Connect { host: address, message }),
+            }
+        };
+        exec(channel, stdin, Instant::now() + self.command_timeout, &address, &what).await
     }
 }
 
-/// Run one command on an open channel: exec, feed stdin then EOF while collecting
+/// Finish one command whose exec request was sent: feed stdin then EOF while collecting
 /// stdout/stderr, until the server closes the channel.
 async fn exec(
     channel: Channel<Msg>,
-    line: String,
     stdin: &[u8],
     deadline: Instant,
     address: &str,
@@ -358,10 +426,6 @@ async fn exec(
         command: what.to_string(),
     };
     let (mut read, write) = channel.split();
-    write
-        .exec(true, line)
-        .await
-        .map_err(|e| lost(format!("cannot start `{what}`: {e}")))?;
 
     let writer = async {
         write.data(stdin).await?;
@@ -416,9 +480,14 @@ async fn exec(
         (None, Some(signal)) => Err(ShellError::Other(format!(
             "`{what}` on {address} was killed by signal {signal}"
         ))),
+        // The command was started: it may have taken effect, so it is not sent again.
         (None, None) => Err(lost(match write_error {
-            Some(e) => format!("connection lost while sending input to `{what}`: {e}"),
-            None => format!("connection lost before `{what}` finished"),
+            Some(e) => format!(
+                "the connection dropped while sending input to `{what}` (it may have taken effect; not run again): {e}"
+            ),
+            None => {
+                format!("the connection dropped while `{what}` was running (it may have taken effect; not run again)")
+            }
         })),
     }
 }

@@ -18,10 +18,11 @@
 //! strings with [`json_params_to_strings`]). Inside property strings Proxmox itself
 //! normalises `on|yes|true` / `off|no|false`.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
-use std::sync::OnceLock;
+use std::sync::{OnceLock, RwLock};
 
 use regex::Regex;
 use serde::{Deserialize, Deserializer};
@@ -250,11 +251,27 @@ pub enum RequestError {
     Params(ParamErrors),
 }
 
+/// All of the subset's endpoints (`index_bounds` is read with the config keys).
 #[derive(Deserialize)]
 struct RawSubset {
+    endpoints: Vec<RawEndpoint>,
+}
+
+/// The part of the subset a guest config check needs: every endpoint's `returns` (the
+/// config keys are in GET .../config's), their parameters skipped without being built.
+#[derive(Deserialize)]
+struct RawConfigSubset {
     #[serde(default)]
     index_bounds: BTreeMap<String, u32>,
-    endpoints: Vec<RawEndpoint>,
+    endpoints: Vec<RawEndpointReturns>,
+}
+
+#[derive(Deserialize)]
+struct RawEndpointReturns {
+    method: String,
+    path: String,
+    #[serde(default)]
+    returns: Value,
 }
 
 #[derive(Deserialize)]
@@ -269,13 +286,18 @@ struct RawEndpoint {
     protected: bool,
 }
 
-/// The API schema with compiled patterns, loaded once.
-#[derive(Debug)]
+/// The API schema, loaded once. What most runs never use is built on first use: the
+/// endpoints (their parameter schemas are most of the subset; rendering and planning only
+/// check guest config keys) and the compiled patterns. Building all of it up front was
+/// most of a command's start-up, paid by every run of the daemon's worker.
 pub struct ApiSchema {
-    endpoints: Vec<Endpoint>,
+    /// The subset's text, kept to build [`ApiSchema::endpoints`] from.
+    source: Cow<'static, str>,
+    endpoints: OnceLock<Vec<Endpoint>>,
     index_bounds: BTreeMap<String, u32>,
-    /// Perl pattern -> compiled anchored regex (None if it cannot be translated).
-    patterns: HashMap<String, Option<Regex>>,
+    /// Perl pattern -> compiled anchored regex (None if it cannot be translated), filled
+    /// the first time a value is checked against a pattern.
+    patterns: RwLock<HashMap<String, Option<Regex>>>,
     /// Guest config keys (confdesc, from GET .../config `returns`), per kind.
     lxc_config: BTreeMap<String, Property>,
     qemu_config: BTreeMap<String, Property>,
@@ -297,45 +319,49 @@ const LXC_FILE_ONLY_KEYS: &str = r#"{
   "snaptime": {"type": "integer", "minimum": 0, "optional": 1}
 }"#;
 
+impl fmt::Debug for ApiSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ApiSchema")
+            .field("endpoints", &self.endpoints.get().map(Vec::len))
+            .field("index_bounds", &self.index_bounds)
+            .field("lxc_config", &self.lxc_config.len())
+            .field("qemu_config", &self.qemu_config.len())
+            .finish_non_exhaustive()
+    }
+}
+
 impl ApiSchema {
-    /// The embedded subset, parsed and compiled on first use.
+    /// The embedded subset, parsed on first use (its endpoints when first asked for).
     pub fn embedded() -> &'static ApiSchema {
         static SCHEMA: OnceLock<ApiSchema> = OnceLock::new();
-        SCHEMA.get_or_init(|| ApiSchema::from_json(SUBSET_JSON).expect("embedded pve-api-subset.json is valid"))
+        SCHEMA.get_or_init(|| {
+            ApiSchema::with_lazy_endpoints(Cow::Borrowed(SUBSET_JSON)).expect("embedded pve-api-subset.json is valid")
+        })
     }
 
-    /// Load a schema in the format written by `tools/extract-pve-api-subset.py`.
+    /// Load a schema in the format written by `tools/extract-pve-api-subset.py`; all of it
+    /// is checked now.
     pub fn from_json(text: &str) -> Result<ApiSchema, serde_json::Error> {
-        let raw: RawSubset = serde_json::from_str(text)?;
-        let mut endpoints = Vec::new();
-        for e in raw.endpoints {
-            let segments = split_path(&e.path)
-                .into_iter()
-                .map(|s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                    Some(name) => Segment::Param(name.to_string()),
-                    None => Segment::Literal(s),
-                })
-                .collect();
-            endpoints.push(Endpoint {
-                method: e.method.to_ascii_uppercase(),
-                path: e.path,
-                parameters: e.parameters,
-                returns: e.returns,
-                protected: e.protected,
-                segments,
-            });
-        }
+        let schema = ApiSchema::with_lazy_endpoints(Cow::Owned(text.to_string()))?;
+        schema.try_endpoints()?;
+        Ok(schema)
+    }
 
+    /// The config keys now, the endpoints when [`ApiSchema::endpoints`] is first called.
+    fn with_lazy_endpoints(source: Cow<'static, str>) -> Result<ApiSchema, serde_json::Error> {
+        let raw: RawConfigSubset = serde_json::from_str(&source)?;
         let config_props = |kind: &str| -> Result<BTreeMap<String, Property>, serde_json::Error> {
             let path = format!("/nodes/{{node}}/{kind}/{{vmid}}/config");
-            let Some(ep) = endpoints.iter().find(|e| e.method == "GET" && e.path == path) else {
+            let Some(ep) = raw
+                .endpoints
+                .iter()
+                .find(|e| e.method.eq_ignore_ascii_case("GET") && e.path == path)
+            else {
                 return Ok(BTreeMap::new());
             };
-            let props = ep.returns.get("properties").cloned().unwrap_or(Value::Null);
-            let mut map: BTreeMap<String, Property> = if props.is_null() {
-                BTreeMap::new()
-            } else {
-                serde_json::from_value(props)?
+            let mut map: BTreeMap<String, Property> = match ep.returns.get("properties") {
+                None | Some(Value::Null) => BTreeMap::new(),
+                Some(props) => BTreeMap::<String, Property>::deserialize(props)?,
             };
             map.remove("digest");
             map.remove("lxc");
@@ -351,35 +377,50 @@ impl ApiSchema {
         let mut named_hash_formats = BTreeMap::new();
         named_hash_formats.insert("pve-qm-ipconfig".to_string(), serde_json::from_str(IPCONFIG_FORMAT)?);
 
-        let mut schema = ApiSchema {
-            endpoints,
+        Ok(ApiSchema {
+            source,
+            endpoints: OnceLock::new(),
             index_bounds: raw.index_bounds,
-            patterns: HashMap::new(),
+            patterns: RwLock::default(),
             lxc_config,
             qemu_config,
             named_hash_formats,
-        };
-        let mut pats = Vec::new();
-        for e in &schema.endpoints {
-            collect_patterns(&e.parameters, &mut pats);
+        })
+    }
+
+    fn try_endpoints(&self) -> Result<&[Endpoint], serde_json::Error> {
+        if let Some(endpoints) = self.endpoints.get() {
+            return Ok(endpoints);
         }
-        for p in schema.lxc_config.values().chain(schema.qemu_config.values()) {
-            collect_patterns(p, &mut pats);
-        }
-        for f in schema.named_hash_formats.values() {
-            for p in f.values() {
-                collect_patterns(p, &mut pats);
-            }
-        }
-        for p in pats {
-            let re = compile_perl_pattern(&p);
-            schema.patterns.insert(p, re);
-        }
-        Ok(schema)
+        let raw: RawSubset = serde_json::from_str(&self.source)?;
+        let endpoints = raw
+            .endpoints
+            .into_iter()
+            .map(|e| {
+                let segments = split_path(&e.path)
+                    .into_iter()
+                    .map(|s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                        Some(name) => Segment::Param(name.to_string()),
+                        None => Segment::Literal(s),
+                    })
+                    .collect();
+                Endpoint {
+                    method: e.method.to_ascii_uppercase(),
+                    path: e.path,
+                    parameters: e.parameters,
+                    returns: e.returns,
+                    protected: e.protected,
+                    segments,
+                }
+            })
+            .collect();
+        // Two threads may both build them; one copy is kept.
+        Ok(self.endpoints.get_or_init(|| endpoints))
     }
 
     pub fn endpoints(&self) -> &[Endpoint] {
-        &self.endpoints
+        // from_json checked them; the embedded subset's are checked by a unit test.
+        self.try_endpoints().expect("the schema's endpoints are valid")
     }
 
     /// Last valid index of an indexed option (`net` -> 31), if known.
@@ -392,7 +433,7 @@ impl ApiSchema {
     pub fn find(&self, method: &str, path: &str) -> Option<(&Endpoint, BTreeMap<String, String>)> {
         let segs = concrete_segments(path);
         let method = method.to_ascii_uppercase();
-        self.endpoints
+        self.endpoints()
             .iter()
             .filter(|e| e.method == method)
             .filter_map(|e| e.match_path(&segs).map(|(lit, params)| (lit, e, params)))
@@ -403,7 +444,7 @@ impl ApiSchema {
     /// Methods available on a concrete path (empty when the path is unknown).
     pub fn methods_at(&self, path: &str) -> Vec<&str> {
         let segs = concrete_segments(path);
-        self.endpoints
+        self.endpoints()
             .iter()
             .filter(|e| e.match_path(&segs).is_some())
             .map(|e| e.method.as_str())
@@ -611,30 +652,35 @@ impl ApiSchema {
                 format!("{path}.{k}")
             }
         };
+        // Paths are built only for what is checked: most properties of a format are optional
+        // and absent, and this runs for every property string of every rendered guest.
         for (name, prop) in props {
             if name.ends_with("[n]") {
                 continue; // expanded names are all optional; present ones are checked below
             }
-            self.check_prop(values.get(name).map(String::as_str), prop, &join(name), errors);
+            let value = values.get(name).map(String::as_str);
+            if value.is_none() && (prop.optional || prop.alias.is_some()) {
+                continue; // what check_prop would find: nothing to check
+            }
+            self.check_prop(value, prop, &join(name), errors);
         }
         for (k, v) in values {
-            let newpath = join(k);
             match self.resolve(props, k) {
                 Some((name, prop)) => {
                     if name.ends_with("[n]") {
-                        self.check_prop(Some(v), prop, &newpath, errors);
+                        self.check_prop(Some(v), prop, &join(k), errors);
                     }
                     if let Some(Value::String(req)) = &prop.requires
                         && !values.contains_key(req)
                     {
                         errors.add(
                             &join(req),
-                            format!("missing property - '{newpath}' requires this property"),
+                            format!("missing property - '{}' requires this property", join(k)),
                         );
                     }
                 }
                 None if !additional_properties => errors.add(
-                    &newpath,
+                    &join(k),
                     "property is not defined in schema and the schema does not allow additional properties",
                 ),
                 None => {}
@@ -682,7 +728,7 @@ impl ApiSchema {
             );
             return;
         }
-        if is_number(value) {
+        if (prop.maximum.is_some() || prop.minimum.is_some()) && is_number(value) {
             let x: f64 = value.parse().unwrap_or(f64::NAN);
             if let Some(max) = prop.maximum.as_ref()
                 && let Some(m) = json_f64(max)
@@ -706,7 +752,10 @@ impl ApiSchema {
             }
         }
         if let Some(values) = &prop.enum_values
-            && !values.iter().any(|ev| perl_display(ev) == value)
+            && !values.iter().any(|ev| match ev {
+                Value::String(s) => s == value,
+                other => perl_display(other) == value,
+            })
         {
             let list: Vec<String> = values.iter().map(perl_display).collect();
             errors.add(
@@ -720,11 +769,22 @@ impl ApiSchema {
     }
 
     fn pattern_matches(&self, pattern: &str, value: &str) -> bool {
-        match self.patterns.get(pattern) {
-            Some(Some(re)) => re.is_match(value),
-            Some(None) => true, // untranslatable Perl construct: not checked
-            None => compile_perl_pattern(pattern).is_none_or(|re| re.is_match(value)),
-        }
+        let cached = self
+            .patterns
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(pattern)
+            .cloned();
+        let re = cached.unwrap_or_else(|| {
+            let re = compile_perl_pattern(pattern);
+            self.patterns
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(pattern.to_string(), re.clone());
+            re
+        });
+        // An untranslatable Perl construct is not checked.
+        re.is_none_or(|re| re.is_match(value))
     }
 
     fn check_named_format(&self, name: &str, value: &str, path: &str) -> Result<(), String> {
@@ -769,6 +829,8 @@ pub fn json_params_to_strings(body: &serde_json::Map<String, Value>) -> BTreeMap
         .collect()
 }
 
+/// Every pattern in a schema node (the test that all of them translate).
+#[cfg(test)]
 fn collect_patterns(p: &Property, out: &mut Vec<String>) {
     if let Some(pat) = &p.pattern {
         out.push(pat.clone());
@@ -1182,6 +1244,19 @@ mod tests {
     }
 
     #[test]
+    fn config_keys_are_ready_before_the_endpoints_are_built() {
+        let s = ApiSchema::with_lazy_endpoints(Cow::Borrowed(SUBSET_JSON)).unwrap();
+        assert!(s.config_property(GuestKind::Lxc, "net7").is_some());
+        assert!(s.config_property(GuestKind::Qemu, "scsi3").is_some());
+        assert!(s.endpoints.get().is_none(), "checking config keys built the endpoints");
+        assert_eq!(s.endpoints().len(), 27);
+        // from_json checks the endpoints at once: a bad one is an error there, not a panic later.
+        let bad = r#"{"endpoints": [{"method": "GET", "path": "/x", "parameters": 5}]}"#;
+        assert!(ApiSchema::from_json(bad).is_err());
+        assert!(ApiSchema::with_lazy_endpoints(Cow::Borrowed(bad)).is_ok());
+    }
+
+    #[test]
     fn embedded_schema_has_all_endpoints() {
         let s = ApiSchema::embedded();
         assert_eq!(s.endpoints().len(), 32);
@@ -1212,8 +1287,21 @@ mod tests {
         assert!(s.find("GET", "/nodes/pve/lxc/100/snapshot").is_none());
         assert_eq!(s.methods_at("/nodes/pve/qemu/100/config"), ["GET", "PUT", "POST"]);
         // every pattern in the subset translates to a Rust regex
-        for (p, re) in &s.patterns {
-            assert!(re.is_some(), "pattern {p:?} did not compile");
+        let mut patterns = Vec::new();
+        for e in s.endpoints() {
+            collect_patterns(&e.parameters, &mut patterns);
+        }
+        for p in s.lxc_config.values().chain(s.qemu_config.values()) {
+            collect_patterns(p, &mut patterns);
+        }
+        for f in s.named_hash_formats.values() {
+            for p in f.values() {
+                collect_patterns(p, &mut patterns);
+            }
+        }
+        assert!(patterns.len() > 10, "{patterns:?}");
+        for p in &patterns {
+            assert!(compile_perl_pattern(p).is_some(), "pattern {p:?} did not compile");
         }
     }
 

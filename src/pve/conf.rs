@@ -154,21 +154,18 @@ impl ConfError {
 }
 
 const WS: &str = r"[ \t\n\x0B\x0C\r]";
-const NWS: &str = r"[^ \t\n\x0B\x0C\r]";
 
+/// The section header patterns of the grammar. Every line of a file goes through the line
+/// patterns, which are hand-written below (a regex with captures costs microseconds a line,
+/// most of the time of rendering a config); headers are rare and keep Proxmox's regexes
+/// (case-insensitive matching the way Perl does it), compiled when the first `[` line
+/// comes.
 struct Grammar {
     pending_lxc: Regex,
     pending_qemu: Regex,
     special: Regex,
     snapshot: Regex,
     any_section: Regex,
-    raw_lxc: Regex,
-    description: Regex,
-    snapstate: Regex,
-    args: Regex,
-    delete: Regex,
-    option_lxc: Regex,
-    option_qemu: Regex,
 }
 
 fn grammar() -> &'static Grammar {
@@ -181,15 +178,76 @@ fn grammar() -> &'static Grammar {
             special: r(format!(r"^\[(?i:special:(cloudinit|fleecing))\]{WS}*$")),
             snapshot: r(format!(r"^\[((?i:[a-z][a-z0-9_\-]+))\]{WS}*$")),
             any_section: r(format!(r"^\[([^\]]*)\]{WS}*$")),
-            raw_lxc: r(format!(r"^(lxc\.[a-z0-9_\-.]+)(:|{WS}*=){WS}*(.*?){WS}*$")),
-            description: r(format!(r"^description:{WS}*(.*{NWS}){WS}*$")),
-            snapstate: r(format!(r"snapstate:{WS}*(prepare|delete){WS}*$")),
-            args: r(format!(r"^args:{WS}*(.*{NWS}){WS}*$")),
-            delete: r(format!(r"^delete:{WS}*(.*{NWS}){WS}*$")),
-            option_lxc: r(format!(r"^([a-z][a-z_]*[0-9]*):{WS}*(.+?){WS}*$")),
-            option_qemu: r(format!(r"^([a-z][a-z_\-]*[0-9]*):{WS}*(.+?){WS}*$")),
         }
     })
+}
+
+// The line patterns of Proxmox's parsers, matched by hand. Each function is exactly its
+// regex (WS is `[ \t\n\x0B\x0C\r]`, NWS its complement) on a line without `\n`; the
+// tests check them against the regexes on generated lines.
+
+/// `^(lxc\.[a-z0-9_\-.]+)(:|WS*=)WS*(.*?)WS*$`: a raw key and its value.
+fn match_raw_lxc(line: &str) -> Option<(&str, &str)> {
+    let rest = line.strip_prefix("lxc.")?;
+    let n = rest
+        .bytes()
+        .take_while(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'-' | b'.'))
+        .count();
+    if n == 0 {
+        return None;
+    }
+    let after = &rest[n..];
+    let value = match after.strip_prefix(':') {
+        Some(value) => value,
+        None => after.trim_start_matches(is_perl_space).strip_prefix('=')?,
+    };
+    Some((&line[..4 + n], value.trim_matches(is_perl_space)))
+}
+
+/// `^KEYWORDWS*(.*NWS)WS*$` (`description:`, `args:`, `delete:`): the value without the
+/// whitespace around it, which must not be empty.
+fn match_keyword<'a>(line: &'a str, keyword: &str) -> Option<&'a str> {
+    let value = line.strip_prefix(keyword)?.trim_matches(is_perl_space);
+    (!value.is_empty()).then_some(value)
+}
+
+/// `snapstate:WS*(prepare|delete)WS*$`, anywhere in the line.
+fn match_snapstate(line: &str) -> Option<&'static str> {
+    line.match_indices("snapstate:").find_map(|(at, _)| {
+        match line[at + "snapstate:".len()..].trim_matches(is_perl_space) {
+            "prepare" => Some("prepare"),
+            "delete" => Some("delete"),
+            _ => None,
+        }
+    })
+}
+
+/// `^([a-z][a-z_]*[0-9]*):WS*(.+?)WS*$` (QEMU keys may hold `-` too): a key and its value.
+fn match_option(line: &str, kind: GuestKind) -> Option<(&str, &str)> {
+    let b = line.as_bytes();
+    if !b.first()?.is_ascii_lowercase() {
+        return None;
+    }
+    let mut i = 1;
+    while i < b.len() && (b[i].is_ascii_lowercase() || b[i] == b'_' || (kind == GuestKind::Qemu && b[i] == b'-')) {
+        i += 1;
+    }
+    while i < b.len() && b[i].is_ascii_digit() {
+        i += 1;
+    }
+    if b.get(i) != Some(&b':') {
+        return None;
+    }
+    let rest = &line[i + 1..];
+    let trimmed = rest.trim_matches(is_perl_space);
+    let value = if trimmed.is_empty() {
+        // Only whitespace after the colon: `.+?` still takes one character, the last.
+        let last = rest.chars().next_back()?;
+        &rest[rest.len() - last.len_utf8()..]
+    } else {
+        trimmed
+    };
+    Some((&line[..i], value))
 }
 
 fn is_perl_space(c: char) -> bool {
@@ -280,28 +338,26 @@ impl Parser {
         self.target = target;
     }
 
-    fn line(&mut self, lineno: usize, line: &str) {
+    /// A section header: true when `line` is one (and the section was entered or skipped).
+    fn header(&mut self, lineno: usize, line: &str) -> bool {
         let g = grammar();
-        if line.chars().all(is_perl_space) {
-            return;
-        }
         let pending_re = match self.kind {
             GuestKind::Lxc => &g.pending_lxc,
             GuestKind::Qemu => &g.pending_qemu,
         };
         if pending_re.is_match(line) {
             self.enter(lineno, Target::Pending);
-            return;
+            return true;
         }
         if self.kind == GuestKind::Qemu
             && let Some(c) = g.special.captures(line)
         {
             self.enter(lineno, Target::Special(c[1].to_string()));
-            return;
+            return true;
         }
         if let Some(c) = g.snapshot.captures(line) {
             self.enter(lineno, Target::Snapshot(c[1].to_string()));
-            return;
+            return true;
         }
         if self.kind == GuestKind::Qemu
             && let Some(c) = g.any_section.captures(line)
@@ -312,6 +368,18 @@ impl Parser {
                 name: c[1].to_string(),
             });
             self.target = Target::Skip;
+            return true;
+        }
+        false
+    }
+
+    /// One line (without its `\n`).
+    fn line(&mut self, lineno: usize, line: &str) {
+        if line.chars().all(is_perl_space) {
+            return;
+        }
+        // Every header pattern starts with `^\[`.
+        if line.starts_with('[') && self.header(lineno, line) {
             return;
         }
         if self.target == Target::Skip {
@@ -326,10 +394,10 @@ impl Parser {
         }
 
         if self.kind == GuestKind::Lxc
-            && let Some(c) = g.raw_lxc.captures(line)
+            && let Some((key, value)) = match_raw_lxc(line)
         {
-            let key = c[1].to_string();
-            let value = c[3].to_string();
+            let key = key.to_string();
+            let value = value.to_string();
             if key == "lxc.environment.runtime" {
                 self.section().env.push(value);
                 return;
@@ -357,37 +425,31 @@ impl Parser {
             return;
         }
 
-        if let Some(c) = g.description.captures(line) {
+        if let Some(value) = match_keyword(line, "description:") {
             let descr = self.descr.get_or_insert_with(String::new);
-            descr.push_str(&decode_text(&c[1]));
-        } else if let Some(c) = g.snapstate.captures(line) {
+            descr.push_str(&decode_text(value));
+        } else if let Some(value) = match_snapstate(line) {
             // Proxmox drops it from the current config; other sections keep it.
             if self.target != Target::Current {
-                let value = c[1].to_string();
-                self.section().options.insert("snapstate".into(), value);
+                self.section().options.insert("snapstate".into(), value.to_string());
             }
         } else if self.kind == GuestKind::Qemu
-            && let Some(c) = g.args.captures(line)
+            && let Some(value) = match_keyword(line, "args:")
         {
-            let value = c[1].to_string();
+            let value = value.to_string();
             self.section().options.insert("args".into(), value);
-        } else if let Some(c) = g.delete.captures(line) {
+        } else if let Some(value) = match_keyword(line, "delete:") {
             if self.target == Target::Pending {
-                self.conf.pending_delete = parse_pending_delete(&c[1]);
+                self.conf.pending_delete = parse_pending_delete(value);
             } else {
                 self.problems.push(ConfError::DeleteOutsidePending {
                     line: lineno,
                     header: self.kind.pending_header(),
                 });
             }
-        } else if let Some(c) = match self.kind {
-            GuestKind::Lxc => &g.option_lxc,
-            GuestKind::Qemu => &g.option_qemu,
-        }
-        .captures(line)
-        {
-            let mut key = c[1].to_string();
-            let raw = c[2].to_string();
+        } else if let Some((key, raw)) = match_option(line, self.kind) {
+            let mut key = key.to_string();
+            let raw = raw.to_string();
             if matches!(self.target, Target::Special(_)) {
                 self.section().options.insert(key, raw);
                 return;
@@ -1134,6 +1196,111 @@ name: talos-cp-1
         q.raw_lxc.push(("lxc.apparmor.profile".into(), "x".into()));
         assert!(q.check_writable().is_err());
         assert!(parse(K3S_CT, GuestKind::Lxc).unwrap().check_writable().is_ok());
+    }
+
+    /// The hand-written line patterns against Proxmox's regexes (as this module compiled
+    /// them before), on lines generated from the pieces that matter to them.
+    #[test]
+    fn line_patterns_match_like_the_regexes() {
+        const NWS: &str = r"[^ \t\n\x0B\x0C\r]";
+        let re = |p: String| Regex::new(&p).unwrap();
+        let raw_lxc = re(format!(r"^(lxc\.[a-z0-9_\-.]+)(:|{WS}*=){WS}*(.*?){WS}*$"));
+        let keyword = |k: &str| re(format!(r"^{k}:{WS}*(.*{NWS}){WS}*$"));
+        let keywords = [
+            ("description:", keyword("description")),
+            ("args:", keyword("args")),
+            ("delete:", keyword("delete")),
+        ];
+        let snapstate = re(format!(r"snapstate:{WS}*(prepare|delete){WS}*$"));
+        let option_lxc = re(format!(r"^([a-z][a-z_]*[0-9]*):{WS}*(.+?){WS}*$"));
+        let option_qemu = re(format!(r"^([a-z][a-z_\-]*[0-9]*):{WS}*(.+?){WS}*$"));
+        // A line is a head (what the patterns look for first) and up to 8 pieces.
+        const HEADS: &[&str] = &[
+            "",
+            "",
+            "lxc.",
+            "lxc.cap.drop",
+            "lxc.net.0.type",
+            "description:",
+            "args:",
+            "delete:",
+            "snapstate:",
+            "x snapstate:",
+            "net0:",
+            "cores:",
+            "a-b:",
+        ];
+        const PIECES: &[&str] = &[
+            "lxc.",
+            "lxc",
+            ".",
+            "snapstate:",
+            "prepare",
+            "delete",
+            ":",
+            "=",
+            "a",
+            "z",
+            "net",
+            "0",
+            "9",
+            "_",
+            "-",
+            " ",
+            " ",
+            "\t",
+            "\r",
+            "\x0b",
+            "\x0c",
+            "A",
+            "é",
+            "ſ",
+            "#",
+            "[",
+            "]",
+            "%3A",
+            "\u{a0}",
+        ];
+        // xorshift64: the same lines on every run.
+        let mut state = 0x2545_f491_4f6c_dd1d_u64;
+        let mut pick = |n: usize| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % n as u64) as usize
+        };
+        let group = |c: &regex::Captures<'_>, i: usize| c.get(i).map_or("", |m| m.as_str()).to_string();
+        for _ in 0..40_000 {
+            let mut line = HEADS[pick(HEADS.len())].to_string();
+            for _ in 0..pick(9) {
+                line.push_str(PIECES[pick(PIECES.len())]);
+            }
+            let own = |r: Option<(&str, &str)>| r.map(|(a, b)| (a.to_string(), b.to_string()));
+            assert_eq!(
+                own(match_raw_lxc(&line)),
+                raw_lxc.captures(&line).map(|c| (group(&c, 1), group(&c, 3))),
+                "raw lxc {line:?}"
+            );
+            for (word, regex) in &keywords {
+                assert_eq!(
+                    match_keyword(&line, word).map(str::to_string),
+                    regex.captures(&line).map(|c| group(&c, 1)),
+                    "{word} {line:?}"
+                );
+            }
+            assert_eq!(
+                match_snapstate(&line).map(str::to_string),
+                snapstate.captures(&line).map(|c| group(&c, 1)),
+                "snapstate {line:?}"
+            );
+            for (kind, regex) in [(GuestKind::Lxc, &option_lxc), (GuestKind::Qemu, &option_qemu)] {
+                assert_eq!(
+                    own(match_option(&line, kind)),
+                    regex.captures(&line).map(|c| (group(&c, 1), group(&c, 2))),
+                    "{kind:?} option {line:?}"
+                );
+            }
+        }
     }
 
     #[test]
