@@ -50,22 +50,7 @@ impl System {
     }
 }
 
-/// Guest type as Proxmox names it in paths and listings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PveKind {
-    Lxc,
-    Qemu,
-}
-
-impl PveKind {
-    pub fn path(self) -> &'static str {
-        match self {
-            PveKind::Lxc => "lxc",
-            PveKind::Qemu => "qemu",
-        }
-    }
-}
+pub use crate::pve::conf::PveKind;
 
 /// One entry of `GET /cluster/resources?type=vm`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

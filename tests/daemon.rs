@@ -269,7 +269,7 @@ fn sigterm_during_an_apply_stops_between_steps_and_leaves_no_half_written_file()
         .unwrap_or_default();
     for e in &confs {
         let text = std::fs::read_to_string(e.path()).unwrap();
-        driftless::pve::conf::parse(&text, driftless::pve::conf::GuestKind::Lxc)
+        driftless::pve::conf::parse(&text, driftless::pve::conf::PveKind::Lxc)
             .unwrap_or_else(|err| panic!("{} is not a whole config: {err}\n{text}", e.path().display()));
         assert!(
             !e.file_name().to_string_lossy().contains(".tmp")

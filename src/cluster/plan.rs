@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use super::k3s::{self, K3sObserved};
-use crate::model::schema::{Distribution, GuestKind};
+use crate::model::schema::Distribution;
 use crate::model::{Desired, Node};
 use crate::plan::{Action, Change, Plan, Step, Via};
-use crate::ports::{KubeNode, NodePatch, PveKind, Taint, TalosApplyResult, TalosNodeState};
+use crate::ports::{KubeNode, NodePatch, Taint, TalosApplyResult, TalosNodeState};
 use crate::render::{Artifact, ArtifactKind};
 
 /// Annotations recording which labels and taints driftless set, so removing one from a node
@@ -58,10 +58,7 @@ fn step(node: &Node, disruptive: bool, action: Action) -> Step {
         node: node.name.clone(),
         vmid: node.vmid,
         pve_node: node.proxmox_node.clone(),
-        kind: match node.kind {
-            GuestKind::Lxc => PveKind::Lxc,
-            GuestKind::Vm => PveKind::Qemu,
-        },
+        kind: node.kind.pve(),
         disruptive,
         action,
     }

@@ -3,7 +3,7 @@
 
 use super::{ConfFile, ImportedGuest, Selection};
 use crate::ports::{HostShell, ProxmoxApi, ProxmoxError, PveKind, ShellError};
-use crate::pve::conf::{self, GuestKind};
+use crate::pve::conf;
 use std::collections::BTreeMap;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,10 +56,7 @@ pub async fn read<P: ProxmoxApi, H: HostShell>(
                         vmid: summary.vmid,
                         source,
                     })?;
-                let kind = match summary.kind {
-                    PveKind::Lxc => GuestKind::Lxc,
-                    PveKind::Qemu => GuestKind::Qemu,
-                };
+                let kind = summary.kind;
                 // Lenient, as Proxmox reads it: a key it would warn about does not stop an import.
                 let (parsed, _) = conf::parse_lenient(&String::from_utf8_lossy(&bytes), kind);
                 Some(ConfFile {

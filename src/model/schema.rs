@@ -50,6 +50,14 @@ impl GuestKind {
             GuestKind::Vm => "vm",
         }
     }
+
+    /// The same kind as Proxmox names it: a repository's `vm` is Proxmox's `qemu`.
+    pub fn pve(self) -> crate::pve::PveKind {
+        match self {
+            GuestKind::Lxc => crate::pve::PveKind::Lxc,
+            GuestKind::Vm => crate::pve::PveKind::Qemu,
+        }
+    }
 }
 
 /// A reference to a secret held outside git: `{secret: NAME}`.

@@ -3,7 +3,7 @@
 use super::{Action, Change, Step, Via};
 use crate::model::{Desired, Node};
 use crate::ports::{LiveConfig, PveKind};
-use crate::pve::conf::{self, GuestKind as ConfKind};
+use crate::pve::conf;
 use crate::render::{Artifact, ArtifactKind};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,7 +32,7 @@ pub fn desired_guests(desired: &Desired, artifacts: &[Artifact]) -> Vec<DesiredG
             let conf_text = &find(ArtifactKind::ProxmoxConf)?.content;
             let params_text = &find(ArtifactKind::ProxmoxApi)?.content;
             let kind = pve_kind(node);
-            let parsed = conf::parse(conf_text, conf_kind(kind)).expect("rendered configs are canonical");
+            let parsed = conf::parse(conf_text, kind).expect("rendered configs are canonical");
             let create_params: BTreeMap<String, String> =
                 serde_json::from_str(params_text).expect("rendered parameters are JSON");
             // The API lists the description as a key like any other: compared the same way,
@@ -63,17 +63,7 @@ pub fn desired_guests(desired: &Desired, artifacts: &[Artifact]) -> Vec<DesiredG
 }
 
 fn pve_kind(node: &Node) -> PveKind {
-    match node.kind {
-        crate::model::schema::GuestKind::Lxc => PveKind::Lxc,
-        crate::model::schema::GuestKind::Vm => PveKind::Qemu,
-    }
-}
-
-fn conf_kind(kind: PveKind) -> ConfKind {
-    match kind {
-        PveKind::Lxc => ConfKind::Lxc,
-        PveKind::Qemu => ConfKind::Qemu,
-    }
+    node.kind.pve()
 }
 
 /// Which model keys a Proxmox config key is made of, for provenance.

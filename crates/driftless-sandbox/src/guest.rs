@@ -17,7 +17,7 @@ use serde_json::{Map, Value};
 use crate::access::Perms;
 use crate::store;
 use driftless::pve::api_schema::{ApiSchema, ParamErrors, Property};
-use driftless::pve::conf::{self, GuestConf, GuestKind, Section};
+use driftless::pve::conf::{self, GuestConf, PveKind, Section};
 
 /// An error the way Proxmox's REST handler reports it: HTTP status, message (Perl `die`
 /// text, usually ending in a newline) and, for HTTP 400, the per-parameter errors.
@@ -92,10 +92,10 @@ impl From<std::io::Error> for ApiError {
 }
 
 /// `CT` or `VM`, as Proxmox names the guest in messages.
-pub(crate) fn type_str(kind: GuestKind) -> &'static str {
+pub(crate) fn type_str(kind: PveKind) -> &'static str {
     match kind {
-        GuestKind::Lxc => "CT",
-        GuestKind::Qemu => "VM",
+        PveKind::Lxc => "CT",
+        PveKind::Qemu => "VM",
     }
 }
 
@@ -104,12 +104,12 @@ fn schema() -> &'static ApiSchema {
 }
 
 /// The property-string format of a config key (`net0`, `rootfs`, `scsi1`, ...).
-fn config_format(kind: GuestKind, key: &str) -> Option<&'static BTreeMap<String, Property>> {
+fn config_format(kind: PveKind, key: &str) -> Option<&'static BTreeMap<String, Property>> {
     schema().config_property(kind, key)?.format_properties()
 }
 
 /// Whether `key` is a config option of this kind of guest (`option_exists`).
-pub(crate) fn option_exists(kind: GuestKind, key: &str) -> bool {
+pub(crate) fn option_exists(kind: PveKind, key: &str) -> bool {
     schema().config_property(kind, key).is_some()
 }
 
@@ -129,7 +129,7 @@ pub(crate) fn sget(s: &Section, key: &str) -> Option<String> {
     }
 }
 
-pub(crate) fn sset(s: &mut Section, kind: GuestKind, key: &str, value: &str) {
+pub(crate) fn sset(s: &mut Section, kind: PveKind, key: &str, value: &str) {
     match key {
         "description" => s.description = conf::normalize_description(value, kind),
         "env" => {
@@ -377,7 +377,7 @@ fn volume_in_use(c: &GuestConf, volid: &str, skip_key: &str) -> bool {
 }
 
 /// Parse a property string with the config key's format, Proxmox's messages on failure.
-fn parse_prop(kind: GuestKind, key: &str, value: &str) -> Result<BTreeMap<String, String>, ApiError> {
+fn parse_prop(kind: PveKind, key: &str, value: &str) -> Result<BTreeMap<String, String>, ApiError> {
     let Some(format) = config_format(kind, key) else {
         return Err(ApiError::die(format!("unable to parse value of '{key}'")));
     };
@@ -386,7 +386,7 @@ fn parse_prop(kind: GuestKind, key: &str, value: &str) -> Result<BTreeMap<String
         .map_err(|e| ApiError::die(format!("unable to parse value of '{key}' - {}", e.trim_end())))
 }
 
-fn print_prop(kind: GuestKind, key: &str, values: &BTreeMap<String, String>) -> String {
+fn print_prop(kind: PveKind, key: &str, values: &BTreeMap<String, String>) -> String {
     match config_format(kind, key) {
         Some(format) => schema().print_property_string(format, values),
         None => values.get("").cloned().unwrap_or_default(),
@@ -411,7 +411,7 @@ pub(crate) fn volume_storage(volume: &str) -> Option<&str> {
 
 /// An LXC mount point as Proxmox stores it, allocating a new disk for `STORAGE:SIZE`.
 fn lxc_mountpoint(c: &GuestConf, vmid: u32, key: &str, value: &str) -> Result<String, ApiError> {
-    let mut m = parse_prop(GuestKind::Lxc, key, value)?;
+    let mut m = parse_prop(PveKind::Lxc, key, value)?;
     let volume = m.get("volume").cloned().unwrap_or_default();
     if let Some((storage, size)) = new_disk(&volume) {
         let Some(storage) = storage else {
@@ -432,23 +432,23 @@ fn lxc_mountpoint(c: &GuestConf, vmid: u32, key: &str, value: &str) -> Result<St
     if key == "rootfs" {
         m.remove("mp");
     }
-    Ok(print_prop(GuestKind::Lxc, key, &m))
+    Ok(print_prop(PveKind::Lxc, key, &m))
 }
 
 /// `parse_lxc_network` + `print_lxc_network`: `type=veth` and a MAC address added.
 pub(crate) fn lxc_net(seed: u64, vmid: u32, key: &str, value: &str) -> Result<String, ApiError> {
-    let mut m = parse_prop(GuestKind::Lxc, key, value)?;
+    let mut m = parse_prop(PveKind::Lxc, key, value)?;
     m.insert("type".into(), "veth".into());
     if !m.contains_key("hwaddr") {
         m.insert("hwaddr".into(), store::mac_from(seed, vmid, key, value));
     }
-    Ok(print_prop(GuestKind::Lxc, key, &m))
+    Ok(print_prop(PveKind::Lxc, key, &m))
 }
 
 /// qemu-server `parse_net` + `print_net`: `MODEL=MAC` first (MAC generated when missing),
 /// then the other options sorted.
 pub(crate) fn qemu_net(seed: u64, vmid: u32, key: &str, value: &str) -> Result<String, ApiError> {
-    let mut m = parse_prop(GuestKind::Qemu, key, value)?;
+    let mut m = parse_prop(PveKind::Qemu, key, value)?;
     let Some(model) = m.remove("model") else {
         return Err(ApiError::die(format!("unable to parse network options for '{key}'")));
     };
@@ -473,7 +473,7 @@ fn is_cdrom(value: &str) -> bool {
 
 /// A QEMU drive as qemu-server stores it (`print_drive`), allocating `STORAGE:SIZE`.
 fn qemu_drive(c: &GuestConf, vmid: u32, key: &str, value: &str) -> Result<String, ApiError> {
-    let mut m = parse_prop(GuestKind::Qemu, key, value)?;
+    let mut m = parse_prop(PveKind::Qemu, key, value)?;
     let file = m.get("file").cloned().unwrap_or_default();
     if let Some((storage, size)) = new_disk(&file) {
         let Some(storage) = storage else {
@@ -495,7 +495,7 @@ fn qemu_drive(c: &GuestConf, vmid: u32, key: &str, value: &str) -> Result<String
         m.insert("size".into(), size);
         m.remove("import-from");
     }
-    Ok(print_prop(GuestKind::Qemu, key, &m))
+    Ok(print_prop(PveKind::Qemu, key, &m))
 }
 
 // ---- permissions (API tokens are never root@pam) --------------------------------------------
@@ -518,7 +518,7 @@ pub(crate) fn lxc_check_perm(
                 return Ok(());
             }
             let value = new.get(opt).map(String::as_str).unwrap_or("");
-            let m = parse_prop(GuestKind::Lxc, opt, value)?;
+            let m = parse_prop(PveKind::Lxc, opt, value)?;
             let ty = mountpoint_type(m.get("volume").map(String::as_str).unwrap_or(""));
             if ty != "volume" {
                 return Err(ApiError::perm(&format!(
@@ -537,7 +537,7 @@ pub(crate) fn lxc_check_perm(
             }
             let parse = |v: Option<String>| -> Result<BTreeMap<String, String>, ApiError> {
                 match v {
-                    Some(v) if !v.is_empty() => parse_prop(GuestKind::Lxc, "features", &v),
+                    Some(v) if !v.is_empty() => parse_prop(PveKind::Lxc, "features", &v),
                     _ => Ok(BTreeMap::new()),
                 }
             };
@@ -856,7 +856,7 @@ pub(crate) fn lxc_update(
     }
     for (opt, value) in &changes.set {
         let value = if opt == "rootfs" || numbered(opt, "mp") {
-            let m = parse_prop(GuestKind::Lxc, opt, value)?;
+            let m = parse_prop(PveKind::Lxc, opt, value)?;
             if let Some(storage) = m.get("volume").and_then(|v| volume_storage(v))
                 && mountpoint_type(m.get("volume").map(String::as_str).unwrap_or("")) == "volume"
                 && !storage_holds_disks(storage)
@@ -875,12 +875,12 @@ pub(crate) fn lxc_update(
         } else if opt == "tags" {
             unique_tags(value)
         } else if numbered(opt, "net") {
-            parse_prop(GuestKind::Lxc, opt, value)?;
+            parse_prop(PveKind::Lxc, opt, value)?;
             value.clone()
         } else {
             value.clone()
         };
-        sset(&mut c.pending, GuestKind::Lxc, opt, &value);
+        sset(&mut c.pending, PveKind::Lxc, opt, &value);
         pd_remove(c, opt);
     }
     cleanup_pending(c);
@@ -1049,7 +1049,7 @@ pub(crate) fn qemu_update(
         } else {
             value.clone()
         };
-        sset(&mut c.pending, GuestKind::Qemu, opt, &value);
+        sset(&mut c.pending, PveKind::Qemu, opt, &value);
         pd_remove(c, opt);
     }
     cleanup_pending(c);
@@ -1121,7 +1121,7 @@ pub(crate) fn apply_all_pending(c: &mut GuestConf, vmid: u32, seed: u64) -> Resu
         return Ok(());
     }
     match c.kind {
-        GuestKind::Lxc => {
+        PveKind::Lxc => {
             let mut errors = BTreeMap::new();
             lxc_apply_pending(c, vmid, seed, &mut errors);
             match errors.into_iter().next() {
@@ -1129,7 +1129,7 @@ pub(crate) fn apply_all_pending(c: &mut GuestConf, vmid: u32, seed: u64) -> Resu
                 None => Ok(()),
             }
         }
-        GuestKind::Qemu => {
+        PveKind::Qemu => {
             qemu_apply_pending(c);
             Ok(())
         }
@@ -1234,7 +1234,7 @@ pub(crate) fn lxc_create_prepare(
         }
     };
     for (opt, value) in &mp_param {
-        let m = parse_prop(GuestKind::Lxc, opt, value)?;
+        let m = parse_prop(PveKind::Lxc, opt, value)?;
         let volume = m.get("volume").cloned().unwrap_or_default();
         if mountpoint_type(&volume) != "volume" {
             if authid != "root@pam" {
@@ -1248,7 +1248,7 @@ pub(crate) fn lxc_create_prepare(
         check_storage(storage)?;
         mp_param.insert("rootfs".into(), format!("{storage}:4"));
     }
-    let mut c = GuestConf::new(GuestKind::Lxc);
+    let mut c = GuestConf::new(PveKind::Lxc);
     let changes = Changes {
         set: no_disk,
         ..Changes::default()
@@ -1301,7 +1301,7 @@ pub(crate) fn qemu_create_conf(
     seed: u64,
     now: u64,
 ) -> Result<GuestConf, ApiError> {
-    let mut c = GuestConf::new(GuestKind::Qemu);
+    let mut c = GuestConf::new(PveKind::Qemu);
     for (opt, value) in params {
         let opt = if opt == "cdrom" { "ide2" } else { opt.as_str() };
         let value = if is_qemu_drive(opt) {
@@ -1313,7 +1313,7 @@ pub(crate) fn qemu_create_conf(
         } else {
             value.clone()
         };
-        sset(&mut c.current, GuestKind::Qemu, opt, &value);
+        sset(&mut c.current, PveKind::Qemu, opt, &value);
     }
     if !c.options.contains_key("boot") {
         let order = default_boot_order(&c.current);
@@ -1362,8 +1362,8 @@ fn default_boot_order(s: &Section) -> Vec<String> {
 
 /// A config value typed as Perl's JSON encoder sends it: integers and booleans (normalised
 /// by `check_type` on parse) are numbers, everything else strings.
-pub(crate) fn typed(kind: GuestKind, key: &str, value: &str) -> Value {
-    let lookup = if kind == GuestKind::Qemu && key == "cdrom" {
+pub(crate) fn typed(kind: PveKind, key: &str, value: &str) -> Value {
+    let lookup = if kind == PveKind::Qemu && key == "cdrom" {
         "ide2"
     } else {
         key
@@ -1404,7 +1404,7 @@ pub(crate) fn api_config(c: &GuestConf, digest: &str, current_only: bool) -> Val
             out.insert(key.clone(), typed(c.kind, &key, &v));
         }
     }
-    if c.kind == GuestKind::Lxc && !s.raw_lxc.is_empty() {
+    if c.kind == PveKind::Lxc && !s.raw_lxc.is_empty() {
         let pairs: Vec<Value> = s
             .raw_lxc
             .iter()
@@ -1491,7 +1491,7 @@ mod tests {
         );
         let kept = qemu_net(1, 200, "net0", "virtio=BC:24:11:00:00:01,bridge=vmbr0").unwrap();
         assert_eq!(kept, "virtio=BC:24:11:00:00:01,bridge=vmbr0");
-        let c = GuestConf::new(GuestKind::Qemu);
+        let c = GuestConf::new(PveKind::Qemu);
         let d = qemu_drive(&c, 200, "scsi0", "local-lvm:32,iothread=1,discard=on").unwrap();
         assert_eq!(d, "local-lvm:vm-200-disk-0,discard=on,iothread=1,size=32G");
         assert_eq!(
@@ -1524,7 +1524,7 @@ mod tests {
 
     #[test]
     fn running_container_keeps_non_hotplug_changes_pending() {
-        let mut c = conf::parse("cores: 1\nhostname: a\nmemory: 512\nostype: debian\n", GuestKind::Lxc).unwrap();
+        let mut c = conf::parse("cores: 1\nhostname: a\nmemory: 512\nostype: debian\n", PveKind::Lxc).unwrap();
         let changes = Changes {
             set: BTreeMap::from([
                 ("cores".to_string(), "2".to_string()),

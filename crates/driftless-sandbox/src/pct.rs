@@ -14,7 +14,7 @@ use crate::SandboxError;
 use crate::guest::{self, ApiError, Changes};
 use crate::store::Store;
 use driftless::pve::api_schema::ApiSchema;
-use driftless::pve::conf::{GuestKind, encode_text};
+use driftless::pve::conf::{PveKind, encode_text};
 
 const SET_USAGE: &str = "pct set <vmid> [OPTIONS]";
 
@@ -104,12 +104,12 @@ fn parse_args(args: &[String], usage: &str) -> Result<(u32, BTreeMap<String, Str
 
 fn locate(store: &Store, vmid: u32) -> Result<String, ApiError> {
     match store.find(vmid) {
-        Some((node, GuestKind::Lxc)) => Ok(node),
+        Some((node, PveKind::Lxc)) => Ok(node),
         _ => {
             let node = store.nodes.first().cloned().unwrap_or_else(|| "pve".into());
             Err(ApiError::die(format!(
                 "Configuration file '{}' does not exist",
-                Store::cfs_path(&node, GuestKind::Lxc, vmid)
+                Store::cfs_path(&node, PveKind::Lxc, vmid)
             )))
         }
     }
@@ -134,7 +134,7 @@ fn set(store: &Store, args: &[String]) -> Result<String, SandboxError> {
     let delete = guest::split_list(&opts.remove("delete").unwrap_or_default());
     let revert = guest::split_list(&opts.remove("revert").unwrap_or_default());
     for opt in delete.iter().chain(revert.iter()) {
-        if !guest::option_exists(GuestKind::Lxc, opt) {
+        if !guest::option_exists(PveKind::Lxc, opt) {
             let which = if delete.contains(opt) { "delete" } else { "revert" };
             return Err(fail(
                 ApiError::param(which, format!("unknown option '{opt}'")),
@@ -143,10 +143,10 @@ fn set(store: &Store, args: &[String]) -> Result<String, SandboxError> {
         }
     }
     let loaded = store
-        .load(&node, GuestKind::Lxc, vmid)
+        .load(&node, PveKind::Lxc, vmid)
         .map_err(|e| fail(e.into(), SET_USAGE))?
         .ok_or_else(|| {
-            let path = Store::cfs_path(&node, GuestKind::Lxc, vmid);
+            let path = Store::cfs_path(&node, PveKind::Lxc, vmid);
             fail(
                 ApiError::die(format!("Configuration file '{path}' does not exist")),
                 SET_USAGE,
@@ -170,7 +170,7 @@ fn set(store: &Store, args: &[String]) -> Result<String, SandboxError> {
     };
     guest::lxc_update(&mut conf, vmid, running, &changes, store.read_seed()).map_err(|e| fail(e, SET_USAGE))?;
     store
-        .write(&node, GuestKind::Lxc, vmid, &conf)
+        .write(&node, PveKind::Lxc, vmid, &conf)
         .map_err(|e| fail(e.into(), SET_USAGE))?;
     Ok(String::new())
 }
@@ -185,7 +185,7 @@ fn config(store: &Store, args: &[String]) -> Result<String, SandboxError> {
     }
     let node = locate(store, vmid).map_err(|e| fail(e, usage))?;
     let loaded = store
-        .load(&node, GuestKind::Lxc, vmid)
+        .load(&node, PveKind::Lxc, vmid)
         .map_err(|e| fail(e.into(), usage))?
         .ok_or_else(|| fail(ApiError::die("configuration file vanished"), usage))?;
     let current = opts.get("current").map(String::as_str) == Some("1");
@@ -205,7 +205,7 @@ fn config(store: &Store, args: &[String]) -> Result<String, SandboxError> {
 /// `pct list`: the containers of the node, as pct prints them.
 fn list(store: &Store) -> String {
     let mut out = format!("{:<10} {:<10} {:<12} {:<20}\n", "VMID", "Status", "Lock", "Name");
-    for g in store.list().into_iter().filter(|g| g.kind == GuestKind::Lxc) {
+    for g in store.list().into_iter().filter(|g| g.kind == PveKind::Lxc) {
         let status = if store.is_running(g.vmid) { "running" } else { "stopped" };
         let lock = g.conf.options.get("lock").cloned().unwrap_or_default();
         let name = g.conf.options.get("hostname").cloned().unwrap_or_default();

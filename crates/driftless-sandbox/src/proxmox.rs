@@ -59,7 +59,7 @@ use crate::store::{self, Loaded, Store};
 use crate::tls::SelfSigned;
 use crate::{Knobs, SandboxError};
 use driftless::pve::api_schema::{ApiSchema, json_params_to_strings};
-use driftless::pve::conf::{GuestConf, GuestKind};
+use driftless::pve::conf::{GuestConf, PveKind};
 
 /// Proxmox's limit on a form body (`$limit_max_post`).
 const MAX_POST: usize = 64 * 1024;
@@ -557,11 +557,11 @@ impl Req {
         self.p("vmid").and_then(|v| v.parse().ok()).unwrap_or(0)
     }
 
-    fn kind(&self) -> GuestKind {
+    fn kind(&self) -> PveKind {
         if self.template.starts_with("/nodes/{node}/lxc") {
-            GuestKind::Lxc
+            PveKind::Lxc
         } else {
-            GuestKind::Qemu
+            PveKind::Qemu
         }
     }
 
@@ -570,14 +570,14 @@ impl Req {
     }
 }
 
-fn config_missing(node: &str, kind: GuestKind, vmid: u32) -> ApiError {
+fn config_missing(node: &str, kind: PveKind, vmid: u32) -> ApiError {
     ApiError::die(format!(
         "Configuration file '{}' does not exist",
         Store::cfs_path(node, kind, vmid)
     ))
 }
 
-fn check_lock(kind: GuestKind, conf: &GuestConf) -> Result<(), ApiError> {
+fn check_lock(kind: PveKind, conf: &GuestConf) -> Result<(), ApiError> {
     match conf.options.get("lock") {
         Some(l) => Err(ApiError::die(format!("{} is locked ({l})", type_str(kind)))),
         None => Ok(()),
@@ -645,7 +645,7 @@ impl Shared {
         }
     }
 
-    fn load(&self, node: &str, kind: GuestKind, vmid: u32) -> Result<Loaded, ApiError> {
+    fn load(&self, node: &str, kind: PveKind, vmid: u32) -> Result<Loaded, ApiError> {
         self.store
             .load(node, kind, vmid)?
             .ok_or_else(|| config_missing(node, kind, vmid))
@@ -656,7 +656,7 @@ impl Shared {
         let existing = self
             .store
             .find(vmid)
-            .or_else(|| lock(&self.creating).get(&vmid).map(|n| (n.clone(), GuestKind::Qemu)));
+            .or_else(|| lock(&self.creating).get(&vmid).map(|n| (n.clone(), PveKind::Qemu)));
         match existing {
             Some((node, kind)) => Err(ApiError::die(format!(
                 "{} {vmid} already exists on node '{node}'",
@@ -918,7 +918,7 @@ impl Shared {
         let uptime = self.store.uptime(g.vmid, now());
         let running = uptime.is_some();
         let (name, maxmem, cpus, maxdisk) = match g.kind {
-            GuestKind::Lxc => {
+            PveKind::Lxc => {
                 let disk = c
                     .options
                     .get("rootfs")
@@ -942,7 +942,7 @@ impl Shared {
                     disk,
                 )
             }
-            GuestKind::Qemu => {
+            PveKind::Qemu => {
                 let disk = c
                     .options
                     .iter()
@@ -986,7 +986,7 @@ impl Shared {
         for k in ["netin", "netout", "diskread", "diskwrite"] {
             m.insert(k.into(), json!(0));
         }
-        if g.kind == GuestKind::Lxc {
+        if g.kind == PveKind::Lxc {
             let swap = num_opt(c, "swap").unwrap_or(512) << 20;
             m.insert("maxswap".into(), json!(swap));
             m.insert("swap".into(), json!(0));
@@ -1003,7 +1003,7 @@ impl Shared {
         m
     }
 
-    fn vmlist(&self, node: &str, kind: GuestKind, perms: &Perms) -> Value {
+    fn vmlist(&self, node: &str, kind: PveKind, perms: &Perms) -> Value {
         let items: Vec<Value> = self
             .store
             .list()
@@ -1012,7 +1012,7 @@ impl Shared {
             .filter(|g| perms.has(&format!("/vms/{}", g.vmid), "VM.Audit"))
             .map(|g| {
                 let mut m = self.guest_summary(g);
-                if kind == GuestKind::Lxc {
+                if kind == PveKind::Lxc {
                     m.insert("type".into(), json!("lxc"));
                 }
                 Value::Object(m)
@@ -1030,8 +1030,8 @@ impl Shared {
                 }
                 let mut m = self.guest_summary(&g);
                 let kind = match g.kind {
-                    GuestKind::Lxc => "lxc",
-                    GuestKind::Qemu => "qemu",
+                    PveKind::Lxc => "lxc",
+                    PveKind::Qemu => "qemu",
                 };
                 let cpus = m.remove("cpus").unwrap_or(json!(1));
                 m.remove("maxswap");
@@ -1178,9 +1178,9 @@ impl Shared {
             }
         }
         // create_and_lock_config: the id is taken at once.
-        let mut placeholder = GuestConf::new(GuestKind::Lxc);
+        let mut placeholder = GuestConf::new(PveKind::Lxc);
         placeholder.options.insert("lock".into(), "create".into());
-        self.store.write(&node, GuestKind::Lxc, vmid, &placeholder)?;
+        self.store.write(&node, PveKind::Lxc, vmid, &placeholder)?;
         drop(io);
 
         let task_node = node.clone();
@@ -1191,14 +1191,14 @@ impl Shared {
             &r.authid,
             move |sh| {
                 let result = guest::lxc_create_finish(conf, &mp_param, vmid, &ostemplate).and_then(|c| {
-                    sh.store.write(&task_node, GuestKind::Lxc, vmid, &c)?;
+                    sh.store.write(&task_node, PveKind::Lxc, vmid, &c)?;
                     if start {
                         sh.store.set_running(vmid, true, now())?;
                     }
                     Ok(())
                 });
                 if result.is_err() {
-                    let _ = sh.store.remove(&task_node, GuestKind::Lxc, vmid);
+                    let _ = sh.store.remove(&task_node, PveKind::Lxc, vmid);
                 }
                 result
             },
@@ -1216,7 +1216,7 @@ impl Shared {
         let params: BTreeMap<String, String> = r
             .params
             .iter()
-            .filter(|(k, _)| k.as_str() == "cdrom" || guest::option_exists(GuestKind::Qemu, k))
+            .filter(|(k, _)| k.as_str() == "cdrom" || guest::option_exists(PveKind::Qemu, k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let keys: Vec<String> = params.keys().cloned().collect();
@@ -1251,7 +1251,7 @@ impl Shared {
             move |sh| {
                 lock(&sh.creating).remove(&vmid);
                 let c = guest::qemu_create_conf(vmid, &params, seed, now())?;
-                sh.store.write(&task_node, GuestKind::Qemu, vmid, &c)?;
+                sh.store.write(&task_node, PveKind::Qemu, vmid, &c)?;
                 if start {
                     sh.store.set_running(vmid, true, now())?;
                 }
@@ -1272,27 +1272,23 @@ impl Shared {
                 type_str(kind)
             )));
         }
-        if !(kind == GuestKind::Qemu && r.flag("skiplock")) {
+        if !(kind == PveKind::Qemu && r.flag("skiplock")) {
             check_lock(kind, &g.conf)?;
         }
         let running = self.store.is_running(vmid);
         match kind {
-            GuestKind::Lxc if running && !force => {
+            PveKind::Lxc if running && !force => {
                 return Err(ApiError::die(format!(
                     "unable to destroy CT {vmid} - container is running"
                 )));
             }
-            GuestKind::Qemu if running => {
+            PveKind::Qemu if running => {
                 return Err(ApiError::die(format!("VM {vmid} is running - destroy failed")));
             }
             _ => {}
         }
         drop(io);
-        let task = if kind == GuestKind::Lxc {
-            "vzdestroy"
-        } else {
-            "qmdestroy"
-        };
+        let task = if kind == PveKind::Lxc { "vzdestroy" } else { "qmdestroy" };
         let task_node = node.clone();
         Ok(Value::String(self.spawn_task(
             &node,
@@ -1344,7 +1340,7 @@ impl Shared {
     }
 
     /// Someone else edits the file between the client's read and its write (the knob).
-    fn external_edit(&self, node: &str, kind: GuestKind, vmid: u32) -> Result<(), ApiError> {
+    fn external_edit(&self, node: &str, kind: PveKind, vmid: u32) -> Result<(), ApiError> {
         if let Some(mut g) = self.store.load(node, kind, vmid)? {
             let mut text = g.conf.description.trim_end().to_string();
             if !text.is_empty() {
@@ -1365,7 +1361,7 @@ impl Shared {
         p.remove("vmid");
         let digest = p.remove("digest");
         let skiplock = p.remove("skiplock").as_deref() == Some("1");
-        if kind == GuestKind::Qemu {
+        if kind == PveKind::Qemu {
             p.remove("background_delay");
             p.remove("force");
         }
@@ -1386,7 +1382,7 @@ impl Shared {
         let mut conf = g.conf;
         let digest_ok = digest.as_deref().is_none_or(|d| d.is_empty() || d == g.digest);
         match kind {
-            GuestKind::Lxc => {
+            PveKind::Lxc => {
                 check_lock(kind, &conf)?;
                 if !digest_ok {
                     return Err(ApiError::die(
@@ -1428,7 +1424,7 @@ impl Shared {
                 let removed: Vec<String> = delete.iter().chain(revert.iter()).cloned().collect();
                 guest::lxc_check_privs(&self.perms(&r.authid), vmid, Some(&conf.current), &p, &removed)?;
             }
-            GuestKind::Qemu => {
+            PveKind::Qemu => {
                 for opt in &delete {
                     let o = if opt == "cdrom" { "ide2" } else { opt.as_str() };
                     if !guest::option_exists(kind, o) {
@@ -1455,8 +1451,8 @@ impl Shared {
         let running = self.store.is_running(vmid);
         let changes = Changes { set: p, delete, revert };
         match kind {
-            GuestKind::Lxc => guest::lxc_update(&mut conf, vmid, running, &changes, self.seed)?,
-            GuestKind::Qemu => guest::qemu_update(&mut conf, vmid, running, &changes, self.seed)?,
+            PveKind::Lxc => guest::lxc_update(&mut conf, vmid, running, &changes, self.seed)?,
+            PveKind::Qemu => guest::qemu_update(&mut conf, vmid, running, &changes, self.seed)?,
         }
         self.store.write(&node, kind, vmid, &conf)?;
         drop(io);
@@ -1479,10 +1475,10 @@ impl Shared {
         let mut m = self.guest_summary(&g);
         m.insert("ha".into(), json!({"managed": 0}));
         match g.kind {
-            GuestKind::Lxc => {
+            PveKind::Lxc => {
                 m.insert("type".into(), json!("lxc"));
             }
-            GuestKind::Qemu => {
+            PveKind::Qemu => {
                 let status = m.get("status").cloned().unwrap_or(json!("stopped"));
                 m.insert("qmpstatus".into(), status);
                 let agent = g
@@ -1510,7 +1506,7 @@ impl Shared {
         let t = type_str(kind);
         match (kind, action) {
             (_, "start") if running => return Err(ApiError::die(format!("{t} {vmid} already running"))),
-            (GuestKind::Lxc, "stop" | "shutdown") if !running => {
+            (PveKind::Lxc, "stop" | "shutdown") if !running => {
                 return Err(ApiError::die(format!("CT {vmid} not running")));
             }
             // pve-container says "VM" here too.
@@ -1518,7 +1514,7 @@ impl Shared {
             _ => {}
         }
         drop(io);
-        let prefix = if kind == GuestKind::Lxc { "vz" } else { "qm" };
+        let prefix = if kind == PveKind::Lxc { "vz" } else { "qm" };
         let action = action.to_string();
         let task_node = node.clone();
         Ok(Value::String(self.spawn_task(
@@ -1529,13 +1525,13 @@ impl Shared {
             move |sh| {
                 let g = sh.load(&task_node, kind, vmid)?;
                 let mut conf = g.conf;
-                if !(action == "stop" && kind == GuestKind::Qemu) {
+                if !(action == "stop" && kind == PveKind::Qemu) {
                     check_lock(kind, &conf)?;
                 }
                 if action == "start" && conf.options.get("template").map(String::as_str) == Some("1") {
                     return Err(ApiError::die(match kind {
-                        GuestKind::Lxc => "you can't start a CT if it's a template",
-                        GuestKind::Qemu => "you can't start a vm if it's a template",
+                        PveKind::Lxc => "you can't start a CT if it's a template",
+                        PveKind::Qemu => "you can't start a vm if it's a template",
                     }));
                 }
                 match action.as_str() {

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 
 use crate::SandboxError;
 use crate::guest::{numbered, parse_size};
-use driftless::pve::conf::{self, GuestConf, GuestKind};
+use driftless::pve::conf::{self, GuestConf, PveKind};
 
 /// `splitmix64`: a small, well-mixed hash of a `u64`.
 pub(crate) fn splitmix64(x: u64) -> u64 {
@@ -70,10 +70,10 @@ pub(crate) fn valid_node_name(node: &str) -> bool {
 }
 
 /// The directory under `nodes/<node>/` holding one kind of guest.
-pub(crate) fn kind_dir(kind: GuestKind) -> &'static str {
+pub(crate) fn kind_dir(kind: PveKind) -> &'static str {
     match kind {
-        GuestKind::Lxc => "lxc",
-        GuestKind::Qemu => "qemu-server",
+        PveKind::Lxc => "lxc",
+        PveKind::Qemu => "qemu-server",
     }
 }
 
@@ -81,7 +81,7 @@ pub(crate) fn kind_dir(kind: GuestKind) -> &'static str {
 #[derive(Debug, Clone)]
 pub(crate) struct Loaded {
     pub node: String,
-    pub kind: GuestKind,
+    pub kind: PveKind,
     pub vmid: u32,
     pub digest: String,
     pub conf: GuestConf,
@@ -172,7 +172,7 @@ impl Store {
 
     pub fn init(&self) -> Result<(), SandboxError> {
         for node in &self.nodes {
-            for kind in [GuestKind::Lxc, GuestKind::Qemu] {
+            for kind in [PveKind::Lxc, PveKind::Qemu] {
                 let dir = self.root.join("nodes").join(node).join(kind_dir(kind));
                 std::fs::create_dir_all(&dir).map_err(|e| SandboxError::io(&dir, e))?;
             }
@@ -271,8 +271,8 @@ impl Store {
             for g in self.list().into_iter().filter(|g| g.node == node) {
                 for (key, value) in &g.conf.options {
                     let is_disk = match g.kind {
-                        GuestKind::Lxc => key == "rootfs" || numbered(key, "mp"),
-                        GuestKind::Qemu => {
+                        PveKind::Lxc => key == "rootfs" || numbered(key, "mp"),
+                        PveKind::Qemu => {
                             (["ide", "sata", "scsi", "virtio"].iter().any(|p| numbered(key, p))
                                 || key == "efidisk0"
                                 || key == "tpmstate0")
@@ -293,7 +293,7 @@ impl Store {
                         .unwrap_or(0);
                     out.push(Volume {
                         volid: format!("local-lvm:{name}"),
-                        content: if g.kind == GuestKind::Lxc { "rootdir" } else { "images" },
+                        content: if g.kind == PveKind::Lxc { "rootdir" } else { "images" },
                         format: "raw",
                         size,
                         vmid: Some(g.vmid),
@@ -306,7 +306,7 @@ impl Store {
         out
     }
 
-    pub fn conf_path(&self, node: &str, kind: GuestKind, vmid: u32) -> PathBuf {
+    pub fn conf_path(&self, node: &str, kind: PveKind, vmid: u32) -> PathBuf {
         self.root
             .join("nodes")
             .join(node)
@@ -315,7 +315,7 @@ impl Store {
     }
 
     /// The path as Proxmox names it in messages (`nodes/pve/lxc/100.conf`).
-    pub fn cfs_path(node: &str, kind: GuestKind, vmid: u32) -> String {
+    pub fn cfs_path(node: &str, kind: PveKind, vmid: u32) -> String {
         format!("nodes/{node}/{}/{vmid}.conf", kind_dir(kind))
     }
 
@@ -324,7 +324,7 @@ impl Store {
     }
 
     /// Read and parse a guest config; `None` when the file does not exist.
-    pub fn load(&self, node: &str, kind: GuestKind, vmid: u32) -> std::io::Result<Option<Loaded>> {
+    pub fn load(&self, node: &str, kind: PveKind, vmid: u32) -> std::io::Result<Option<Loaded>> {
         let path = self.conf_path(node, kind, vmid);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -342,11 +342,11 @@ impl Store {
         }))
     }
 
-    pub fn write(&self, node: &str, kind: GuestKind, vmid: u32, conf: &GuestConf) -> std::io::Result<()> {
+    pub fn write(&self, node: &str, kind: PveKind, vmid: u32, conf: &GuestConf) -> std::io::Result<()> {
         atomic_write(&self.conf_path(node, kind, vmid), conf.write().as_bytes())
     }
 
-    pub fn remove(&self, node: &str, kind: GuestKind, vmid: u32) -> std::io::Result<()> {
+    pub fn remove(&self, node: &str, kind: PveKind, vmid: u32) -> std::io::Result<()> {
         match std::fs::remove_file(self.conf_path(node, kind, vmid)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -354,10 +354,10 @@ impl Store {
     }
 
     /// Every guest config file: (node, kind, vmid), sorted by vmid.
-    pub fn guest_ids(&self) -> Vec<(String, GuestKind, u32)> {
+    pub fn guest_ids(&self) -> Vec<(String, PveKind, u32)> {
         let mut out = Vec::new();
         for node in &self.nodes {
-            for kind in [GuestKind::Lxc, GuestKind::Qemu] {
+            for kind in [PveKind::Lxc, PveKind::Qemu] {
                 let dir = self.root.join("nodes").join(node).join(kind_dir(kind));
                 let Ok(entries) = std::fs::read_dir(&dir) else {
                     continue;
@@ -378,9 +378,9 @@ impl Store {
     }
 
     /// Where a vmid lives (vmids are unique in the cluster).
-    pub fn find(&self, vmid: u32) -> Option<(String, GuestKind)> {
+    pub fn find(&self, vmid: u32) -> Option<(String, PveKind)> {
         for node in &self.nodes {
-            for kind in [GuestKind::Lxc, GuestKind::Qemu] {
+            for kind in [PveKind::Lxc, PveKind::Qemu] {
                 if self.conf_path(node, kind, vmid).is_file() {
                     return Some((node.clone(), kind));
                 }
