@@ -1249,7 +1249,7 @@ mod tests {
         assert!(s.config_property(PveKind::Lxc, "net7").is_some());
         assert!(s.config_property(PveKind::Qemu, "scsi3").is_some());
         assert!(s.endpoints.get().is_none(), "checking config keys built the endpoints");
-        assert_eq!(s.endpoints().len(), 27);
+        assert_eq!(s.endpoints().len(), 32);
         // from_json checks the endpoints at once: a bad one is an error there, not a panic later.
         let bad = r#"{"endpoints": [{"method": "GET", "path": "/x", "parameters": 5}]}"#;
         assert!(ApiSchema::from_json(bad).is_err());
