@@ -769,22 +769,20 @@ impl ApiSchema {
     }
 
     fn pattern_matches(&self, pattern: &str, value: &str) -> bool {
-        let cached = self
-            .patterns
-            .read()
+        // An untranslatable Perl construct is not checked. The regex is used where it is
+        // stored, never cloned: a clone starts with an empty match cache, costlier than
+        // the match itself.
+        let check = |re: &Option<Regex>| re.as_ref().is_none_or(|re| re.is_match(value));
+        if let Some(re) = self.patterns.read().unwrap_or_else(|e| e.into_inner()).get(pattern) {
+            return check(re);
+        }
+        let re = compile_perl_pattern(pattern);
+        let matched = check(&re);
+        self.patterns
+            .write()
             .unwrap_or_else(|e| e.into_inner())
-            .get(pattern)
-            .cloned();
-        let re = cached.unwrap_or_else(|| {
-            let re = compile_perl_pattern(pattern);
-            self.patterns
-                .write()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(pattern.to_string(), re.clone());
-            re
-        });
-        // An untranslatable Perl construct is not checked.
-        re.is_none_or(|re| re.is_match(value))
+            .insert(pattern.to_string(), re);
+        matched
     }
 
     fn check_named_format(&self, name: &str, value: &str, path: &str) -> Result<(), String> {
