@@ -38,6 +38,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use crate::adapters::known_hosts::{KnownHosts, Presented, Verdict};
 use crate::adapters::shell_quote::{command_line, has_nul};
 use crate::ports::{CommandOutput, HostShell, ShellError, append_capped};
+use crate::pve::conf::sha256_hex;
 
 /// Where and how to reach the Proxmox host serving one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -161,6 +162,22 @@ const CHANGED_STATUS: u32 = 79;
 /// connection dropped, the client was killed): the file is left as it was.
 const INCOMPLETE_STATUS: u32 = 74;
 
+/// Checks that stdin, saved in `$t`, is `$len` bytes with SHA-256 `$sum`, else exits 74
+/// naming `$dest`: a write cut short (connection dropped, client killed) must never replace
+/// a file with half of it. A macro so that `concat!` puts the one check into every write
+/// script (this one, and the node scripts of `cluster::node_access`).
+macro_rules! check_arrived {
+    () => {
+        r#"got=$(wc -c < "$t") || exit 71
+got_sum=$(sha256sum < "$t") || exit 71
+if [ "$got" -ne "$len" ] || [ "${got_sum%% *}" != "$sum" ]; then
+  printf 'received %s of %s bytes: %s left as it was\n' "$got" "$len" "$dest" >&2; exit 74
+fi
+"#
+    };
+}
+pub(crate) use check_arrived;
+
 /// Replace `$1` with stdin only if the SHA-1 of `$1` is `$2` (an absent file counts as the
 /// empty string), and only when what arrived is `$3` bytes with SHA-256 `$4`: a write cut
 /// short never replaces the file (an empty or truncated container config is a guest lost).
@@ -168,40 +185,38 @@ const INCOMPLETE_STATUS: u32 = 74;
 /// (a rename). pmxcfs accepts this: its chmod allows the mode the file already has, and
 /// rename within a directory is how Proxmox itself replaces files. A container's config is
 /// edited under Proxmox's own config lock, as `pct set` takes it, when the host has one.
-const WRITE_IF_UNCHANGED: &str = r#"p=$1 want=$2 len=$3 sum=$4
-case $p in
-  */lxc/*.conf) id=${p##*/}; lock=/run/lock/lxc/pve-config-${id%.conf}.lock ;;
+const WRITE_IF_UNCHANGED: &str = concat!(
+    r#"dest=$1 want=$2 len=$3 sum=$4
+case $dest in
+  */lxc/*.conf) id=${dest##*/}; lock=/run/lock/lxc/pve-config-${id%.conf}.lock ;;
   *) lock= ;;
 esac
 if [ -n "$lock" ] && [ -d /run/lock/lxc ]; then
   exec 9>>"$lock" && flock -w 30 9 || { printf 'cannot take %s\n' "$lock" >&2; exit 75; }
 fi
-if [ -e "$p" ]; then
-  cur=$(sha1sum < "$p") || exit 70
+if [ -e "$dest" ]; then
+  cur=$(sha1sum < "$dest") || exit 70
   cur=${cur%% *}
 else
   cur=
 fi
 if [ "$cur" != "$want" ]; then
-  printf 'sha1 of %s is %s\n' "$p" "${cur:-absent}" >&2
+  printf 'sha1 of %s is %s\n' "$dest" "${cur:-absent}" >&2
   exit 79
 fi
-tmp=$p.driftless.$$
-trap 'rm -f -- "$tmp"' EXIT
+t=$dest.driftless.$$
+trap 'rm -f -- "$t"' EXIT
 trap 'exit 1' HUP INT TERM
-cat > "$tmp" || exit 71
-got=$(wc -c < "$tmp") || exit 71
-got_sum=$(sha256sum < "$tmp") || exit 71
-if [ "$got" -ne "$len" ] || [ "${got_sum%% *}" != "$sum" ]; then
-  printf 'received %s of %s bytes: %s left as it was\n' "$got" "$len" "$p" >&2
-  exit 74
-fi
-if [ -e "$p" ]; then chmod --reference="$p" -- "$tmp" || exit 72; fi
-sync -- "$tmp" 2>/dev/null
-mv -f -- "$tmp" "$p" || exit 73
-sync -- "${p%/*}" 2>/dev/null
+cat > "$t" || exit 71
+"#,
+    check_arrived!(),
+    r#"if [ -e "$dest" ]; then chmod --reference="$dest" -- "$t" || exit 72; fi
+sync -- "$t" 2>/dev/null
+mv -f -- "$t" "$dest" || exit 73
+sync -- "${dest%/*}" 2>/dev/null
 exit 0
-"#;
+"#
+);
 
 impl SshHostShell {
     /// One target per Proxmox node name. Nothing connects until the first command.
@@ -631,12 +646,6 @@ impl HostShell for SshHostShell {
             }),
         }
     }
-}
-
-/// The SHA-256 of `bytes` in hex, as `sha256sum` prints it: what a remote write checks.
-pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::{Digest, Sha256};
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use super::node_access::{run_checked, script_argv};
 use crate::ports::{NodeShell, ShellError};
@@ -93,9 +92,7 @@ pub fn service(role: &str) -> &'static str {
     if role == "server" { "k3s" } else { "k3s-agent" }
 }
 
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
-}
+pub use crate::pve::conf::sha256_hex;
 
 pub async fn observe<N: NodeShell>(node: &N, desired_config_sha: &str) -> Result<K3sObserved, ShellError> {
     let argv = script_argv(OBSERVE_SCRIPT, &[node.path(CONFIG_PATH), node.path(TOKEN_PATH)]);

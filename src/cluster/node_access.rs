@@ -5,21 +5,9 @@
 //! argv word quoted by the host shell: never spliced into shell syntax. File contents travel
 //! on stdin, so a token written to a node is in no command line and no process listing.
 
-use crate::adapters::ssh::{SshHostShell, sha256_hex};
+use crate::adapters::ssh::{SshHostShell, check_arrived};
 use crate::ports::{CommandOutput, HostShell, NodeShell, ShellError};
-
-/// Checks that stdin, saved in `$t`, is `$len` bytes with SHA-256 `$sum`: a write cut short
-/// (connection dropped, client killed) must not replace the file with half of it. A macro so
-/// that `concat!` can put it into both scripts.
-macro_rules! check_arrived {
-    () => {
-        r#"got=$(wc -c < "$t"); got_sum=$(sha256sum < "$t")
-if [ "$got" -ne "$len" ] || [ "${got_sum%% *}" != "$sum" ]; then
-  printf 'received %s of %s bytes: %s left as it was\n' "$got" "$len" "$dest" >&2; exit 74
-fi
-"#
-    };
-}
+use crate::pve::conf::sha256_hex;
 
 /// Replaces `$dest` in the container from stdin: a temporary file on the host, checked, `pct
 /// push` to a temporary name unique to this process beside the destination with the mode and

@@ -11,7 +11,6 @@ use crate::plan::Plan;
 use crate::plan::display::{self, Wording};
 use crate::plan::markdown as md;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::fmt::Write;
 
 /// What kind of run produced a report.
@@ -291,11 +290,10 @@ pub fn report_paths(git_ref: &str) -> (String, String) {
         changed = true;
     }
     if changed {
-        let hash = Sha256::digest(git_ref.as_bytes());
-        let hex: String = hash[..4].iter().map(|b| format!("{b:02x}")).collect();
+        let hash = crate::pve::conf::sha256_hex(git_ref.as_bytes());
         let last = parts.last_mut().expect("at least one component");
         last.push('-');
-        last.push_str(&hex);
+        last.push_str(&hash[..8]);
     }
     let base = format!("status/{}", parts.join("/"));
     (format!("{base}.md"), format!("{base}.json"))

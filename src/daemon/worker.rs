@@ -403,12 +403,8 @@ struct QueuedReport {
 }
 
 fn queue_report(queue: &std::path::Path, git_ref: &str, files: &[(String, Vec<u8>)], message: &str) -> Result<()> {
-    use sha2::{Digest, Sha256};
     std::fs::create_dir_all(queue)?;
-    let name: String = Sha256::digest(git_ref.as_bytes())[..8]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
+    let name = &crate::pve::conf::sha256_hex(git_ref.as_bytes())[..16];
     let entry = QueuedReport {
         files: files.to_vec(),
         message: message.to_string(),
@@ -508,12 +504,8 @@ pub fn forge_state(outcome: Outcome) -> CommitState {
 /// is new, across restarts too (the daemon's own memory of the last applied revision is not).
 /// One file per repository URL, as the mirror: another repository's commit would hide nothing.
 pub fn verified_head_path(state_dir: &Path, repository: &str) -> PathBuf {
-    use sha2::{Digest, Sha256};
-    let hash: String = Sha256::digest(repository.as_bytes())[..6]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    state_dir.join(format!("verified-head-{hash}"))
+    let hash = crate::pve::conf::sha256_hex(repository.as_bytes());
+    state_dir.join(format!("verified-head-{}", &hash[..12]))
 }
 
 /// The commits a run's signature check covers, newest first: the head alone (`head` mode, or

@@ -771,6 +771,17 @@ pub fn digest(text: &str) -> String {
     digest_bytes(text.as_bytes())
 }
 
+/// SHA-256 hex of bytes, as `sha256sum` prints it: what a remote write checks what arrived
+/// against, and what names a file by its content.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut out = String::with_capacity(64);
+    for b in Sha256::digest(bytes).iter() {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
 /// SHA-1 hex of raw file bytes.
 pub fn digest_bytes(bytes: &[u8]) -> String {
     let hash = Sha1::digest(bytes);

@@ -74,7 +74,6 @@ impl Mirror {
     /// Open the mirror of `url` under `cache_dir` (`CACHE/<name>-<hash of url>/mirror.git`),
     /// creating an empty bare repository the first time (atomically: made aside, then renamed).
     pub fn open_or_init(url: &str, cache_dir: &Path, auth: GitAuth) -> Result<Mirror, GitError> {
-        use sha2::{Digest, Sha256};
         let last = url.trim_end_matches('/').rsplit(['/', ':']).next().unwrap_or("");
         let last = last.strip_suffix(".git").unwrap_or(last);
         let mut name: String = last
@@ -91,11 +90,8 @@ impl Mirror {
         if name.is_empty() || name.starts_with('.') {
             name.insert(0, 'r');
         }
-        let hash: String = Sha256::digest(url.as_bytes())[..6]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        let dir = cache_dir.join(format!("{name}-{hash}"));
+        let hash = crate::pve::conf::sha256_hex(url.as_bytes());
+        let dir = cache_dir.join(format!("{name}-{}", &hash[..12]));
         let mirror = Mirror {
             url: url.to_string(),
             dir,
