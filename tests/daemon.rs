@@ -763,5 +763,9 @@ fn a_status_report_the_remote_refused_is_pushed_once_it_accepts_again() {
         r["revision"] == first.as_str()
     });
     assert_eq!(r["outcome"], "applied", "{r}");
-    assert!(s.log().contains("queued status report pushed"), "{}", s.log());
+    // The daemon logs the push after it lands: wait for the line rather than race it.
+    wait_until(Duration::from_secs(10), || {
+        s.log().contains("queued status report pushed").then_some(())
+    })
+    .unwrap_or_else(|| panic!("the queued report was pushed by the queue\n{}", s.log()));
 }
