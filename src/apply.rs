@@ -1,7 +1,8 @@
 //! Observe and apply: the effectful half of planning. `observe` reads Proxmox (one listing,
-//! one config read per guest driftless may touch); `apply` runs a plan's steps in order, one
-//! at a time, waits for every task, and stops at the first failure with a report of what was
-//! done and what was not. A digest conflict re-reads and re-plans that guest, never overwrites.
+//! one config read per guest driftless may touch); `apply` runs a plan's steps as plan::schedule
+//! allows (independent steps side by side, up to the parallelism bound), waits for every task,
+//! and after the first failure starts no new step, reporting what was done, what failed and
+//! what was not started. A digest conflict re-reads and re-plans that guest, never overwrites.
 
 use crate::cluster::access::ClusterError;
 use crate::hostshell::{self, HostShellError};

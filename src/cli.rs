@@ -56,6 +56,30 @@ Examples:
       --secrets-dir /etc/driftless/secrets --state-dir /var/lib/driftless
   driftless daemon --config /etc/driftless/daemon.yaml --log-format json";
 
+const DOCTOR_EXAMPLES: &str = "\
+Examples:
+  driftless --repo . doctor                       # before the first apply
+  driftless --repo . doctor --output json         # for scripts: {\"ok\": ..., \"checks\": [...]}
+  driftless --repo . doctor --repository ssh://git@git.example.com/homelab/infra.git \\
+      --git-ssh-key /etc/driftless/secrets/deploy-key \\
+      --git-known-hosts /etc/driftless/secrets/git.known_hosts
+  driftless --repo . doctor --plan-refs 'refs/pull/*/head' --plan-token-file secrets/pve-plan-token
+
+Exit code 0 when no check failed (warnings allowed), 1 otherwise. docs/setup.md walks
+through every check from a fresh Proxmox VE host.";
+
+const IMPORT_EXAMPLES: &str = "\
+Examples:
+  driftless import --out homelab --vmid 100-199 --proxmox-url https://192.168.2.10:8006 \\
+      --proxmox-token-file secrets/pve-token --proxmox-fingerprint AB:CD:...
+  driftless import --out homelab --tag k3s --ssh-host 192.168.2.10 --ssh-known-hosts secrets/pve.known_hosts
+  driftless import --out homelab --name 'talos-*' --distribution talos \\
+      --address talos-cp-1=10.0.0.10/24 --address talos-worker-1=10.0.0.21/24
+  driftless import --vmid 105 --dry-run            # print the files instead of writing them
+
+Then: `driftless --repo homelab validate`, `driftless --repo homelab plan`. Existing files are
+never overwritten (a cluster.yaml that exists gets the skeleton beside it as cluster.yaml.imported).";
+
 const APPLY_EXAMPLES: &str = "\
 Examples:
   driftless --repo . apply
@@ -143,8 +167,8 @@ pub enum Command {
     /// The same read-only pass as plan, worded as a drift report: what differs from git.
     Drift(PlanArgs),
 
-    /// Show the plan, ask for confirmation, and apply it: one step at a time, every Proxmox
-    /// task awaited, every disruptive step followed by a health gate (the node Ready and the
+    /// Show the plan, ask for confirmation, and apply it: independent steps side by side (up to
+    /// --parallelism per Proxmox node; 1 keeps the plan's order), every Proxmox task awaited, every disruptive step followed by a health gate (the node Ready and the
     /// API server's /readyz ok within --gate-timeout), stopping at the first failure with a
     /// report of what was and was not done.
     #[command(after_help = APPLY_EXAMPLES)]
@@ -175,6 +199,136 @@ pub enum Command {
     /// Show a node's final values and the chain of files and ADRs that set them.
     #[command(after_help = EXPLAIN_EXAMPLES)]
     Explain(ExplainArgs),
+
+    /// Check a repository against the real systems before applying it: read-only, one line
+    /// per check (ok, warning, error) and what to do about each.
+    ///
+    /// The API answers and its certificate matches the pin; the token has the privileges the
+    /// current plan needs on each path (creating guests, changing their config, starting
+    /// them) and root-only changes have a host shell; for pull request plans, a read-only
+    /// token is given; every Proxmox node a node file names is online, with the storage (and
+    /// room for the new disks), the bridge and the template or ISO it names; the host shell
+    /// answers with a pinned host key and has `pct`; running VM nodes answer on SSH (K3s) or
+    /// the Talos API; every declared secret is there with mode 0600; and, with --repository,
+    /// the daemon can fetch the repository with its credentials. Nothing is changed anywhere.
+    #[command(after_help = DOCTOR_EXAMPLES)]
+    Doctor(DoctorArgs),
+
+    /// Write node files (and a cluster.yaml skeleton) from guests that exist on a Proxmox.
+    ///
+    /// Each selected guest (by --vmid range, --tag, --name pattern) becomes nodes/NAME.yaml
+    /// with its settings as node values, `adopt: true`, and a comment saying where it came
+    /// from; values every imported guest of a kind shares are lifted into cluster.yaml
+    /// `defaults`. Raw `lxc.*` keys (and snapshots) are read from the config file through the
+    /// host shell when one is given (--ssh-host, or --host-shell local on the host itself).
+    /// What the repository format cannot say (mount points, extra NICs, snapshots) is listed
+    /// in the file as kept unmanaged; what the first plan would change is noted. Then `driftless plan` shows exactly what driftless would change:
+    /// for guests made by hand, ideally nothing but the ownership tag.
+    #[command(after_help = IMPORT_EXAMPLES)]
+    Import(Box<ImportArgs>),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// A read-only API token for pull request plans (a file holding USER@REALM!TOKENID=SECRET):
+    /// checked to read every node's guest and to change nothing.
+    #[arg(
+        long,
+        env = "DRIFTLESS_PLAN_TOKEN_FILE",
+        value_name = "FILE",
+        help_heading = "Daemon"
+    )]
+    pub plan_token_file: Option<PathBuf>,
+    /// The refs the daemon plans (its --plan-refs): with any, a read-only token is expected.
+    #[arg(
+        long = "plan-refs",
+        env = "DRIFTLESS_PLAN_REFS",
+        value_name = "PATTERN",
+        value_delimiter = ',',
+        help_heading = "Daemon"
+    )]
+    pub plan_refs: Vec<String>,
+    /// The daemon's repository (https://, ssh://, file:// or a path): fetched once, into a
+    /// temporary directory, with the credentials below. Not checked without it.
+    #[arg(long, env = "DRIFTLESS_REPOSITORY", value_name = "URL", help_heading = "Daemon")]
+    pub repository: Option<String>,
+    /// The branch the daemon applies.
+    #[arg(long, env = "DRIFTLESS_BRANCH", default_value = "main", help_heading = "Daemon")]
+    pub branch: String,
+    /// SSH key the daemon fetches ssh:// repositories with (its --ssh-key).
+    #[arg(long, env = "DRIFTLESS_GIT_SSH_KEY", value_name = "FILE", help_heading = "Daemon")]
+    pub git_ssh_key: Option<PathBuf>,
+    /// known_hosts the daemon checks the forge's host key with (its --known-hosts).
+    #[arg(
+        long,
+        env = "DRIFTLESS_GIT_KNOWN_HOSTS",
+        value_name = "FILE",
+        help_heading = "Daemon"
+    )]
+    pub git_known_hosts: Option<PathBuf>,
+    /// Token file the daemon fetches https:// repositories with (its --token-file).
+    #[arg(long, env = "DRIFTLESS_GIT_TOKEN_FILE", value_name = "FILE", help_heading = "Daemon")]
+    pub git_token_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+/// `--distribution` of import.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CliDistribution {
+    K3s,
+    Talos,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// Where to write cluster.yaml and nodes/ (created when missing); default: --repo.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    /// Print the files instead of writing them.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Only guests whose vmid is in this range: `100-199`, `105`, `200-`.
+    #[arg(long, value_name = "FROM-TO", help_heading = "Selection")]
+    pub vmid: Option<String>,
+    /// Only guests carrying this tag (repeatable: any of them).
+    #[arg(long = "tag", value_name = "TAG", help_heading = "Selection")]
+    pub tags: Vec<String>,
+    /// Only guests whose name matches this pattern, `*` and `?` (repeatable: any of them).
+    #[arg(long = "name", value_name = "PATTERN", help_heading = "Selection")]
+    pub names: Vec<String>,
+    /// The distribution the guests run.
+    #[arg(long, value_enum, default_value_t = CliDistribution::K3s, help_heading = "Repository")]
+    pub distribution: CliDistribution,
+    /// The K3s or Talos release they run [default: v1.31.4+k3s1, or v1.13.9 for Talos].
+    #[arg(long, value_name = "VERSION", help_heading = "Repository")]
+    pub version: Option<String>,
+    /// Talos: the Kubernetes release [default: v1.34.1].
+    #[arg(long, value_name = "VERSION", help_heading = "Repository")]
+    pub kubernetes_version: Option<String>,
+    /// The cluster's name in cluster.yaml.
+    #[arg(long, default_value = "homelab", help_heading = "Repository")]
+    pub cluster_name: String,
+    /// A node's role instead of the guess from its name (server/agent, controlplane/worker);
+    /// repeatable: `--role db-1=agent`.
+    #[arg(long = "role", value_name = "NODE=ROLE", help_heading = "Repository")]
+    pub roles: Vec<String>,
+    /// A VM node's address (its Proxmox config does not hold it); repeatable:
+    /// `--address talos-cp-1=10.0.0.10/24`.
+    #[arg(long = "address", value_name = "NODE=IP/PREFIX", help_heading = "Repository")]
+    pub addresses: Vec<String>,
+    /// The network's gateway, when no guest names it.
+    #[arg(long, value_name = "IP", help_heading = "Repository")]
+    pub gateway: Option<std::net::IpAddr>,
+    /// The OS template of every imported container (only used to re-create one) instead of a
+    /// guess from its OS type among the host's templates.
+    #[arg(long, value_name = "VOLID", help_heading = "Repository")]
+    pub template: Option<String>,
+    /// The tag that marks guests driftless manages.
+    #[arg(long, default_value = "driftless", help_heading = "Repository")]
+    pub ownership_tag: String,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
 }
 
 #[derive(Debug, Args)]
@@ -548,6 +702,35 @@ pub struct DaemonArgs {
     /// File holding a token for https:// repositories.
     #[arg(long, env = "DRIFTLESS_GIT_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// A read-only Proxmox token (a PVEAuditor role) for pull request plans, in a file as
+    /// USER@REALM!TOKENID=SECRET: a plan of untrusted content never holds the token that writes.
+    #[arg(long, env = "DRIFTLESS_PLAN_TOKEN_FILE", value_name = "FILE")]
+    pub plan_token_file: Option<PathBuf>,
+    /// How long one reconcile or drift check may take before it is stopped [default: 1h].
+    #[arg(long, env = "DRIFTLESS_RUN_TIMEOUT", value_name = "DURATION")]
+    pub run_timeout: Option<String>,
+    /// How long one pull request plan may take before it is stopped [default: 10m].
+    #[arg(long, env = "DRIFTLESS_PLAN_TIMEOUT", value_name = "DURATION")]
+    pub plan_timeout: Option<String>,
+    /// The most memory (address space) one run's worker may use [default: 2GiB].
+    #[arg(long, env = "DRIFTLESS_WORKER_MEMORY", value_name = "SIZE")]
+    pub worker_memory: Option<String>,
+    /// Which commits must be signed when verifying: head (the revision applied) or all (every
+    /// commit new since the last verified one) [default: head].
+    #[arg(long, env = "DRIFTLESS_VERIFY_MODE", value_name = "MODE")]
+    pub verify_mode: Option<String>,
+    /// Apply only commits signed by a key of this allowed-signers file (git's
+    /// gpg.ssh.allowedSignersFile format).
+    #[arg(long, env = "DRIFTLESS_VERIFY_ALLOWED_SIGNERS", value_name = "FILE")]
+    pub verify_allowed_signers: Option<PathBuf>,
+    /// Apply only commits signed by one of these armored OpenPGP public keys (repeatable).
+    #[arg(
+        long = "verify-openpgp-keys",
+        env = "DRIFTLESS_VERIFY_OPENPGP_KEYS",
+        value_name = "FILE",
+        value_delimiter = ','
+    )]
+    pub verify_openpgp_keys: Vec<PathBuf>,
 }
 
 impl DaemonArgs {
@@ -568,6 +751,13 @@ impl DaemonArgs {
             ssh_key: self.ssh_key.clone(),
             known_hosts: self.known_hosts.clone(),
             token_file: self.token_file.clone(),
+            plan_token_file: self.plan_token_file.clone(),
+            run_timeout: self.run_timeout.clone(),
+            plan_timeout: self.plan_timeout.clone(),
+            worker_memory: self.worker_memory.clone(),
+            verify_mode: self.verify_mode.clone(),
+            verify_allowed_signers: self.verify_allowed_signers.clone(),
+            verify_openpgp_keys: self.verify_openpgp_keys.clone(),
         }
     }
 }

@@ -1,10 +1,12 @@
 //! The subcommands: each runs a prefix of the pipeline (source -> load -> render, then one
 //! run through `driftless::reconcile`) and prints.
 
-use crate::cli::{ApplyArgs, Cli, Command, ExplainArgs, OutputFormat, PlanArgs, RenderArgs};
+use crate::cli::{
+    ApplyArgs, Cli, CliDistribution, Command, DoctorArgs, ExplainArgs, ImportArgs, OutputFormat, PlanArgs, RenderArgs,
+};
 use anyhow::{Context, Result, bail};
 use driftless::apply::ApplyReport;
-use driftless::connect::Connection;
+use driftless::connect::{AnyHostShell, Connection};
 use driftless::model::{self, Desired, Diagnostics, LoadOptions, Setting};
 use driftless::plan::Plan;
 use driftless::plan::display::{self, Wording};
@@ -29,6 +31,7 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         Command::Daemon(cmd) => return daemon_cmd(cmd),
         Command::DaemonRun => return driftless::daemon::worker::main().map(|()| Outcome::Ok),
         Command::Status(args) => return status_cmd(args, cli.global.output),
+        Command::Import(args) => return import_cmd(args, &cli.global.repo, cli.global.output),
         _ => {}
     }
     let spec = source::classify(&cli.global.repo, cli.global.rev.as_deref());
@@ -59,7 +62,8 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
         Command::Drift(args) => return plan_cmd(&desired, &artifacts, args, out, Wording::Drift),
         Command::Apply(args) => return apply_cmd(&desired, &artifacts, args, out),
         Command::Health(args) => return health_cmd(&desired, &artifacts, args, out),
-        Command::Daemon(_) | Command::DaemonRun | Command::Status(_) => {
+        Command::Doctor(args) => return doctor_cmd(&desired, &artifacts, args, out),
+        Command::Daemon(_) | Command::DaemonRun | Command::Status(_) | Command::Import(_) => {
             unreachable!("handled before loading")
         }
     }
@@ -258,7 +262,7 @@ fn connect(desired: &Desired, settings: &RunSettings) -> Result<Connection> {
 fn health_cmd(desired: &Desired, artifacts: &[Artifact], args: &PlanArgs, out: OutputFormat) -> Result<Outcome> {
     let settings = args.connect.settings();
     let connection = connect(desired, &settings)?;
-    let run = Reconcile::connected(desired, artifacts, &connection);
+    let run = Reconcile::connected(desired, desired, artifacts, &connection);
     let health = runtime()?
         .block_on(run.health())
         .context("cannot read the cluster's health")?;
@@ -292,7 +296,7 @@ fn plan_cmd(
 ) -> Result<Outcome> {
     let settings = args.connect.settings();
     let connection = connect(desired, &settings)?;
-    let plan = runtime()?.block_on(Reconcile::connected(desired, artifacts, &connection).plan())?;
+    let plan = runtime()?.block_on(Reconcile::connected(desired, desired, artifacts, &connection).plan())?;
     print_plan(&plan, out, wording)?;
     Ok(if args.detailed_exitcode && !plan.is_empty() {
         Outcome::Changes
@@ -321,7 +325,7 @@ fn confirm(plan: &Plan, desired: &Desired) -> Result<bool> {
 fn apply_cmd(desired: &Desired, artifacts: &[Artifact], args: &ApplyArgs, out: OutputFormat) -> Result<Outcome> {
     let settings = args.connect.settings();
     let connection = connect(desired, &settings)?;
-    let run = Reconcile::connected(desired, artifacts, &connection);
+    let run = Reconcile::connected(desired, desired, artifacts, &connection);
     let rt = runtime()?;
     let plan = rt.block_on(run.plan())?;
     if out != OutputFormat::Json {
@@ -341,8 +345,40 @@ fn apply_cmd(desired: &Desired, artifacts: &[Artifact], args: &ApplyArgs, out: O
     if !args.auto_approve && !confirm(&plan, desired)? {
         bail!("apply cancelled: nothing was changed");
     }
-    let report = rt.block_on(run.apply(&plan, &mut crate::progress::StderrProgress::new(), None));
+    let report = rt.block_on(async {
+        // Ctrl-C or SIGTERM stops the apply between two steps, as in the daemon: the steps
+        // running finish, none starts, and the report says what was not done. A second one
+        // ends the process at once.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = tokio::spawn(stop_on_signal(stop.clone()));
+        let report = run
+            .apply(&plan, &mut crate::progress::StderrProgress::new(), Some(&stop))
+            .await;
+        watcher.abort();
+        report
+    });
     report_apply(&plan, &report, out)
+}
+
+async fn stop_on_signal(stop: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    let mut signalled = false;
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        if signalled {
+            eprintln!("driftless: stopped at once; `driftless plan` shows what is left");
+            std::process::exit(130);
+        }
+        signalled = true;
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        eprintln!("driftless: stopping after the steps that are running (again to stop at once)");
+    }
 }
 
 /// Print what an apply did; a failed step makes the command fail.
@@ -425,6 +461,372 @@ fn status_cmd(args: &crate::cli::StatusArgs, out: OutputFormat) -> Result<Outcom
             if let Some(md) = mirror.read_status(&args.status_branch, &md_path)? {
                 println!();
                 print!("{}", String::from_utf8_lossy(&md));
+            }
+        }
+    }
+    Ok(Outcome::Ok)
+}
+
+// ---- doctor ----------------------------------------------------------------------------------
+
+/// How this run's token is chosen, for the report (never its value).
+fn token_source(settings: &RunSettings, desired: &Desired) -> String {
+    if let Some(f) = &settings.proxmox.token_file {
+        format!("--proxmox-token-file {}", f.display())
+    } else if std::env::var_os("DRIFTLESS_PROXMOX_TOKEN").is_some() {
+        "DRIFTLESS_PROXMOX_TOKEN".into()
+    } else {
+        match &desired.cluster.proxmox.token {
+            Some(t) => format!("secret {}", t.secret),
+            None => "none".into(),
+        }
+    }
+}
+
+fn doctor_trust(trust: &driftless::adapters::tls::TlsTrust) -> driftless::doctor::Trust {
+    use driftless::adapters::tls::TlsTrust;
+    use driftless::doctor::Trust;
+    match trust {
+        TlsTrust::Fingerprint(fp) => Trust::Fingerprint(fp.clone()),
+        TlsTrust::CaFile(f) => Trust::CaFile(f.display().to_string()),
+        TlsTrust::Insecure => Trust::Insecure,
+        _ => Trust::System,
+    }
+}
+
+/// Where the host shell of `pve` goes, for the report.
+fn host_target(host: &AnyHostShell, pve: &str) -> (String, Option<String>) {
+    match host {
+        AnyHostShell::Local(_) => ("local shell (--host-shell local)".into(), None),
+        AnyHostShell::Ssh(ssh) => match ssh.target(pve) {
+            Some(t) => (
+                format!("{}@{}:{}", t.user, t.host, t.port),
+                Some(t.known_hosts.display().to_string()),
+            ),
+            None => (format!("no proxmox.hosts entry for {pve}"), None),
+        },
+    }
+}
+
+fn doctor_cmd(desired: &Desired, artifacts: &[Artifact], args: &DoctorArgs, out: OutputFormat) -> Result<Outcome> {
+    use driftless::adapters::proxmox::{ClientOptions, ProxmoxClient};
+    use driftless::connect;
+    use driftless::doctor::{self, Observations, TokenSeen, observe};
+    use driftless::ports::{CommandOutput, ShellError};
+
+    let settings = args.connect.settings();
+    let cluster = &desired.cluster;
+    let rt = runtime()?;
+    let endpoints = match &settings.proxmox.url {
+        Some(u) => vec![u.clone()],
+        None => cluster.proxmox.api.to_vec(),
+    };
+    let endpoint = endpoints.first().cloned().unwrap_or_default();
+    let trust = connect::trust(&settings, cluster)?;
+    let token = connect::token(&settings, cluster);
+    let token_seen = TokenSeen {
+        id: token.as_ref().map(|t| t.id()).map_err(|e| e.to_string()),
+        source: token_source(&settings, desired),
+    };
+    let client = token
+        .ok()
+        .map(|t| ProxmoxClient::new(ClientOptions::new(endpoints.clone(), t, trust.clone())));
+    let api = match &client {
+        Some(Ok(c)) => Some(rt.block_on(observe::proxmox(desired, artifacts, c, &endpoint, doctor_trust(&trust)))),
+        Some(Err(e)) => Some(driftless::doctor::ApiSeen {
+            endpoint: endpoint.clone(),
+            trust: doctor_trust(&trust),
+            version: Err(e.clone()),
+            nodes: None,
+            plan: None,
+            guests: Default::default(),
+            permissions: Default::default(),
+            permissions_error: None,
+            hosts: Default::default(),
+        }),
+        None => None,
+    };
+
+    let plan_token = match &args.plan_token_file {
+        None => None,
+        Some(file) => {
+            let source = format!("--plan-token-file {}", file.display());
+            let seen = match driftless::adapters::proxmox::ApiToken::from_file(file) {
+                Err(e) => rt.block_on(observe::plan_token::<ProxmoxClient>(
+                    desired,
+                    &source,
+                    Err(e.to_string()),
+                )),
+                Ok(t) => {
+                    let id = t.id();
+                    match ProxmoxClient::new(ClientOptions::new(endpoints.clone(), t, trust.clone())) {
+                        Ok(c) => rt.block_on(observe::plan_token(desired, &source, Ok((id, &c)))),
+                        Err(e) => rt.block_on(observe::plan_token::<ProxmoxClient>(
+                            desired,
+                            &source,
+                            Err(e.to_string()),
+                        )),
+                    }
+                }
+            };
+            Some(seen)
+        }
+    };
+
+    let host = connect::host_shell(&settings, cluster);
+    let host_shells = match &host {
+        Ok(None) => None,
+        Ok(Some(h)) => Some(rt.block_on(observe::host_shells(desired, h, &settings, |pve| host_target(h, pve)))),
+        Err(e) => Some(
+            desired
+                .nodes
+                .iter()
+                .map(|n| n.proxmox_node.clone())
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .map(|pve| driftless::doctor::HostShellSeen {
+                    pve_node: pve,
+                    target: "proxmox.hosts".into(),
+                    known_hosts: None,
+                    pct: Err::<CommandOutput, _>(ShellError::Other(e.to_string())),
+                })
+                .collect(),
+        ),
+    };
+    let host = host.ok().flatten().map(std::sync::Arc::new);
+    let connector = connect::NodeConnector::new(&settings, host, &desired.nodes);
+    let vm_nodes = match &api {
+        Some(a) if a.plan.as_ref().is_some_and(|p| p.is_ok()) => rt.block_on(observe::vm_nodes(
+            desired,
+            &a.guests,
+            &connector,
+            &driftless::secrets::SecretStore::new(&settings.secrets_dir),
+        )),
+        _ => Default::default(),
+    };
+    let (secrets_dir_mode, secrets) = observe::secrets(desired, &settings);
+    let repository = match &args.repository {
+        None => None,
+        Some(url) => {
+            let scratch = tempfile::tempdir()?;
+            let auth = driftless::daemon::git::GitAuth {
+                ssh_key: args.git_ssh_key.clone(),
+                known_hosts: args.git_known_hosts.clone(),
+                token_file: args.git_token_file.clone(),
+            };
+            Some(observe::repository(url, &args.branch, auth, scratch.path()))
+        }
+    };
+    let seen = Observations {
+        token: token_seen,
+        api,
+        plan_token,
+        plans_pull_requests: !args.plan_refs.is_empty(),
+        host_shells,
+        vm_nodes,
+        secrets_dir: settings.secrets_dir.display().to_string(),
+        secrets_dir_mode,
+        secrets,
+        repository,
+    };
+    let report = doctor::checks(desired, &seen);
+    match out {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"ok": report.ok(), "checks": report.checks}))?
+        ),
+        _ => print!("{}", report.text()),
+    }
+    // Exit 1, like an invalid repository: this one is not ready to apply.
+    Ok(if report.ok() { Outcome::Ok } else { Outcome::Invalid })
+}
+
+// ---- import ----------------------------------------------------------------------------------
+
+/// `NODE=VALUE` pairs of a repeatable flag.
+fn pairs(flag: &str, items: &[String]) -> Result<Vec<(String, String)>> {
+    items
+        .iter()
+        .map(|i| {
+            i.split_once('=')
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .with_context(|| format!("--{flag} {i}: write NODE=VALUE"))
+        })
+        .collect()
+}
+
+fn import_cmd(args: &ImportArgs, repo: &str, out: OutputFormat) -> Result<Outcome> {
+    use driftless::adapters::local_shell::LocalShell;
+    use driftless::adapters::proxmox::{ApiToken, ClientOptions, ProxmoxClient};
+    use driftless::adapters::ssh::{HostTarget, SshHostShell};
+    use driftless::adapters::tls::TlsTrust;
+    use driftless::import::{self, ImportOptions, Selection};
+    use driftless::model::schema::Distribution;
+    use driftless::ports::ProxmoxApi;
+    use driftless::settings::{HostShellKind, home};
+
+    if out == OutputFormat::Markdown {
+        bail!("--output markdown is for plan, drift and apply; use text or json here");
+    }
+    let settings = args.connect.settings();
+    // Nothing is trusted from a repository here (there may be none yet): every connection
+    // setting comes from this run's flags and environment.
+    let url = settings
+        .proxmox
+        .url
+        .clone()
+        .context("import needs the API: --proxmox-url https://HOST:8006 (or DRIFTLESS_PROXMOX_URL)")?;
+    let token = match &settings.proxmox.token_file {
+        Some(f) => ApiToken::from_file(f)?,
+        None => ApiToken::from_env("DRIFTLESS_PROXMOX_TOKEN").map_err(|e| {
+            anyhow::anyhow!("{e}: give the API token with --proxmox-token-file FILE (USER@REALM!TOKENID=SECRET)")
+        })?,
+    };
+    let p = &settings.proxmox;
+    let trust = if p.insecure {
+        TlsTrust::Insecure
+    } else if let Some(fp) = &p.fingerprint {
+        TlsTrust::Fingerprint(fp.clone())
+    } else if let Some(ca) = &p.ca_file {
+        TlsTrust::CaFile(ca.clone())
+    } else {
+        TlsTrust::System
+    };
+    let client = ProxmoxClient::new(ClientOptions::new(vec![url.clone()], token, trust))?;
+    let rt = runtime()?;
+
+    let selection = Selection {
+        vmids: args
+            .vmid
+            .as_deref()
+            .map(import::parse_vmid_range)
+            .transpose()
+            .map_err(anyhow::Error::msg)?,
+        tags: args.tags.clone(),
+        names: args.names.clone(),
+    };
+    let h = &settings.host;
+    let ssh_target = h.host.as_ref().map(|host| HostTarget {
+        user: h.user.clone().unwrap_or_else(|| "root".into()),
+        host: host.clone(),
+        port: h.port.unwrap_or(22),
+        known_hosts: h.known_hosts.clone().unwrap_or_else(|| home().join(".ssh/known_hosts")),
+        key_file: h.key_file.clone().unwrap_or_else(|| home().join(".ssh/id_ed25519")),
+    });
+    let (guests, templates) = match (h.kind, &ssh_target) {
+        (HostShellKind::Local, _) => {
+            rt.block_on(import::read::read(&client, Some(&LocalShell), &h.pve_root, &selection))?
+        }
+        (HostShellKind::Ssh, Some(target)) => {
+            let nodes = rt.block_on(client.nodes())?;
+            let targets = nodes.iter().map(|n| (n.node.clone(), target.clone())).collect();
+            let shell = SshHostShell::new(targets);
+            rt.block_on(import::read::read(&client, Some(&shell), &h.pve_root, &selection))?
+        }
+        (HostShellKind::Ssh, None) => rt.block_on(import::read::read::<_, LocalShell>(
+            &client,
+            None,
+            &h.pve_root,
+            &selection,
+        ))?,
+    };
+    let distribution = match args.distribution {
+        CliDistribution::K3s => Distribution::K3s,
+        CliDistribution::Talos => Distribution::Talos,
+    };
+    let mut addresses = std::collections::BTreeMap::new();
+    for (node, addr) in pairs("address", &args.addresses)? {
+        addresses.insert(
+            node,
+            addr.parse()
+                .with_context(|| format!("--address: `{addr}` is not IP/PREFIX"))?,
+        );
+    }
+    let opts = ImportOptions {
+        cluster_name: args.cluster_name.clone(),
+        distribution,
+        version: args.version.clone().unwrap_or_else(|| match distribution {
+            Distribution::K3s => "v1.31.4+k3s1".into(),
+            Distribution::Talos => "v1.13.9".into(),
+        }),
+        kubernetes_version: match distribution {
+            Distribution::Talos => Some(args.kubernetes_version.clone().unwrap_or_else(|| "v1.34.1".into())),
+            Distribution::K3s => None,
+        },
+        api: url.clone(),
+        fingerprint: p.fingerprint.clone(),
+        ssh: ssh_target
+            .as_ref()
+            .map(|t| (format!("{}@{}", t.user, t.host), (t.port != 22).then_some(t.port))),
+        ownership_tag: args.ownership_tag.clone(),
+        gateway: args.gateway,
+        addresses,
+        roles: pairs("role", &args.roles)?.into_iter().collect(),
+        template: args.template.clone(),
+        templates,
+    };
+    let imported = import::import(&guests, &opts)?;
+
+    let dir = args.out.clone().unwrap_or_else(|| std::path::PathBuf::from(repo));
+    let mut written = Vec::new();
+    let mut left = Vec::new();
+    if !args.dry_run {
+        for (rel, text) in &imported.files {
+            let mut path = dir.join(rel);
+            if path.exists() {
+                if rel == "cluster.yaml" {
+                    path = dir.join("cluster.yaml.imported");
+                } else {
+                    left.push(rel.clone());
+                    continue;
+                }
+            }
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+            }
+            std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+            written.push(path.display().to_string());
+        }
+    }
+    match out {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "written": written,
+                "not_overwritten": left,
+                "files": if args.dry_run { serde_json::to_value(&imported.files)? } else { serde_json::Value::Null },
+                "notes": imported.notes,
+                "skipped": imported.skipped,
+            }))?
+        ),
+        _ => {
+            if args.dry_run {
+                for (rel, text) in &imported.files {
+                    println!("==> {rel} <==\n{text}");
+                }
+            }
+            for w in &written {
+                println!("wrote {w}");
+            }
+            for l in &left {
+                println!(
+                    "left alone: {} exists (delete it to import it again)",
+                    dir.join(l).display()
+                );
+            }
+            for (node, notes) in &imported.notes {
+                for n in notes {
+                    println!("note: {node}: {n}");
+                }
+            }
+            for s in &imported.skipped {
+                println!("skipped: {} ({}): {}", s.vmid, s.name, s.reason);
+            }
+            if !args.dry_run {
+                println!(
+                    "next: check {0}/cluster.yaml, then `driftless --repo {0} validate` and `driftless --repo {0} plan`",
+                    dir.display()
+                );
             }
         }
     }

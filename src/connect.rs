@@ -114,9 +114,9 @@ impl Connection {
 }
 
 /// How the Proxmox API's certificate is verified: a run's override first, then cluster.yaml.
-pub fn trust(settings: &RunSettings, cluster: &Cluster) -> TlsTrust {
+pub fn trust(settings: &RunSettings, cluster: &Cluster) -> Result<TlsTrust, ConnectError> {
     let o = &settings.proxmox;
-    if o.insecure {
+    Ok(if o.insecure {
         TlsTrust::Insecure
     } else if let Some(fp) = &o.fingerprint {
         TlsTrust::Fingerprint(fp.clone())
@@ -125,10 +125,10 @@ pub fn trust(settings: &RunSettings, cluster: &Cluster) -> TlsTrust {
     } else if let Some(fp) = &cluster.proxmox.fingerprint {
         TlsTrust::Fingerprint(fp.clone())
     } else if let Some(ca) = &cluster.proxmox.ca_file {
-        TlsTrust::CaFile(SecretStore::new(&settings.secrets_dir).host_path(ca))
+        TlsTrust::CaFile(SecretStore::new(&settings.secrets_dir).host_path(ca)?)
     } else {
         TlsTrust::System
-    }
+    })
 }
 
 /// The API token: a run's token file or DRIFTLESS_PROXMOX_TOKEN, else cluster.yaml's secret.
@@ -152,7 +152,7 @@ pub fn proxmox_client(settings: &RunSettings, cluster: &Cluster) -> Result<Proxm
         Some(u) => vec![u.clone()],
         None => cluster.proxmox.api.to_vec(),
     };
-    let options = ClientOptions::new(endpoints, token(settings, cluster)?, trust(settings, cluster));
+    let options = ClientOptions::new(endpoints, token(settings, cluster)?, trust(settings, cluster)?);
     ProxmoxClient::new(options).map_err(|e| ConnectError::Client(e.to_string()))
 }
 
@@ -175,12 +175,12 @@ pub fn host_shell(settings: &RunSettings, cluster: &Cluster) -> Result<Option<An
         })?;
         let key_file = match (&o.key_file, &h.key) {
             (Some(k), _) => k.clone(),
-            (None, Some(secret)) => store.dir.join(&secret.secret),
+            (None, Some(secret)) => store.host_path(&secret.secret)?,
             (None, None) => home().join(".ssh/id_ed25519"),
         };
         let known_hosts = match (&o.known_hosts, &h.known_hosts) {
             (Some(k), _) => k.clone(),
-            (None, Some(k)) => store.host_path(k),
+            (None, Some(k)) => store.host_path(k)?,
             (None, None) => home().join(".ssh/known_hosts"),
         };
         targets.insert(

@@ -12,7 +12,7 @@
 
 use crate::adapters::shell_quote::command_line;
 use crate::ports::{HostShell, ShellError};
-use crate::pve::conf::{self, ConfError, GuestKind};
+use crate::pve::conf::{self, ConfError, PveKind};
 use crate::pve::lxc_keys::{RawKeyVerdict, check_raw_key};
 
 /// Where pmxcfs is mounted on a real Proxmox host.
@@ -139,7 +139,7 @@ pub fn set_raw_lxc_keys(
     owned_prefixes_or_keys: &[String],
 ) -> Result<String, RawKeysError> {
     check_desired(desired)?;
-    let mut conf = conf::parse(conf_text, GuestKind::Lxc)?;
+    let mut conf = conf::parse(conf_text, PveKind::Lxc)?;
     let mut raw = Vec::with_capacity(conf.raw_lxc.len() + desired.len());
     let mut placed = false;
     for (key, value) in &conf.raw_lxc {
@@ -325,7 +325,7 @@ lxc.prlimit.nofile: 4096
         assert_eq!(out, format!("{FRESH}{SEED_RAW}"));
         // applying again changes nothing and returns the text as it was
         assert_eq!(set_raw_lxc_keys(&out, &seed_keys(), &[]).unwrap(), out);
-        let conf = conf::parse(&out, GuestKind::Lxc).unwrap();
+        let conf = conf::parse(&out, PveKind::Lxc).unwrap();
         assert_eq!(conf.raw_lxc[0], ("lxc.prlimit.nofile".to_string(), "4096".to_string()));
         assert_eq!(conf.raw_lxc[1..], seed_keys()[..]);
     }

@@ -50,22 +50,7 @@ impl System {
     }
 }
 
-/// Guest type as Proxmox names it in paths and listings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PveKind {
-    Lxc,
-    Qemu,
-}
-
-impl PveKind {
-    pub fn path(self) -> &'static str {
-        match self {
-            PveKind::Lxc => "lxc",
-            PveKind::Qemu => "qemu",
-        }
-    }
-}
+pub use crate::pve::conf::PveKind;
 
 /// One entry of `GET /cluster/resources?type=vm`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -99,6 +84,82 @@ impl Upid {
         self.0.split(':').nth(1)
     }
 }
+
+/// `GET /version`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PveVersion {
+    /// `9.1.3`
+    pub version: String,
+    /// `9.1`
+    pub release: String,
+}
+
+/// One entry of `GET /nodes`: a node of the Proxmox cluster.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PveNode {
+    pub node: String,
+    /// `online`, `offline` or `unknown`.
+    pub status: String,
+    /// SHA-256 of the node's API certificate, `AB:CD:...`, when Proxmox says.
+    pub ssl_fingerprint: Option<String>,
+}
+
+/// One entry of `GET /nodes/{node}/network`: an interface of the host.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NetworkInterface {
+    /// `vmbr0`, `eno1`, `bond0`.
+    pub iface: String,
+    /// Proxmox's `type`: `bridge`, `OVSBridge`, `eth`, `bond`, `vlan`, ...
+    pub kind: String,
+    /// Up right now (`active`); a bridge only in /etc/network/interfaces.new is not.
+    pub active: bool,
+}
+
+impl NetworkInterface {
+    /// Whether guests can be attached to it: a Linux or an Open vSwitch bridge.
+    pub fn is_bridge(&self) -> bool {
+        self.kind == "bridge" || self.kind == "OVSBridge"
+    }
+}
+
+/// A storage of one node: an entry of `GET /nodes/{node}/storage`, or
+/// `GET /nodes/{node}/storage/{storage}/status`. Sizes in bytes.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StorageStatus {
+    pub storage: String,
+    /// Proxmox's `type`: `dir`, `lvmthin`, `zfspool`, `nfs`, ...
+    pub kind: String,
+    /// What it may hold: `images`, `rootdir`, `vztmpl`, `iso`, `backup`, ...
+    pub content: Vec<String>,
+    pub active: bool,
+    pub enabled: bool,
+    pub shared: bool,
+    pub total: Option<u64>,
+    pub used: Option<u64>,
+    pub avail: Option<u64>,
+}
+
+impl StorageStatus {
+    pub fn holds(&self, content: &str) -> bool {
+        self.content.iter().any(|c| c == content)
+    }
+}
+
+/// One entry of `GET /nodes/{node}/storage/{storage}/content`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StorageVolume {
+    /// `local:vztmpl/ubuntu-22.04-standard_22.04-1_amd64.tar.zst`
+    pub volid: String,
+    /// `vztmpl`, `iso`, `images`, `rootdir`, `backup`, ...
+    pub content: String,
+    pub format: String,
+    pub size: u64,
+    /// The guest a disk belongs to.
+    pub vmid: Option<u32>,
+}
+
+/// `GET /access/permissions`: ACL path -> privilege -> whether it propagates to the paths below.
+pub type Permissions = BTreeMap<String, BTreeMap<String, bool>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -191,6 +252,33 @@ pub trait ProxmoxApi: Send + Sync {
     /// Poll `GET /nodes/{node}/tasks/{upid}/status` until the task stops; an exit status
     /// other than `OK` is `TaskFailed`.
     fn wait_task(&self, upid: &Upid) -> impl Future<Output = Result<(), ProxmoxError>> + Send;
+
+    // Read-only calls of `driftless doctor` and `driftless import`.
+
+    /// `GET /version`: needs no privilege, so it checks the address, TLS and the token alone.
+    fn api_version(&self) -> impl Future<Output = Result<PveVersion, ProxmoxError>> + Send;
+    /// `GET /access/permissions` for the caller (the token): every path, or only `path`
+    /// (the privileges effective there, inherited ones included).
+    fn permissions(&self, path: Option<&str>) -> impl Future<Output = Result<Permissions, ProxmoxError>> + Send;
+    /// `GET /nodes`.
+    fn nodes(&self) -> impl Future<Output = Result<Vec<PveNode>, ProxmoxError>> + Send;
+    /// `GET /nodes/{node}/network`.
+    fn node_network(&self, node: &str) -> impl Future<Output = Result<Vec<NetworkInterface>, ProxmoxError>> + Send;
+    /// `GET /nodes/{node}/storage`: the storages the caller may see on `node`.
+    fn storages(&self, node: &str) -> impl Future<Output = Result<Vec<StorageStatus>, ProxmoxError>> + Send;
+    /// `GET /nodes/{node}/storage/{storage}/status`.
+    fn storage_status(
+        &self,
+        node: &str,
+        storage: &str,
+    ) -> impl Future<Output = Result<StorageStatus, ProxmoxError>> + Send;
+    /// `GET /nodes/{node}/storage/{storage}/content`, only `content` (`vztmpl`, `iso`) when given.
+    fn storage_content(
+        &self,
+        node: &str,
+        storage: &str,
+        content: Option<&str>,
+    ) -> impl Future<Output = Result<Vec<StorageVolume>, ProxmoxError>> + Send;
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -220,8 +308,27 @@ pub enum ShellError {
     /// A compare-and-swap write found the file changed since it was read.
     #[error("{path} on {host} changed since it was read: refusing to overwrite")]
     Changed { host: String, path: String },
+    /// A command printed more than [`MAX_COMMAND_OUTPUT`]: what a guest answers is untrusted,
+    /// and a run must not grow without bound on it.
+    #[error("`{command}` on {host} printed more than {} MiB: stopped", MAX_COMMAND_OUTPUT >> 20)]
+    TooMuchOutput { host: String, command: String },
     #[error("{0}")]
     Other(String),
+}
+
+/// The most a remote command's stdout or stderr may hold (each). Far above any config file
+/// or status answer driftless reads; a compromised guest answering gigabytes is cut off here.
+pub const MAX_COMMAND_OUTPUT: usize = 16 << 20;
+
+/// Append `data` to a command's output buffer; false (and nothing appended) when that would
+/// go over [`MAX_COMMAND_OUTPUT`].
+#[must_use]
+pub fn append_capped(buffer: &mut Vec<u8>, data: &[u8]) -> bool {
+    if buffer.len() + data.len() > MAX_COMMAND_OUTPUT {
+        return false;
+    }
+    buffer.extend_from_slice(data);
+    true
 }
 
 impl ShellError {
@@ -465,7 +572,10 @@ impl TalosApplyMode {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum TalosNodeState {
-    /// Booted without a config: takes its first one without client certificates.
+    /// Booted without a config: takes its first one without client certificates. Nothing
+    /// proves which machine answers like this (a real node has no certificate to trust yet),
+    /// so the cluster layer sends a config only to a VM its run created, or to a node whose
+    /// file allows it.
     Maintenance,
     /// Configured and answering over mTLS; `version` is the Talos tag (`v1.13.9`).
     Configured { version: String },
@@ -492,6 +602,14 @@ pub enum TalosError {
         code: String,
         message: String,
     },
+    /// What answers at the node's address has a certificate the cluster CA does not accept and
+    /// is not a Talos node in maintenance mode either: another machine may hold the address.
+    /// Nothing is sent to it; retrying does not help.
+    #[error(
+        "the Talos API at {node} is not the cluster's: {message}. Another machine may hold the node's address; \
+         it was sent no machine config"
+    )]
+    Untrusted { node: String, message: String },
     #[error("{0}")]
     Other(String),
 }
@@ -501,7 +619,7 @@ impl TalosError {
         match self {
             TalosError::Transport { .. } => true,
             TalosError::Api { code, .. } => matches!(code.as_str(), "Unavailable" | "DeadlineExceeded" | "Aborted"),
-            TalosError::Other(_) => false,
+            TalosError::Untrusted { .. } | TalosError::Other(_) => false,
         }
     }
 }

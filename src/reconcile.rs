@@ -23,10 +23,11 @@ use crate::settings::{HostShellSettings, RunSettings};
 /// [`ApplyReport`] instead.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    // The cause is in the message and not a `#[source]`: printed as a chain, it would repeat.
     #[error("cannot read the guests from Proxmox: {0}")]
-    Proxmox(#[source] ProxmoxError),
+    Proxmox(ProxmoxError),
     #[error("cannot observe the cluster: {0}")]
-    Cluster(#[source] ClusterError),
+    Cluster(ClusterError),
     #[error("the cluster layer is off for this run (--guests-only)")]
     NoClusterLayer,
 }
@@ -65,10 +66,16 @@ pub struct Reconcile<'a, P: ProxmoxApi, H: HostShell, C: ClusterConnector> {
 }
 
 impl<'a> Reconcile<'a, crate::adapters::proxmox::ProxmoxClient, AnyHostShell, NodeConnector> {
-    /// A run on the real systems `connection` reaches.
-    pub fn connected(desired: &'a Desired, artifacts: &'a [Artifact], connection: &'a Connection) -> Self {
+    /// A run on the real systems `connection` reaches (opened from `trusted`).
+    pub fn connected(
+        desired: &'a Desired,
+        trusted: &'a Desired,
+        artifacts: &'a [Artifact],
+        connection: &'a Connection,
+    ) -> Self {
         Reconcile::new(
             desired,
+            trusted,
             artifacts,
             &connection.proxmox,
             connection.host_shell(),
@@ -79,8 +86,11 @@ impl<'a> Reconcile<'a, crate::adapters::proxmox::ProxmoxClient, AnyHostShell, No
 }
 
 impl<'a, P: ProxmoxApi, H: HostShell, C: ClusterConnector> Reconcile<'a, P, H, C> {
+    /// A run that plans `desired` and reaches only what `trusted` names (the same state for
+    /// the watched branch and one-shot commands; the watched branch's for a pull request).
     pub fn new(
         desired: &'a Desired,
+        trusted: &'a Desired,
         artifacts: &'a [Artifact],
         proxmox: &'a P,
         host: Option<&'a H>,
@@ -90,6 +100,7 @@ impl<'a, P: ProxmoxApi, H: HostShell, C: ClusterConnector> Reconcile<'a, P, H, C
         let cluster = settings.cluster.enabled.then(|| {
             ClusterAccess::new(
                 desired,
+                trusted,
                 artifacts,
                 nodes,
                 settings.cluster.clone(),
@@ -127,8 +138,9 @@ impl<'a, P: ProxmoxApi, H: HostShell, C: ClusterConnector> Reconcile<'a, P, H, C
         Ok(plan)
     }
 
-    /// Apply `plan`: one step at a time, every task awaited, a health gate after every
-    /// disruptive step, stopping at the first failure or, between two steps, when `stop` is set.
+    /// Apply `plan`: steps that do not depend on each other side by side (plan::schedule's
+    /// rules, up to the parallelism bound), every task awaited, a health gate after every
+    /// disruptive step; the first failure, or `stop`, lets running steps finish and starts no new one.
     pub async fn apply(
         &self,
         plan: &Plan,
@@ -196,7 +208,15 @@ mod tests {
         }
         let secrets = tempfile::tempdir().unwrap();
         let settings = settings(secrets.path());
-        let run = Reconcile::new(&desired, &artifacts, &proxmox, Some(&shell), &cluster, &settings);
+        let run = Reconcile::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &proxmox,
+            Some(&shell),
+            &cluster,
+            &settings,
+        );
 
         let plan = run.plan().await.unwrap();
         for node in cluster.nodes.values() {
@@ -254,7 +274,15 @@ mod tests {
         let secrets = tempfile::tempdir().unwrap();
         let mut settings = settings(secrets.path());
         settings.cluster.enabled = false;
-        let run = Reconcile::new(&desired, &artifacts, &proxmox, Some(&shell), &cluster, &settings);
+        let run = Reconcile::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &proxmox,
+            Some(&shell),
+            &cluster,
+            &settings,
+        );
         let plan = run.plan().await.unwrap();
         assert!(plan.steps.iter().all(|s| s.action.verb() == "create"), "{plan:?}");
         let err = run.health().await.unwrap_err();
@@ -276,7 +304,15 @@ mod tests {
         let cluster = FakeCluster::default();
         let secrets = tempfile::tempdir().unwrap();
         let settings = settings(secrets.path());
-        let run = Reconcile::new(&desired, &artifacts, &proxmox, Some(&shell), &cluster, &settings);
+        let run = Reconcile::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &proxmox,
+            Some(&shell),
+            &cluster,
+            &settings,
+        );
         let err = run.plan().await.unwrap_err();
         assert_eq!(err.system(), System::Proxmox);
         assert!(err.retryable());
@@ -371,7 +407,15 @@ mod tests {
             parallelism: Some(8),
             ..settings(secrets.path())
         };
-        let run = Reconcile::new(&desired, &artifacts, &proxmox, Some(&shell), &cluster, &settings);
+        let run = Reconcile::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &proxmox,
+            Some(&shell),
+            &cluster,
+            &settings,
+        );
         let plan = run.plan().await.unwrap();
         assert_eq!(plan.steps.len(), 8, "{plan:#?}");
         assert!(
@@ -409,7 +453,15 @@ mod tests {
         }
         let secrets = tempfile::tempdir().unwrap();
         let settings = settings(secrets.path());
-        let run = Reconcile::new(&desired, &artifacts, &proxmox, Some(&shell), &cluster, &settings);
+        let run = Reconcile::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &proxmox,
+            Some(&shell),
+            &cluster,
+            &settings,
+        );
         let plan = run.plan().await.unwrap();
         let mut recorder = Recorder::default();
         let report = run.apply(&plan, &mut recorder, None).await;
@@ -439,5 +491,59 @@ mod tests {
             .filter(|&i| plan.steps[i].action.verb() == "configure k3s")
             .collect();
         assert!(recorder.overlap(joins[0], joins[3]), "agents join side by side");
+    }
+
+    #[tokio::test]
+    async fn a_guest_driftless_does_not_own_is_never_looked_into_even_when_a_pull_request_adopts_it() {
+        use crate::ports::{GuestSummary, PveKind};
+        let trusted = crate::test_repo::load_files(&crate::test_repo::files_of(2)).0;
+        let mut pr_files = crate::test_repo::files_of(2);
+        // The pull request claims someone's container 200, and points k3s-2 at container 201.
+        pr_files.insert(
+            "nodes/k3s-3.yaml",
+            "vmid: 200\nproxmox_node: pve\nkind: lxc\nrole: agent\naddress: 10.0.0.13/24\nadopt: true\n",
+        );
+        pr_files.insert(
+            "nodes/k3s-2.yaml",
+            "vmid: 201\nproxmox_node: pve\nkind: lxc\nrole: agent\naddress: 10.0.0.12/24\nadopt: true\n",
+        );
+        let (pr, artifacts) = crate::test_repo::load_files(&pr_files);
+        let (proxmox, shell) = (FakeProxmox::new(), FakeHostShell::default());
+        for (vmid, name, tags) in [
+            (100, "k3s-1", vec!["driftless"]),
+            (200, "db", vec![]),
+            (201, "vault", vec![]),
+        ] {
+            let summary = GuestSummary {
+                vmid,
+                node: "pve".into(),
+                kind: PveKind::Lxc,
+                name: Some(name.into()),
+                status: "running".into(),
+                tags: tags.into_iter().map(String::from).collect(),
+            };
+            proxmox.insert(summary, Default::default());
+        }
+        let cluster = FakeCluster::with_nodes(&["k3s-1", "k3s-2", "k3s-3"]);
+        let secrets = tempfile::tempdir().unwrap();
+        let settings = settings(secrets.path());
+        let run = Reconcile::new(&pr, &trusted, &artifacts, &proxmox, Some(&shell), &cluster, &settings);
+        let plan = run.plan().await.unwrap();
+
+        for name in ["k3s-2", "k3s-3"] {
+            let ran = cluster.nodes[name].commands.lock().unwrap().clone();
+            assert!(ran.is_empty(), "{name}'s container was looked into: {ran:?}");
+            assert!(
+                plan.notices
+                    .iter()
+                    .any(|n| n.message.starts_with(&format!("{name}: not observed"))),
+                "{:?}",
+                plan.notices
+            );
+        }
+        assert!(
+            !cluster.nodes["k3s-1"].commands.lock().unwrap().is_empty(),
+            "the owned node is observed"
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! case, `-` and `.` as `_`). A `Secret` never prints its value: Debug and Display redact it.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
@@ -45,6 +45,11 @@ pub enum SecretError {
     BadName(String),
 }
 
+/// A file name with no directory in it: no `/`, no `\\`, not `.`-first (so no `..`), not empty.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['/', '\\', '\0']) && !name.starts_with('.')
+}
+
 #[derive(Debug, Clone)]
 pub struct SecretStore {
     pub dir: PathBuf,
@@ -62,19 +67,19 @@ impl SecretStore {
         )
     }
 
-    /// A path given in cluster.yaml for a host-side file (known_hosts, CA file): relative
-    /// paths are inside the secrets directory, since such files are not in git.
-    pub fn host_path(&self, p: &str) -> PathBuf {
-        let path = Path::new(p);
-        if path.is_absolute() {
-            path.to_path_buf()
-        } else {
-            self.dir.join(path)
+    /// A host-side file named in cluster.yaml (known_hosts, CA file, SSH key): a file of the
+    /// secrets directory, since such files are not in git. The repository names it, so the
+    /// name must be plain: whoever writes the repository does not choose which file of this
+    /// host is read.
+    pub fn host_path(&self, name: &str) -> Result<PathBuf, SecretError> {
+        if !is_plain_name(name) {
+            return Err(SecretError::BadName(name.to_string()));
         }
+        Ok(self.dir.join(name))
     }
 
     pub fn resolve(&self, name: &str) -> Result<Secret, SecretError> {
-        if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        if !is_plain_name(name) {
             return Err(SecretError::BadName(name.to_string()));
         }
         let env = Self::env_name(name);
@@ -115,6 +120,16 @@ mod tests {
         let store = SecretStore::new(dir.path());
         assert_eq!(store.resolve("pve-token").unwrap().expose(), "root@pam!x=abc");
         assert!(matches!(store.resolve("../etc/passwd"), Err(SecretError::BadName(_))));
+        for outside in ["/etc/shadow", "../x", "a/../../x", ".ssh", ""] {
+            assert!(
+                store.host_path(outside).is_err(),
+                "{outside:?} leaves the secrets directory"
+            );
+        }
+        assert_eq!(
+            store.host_path("pve.known_hosts").unwrap(),
+            dir.path().join("pve.known_hosts")
+        );
         let err = store.resolve("no-such-secret").unwrap_err().to_string();
         assert!(err.contains("DRIFTLESS_SECRET_NO_SUCH_SECRET"), "{err}");
     }

@@ -269,10 +269,11 @@ fn sigterm_during_an_apply_stops_between_steps_and_leaves_no_half_written_file()
         .unwrap_or_default();
     for e in &confs {
         let text = std::fs::read_to_string(e.path()).unwrap();
-        driftless::pve::conf::parse(&text, driftless::pve::conf::GuestKind::Lxc)
+        driftless::pve::conf::parse(&text, driftless::pve::conf::PveKind::Lxc)
             .unwrap_or_else(|err| panic!("{} is not a whole config: {err}\n{text}", e.path().display()));
         assert!(
-            !e.file_name().to_string_lossy().contains(".tmp"),
+            !e.file_name().to_string_lossy().contains(".tmp")
+                && !e.file_name().to_string_lossy().contains(".driftless"),
             "no temporary file left"
         );
     }
@@ -503,4 +504,264 @@ fn a_run_whose_worker_is_killed_is_reported_failed_and_the_daemon_carries_on() {
         r["revision"] == first.as_str() && r["outcome"] == "applied"
     });
     assert_eq!(r["last_applied_revision"], first.as_str(), "{r}");
+}
+
+#[test]
+fn with_verify_in_the_config_an_unsigned_push_waits_for_a_signed_one() {
+    let keys = crate::verify::Keys::new();
+    let mut s = Setup::new("homelab-k3s");
+    let config = s.dir.path().join("daemon.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "poll_interval: 1s\nverify:\n  mode: head\n  allowed_signers: {}\n",
+            keys.allowed_signers.display()
+        ),
+    )
+    .unwrap();
+    let url = s.file_url();
+    s.start_daemon(&url, &["--config", config.to_str().unwrap()]);
+    // The seed commit is unsigned: nothing is applied, and the report says which commit and why.
+    let seed = git(&s.work, &["rev-parse", "HEAD"]);
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == seed.as_str()
+    });
+    assert_eq!(r["outcome"], "unverified", "{r}");
+    assert_eq!(r["verification"]["commits"][0]["rejected"], "unsigned", "{r}");
+    assert_eq!(r["last_applied_revision"], serde_json::Value::Null, "{r}");
+    let md = git(&s.bare, &["show", "driftless/status:status/heads/main.md"]);
+    assert!(md.contains("| outcome | **unverified** |"), "{md}");
+    assert!(md.contains(&format!("commit {seed} is not signed")), "{md}");
+    assert_eq!(s.conf(100), "", "nothing applied");
+
+    let signed = s.commit_change(
+        "nodes/k3s-worker-2.yaml",
+        &worker2_with_memory(&s.work, 6),
+        "worker-2: 6 GiB",
+        &crate::verify::strs(&keys.ssh(&keys.alice)),
+    );
+    s.push("main");
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == signed.as_str()
+    });
+    assert_eq!(r["outcome"], "applied", "{r}");
+    assert_eq!(r["verification"]["verified"], true, "{r}");
+    assert!(s.conf(100).contains("lxc.apparmor.profile: unconfined"));
+    assert!(s.conf(102).contains("memory: 6144"), "{}", s.conf(102));
+}
+
+#[test]
+fn a_revision_that_sets_what_the_daemons_policy_forbids_is_refused_with_its_line() {
+    let mut s = Setup::new("homelab-k3s");
+    let config = s.dir.path().join("daemon.yaml");
+    // Whoever can push to main is root on the host through a raw hook; this operator forbids it.
+    std::fs::write(&config, "poll_interval: 1s\npolicy:\n  forbid_raw_lxc: [lxc.hook.]\n").unwrap();
+    let url = s.file_url();
+    s.start_daemon(&url, &["--config", config.to_str().unwrap()]);
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str() && r["outcome"] == "applied"
+    });
+    let node = std::fs::read_to_string(s.work.join("nodes/k3s-worker-1.yaml")).unwrap();
+    let hook = format!(
+        "{node}deviations: [{{adr: ADR-001, keys: [lxc.raw], reason: a hook}}]\nlxc:\n  raw:\n    - lxc.hook.pre-start: /bin/sh -c 'id > /tmp/pwned'\n"
+    );
+    let bad = s.push_change("nodes/k3s-worker-1.yaml", &hook, "a hook", "main");
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| r["revision"] == bad.as_str());
+    assert_eq!(r["outcome"], "invalid", "{r}");
+    let error = r["errors"][0].as_str().unwrap();
+    assert!(error.contains("nodes/k3s-worker-1.yaml:"), "{r}");
+    assert!(error.contains("policy.forbid_raw_lxc"), "{r}");
+    assert!(
+        !s.conf(101).contains("lxc.hook"),
+        "nothing of it applied: {}",
+        s.conf(101)
+    );
+}
+
+/// A listener standing for a server a pull request's author runs: it counts who connects.
+fn attacker_listener() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(conn);
+        }
+    });
+    (port, seen)
+}
+
+/// main's cluster.yaml pointed at the sandbox on loopback and pinned to its certificate.
+fn cluster_at(s: &Setup, api: &str, fingerprint: &str) -> String {
+    std::fs::read_to_string(s.work.join("cluster.yaml"))
+        .unwrap()
+        .replace("https://192.168.2.10:8006", api)
+        .replace(
+            "# fingerprint: \"AB:CD:...\"",
+            &format!("fingerprint: \"{fingerprint}\""),
+        )
+}
+
+#[test]
+fn a_hostile_pull_request_cannot_send_the_token_elsewhere_or_set_the_schedule() {
+    let mut s = Setup::new("homelab-k3s");
+    s.proxmox_from_repository = true;
+    let (url, fp, token) = (
+        s.sandbox().url.clone(),
+        s.sandbox().fingerprint.clone(),
+        s.sandbox().token.clone(),
+    );
+    let main = s.push_change("cluster.yaml", &cluster_at(&s, &url, &fp), "the lab's API", "main");
+    let repo = s.file_url();
+    s.start_daemon(&repo, &["--poll-interval", "1s", "--plan-refs", "refs/heads/pr/*"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == main.as_str() && r["outcome"] == "applied"
+    });
+
+    // The pull request sends the API (and so the token) to its author's server, pins that
+    // server's certificate, and asks for a one-second schedule.
+    let (port, seen) = attacker_listener();
+    let hostile_fp = ["AB"; 32].join(":");
+    let hostile = std::fs::read_to_string(s.work.join("cluster.yaml"))
+        .unwrap()
+        .replace(&url, &format!("https://127.0.0.1:{port}"))
+        .replace(&fp, &hostile_fp)
+        .replace("interval: 5m", "interval: 1s");
+    assert!(hostile.contains(&hostile_fp));
+    let pr = s.push_change("cluster.yaml", &hostile, "faster", "pr/9");
+    let r = s.wait_report("heads/pr/9", Duration::from_secs(60), |r| r["revision"] == pr.as_str());
+    assert_eq!(r["outcome"], "planned", "planned against the trusted API: {r}");
+    let ignored: Vec<&str> = r["untrusted_changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(ignored.contains(&"proxmox (API, certificate, token, hosts)"), "{r}");
+    assert!(ignored.contains(&"reconcile"), "{r}");
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the attacker's server was dialled"
+    );
+    let md = git(&s.bare, &["show", "driftless/status:status/heads/pr/9.md"]);
+    assert!(md.contains("### Not used for this plan"), "{md}");
+    let secret = token.rsplit('=').next().unwrap();
+    assert!(!md.contains(secret) && !s.log().contains(secret), "the token leaked");
+    // The schedule stays main's: no drift or reconcile report appears every second for main.
+    let commits = s.status_commits();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(
+        s.status_commits() <= commits + 1,
+        "main's schedule was changed by the pull request"
+    );
+}
+
+#[test]
+fn a_pull_request_is_planned_with_the_read_only_plan_token() {
+    let mut s = Setup::new("homelab-k3s");
+    // A token the sandbox does not know: the pull request's plan must fail with it, while
+    // main keeps applying with the daemon's writing token.
+    let plan_token = s.dir.path().join("plan-token");
+    std::fs::write(&plan_token, "auditor@pve!plan=00000000-0000-0000-0000-000000000000\n").unwrap();
+    let url = s.file_url();
+    s.start_daemon(
+        &url,
+        &[
+            "--poll-interval",
+            "1s",
+            "--plan-refs",
+            "refs/heads/pr/*",
+            "--plan-token-file",
+            plan_token.to_str().unwrap(),
+        ],
+    );
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str() && r["outcome"] == "applied"
+    });
+    let pr = s.push_change(
+        "nodes/k3s-worker-2.yaml",
+        &worker2_with_memory(&s.work, 8),
+        "8 GiB",
+        "pr/3",
+    );
+    let r = s.wait_report("heads/pr/3", Duration::from_secs(60), |r| r["revision"] == pr.as_str());
+    assert_eq!(r["outcome"], "failed", "{r}");
+    let errors = r["errors"].to_string();
+    assert!(errors.contains("401") || errors.contains("authentication"), "{r}");
+    assert!(
+        !errors.contains("00000000-0000"),
+        "the plan token's secret is in the report: {r}"
+    );
+}
+
+#[test]
+fn a_force_push_to_an_older_commit_is_applied_and_reported_as_rewritten_history() {
+    let mut s = Setup::new("homelab-k3s");
+    let url = s.file_url();
+    s.start_daemon(&url, &["--poll-interval", "1s"]);
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str() && r["outcome"] == "applied"
+    });
+    let second = s.push_change(
+        "nodes/k3s-worker-2.yaml",
+        &worker2_with_memory(&s.work, 6),
+        "6 GiB",
+        "main",
+    );
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == second.as_str()
+    });
+    assert_eq!(r["outcome"], "applied", "{r}");
+    assert!(
+        r.get("history_rewritten").is_none(),
+        "a fast-forward is not a rewrite: {r}"
+    );
+
+    git(&s.work, &["reset", "-q", "--hard", &first]);
+    s.push("main");
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str()
+    });
+    assert_eq!(r["history_rewritten"], second.as_str(), "{r}");
+    assert_eq!(r["outcome"], "applied", "the older revision is what main says now: {r}");
+    let md = git(&s.bare, &["show", "driftless/status:status/heads/main.md"]);
+    assert!(md.contains("**History rewritten**"), "{md}");
+    assert!(s.conf(102).contains("memory: 4096"), "{}", s.conf(102));
+}
+
+#[test]
+fn a_status_report_the_remote_refused_is_pushed_once_it_accepts_again() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut s = Setup::new("homelab-k3s");
+    // The remote refuses every push while the gate file exists.
+    let gate = s.dir.path().join("remote-refuses");
+    std::fs::write(&gate, "").unwrap();
+    let hook = s.bare.join("hooks/pre-receive");
+    std::fs::write(
+        &hook,
+        format!("#!/bin/sh\n[ -e '{}' ] && exit 1\nexit 0\n", gate.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let url = s.file_url();
+    s.start_daemon(&url, &["--poll-interval", "1s"]);
+    wait_until(Duration::from_secs(60), || {
+        s.log().contains("queued, retried on the next poll").then_some(())
+    })
+    .unwrap_or_else(|| panic!("the push is refused and the report queued\n{}", s.log()));
+    assert!(s.report("heads/main").is_none());
+
+    std::fs::remove_file(&gate).unwrap();
+    let first = git(&s.work, &["rev-parse", "HEAD"]);
+    let r = s.wait_report("heads/main", Duration::from_secs(60), |r| {
+        r["revision"] == first.as_str()
+    });
+    assert_eq!(r["outcome"], "applied", "{r}");
+    assert!(s.log().contains("queued status report pushed"), "{}", s.log());
 }

@@ -216,6 +216,9 @@ fn report(git_ref: &str, revision: &str, outcome: Outcome) -> StatusReport {
         errors: vec![],
         last_attempted_revision: Some(revision.into()),
         last_applied_revision: None,
+        untrusted_changes: Vec::new(),
+        history_rewritten: None,
+        verification: None,
     }
 }
 
@@ -591,4 +594,27 @@ fn report_paths_markdown_json_and_redaction() {
         ("refs/heads/main", RunKind::Reconcile, Outcome::Failed)
     );
     assert_eq!(s.errors, vec!["proxmox said: token=<redacted> is invalid"]);
+}
+
+#[test]
+fn a_mirror_whose_objects_were_lost_is_made_again_by_the_next_fetch() {
+    let forge = Forge::new();
+    let (_cache, m) = mirror(&forge.url());
+    m.fetch(&heads()).expect("first fetch");
+    assert!(m.is_intact());
+    // Objects deleted behind the daemon's back: refs point at nothing.
+    let objects = m.path().join("objects");
+    std::fs::remove_dir_all(&objects).unwrap();
+    std::fs::create_dir_all(objects.join("pack")).unwrap();
+    assert!(!m.is_intact());
+    let second = forge.push_commit("NOTES.md", "after the damage\n", "refs/heads/main");
+    let (refs, remade) = m.fetch_healing(&heads()).expect("healed");
+    assert!(remade);
+    assert_eq!(refs.get("refs/heads/main"), Some(&second));
+    assert!(m.read_files(&second).unwrap().files.contains_key("cluster.yaml"));
+    // An intact mirror is never remade, and a fetch that fails for another reason says why.
+    let (_, remade) = m.fetch_healing(&heads()).unwrap();
+    assert!(!remade);
+    let err = m.fetch_healing(&["refs/heads/nope".to_string()]).unwrap_err();
+    assert!(err.to_string().contains("refs/heads/nope"), "{err}");
 }

@@ -356,3 +356,49 @@ fn a_wrong_host_key_stops_the_apply_before_raw_keys_are_written() {
         "no raw key was written"
     );
 }
+
+#[test]
+fn sigterm_stops_a_one_shot_apply_between_steps_and_says_what_was_not_done() {
+    use std::io::{BufRead, BufReader};
+    let env = Env::new("homelab-k3s");
+    env.sandbox().knobs().set_latency(std::time::Duration::from_millis(300));
+    let mut args: Vec<String> = ["--repo", env.repo.path().to_str().unwrap(), "apply", "--auto-approve"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["--parallelism".into(), "1".into()]);
+    args.extend(env.connection_args());
+    let mut child = std::process::Command::new(testkit::driftless_bin())
+        .args(&args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = String::new();
+    // The first step starts: then the apply is asked to stop.
+    while !seen.contains(" start ") {
+        let mut line = String::new();
+        assert!(stderr.read_line(&mut line).unwrap() > 0, "apply ended early:\n{seen}");
+        seen.push_str(&line);
+    }
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "an interrupted apply is not a success");
+    assert!(rest.contains("stopping after the steps that are running"), "{rest}");
+    assert!(stdout.contains("Stopped between two steps, as asked."), "{stdout}");
+    assert!(stdout.contains("Not done:"), "{stdout}");
+    // The step that was running finished whole: its guest exists with a complete config.
+    let files = env.guest_files();
+    assert!(!files.is_empty() && files.len() < 3, "{files:?}");
+    for f in &files {
+        assert!(f.ends_with(".conf"), "a temporary file was left: {files:?}");
+    }
+}

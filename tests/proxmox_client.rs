@@ -12,7 +12,8 @@ use axum::extract::{Request, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use driftless::adapters::proxmox::{ApiToken, ClientOptions, ProxmoxClient};
-use driftless::adapters::tls::{TlsTrust, fingerprint_of_der, normalize_fingerprint};
+use driftless::adapters::tls::{TlsTrust, normalize_fingerprint};
+use driftless::pki::fingerprint_of_der;
 use driftless::ports::{PowerAction, ProxmoxApi, ProxmoxError, PveKind, Upid};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
@@ -183,14 +184,50 @@ fn ca_and_leaf() -> (String, ServerCert) {
 }
 
 async fn serve_https(cert: ServerCert, handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Fake {
-    let (router, shared) = router(Arc::new(handler));
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(vec![cert.cert], cert.key)
         .unwrap();
+    serve_https_with(config, handler).await
+}
+
+/// A certificate that is not the server's, shown with the server's own key: what someone
+/// who copied a certificate (they are public) can do without its private key.
+#[derive(Debug)]
+struct Stolen(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for Stolen {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+async fn serve_stolen(
+    stolen: CertificateDer<'static>,
+    handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+) -> Fake {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let own = self_signed();
+    let key = provider.key_provider.load_private_key(own.key).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(Stolen(Arc::new(rustls::sign::CertifiedKey::new(
+            vec![stolen],
+            key,
+        )))));
+    serve_https_with(config, handler).await
+}
+
+async fn serve_https_with(
+    mut config: rustls::ServerConfig,
+    handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+) -> Fake {
+    let (router, shared) = router(Arc::new(handler));
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -359,6 +396,28 @@ async fn insecure_accepts_anything_and_warns_at_every_build() {
     assert!(text.contains("WARN"), "{text}");
     assert_eq!(first.version().await.unwrap(), "9.1.3");
     assert_eq!(second.version().await.unwrap(), "9.1.3");
+}
+
+#[tokio::test]
+async fn a_copied_certificate_without_its_key_is_refused_pinned_or_insecure() {
+    // The Proxmox node's certificate, copied by someone without its private key.
+    let real = self_signed();
+    let pin = fingerprint_of_der(real.cert.as_ref());
+    let fake = serve_stolen(real.cert.clone(), version_handler).await;
+    for trust in [TlsTrust::Fingerprint(pin), TlsTrust::Insecure] {
+        let client = client(&[&fake.url], trust.clone());
+        let err = client.version().await.unwrap_err();
+        let ProxmoxError::Transport { message, .. } = &err else {
+            panic!("{trust:?}: expected a transport error, got {err:?}")
+        };
+        assert!(message.contains("BadSignature"), "{trust:?}: {message}");
+        assert_eq!(
+            client.request_count(),
+            1,
+            "{trust:?}: a refused handshake is not retried"
+        );
+    }
+    assert_eq!(fake.count(), 0, "no request reached it");
 }
 
 // ---------------------------------------------------------------- token

@@ -6,12 +6,12 @@
 //!
 //! After an intended change to the output, regenerate the snapshots with
 //!
-//!     DRIFTLESS_BLESS=1 cargo test --test render_snapshots
+//!     DRIFTLESS_BLESS=1 cargo test --test integration render_snapshots
 //!
 //! and read `git diff tests/snapshots` the way an operator would before committing it.
 
 use driftless::pve::ApiSchema;
-use driftless::pve::conf::{self, GuestKind};
+use driftless::pve::conf::{self, PveKind};
 use regex::Regex;
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -121,7 +121,7 @@ fn rendered_artifacts_match_the_snapshots() {
     assert!(
         failures.is_empty(),
         "rendered artifacts differ from tests/snapshots (if the change is intended, run \
-         `DRIFTLESS_BLESS=1 cargo test --test render_snapshots` and review the diff):\n  {}",
+         `DRIFTLESS_BLESS=1 cargo test --test integration render_snapshots` and review the diff):\n  {}",
         failures.join("\n  ")
     );
 }
@@ -143,17 +143,17 @@ fn rendering_twice_gives_identical_bytes() {
 
 // ---------------------------------------------------------------- Proxmox config files
 
-fn guest_kind(target: &str) -> GuestKind {
+fn guest_kind(target: &str) -> PveKind {
     if target.contains("/lxc/") {
-        GuestKind::Lxc
+        PveKind::Lxc
     } else if target.contains("/qemu-server/") {
-        GuestKind::Qemu
+        PveKind::Qemu
     } else {
         panic!("a proxmox.conf target that is neither lxc/ nor qemu-server/: {target}")
     }
 }
 
-fn proxmox_confs() -> Vec<(String, GuestKind, String)> {
+fn proxmox_confs() -> Vec<(String, PveKind, String)> {
     let mut out = Vec::new();
     for example in EXAMPLES {
         for (node, kind, target, content) in artifacts(example) {
@@ -162,9 +162,9 @@ fn proxmox_confs() -> Vec<(String, GuestKind, String)> {
             }
         }
     }
-    let kinds: Vec<GuestKind> = out.iter().map(|(_, k, _)| *k).collect();
+    let kinds: Vec<PveKind> = out.iter().map(|(_, k, _)| *k).collect();
     assert!(
-        kinds.contains(&GuestKind::Lxc) && kinds.contains(&GuestKind::Qemu),
+        kinds.contains(&PveKind::Lxc) && kinds.contains(&PveKind::Qemu),
         "the examples render both container and VM configs"
     );
     out
@@ -220,7 +220,7 @@ fn proxmox_conf_lines_follow_the_file_grammar() {
             let this = if description.is_match(line) {
                 0
             } else if let Some(c) = raw.captures(line) {
-                if kind != GuestKind::Lxc {
+                if kind != PveKind::Lxc {
                     failures.push(format!("{at}: raw lxc key in a VM config"));
                 }
                 if c[2].trim() != &c[2] {

@@ -667,3 +667,49 @@ async fn virtual_machines_are_created_like_qemu_server() {
     );
     h.shutdown().await;
 }
+
+/// `driftless-sandbox serve` with fault flags, and `driftless plan` pointed at it through the
+/// env file it writes.
+#[test]
+fn serve_takes_the_fault_knobs_as_flags() {
+    let bad = std::process::Command::new(testkit::sandbox_bin())
+        .args(["serve", "--state", "/nonexistent", "--error-rate", "2"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--error-rate 2 is not a fraction"));
+
+    let state = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = std::process::Command::new(testkit::sandbox_bin())
+        .args(["serve", "--state"])
+        .arg(state.path())
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--error-rate", "1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let env_file = state.path().join(".sandbox/connection.env");
+    let env = testkit::wait_until(std::time::Duration::from_secs(30), || {
+        std::fs::read_to_string(&env_file).ok()
+    })
+    .expect("serve writes its connection settings");
+    let mut plan = std::process::Command::new(testkit::driftless_bin());
+    plan.args(["--repo"])
+        .arg(testkit::example("homelab-k3s"))
+        .args(["plan", "--guests-only"]);
+    for line in env.lines() {
+        if let Some((k, v)) = line.split_once('=') {
+            plan.env(k, v.trim_matches('"'));
+        }
+    }
+    let out = plan.output().unwrap();
+    let _ = server.kill();
+    let _ = server.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "every request fails with --error-rate 1");
+    assert!(stderr.contains("500"), "{stderr}");
+}

@@ -194,3 +194,19 @@ fn an_agent_gets_its_join_token_as_a_0600_file_and_the_token_is_in_no_command() 
     assert_eq!(again.written, [k3s::TOKEN_PATH]);
     assert!(again.restarted);
 }
+
+#[test]
+fn a_node_that_answers_without_end_is_cut_off_at_the_output_cap() {
+    use driftless::ports::{HostShell, ShellError};
+    let node = Node::start();
+    // What a compromised guest can do to any command driftless runs there.
+    let argv: Vec<String> = ["yes", "secret-looking-line"].iter().map(|s| s.to_string()).collect();
+    let err = node.rt.block_on(node.ssh.run("k3s-vm", &argv, b"")).unwrap_err();
+    assert!(matches!(err, ShellError::TooMuchOutput { .. }), "{err}");
+    // The connection is still usable for the next command.
+    let ok = node
+        .rt
+        .block_on(node.ssh.run("k3s-vm", &["true".to_string()], b""))
+        .unwrap();
+    assert_eq!(ok.status, 0);
+}

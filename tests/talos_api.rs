@@ -2,7 +2,8 @@
 //! API (`sandbox::talos_api`) on loopback, with the machine configs driftless renders for
 //! examples/homelab-talos, filled from a generated secrets bundle: maintenance mode, the first
 //! apply, mTLS with the talosconfig, dry runs and their diffs, bootstrap, the kubeconfig, the
-//! schema check, and credentials of another cluster.
+//! schema check, credentials of another cluster, and impostors (`talos_api::serve_impostor`)
+//! at a node's address: what the client tells apart, and that they are sent nothing.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -14,7 +15,7 @@ use driftless::model::{LoadOptions, RepoFiles};
 use driftless::ports::{TalosApi, TalosApplyMode, TalosError, TalosNodeState};
 use driftless::render::ArtifactKind;
 use driftless_sandbox::cluster_state;
-use driftless_sandbox::talos_api::{self, TalosApiHandle};
+use driftless_sandbox::talos_api::{self, ImpostorKind, TalosApiHandle};
 
 const CP: &str = "10.0.0.10";
 const WORKER: &str = "10.0.0.21";
@@ -128,8 +129,9 @@ async fn a_control_plane_from_maintenance_mode_to_kubeconfig() {
     // that need the talosconfig's trust fail at TLS).
     assert_eq!(talos.probe(CP).await.unwrap(), TalosNodeState::Maintenance);
     let err = talos.kubeconfig(CP).await.unwrap_err();
-    assert!(matches!(err, TalosError::Transport { .. }), "{err}");
-    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    assert!(matches!(err, TalosError::Untrusted { .. }), "{err}");
+    assert!(err.to_string().contains("did not sign its certificate"), "{err}");
+    assert!(!err.retryable());
 
     // The first config goes in without client certificates.
     let first = talos
@@ -354,16 +356,27 @@ async fn credentials_of_another_cluster_are_refused() {
         .await
         .unwrap();
 
-    // A talosconfig from another bundle: its CA does not sign the server's certificate.
+    // A talosconfig from another bundle: its CA does not sign the server's certificate, and a
+    // configured node is not in maintenance mode: not this cluster's node, whatever it is.
     let other = TalosSecrets::generate();
     let stranger = client(&other, &sandbox);
     let err = stranger.probe(CP).await.unwrap_err();
-    assert!(matches!(err, TalosError::Transport { .. }), "{err}");
+    assert!(matches!(err, TalosError::Untrusted { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("the Talos API at 10.0.0.10 is not the cluster's: "),
+        "{text}"
+    );
+    assert!(text.contains("did not sign its certificate"), "{text}");
+    assert!(
+        text.contains("does not answer as Talos's maintenance service does (Unauthenticated"),
+        "{text}"
+    );
     let err = stranger
         .apply_configuration(CP, b"version: v1alpha1\n", TalosApplyMode::Auto, true, false)
         .await
         .unwrap_err();
-    assert!(matches!(err, TalosError::Transport { .. }), "{err}");
+    assert!(matches!(err, TalosError::Untrusted { .. }), "{err}");
     assert!(err.to_string().contains("certificate"), "{err}");
     assert!(stranger.bootstrap(CP).await.is_err());
 
@@ -593,4 +606,136 @@ async fn a_bundle_talosctl_made_works_end_to_end() {
     ));
     assert!(talos.bootstrap(CP).await.unwrap());
     sandbox.api.shutdown().await;
+}
+
+// ------------------------------------------------------------------------------- impostors
+
+/// A config as driftless would send it: the bundle's secrets filled in.
+fn secret_config(bundle: &TalosSecrets) -> String {
+    filled(&render(&example()), "talos-cp-1", bundle)
+}
+
+/// The impostor saw none of the bundle's values, nor a config.
+fn assert_sent_nothing(log: &talos_api::ImpostorLog, bundle: &TalosSecrets) {
+    assert!(log.configs.is_empty(), "a config reached the impostor");
+    assert!(
+        log.calls
+            .iter()
+            .all(|(path, _)| path != driftless::adapters::talos::proto::APPLY_CONFIGURATION),
+        "{:?}",
+        log.calls
+    );
+    let received = String::from_utf8_lossy(&log.received);
+    for value in secret_values(bundle) {
+        assert!(
+            !received.contains(&value),
+            "a secret of the bundle reached the impostor"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_impostor_that_answers_without_client_certificates_is_refused_naming_the_node() {
+    let bundle = TalosSecrets::generate();
+    let impostor = talos_api::serve_impostor(ImpostorKind::Answering, None).await.unwrap();
+    let talosconfig = talos_secrets::talosconfig(&bundle, "c", &[CP.into()], &[]).unwrap();
+    let talos = TalosClient::from_talosconfig(talosconfig.as_bytes(), Some(&impostor.endpoint)).unwrap();
+
+    let err = talos.probe(CP).await.unwrap_err();
+    let TalosError::Untrusted { node, message } = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(node, CP);
+    assert!(
+        message.starts_with("the cluster CA (the talosconfig's `ca`) did not sign its certificate, and it answers a Version request without a client certificate"),
+        "{message}"
+    );
+    assert!(!err.retryable());
+    // Every call that would carry something refuses at TLS.
+    let config = secret_config(&bundle);
+    for dry_run in [true, false] {
+        let err = talos
+            .apply_configuration(CP, config.as_bytes(), TalosApplyMode::Auto, dry_run, false)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, TalosError::Untrusted { .. }), "{err}");
+    }
+    assert!(matches!(talos.bootstrap(CP).await, Err(TalosError::Untrusted { .. })));
+    assert!(matches!(talos.kubeconfig(CP).await, Err(TalosError::Untrusted { .. })));
+
+    // It was asked for its version, without credentials, once; nothing else reached it.
+    let log = impostor.log();
+    assert_eq!(
+        log.calls,
+        [(
+            driftless::adapters::talos::proto::VERSION.to_string(),
+            Some(CP.to_string())
+        )]
+    );
+    assert_sent_nothing(&log, &bundle);
+    impostor.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_impostor_imitating_maintenance_mode_is_maintenance_mode_to_the_client_and_gets_no_mtls_call() {
+    // Nothing on the wire tells it from a node booted without a config: that is why the
+    // cluster layer sends maintenance-mode configs only to VMs its run created (or to nodes
+    // whose file allows it; tests/e2e_talos.rs, cluster::access's tests).
+    let bundle = TalosSecrets::generate();
+    let impostor = talos_api::serve_impostor(ImpostorKind::Maintenance, None)
+        .await
+        .unwrap();
+    let talosconfig = talos_secrets::talosconfig(&bundle, "c", &[CP.into()], &[]).unwrap();
+    let talos = TalosClient::from_talosconfig(talosconfig.as_bytes(), Some(&impostor.endpoint)).unwrap();
+    assert_eq!(talos.probe(CP).await.unwrap(), TalosNodeState::Maintenance);
+    let err = talos
+        .apply_configuration(
+            CP,
+            secret_config(&bundle).as_bytes(),
+            TalosApplyMode::Auto,
+            false,
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, TalosError::Untrusted { .. }), "{err}");
+    assert_sent_nothing(&impostor.log(), &bundle);
+    impostor.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_impostor_showing_the_cluster_nodes_own_certificate_without_its_key_is_refused() {
+    // The certificate is public: a copy of it, signed by the cluster CA and naming the node,
+    // presented with another key. The handshake signature gives it away, with or without
+    // verification of the chain.
+    let bundle = TalosSecrets::generate();
+    let (stolen, _key) = bundle
+        .os_ca()
+        .unwrap()
+        .issue_server_cert(&["127.0.0.1".into(), CP.into()])
+        .unwrap();
+    let own_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519)
+        .unwrap()
+        .serialize_der();
+    let impostor = talos_api::serve_impostor(ImpostorKind::Maintenance, Some((stolen, own_key)))
+        .await
+        .unwrap();
+    let talosconfig = talos_secrets::talosconfig(&bundle, "c", &[CP.into()], &[]).unwrap();
+    let talos = TalosClient::from_talosconfig(talosconfig.as_bytes(), Some(&impostor.endpoint)).unwrap();
+    let err = talos.probe(CP).await.unwrap_err();
+    let text = err.to_string();
+    assert!(matches!(err, TalosError::Untrusted { .. }), "{text}");
+    assert!(
+        text.contains("does not hold the key of the certificate it shows"),
+        "{text}"
+    );
+    let err = talos
+        .apply_configuration(CP, secret_config(&bundle).as_bytes(), TalosApplyMode::Auto, false, true)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("BadSignature"), "{err}");
+    let log = impostor.log();
+    assert!(log.calls.is_empty(), "no TLS session got through: {:?}", log.calls);
+    assert_sent_nothing(&log, &bundle);
+    impostor.shutdown().await;
 }

@@ -9,7 +9,9 @@ OUTPUT defaults to src/pve/pve-api-subset.json next to this script's repository.
 
 Only the schema keys the validator needs are kept: documentation strings
 (description, verbose_description, typetext, format_description, ...) are dropped so the
-embedded file stays small. The output is deterministic (sorted keys, 1-space indent),
+embedded file stays small. Each endpoint's `permissions` keeps its machine-readable part
+(`check`, `user`): the sandbox enforces it, and the setup guide's least-privilege role is
+checked against it. The output is deterministic (sorted keys, 1-space indent),
 so re-running the script on the same input gives the same bytes.
 """
 
@@ -20,6 +22,13 @@ import sys
 ENDPOINTS = [
     ("GET", "/version"),
     ("GET", "/nodes"),
+    # `driftless doctor`: the token's effective privileges, a node's bridges, its storages
+    # (free space) and their content (templates and ISOs).
+    ("GET", "/access/permissions"),
+    ("GET", "/nodes/{node}/network"),
+    ("GET", "/nodes/{node}/storage"),
+    ("GET", "/nodes/{node}/storage/{storage}/status"),
+    ("GET", "/nodes/{node}/storage/{storage}/content"),
     ("GET", "/cluster/resources"),
     ("GET", "/nodes/{node}/tasks/{upid}/status"),
     # LXC containers
@@ -149,6 +158,9 @@ def main(argv):
         for flag in ("protected", "allowtoken"):
             if flag in info:
                 entry[flag] = info[flag]
+        perms = {k: v for k, v in (info.get("permissions") or {}).items() if k in ("check", "user")}
+        if perms:
+            entry["permissions"] = perms
         endpoints.append(entry)
 
     out = {

@@ -2,10 +2,10 @@
 //! local processes (argv, no shell) and files are replaced with the same compare-and-swap
 //! rule as over SSH. Used with the sandbox (`driftless-sandbox`); real hosts use `ssh::SshHostShell`.
 
-use crate::ports::{CommandOutput, HostShell, ShellError};
+use crate::ports::{CommandOutput, HostShell, ShellError, append_capped};
 use crate::pve::conf::digest_bytes;
 use std::path::Path;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, Clone, Default)]
 pub struct LocalShell;
@@ -25,20 +25,42 @@ impl HostShell for LocalShell {
                 host: "localhost".into(),
                 message: format!("cannot run {program}: {e}"),
             })?;
-        if let Some(mut input) = child.stdin.take() {
-            input
-                .write_all(stdin)
-                .await
-                .map_err(|e| ShellError::Other(e.to_string()))?;
+        // stdin is written while stdout and stderr are read: a command that answers before it
+        // has read all its input must not deadlock on a full pipe.
+        let mut input = child.stdin.take();
+        let feed = async {
+            if let Some(input) = input.as_mut() {
+                input.write_all(stdin).await?;
+            }
+            drop(input.take());
+            Ok::<(), std::io::Error>(())
+        };
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let (fed, stdout, stderr) = tokio::join!(feed, read_capped(stdout), read_capped(stderr));
+        let (stdout, stderr) = match (stdout, stderr) {
+            (Ok(o), Ok(e)) => (o, e),
+            (Err(e), _) | (_, Err(e)) => {
+                let _ = child.kill().await;
+                return Err(match e {
+                    Capped::TooMuch => ShellError::TooMuchOutput {
+                        host: "localhost".into(),
+                        command: argv.join(" "),
+                    },
+                    Capped::Io(e) => ShellError::Other(e.to_string()),
+                });
+            }
+        };
+        // A command that exits without reading its input closes the pipe: not an error.
+        if let Err(e) = fed
+            && e.kind() != std::io::ErrorKind::BrokenPipe
+        {
+            return Err(ShellError::Other(e.to_string()));
         }
-        let out = child
-            .wait_with_output()
-            .await
-            .map_err(|e| ShellError::Other(e.to_string()))?;
+        let status = child.wait().await.map_err(|e| ShellError::Other(e.to_string()))?;
         Ok(CommandOutput {
-            status: out.status.code().unwrap_or(255) as u32,
-            stdout: out.stdout,
-            stderr: out.stderr,
+            status: status.code().unwrap_or(255) as u32,
+            stdout,
+            stderr,
         })
     }
 
@@ -71,5 +93,56 @@ impl HostShell for LocalShell {
         tokio::fs::rename(&tmp, Path::new(path))
             .await
             .map_err(|e| ShellError::Other(format!("cannot replace {path}: {e}")))
+    }
+}
+
+enum Capped {
+    TooMuch,
+    Io(std::io::Error),
+}
+
+/// Read a pipe to its end, or stop at [`MAX_COMMAND_OUTPUT`].
+async fn read_capped(pipe: Option<impl AsyncRead + Unpin>) -> Result<Vec<u8>, Capped> {
+    let Some(mut pipe) = pipe else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let n = pipe.read(&mut chunk).await.map_err(Capped::Io)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        if !append_capped(&mut out, &chunk[..n]) {
+            return Err(Capped::TooMuch);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ports::MAX_COMMAND_OUTPUT;
+
+    fn argv(words: &[&str]) -> Vec<String> {
+        words.iter().map(|w| w.to_string()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_command_that_prints_without_end_is_stopped_at_the_cap() {
+        let err = LocalShell
+            .run("pve", &argv(&["yes", "0123456789abcdef"]), b"")
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ShellError::TooMuchOutput { .. }), "{err}");
+        assert!(err.to_string().contains("more than 16 MiB"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn output_under_the_cap_and_its_input_arrive_whole() {
+        let input = vec![b'x'; MAX_COMMAND_OUTPUT / 2];
+        let out = LocalShell.run("pve", &argv(&["cat"]), &input).await.unwrap();
+        assert_eq!(out.status, 0);
+        assert_eq!(out.stdout.len(), input.len());
     }
 }

@@ -2,7 +2,7 @@ pub mod known_hosts;
 pub mod kube;
 pub mod local_shell;
 pub mod proxmox;
-pub mod shell_quote;
+pub(crate) mod shell_quote;
 pub mod ssh;
 pub mod talos;
 pub mod tls;

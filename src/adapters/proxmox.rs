@@ -23,7 +23,10 @@ use serde_json::Value;
 use tokio::sync::Semaphore;
 
 use crate::adapters::tls::{self, TlsTrust};
-use crate::ports::{GuestSummary, LiveConfig, PowerAction, ProxmoxApi, ProxmoxError, PveKind, Upid};
+use crate::ports::{
+    GuestSummary, LiveConfig, NetworkInterface, Permissions, PowerAction, ProxmoxApi, ProxmoxError, PveKind, PveNode,
+    PveVersion, StorageStatus, StorageVolume, Upid,
+};
 
 /// A Proxmox API token: `USER@REALM!TOKENID` and its secret.
 #[derive(Clone, PartialEq, Eq)]
@@ -641,6 +644,107 @@ fn live_config(data: Value) -> Result<LiveConfig, String> {
     Ok(config)
 }
 
+/// A JSON number (or a numeric string: Proxmox's Perl sometimes sends those) as `u64`.
+fn json_u64(value: Option<&Value>) -> Option<u64> {
+    match value? {
+        Value::Number(n) => n
+            .as_u64()
+            .or_else(|| n.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64)),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+/// A Proxmox boolean: `1`/`0` from Perl, JSON `true`/`false`, or a string of either.
+fn json_bool(value: Option<&Value>) -> Option<bool> {
+    match value? {
+        Value::Bool(b) => Some(*b),
+        Value::Number(n) => n.as_f64().map(|f| f != 0.0),
+        Value::String(s) => match s.trim() {
+            "1" | "true" | "yes" | "on" => Some(true),
+            "0" | "false" | "no" | "off" | "" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+fn json_text(value: Option<&Value>) -> Option<String> {
+    value.filter(|v| !v.is_null()).map(value_text)
+}
+
+fn expect_list(what: &str, data: Value) -> Result<Vec<Value>, ProxmoxError> {
+    match data {
+        Value::Array(items) => Ok(items),
+        other => Err(ProxmoxError::Other(format!("{what}: expected a list, got {other}"))),
+    }
+}
+
+/// A storage's status as `GET /nodes/{node}/storage` lists it (or `.../status` answers,
+/// without the id: `storage` fills it in).
+fn storage_status(item: &Value, storage: Option<&str>) -> Result<StorageStatus, String> {
+    let storage = match storage {
+        Some(s) => s.to_string(),
+        None => item
+            .get("storage")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("a storage without an id: {item}"))?
+            .to_string(),
+    };
+    Ok(StorageStatus {
+        kind: json_text(item.get("type")).unwrap_or_default(),
+        content: json_text(item.get("content"))
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|c| !c.is_empty())
+            .map(str::to_string)
+            .collect(),
+        // Proxmox leaves `active`/`enabled` out rather than saying 0 in some versions: absent
+        // means the storage answered the status call, which only an active one does.
+        active: json_bool(item.get("active")).unwrap_or(true),
+        enabled: json_bool(item.get("enabled")).unwrap_or(true),
+        shared: json_bool(item.get("shared")).unwrap_or(false),
+        total: json_u64(item.get("total")),
+        used: json_u64(item.get("used")),
+        avail: json_u64(item.get("avail")),
+        storage,
+    })
+}
+
+fn storage_volume(item: &Value) -> Result<StorageVolume, String> {
+    Ok(StorageVolume {
+        volid: item
+            .get("volid")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("a volume without a volid: {item}"))?
+            .to_string(),
+        content: json_text(item.get("content")).unwrap_or_default(),
+        format: json_text(item.get("format")).unwrap_or_default(),
+        size: json_u64(item.get("size")).unwrap_or(0),
+        vmid: json_u64(item.get("vmid")).and_then(|v| u32::try_from(v).ok()),
+    })
+}
+
+/// `{"/vms": {"VM.Audit": 1}}` as paths to privileges to their propagate flag.
+fn permissions(data: Value) -> Result<Permissions, String> {
+    let Value::Object(paths) = data else {
+        return Err(format!("expected an object, got {data}"));
+    };
+    let mut out = Permissions::new();
+    for (path, privs) in paths {
+        let Value::Object(privs) = privs else {
+            return Err(format!("{path}: expected an object of privileges, got {privs}"));
+        };
+        let privs = privs
+            .iter()
+            .map(|(p, propagate)| (p.clone(), json_bool(Some(propagate)).unwrap_or(true)))
+            .collect();
+        out.insert(path, privs);
+    }
+    Ok(out)
+}
+
 impl ProxmoxApi for ProxmoxClient {
     async fn list_guests(&self) -> Result<Vec<GuestSummary>, ProxmoxError> {
         let data = self.call(Method::GET, "/cluster/resources", "type=vm", None).await?;
@@ -747,6 +851,86 @@ impl ProxmoxApi for ProxmoxClient {
             }
             tokio::time::sleep(delay).await;
         }
+    }
+
+    async fn api_version(&self) -> Result<PveVersion, ProxmoxError> {
+        let data = self.call(Method::GET, "/version", "", None).await?;
+        Ok(PveVersion {
+            version: json_text(data.get("version")).unwrap_or_default(),
+            release: json_text(data.get("release")).unwrap_or_default(),
+        })
+    }
+
+    async fn permissions(&self, path: Option<&str>) -> Result<Permissions, ProxmoxError> {
+        let query = path.map(|p| format!("path={}", encode(p))).unwrap_or_default();
+        let data = self.call(Method::GET, "/access/permissions", &query, None).await?;
+        permissions(data).map_err(|e| ProxmoxError::Other(format!("GET /access/permissions: {e}")))
+    }
+
+    async fn nodes(&self) -> Result<Vec<PveNode>, ProxmoxError> {
+        let items = expect_list("GET /nodes", self.call(Method::GET, "/nodes", "", None).await?)?;
+        items
+            .iter()
+            .map(|item| {
+                let node = item
+                    .get("node")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| ProxmoxError::Other(format!("GET /nodes: a node without a name: {item}")))?;
+                Ok(PveNode {
+                    node: node.to_string(),
+                    status: json_text(item.get("status")).unwrap_or_else(|| "unknown".into()),
+                    ssl_fingerprint: json_text(item.get("ssl_fingerprint")).filter(|f| !f.is_empty()),
+                })
+            })
+            .collect()
+    }
+
+    async fn node_network(&self, node: &str) -> Result<Vec<NetworkInterface>, ProxmoxError> {
+        let path = format!("/nodes/{}/network", encode(node));
+        let items = expect_list(&format!("GET {path}"), self.call(Method::GET, &path, "", None).await?)?;
+        Ok(items
+            .iter()
+            .filter_map(|item| {
+                Some(NetworkInterface {
+                    iface: item.get("iface")?.as_str()?.to_string(),
+                    kind: json_text(item.get("type")).unwrap_or_default(),
+                    active: json_bool(item.get("active")).unwrap_or(false),
+                })
+            })
+            .collect())
+    }
+
+    async fn storages(&self, node: &str) -> Result<Vec<StorageStatus>, ProxmoxError> {
+        let path = format!("/nodes/{}/storage", encode(node));
+        let items = expect_list(&format!("GET {path}"), self.call(Method::GET, &path, "", None).await?)?;
+        items
+            .iter()
+            .map(|item| storage_status(item, None).map_err(|e| ProxmoxError::Other(format!("GET {path}: {e}"))))
+            .collect()
+    }
+
+    async fn storage_status(&self, node: &str, storage: &str) -> Result<StorageStatus, ProxmoxError> {
+        let path = format!("/nodes/{}/storage/{}/status", encode(node), encode(storage));
+        let data = self.call(Method::GET, &path, "", None).await?;
+        storage_status(&data, Some(storage)).map_err(|e| ProxmoxError::Other(format!("GET {path}: {e}")))
+    }
+
+    async fn storage_content(
+        &self,
+        node: &str,
+        storage: &str,
+        content: Option<&str>,
+    ) -> Result<Vec<StorageVolume>, ProxmoxError> {
+        let path = format!("/nodes/{}/storage/{}/content", encode(node), encode(storage));
+        let query = content.map(|c| format!("content={}", encode(c))).unwrap_or_default();
+        let items = expect_list(
+            &format!("GET {path}"),
+            self.call(Method::GET, &path, &query, None).await?,
+        )?;
+        items
+            .iter()
+            .map(|item| storage_volume(item).map_err(|e| ProxmoxError::Other(format!("GET {path}: {e}"))))
+            .collect()
     }
 }
 

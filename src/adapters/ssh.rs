@@ -37,7 +37,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::adapters::known_hosts::{KnownHosts, Presented, Verdict};
 use crate::adapters::shell_quote::{command_line, has_nul};
-use crate::ports::{CommandOutput, HostShell, ShellError};
+use crate::ports::{CommandOutput, HostShell, ShellError, append_capped};
 
 /// Where and how to reach the Proxmox host serving one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -157,11 +157,25 @@ const HOST_CERTIFICATE_ALGORITHMS: &[Algorithm] = &[
 /// Exit status of the compare-and-swap script when the file's SHA-1 is not the expected one.
 const CHANGED_STATUS: u32 = 79;
 
+/// Exit status of the compare-and-swap script when what arrived is not what was sent (the
+/// connection dropped, the client was killed): the file is left as it was.
+const INCOMPLETE_STATUS: u32 = 74;
+
 /// Replace `$1` with stdin only if the SHA-1 of `$1` is `$2` (an absent file counts as the
-/// empty string). Temporary file in the same directory, mode copied, then `mv` (a rename).
-/// pmxcfs accepts this: its chmod allows the mode the file already has, and rename within a
-/// directory is how Proxmox itself replaces files.
-const WRITE_IF_UNCHANGED: &str = r#"p=$1 want=$2
+/// empty string), and only when what arrived is `$3` bytes with SHA-256 `$4`: a write cut
+/// short never replaces the file (an empty or truncated container config is a guest lost).
+/// Temporary file in the same directory, unique per process, mode copied, synced, then `mv`
+/// (a rename). pmxcfs accepts this: its chmod allows the mode the file already has, and
+/// rename within a directory is how Proxmox itself replaces files. A container's config is
+/// edited under Proxmox's own config lock, as `pct set` takes it, when the host has one.
+const WRITE_IF_UNCHANGED: &str = r#"p=$1 want=$2 len=$3 sum=$4
+case $p in
+  */lxc/*.conf) id=${p##*/}; lock=/run/lock/lxc/pve-config-${id%.conf}.lock ;;
+  *) lock= ;;
+esac
+if [ -n "$lock" ] && [ -d /run/lock/lxc ]; then
+  exec 9>>"$lock" && flock -w 30 9 || { printf 'cannot take %s\n' "$lock" >&2; exit 75; }
+fi
 if [ -e "$p" ]; then
   cur=$(sha1sum < "$p") || exit 70
   cur=${cur%% *}
@@ -172,12 +186,21 @@ if [ "$cur" != "$want" ]; then
   printf 'sha1 of %s is %s\n' "$p" "${cur:-absent}" >&2
   exit 79
 fi
-tmp=$p.tmp.$$
+tmp=$p.driftless.$$
 trap 'rm -f -- "$tmp"' EXIT
 trap 'exit 1' HUP INT TERM
 cat > "$tmp" || exit 71
+got=$(wc -c < "$tmp") || exit 71
+got_sum=$(sha256sum < "$tmp") || exit 71
+if [ "$got" -ne "$len" ] || [ "${got_sum%% *}" != "$sum" ]; then
+  printf 'received %s of %s bytes: %s left as it was\n' "$got" "$len" "$p" >&2
+  exit 74
+fi
 if [ -e "$p" ]; then chmod --reference="$p" -- "$tmp" || exit 72; fi
+sync -- "$tmp" 2>/dev/null
 mv -f -- "$tmp" "$p" || exit 73
+sync -- "${p%/*}" 2>/dev/null
+exit 0
 "#;
 
 impl SshHostShell {
@@ -398,6 +421,10 @@ async fn exec(
         host: address.to_string(),
         message,
     };
+    let too_much = || ShellError::TooMuchOutput {
+        host: address.to_string(),
+        command: what.to_string(),
+    };
     let (mut read, write) = channel.split();
 
     let writer = async {
@@ -419,8 +446,12 @@ async fn exec(
                 }
                 msg = read.wait() => match msg {
                     None | Some(ChannelMsg::Close) => break Ok(()),
-                    Some(ChannelMsg::Data { data }) => stdout.extend_from_slice(&data),
-                    Some(ChannelMsg::ExtendedData { data, ext: 1 }) => stderr.extend_from_slice(&data),
+                    Some(ChannelMsg::Data { data }) => if !append_capped(&mut stdout, &data) {
+                        break Err(too_much());
+                    },
+                    Some(ChannelMsg::ExtendedData { data, ext: 1 }) => if !append_capped(&mut stderr, &data) {
+                        break Err(too_much());
+                    },
                     Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
                     Some(ChannelMsg::ExitSignal { signal_name, .. }) => signal = Some(format!("{signal_name:?}")),
                     Some(ChannelMsg::Failure) => break Err(ShellError::Other(format!(
@@ -437,7 +468,11 @@ async fn exec(
             let _ = write.close().await;
             return Err(ShellError::Other(format!("`{what}` on {address} timed out")));
         }
-        Ok(Err(e)) => return Err(e),
+        Ok(Err(e)) => {
+            // Closing the channel stops the remote command instead of letting it stream on.
+            let _ = write.close().await;
+            return Err(e);
+        }
         Ok(Ok(())) => {}
     }
     match (status, signal) {
@@ -567,7 +602,8 @@ impl HostShell for SshHostShell {
         contents: &[u8],
         expected_sha1: &str,
     ) -> Result<(), ShellError> {
-        let argv: Vec<String> = ["sh", "-c", WRITE_IF_UNCHANGED, "sh", path, expected_sha1]
+        let (len, sha256) = (contents.len().to_string(), sha256_hex(contents));
+        let argv: Vec<String> = ["sh", "-c", WRITE_IF_UNCHANGED, "sh", path, expected_sha1, &len, &sha256]
             .iter()
             .map(|s| s.to_string())
             .collect();
@@ -583,6 +619,10 @@ impl HostShell for SshHostShell {
                 host,
                 path: path.to_string(),
             }),
+            INCOMPLETE_STATUS => Err(ShellError::Connect {
+                host,
+                message: format!("{path} did not arrive whole and was left as it was"),
+            }),
             status => Err(ShellError::Command {
                 host,
                 command: what,
@@ -590,5 +630,64 @@ impl HostShell for SshHostShell {
                 stderr: String::from_utf8_lossy(&out.stderr).trim_end().to_string(),
             }),
         }
+    }
+}
+
+/// The SHA-256 of `bytes` in hex, as `sha256sum` prints it: what a remote write checks.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod write_tests {
+    use super::*;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    /// The compare-and-swap script as the host runs it, fed `sent` while told to expect `full`.
+    fn run_script(path: &std::path::Path, current_sha1: &str, full: &[u8], sent: &[u8]) -> i32 {
+        let mut child = Command::new("sh")
+            .args(["-c", WRITE_IF_UNCHANGED, "sh"])
+            .arg(path)
+            .args([current_sha1, &full.len().to_string(), &sha256_hex(full)])
+            .stdin(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(sent).unwrap();
+        child.wait().unwrap().code().unwrap_or(-1)
+    }
+
+    fn sha1(bytes: &[u8]) -> String {
+        crate::pve::conf::digest_bytes(bytes)
+    }
+
+    #[test]
+    fn a_write_cut_short_leaves_the_config_as_it_was_and_a_whole_one_replaces_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("100.conf");
+        let old = b"arch: amd64\ncores: 2\nhostname: k3s-1\n".to_vec();
+        std::fs::write(&conf, &old).unwrap();
+        let new = b"arch: amd64\ncores: 4\nhostname: k3s-1\nlxc.apparmor.profile: unconfined\n".to_vec();
+
+        // The connection dropped after the command started: nothing, then half, arrived.
+        for sent in [&new[..0], &new[..new.len() / 2]] {
+            assert_eq!(run_script(&conf, &sha1(&old), &new, sent), INCOMPLETE_STATUS as i32);
+            assert_eq!(std::fs::read(&conf).unwrap(), old, "the config was touched");
+        }
+        // Same length, other bytes: refused too.
+        let mut garbled = new.clone();
+        garbled[5] ^= 1;
+        assert_eq!(run_script(&conf, &sha1(&old), &new, &garbled), INCOMPLETE_STATUS as i32);
+        assert_eq!(std::fs::read(&conf).unwrap(), old);
+
+        assert_eq!(run_script(&conf, &sha1(&old), &new, &new), 0);
+        assert_eq!(std::fs::read(&conf).unwrap(), new);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "no temporary file left behind: {left:?}");
     }
 }

@@ -1,4 +1,7 @@
-//! TLS for the Proxmox API client: how the server's certificate is trusted.
+//! TLS for the Proxmox API client, and the certificate verifiers every TLS client of driftless
+//! shares: [`PinnedCertVerifier`] (a SHA-256 pin), [`AnyServerCert`] (no verification of the
+//! chain, for `--proxmox-insecure` and Talos's maintenance mode), both checking the handshake
+//! signatures with [`HandshakeSignatures`], as the sandbox's client-certificate verifier does.
 //!
 //! Proxmox nodes serve a certificate signed by the cluster's own CA (`/etc/pve/pve-root-ca.pem`)
 //! or a self-signed one, so driftless trusts either a CA file (the only trust root), a pinned
@@ -17,10 +20,10 @@ use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, Server
 use rustls::crypto::{
     CryptoProvider, WebPkiSupportedAlgorithms, aws_lc_rs, verify_tls12_signature, verify_tls13_signature,
 };
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, SignatureScheme};
-use sha2::{Digest, Sha256};
+
+use crate::pki::{self, fingerprint_of_der};
 
 /// How the Proxmox server's certificate is verified.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -71,12 +74,6 @@ pub fn normalize_fingerprint(fingerprint: &str) -> Result<String, TlsError> {
     Ok(pairs.join(":"))
 }
 
-/// The SHA-256 fingerprint of a DER certificate, as `pvenode cert info` prints it.
-pub fn fingerprint_of_der(der: &[u8]) -> String {
-    let digest = Sha256::digest(der);
-    digest.iter().map(|b| format!("{b:02X}")).collect::<Vec<_>>().join(":")
-}
-
 /// The crypto provider every configuration uses (explicit, never the process default).
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(aws_lc_rs::default_provider())
@@ -108,19 +105,58 @@ impl fmt::Debug for FingerprintMismatch {
 
 impl StdError for FingerprintMismatch {}
 
+/// The handshake signature check every verifier here makes, whatever it decides about the
+/// certificate: the peer signed this handshake with the private key of the certificate it
+/// presented (TLS 1.2 and 1.3), with the crypto provider's algorithms. Without it, anyone who
+/// copied a certificate (public by nature) could present it.
+#[derive(Debug, Clone)]
+pub struct HandshakeSignatures {
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl HandshakeSignatures {
+    pub fn new(provider: &CryptoProvider) -> Self {
+        HandshakeSignatures {
+            algorithms: provider.signature_verification_algorithms,
+        }
+    }
+
+    pub fn verify_tls12(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
+    }
+
+    pub fn verify_tls13(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    pub fn schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
 /// Accepts the end-entity certificate iff its SHA-256 equals the pin; the handshake signatures
 /// are still verified, so the server must hold the pinned certificate's private key.
 #[derive(Debug)]
 pub struct PinnedCertVerifier {
     fingerprint: String,
-    algorithms: WebPkiSupportedAlgorithms,
+    signatures: HandshakeSignatures,
 }
 
 impl PinnedCertVerifier {
     pub fn new(fingerprint: &str, provider: &CryptoProvider) -> Result<Self, TlsError> {
         Ok(PinnedCertVerifier {
             fingerprint: normalize_fingerprint(fingerprint)?,
-            algorithms: provider.signature_verification_algorithms,
+            signatures: HandshakeSignatures::new(provider),
         })
     }
 }
@@ -154,7 +190,7 @@ impl ServerCertVerifier for PinnedCertVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.algorithms)
+        self.signatures.verify_tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -163,21 +199,33 @@ impl ServerCertVerifier for PinnedCertVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.algorithms)
+        self.signatures.verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        self.signatures.schemes()
     }
 }
 
-/// Accepts any certificate: `TlsTrust::Insecure` only.
+/// No verification of the certificate chain: any server certificate is accepted, whoever
+/// issued it and whatever it names (`--proxmox-insecure`; a Talos node in maintenance mode,
+/// which has nothing to trust yet, as `talosctl --insecure`). The handshake signatures are
+/// still checked ([`HandshakeSignatures`]): the server holds the key of the certificate it
+/// shows, even though nothing says whose certificate that is.
 #[derive(Debug)]
-struct AcceptAnything {
-    algorithms: WebPkiSupportedAlgorithms,
+pub struct AnyServerCert {
+    signatures: HandshakeSignatures,
 }
 
-impl ServerCertVerifier for AcceptAnything {
+impl AnyServerCert {
+    pub fn new(provider: &CryptoProvider) -> Self {
+        AnyServerCert {
+            signatures: HandshakeSignatures::new(provider),
+        }
+    }
+}
+
+impl ServerCertVerifier for AnyServerCert {
     fn verify_server_cert(
         &self,
         _end_entity: &CertificateDer<'_>,
@@ -191,24 +239,24 @@ impl ServerCertVerifier for AcceptAnything {
 
     fn verify_tls12_signature(
         &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
+        self.signatures.verify_tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
         &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Ok(HandshakeSignatureValid::assertion())
+        self.signatures.verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
+        self.signatures.schemes()
     }
 }
 
@@ -220,14 +268,10 @@ pub fn load_ca_file(path: &std::path::Path) -> Result<RootCertStore, TlsError> {
     };
     let pem = std::fs::read(path).map_err(|e| ca_err(format!("cannot read: {e}")))?;
     let mut roots = RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(&pem) {
-        let cert = cert.map_err(|e| ca_err(format!("invalid PEM: {e}")))?;
+    for cert in pki::certificates(&pem).map_err(|e| ca_err(e.to_string()))? {
         roots
             .add(cert)
             .map_err(|e| ca_err(format!("unusable CA certificate: {e}")))?;
-    }
-    if roots.is_empty() {
-        return Err(ca_err("holds no PEM certificate".to_string()));
     }
     Ok(roots)
 }
@@ -247,9 +291,7 @@ pub fn rustls_config(trust: &TlsTrust) -> Result<Option<ClientConfig>, TlsError>
             .with_custom_certificate_verifier(Arc::new(PinnedCertVerifier::new(pin, &provider)?)),
         TlsTrust::Insecure => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AcceptAnything {
-                algorithms: provider.signature_verification_algorithms,
-            })),
+            .with_custom_certificate_verifier(Arc::new(AnyServerCert::new(&provider))),
     };
     let mut config = builder.with_no_client_auth();
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -347,10 +389,81 @@ mod tests {
         assert!(normalize_fingerprint(&"zz".repeat(32)).is_err());
     }
 
+    /// A key and its self-signed certificate, and a handshake signature made with the key.
+    struct Peer {
+        cert: CertificateDer<'static>,
+        signer: Box<dyn rustls::sign::Signer>,
+    }
+
+    fn peer(alg: &'static rcgen::SignatureAlgorithm, scheme: SignatureScheme) -> Peer {
+        let key = rcgen::KeyPair::generate_for(alg).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["peer".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let signing = crypto_provider()
+            .key_provider
+            .load_private_key(rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()))
+            .unwrap();
+        Peer {
+            cert: cert.der().clone(),
+            signer: signing.choose_scheme(&[scheme]).unwrap(),
+        }
+    }
+
+    /// `DigitallySignedStruct` as it travels (its constructor is rustls's own).
+    fn dss(scheme: SignatureScheme, signature: &[u8]) -> DigitallySignedStruct {
+        use rustls::internal::msgs::codec::{Codec, Reader};
+        let mut wire = u16::from(scheme).to_be_bytes().to_vec();
+        wire.extend((signature.len() as u16).to_be_bytes());
+        wire.extend(signature);
+        DigitallySignedStruct::read(&mut Reader::init(&wire)).unwrap()
+    }
+
+    /// Both verifiers that accept a certificate without a chain still refuse a handshake whose
+    /// signature is not the certificate key's over this handshake.
     #[test]
-    fn fingerprint_of_der_is_sha256_colon_hex() {
-        let fp = fingerprint_of_der(b"");
-        assert!(fp.starts_with("E3:B0:C4:42"), "{fp}");
-        assert_eq!(fp.len(), 32 * 3 - 1);
+    fn handshake_signatures_are_checked_without_chain_verification() {
+        let provider = crypto_provider();
+        let any = AnyServerCert::new(&provider);
+        let peer_cert = peer(&rcgen::PKCS_ECDSA_P256_SHA256, SignatureScheme::ECDSA_NISTP256_SHA256);
+        let pin = PinnedCertVerifier::new(&fingerprint_of_der(&peer_cert.cert), &provider).unwrap();
+        let verifiers: [&dyn ServerCertVerifier; 2] = [&any, &pin];
+        for (alg, scheme) in [
+            (&rcgen::PKCS_ECDSA_P256_SHA256, SignatureScheme::ECDSA_NISTP256_SHA256),
+            (&rcgen::PKCS_ED25519, SignatureScheme::ED25519),
+        ] {
+            let p = peer(alg, scheme);
+            let other = peer(alg, scheme);
+            let transcript = b"the handshake this server is in";
+            let good = dss(scheme, &p.signer.sign(transcript).unwrap());
+            let other_message = dss(scheme, &p.signer.sign(b"a handshake recorded elsewhere").unwrap());
+            let other_key = dss(scheme, &other.signer.sign(transcript).unwrap());
+            for v in verifiers {
+                assert!(v.supported_verify_schemes().contains(&scheme), "{v:?}");
+                v.verify_tls13_signature(transcript, &p.cert, &good).unwrap();
+                v.verify_tls12_signature(transcript, &p.cert, &good).unwrap();
+                for bad in [&other_message, &other_key] {
+                    let err = v.verify_tls13_signature(transcript, &p.cert, bad).unwrap_err();
+                    assert_eq!(
+                        err,
+                        rustls::Error::InvalidCertificate(CertificateError::BadSignature),
+                        "{v:?}"
+                    );
+                    assert!(v.verify_tls12_signature(transcript, &p.cert, bad).is_err(), "{v:?}");
+                }
+            }
+        }
+        // The chain itself: anything for one, the pin only for the other.
+        let name = ServerName::try_from("anything").unwrap();
+        let stranger = peer(&rcgen::PKCS_ED25519, SignatureScheme::ED25519);
+        any.verify_server_cert(&stranger.cert, &[], &name, &[], UnixTime::now())
+            .unwrap();
+        pin.verify_server_cert(&peer_cert.cert, &[], &name, &[], UnixTime::now())
+            .unwrap();
+        let err = pin
+            .verify_server_cert(&stranger.cert, &[], &name, &[], UnixTime::now())
+            .unwrap_err();
+        assert!(error_chain(&err).contains("fingerprint mismatch"), "{err}");
     }
 }

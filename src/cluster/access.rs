@@ -39,6 +39,9 @@ pub enum ClusterError {
         #[source]
         source: Box<ShellError>,
     },
+    /// The trusted state does not name this node (as this guest): it is not reached.
+    #[error("{node}: not a node of the trusted state (the watched branch), so driftless does not reach it")]
+    NotTrusted { node: String },
     /// The node cannot be reached at all with this run's settings.
     #[error("{node}: {}", if *container {
         "reaching a container needs the Proxmox host shell (proxmox.hosts in cluster.yaml)"
@@ -48,8 +51,13 @@ pub enum ClusterError {
     NoNodeShell { node: String, container: bool },
     #[error("{0}")]
     Kube(#[from] KubeError),
-    #[error("{0}")]
-    Talos(TalosError),
+    /// The Talos API of a node failed, or what answers at its address is not the cluster's.
+    #[error("{node}: {error}")]
+    Talos { node: String, error: TalosError },
+    /// A node in maintenance mode that may not be sent its config (see
+    /// [`maintenance_refusal`](super::plan::maintenance_refusal)): the message says how to allow it.
+    #[error("{node}: {message}")]
+    TalosRefused { node: String, message: String },
     #[error(transparent)]
     Secret(#[from] SecretError),
     /// A file of the secrets directory (kubeconfig, talosconfig) cannot be read or written.
@@ -71,8 +79,9 @@ impl ClusterError {
     pub fn system(&self) -> System {
         match self {
             ClusterError::Node { .. } | ClusterError::NoNodeShell { .. } => System::Ssh,
+            ClusterError::NotTrusted { .. } => System::Repository,
             ClusterError::Kube(_) | ClusterError::Gate { .. } => System::Kubernetes,
-            ClusterError::Talos(_) => System::Talos,
+            ClusterError::Talos { .. } | ClusterError::TalosRefused { .. } => System::Talos,
             ClusterError::Secret(_) | ClusterError::SecretsDir(_) => System::Secrets,
             ClusterError::Config(_) => System::Repository,
             ClusterError::Failed { system, .. } => *system,
@@ -84,9 +93,11 @@ impl ClusterError {
         match self {
             ClusterError::Node { source, .. } => source.retryable(),
             ClusterError::Kube(e) => e.retryable(),
-            ClusterError::Talos(e) => e.retryable(),
+            ClusterError::Talos { error, .. } => error.retryable(),
             ClusterError::Gate { .. } | ClusterError::Failed { .. } => true,
             ClusterError::NoNodeShell { .. }
+            | ClusterError::NotTrusted { .. }
+            | ClusterError::TalosRefused { .. }
             | ClusterError::Secret(_)
             | ClusterError::SecretsDir(_)
             | ClusterError::Config(_) => false,
@@ -114,6 +125,13 @@ impl ClusterError {
         }
     }
 
+    fn talos(node: &Node, error: TalosError) -> ClusterError {
+        ClusterError::Talos {
+            node: node.name.clone(),
+            error,
+        }
+    }
+
     fn node(node: &str, shell: &impl NodeShell, source: ShellError) -> ClusterError {
         ClusterError::Node {
             node: node.to_string(),
@@ -131,8 +149,15 @@ impl From<TalosSecretsError> for ClusterError {
 
 /// The cluster layer for one run: the nodes, the Kubernetes API and the Talos API, reached
 /// through `connector`.
+///
+/// `desired` is what is planned; `trusted` decides what is reached: a node is contacted only
+/// as the trusted state names it (same vmid, kind and Proxmox node; at its trusted address),
+/// and observed only when its guest carries the trusted ownership tag (or the trusted node
+/// file adopts it). For the watched branch and one-shot commands the two are the same; for a
+/// pull request, `trusted` is the watched branch's last valid revision.
 pub struct ClusterAccess<'a, C: ClusterConnector> {
     pub desired: &'a Desired,
+    pub trusted: &'a Desired,
     pub artifacts: &'a [Artifact],
     pub connector: &'a C,
     pub settings: ClusterSettings,
@@ -155,6 +180,7 @@ pub fn target(node: &Node) -> NodeTarget {
 impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
     pub fn new(
         desired: &'a Desired,
+        trusted: &'a Desired,
         artifacts: &'a [Artifact],
         connector: &'a C,
         settings: ClusterSettings,
@@ -162,6 +188,7 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
     ) -> Self {
         ClusterAccess {
             desired,
+            trusted,
             artifacts,
             connector,
             settings,
@@ -170,13 +197,37 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         }
     }
 
+    /// The node as the trusted state names it: the same guest, at its trusted address. A
+    /// node the trusted state does not name (or names as another guest) is never reached.
+    fn trusted_node(&self, node: &Node) -> Result<&'a Node, ClusterError> {
+        self.trusted
+            .node(&node.name)
+            .filter(|t| t.vmid == node.vmid && t.kind == node.kind && t.proxmox_node == node.proxmox_node)
+            .ok_or_else(|| ClusterError::NotTrusted {
+                node: node.name.clone(),
+            })
+    }
+
     fn node_shell(&self, node: &Node) -> Result<C::Node<'a>, ClusterError> {
+        let node = self.trusted_node(node)?;
         self.connector
             .node_shell(&target(node))
             .ok_or_else(|| ClusterError::NoNodeShell {
                 node: node.name.clone(),
                 container: node.kind == GuestKind::Lxc,
             })
+    }
+
+    /// The trusted node to observe for `node`, when its guest runs and is driftless's: tagged
+    /// with the trusted ownership tag, or adopted by the trusted node file.
+    fn observable(&self, node: &Node, guests: &Observed) -> Option<&'a Node> {
+        let trusted = self.trusted_node(node).ok()?;
+        let tag = &self.trusted.cluster.reconcile.ownership_tag;
+        let guest = guests
+            .guests
+            .iter()
+            .find(|g| g.vmid == trusted.vmid && g.node == trusted.proxmox_node && g.status == "running")?;
+        (trusted.adopt || guest.tags.iter().any(|t| t.eq_ignore_ascii_case(tag))).then_some(trusted)
     }
 
     fn node(&self, name: &str) -> Result<&'a Node, ClusterError> {
@@ -187,6 +238,11 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
 
     fn first_control_plane(&self) -> Option<&'a Node> {
         self.desired.control_plane().next()
+    }
+
+    /// The first server of the trusted state: where the join token is read.
+    fn trusted_first_server(&self) -> Option<&'a Node> {
+        self.trusted.control_plane().next()
     }
 
     fn kubeconfig_path(&self) -> PathBuf {
@@ -248,19 +304,23 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         Ok((name, bundle))
     }
 
-    /// The Talos API, with the talosconfig in the secrets directory (made from the bundle
-    /// when missing).
-    fn talos(&self) -> Result<C::Talos, ClusterError> {
+    /// The Talos API, with the talosconfig in the secrets directory, made from the bundle when
+    /// missing. Only an apply (`keep`) saves a made one: a plan writes nothing, so a plan of
+    /// anything (a pull request included) cannot leave a file that later runs use.
+    fn talos(&self, keep: bool) -> Result<C::Talos, ClusterError> {
         let path = self.secrets.dir.join(TALOSCONFIG_FILE);
         let yaml = match std::fs::read(&path) {
             Ok(y) => y,
             Err(_) => {
                 let (_, bundle) = self.talos_bundle()?;
-                let endpoints: Vec<String> = self.desired.control_plane().map(|n| n.ip().to_string()).collect();
-                let nodes: Vec<String> = self.desired.nodes.iter().map(|n| n.ip().to_string()).collect();
+                // Where the talosconfig sends its client certificate: trusted addresses only.
+                let endpoints: Vec<String> = self.trusted.control_plane().map(|n| n.ip().to_string()).collect();
+                let nodes: Vec<String> = self.trusted.nodes.iter().map(|n| n.ip().to_string()).collect();
                 let text = talos_secrets::talosconfig(&bundle, &self.desired.cluster.name, &endpoints, &nodes)
                     .map_err(|e| ClusterError::Config(format!("cannot make the talosconfig: {e}")))?;
-                self.write_secret_file(TALOSCONFIG_FILE, text.as_bytes())?;
+                if keep {
+                    self.write_secret_file(TALOSCONFIG_FILE, text.as_bytes())?;
+                }
                 text.into_bytes()
             }
         };
@@ -289,7 +349,7 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         if let Some(s) = &self.desired.cluster.k3s.token {
             return Ok(Some(self.secrets.resolve(&s.secret)?));
         }
-        match self.first_control_plane() {
+        match self.trusted_first_server() {
             Some(first) => self.read_node_token(first).await,
             None => Ok(None),
         }
@@ -354,6 +414,11 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                         observed.nodes.insert(node.name.clone(), NodeObserved::NotRunning);
                         continue;
                     }
+                    let Some(node) = self.observable(node, guests) else {
+                        notices.push(not_observed(&node.name));
+                        observed.nodes.insert(node.name.clone(), NodeObserved::NotOwned);
+                        continue;
+                    };
                     let Some(config) = self.artifact(&node.name, ArtifactKind::K3sConfig) else {
                         continue;
                     };
@@ -376,7 +441,7 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                         }
                     }
                 }
-                let first_installed = self.first_control_plane().is_some_and(|n| {
+                let first_installed = self.trusted_first_server().is_some_and(|n| {
                     matches!(
                         observed.nodes.get(&n.name),
                         Some(NodeObserved::K3s(K3sObserved { active: Some(_), .. }))
@@ -399,15 +464,22 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                         observed.nodes.insert(node.name.clone(), NodeObserved::NotRunning);
                         continue;
                     }
+                    let Some(node) = self.observable(node, guests) else {
+                        notices.push(not_observed(&node.name));
+                        observed.nodes.insert(node.name.clone(), NodeObserved::NotOwned);
+                        continue;
+                    };
                     let Some(config) = self.artifact(&node.name, ArtifactKind::TalosConfig) else {
                         continue;
                     };
                     if talos.is_none() {
-                        talos = Some(self.talos()?);
+                        talos = Some(self.talos(false)?);
                     }
                     let client = talos.as_ref().expect("set above");
                     let ip = node.ip().to_string();
-                    let state = client.probe(&ip).await.map_err(ClusterError::Talos)?;
+                    // An address that answers with a certificate the cluster CA did not sign, and
+                    // not as Talos's maintenance service: the plan stops here, naming the node.
+                    let state = client.probe(&ip).await.map_err(|e| ClusterError::talos(node, e))?;
                     let dry_run = if matches!(state, TalosNodeState::Configured { .. }) {
                         let (filled, bundle) = self.filled_talos_config(config)?;
                         let mut r = client
@@ -611,14 +683,18 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         Ok(())
     }
 
+    /// Send the node its config: over mTLS when it answers as a configured node of the cluster;
+    /// in maintenance mode (unauthenticated) only when the plan's step allows it
+    /// (`maintenance_allowed`: this apply creates the VM, or the node file says
+    /// `talos.maintenance_apply`), refused otherwise.
     async fn talos_apply(
         &self,
         node: &Node,
         config: &str,
-        planned_maintenance: bool,
+        maintenance_allowed: bool,
         log: &mut Vec<String>,
     ) -> Result<(), ClusterError> {
-        let client = self.talos()?;
+        let client = self.talos(true)?;
         let ip = node.ip().to_string();
         let (filled, bundle) = self.filled_talos_config(config)?;
         // The plan may be older than the node: ask again which API it speaks now, waiting
@@ -626,13 +702,19 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         let deadline = tokio::time::Instant::now() + self.settings.gate_timeout;
         let maintenance = loop {
             match client.probe(&ip).await {
-                Ok(TalosNodeState::Maintenance) => break true,
+                Ok(TalosNodeState::Maintenance) if maintenance_allowed => break true,
+                Ok(TalosNodeState::Maintenance) => {
+                    return Err(ClusterError::TalosRefused {
+                        node: node.name.clone(),
+                        message: super::plan::maintenance_refusal(node),
+                    });
+                }
                 Ok(TalosNodeState::Configured { .. }) => break false,
-                Err(_) if tokio::time::Instant::now() < deadline => {
+                Err(e) if e.retryable() && tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(self.settings.gate_interval).await;
                 }
-                Err(e) => {
-                    let expected = if planned_maintenance {
+                Err(e) if e.retryable() => {
+                    let expected = if maintenance_allowed {
                         "in maintenance mode"
                     } else {
                         "over mTLS"
@@ -642,6 +724,7 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                         node.name
                     )));
                 }
+                Err(e) => return Err(ClusterError::talos(node, e)),
             }
         };
         let mode = if maintenance {
@@ -668,13 +751,14 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
     }
 
     async fn talos_bootstrap(&self, node: &Node, log: &mut Vec<String>) -> Result<(), ClusterError> {
-        let client = self.talos()?;
+        let client = self.talos(true)?;
         let ip = node.ip().to_string();
         let deadline = tokio::time::Instant::now() + self.settings.gate_timeout;
         // A control plane node that just took its first config reboots into it: wait for mTLS.
         loop {
             match client.probe(&ip).await {
                 Ok(TalosNodeState::Configured { .. }) => break,
+                Err(e) if !e.retryable() => return Err(ClusterError::talos(node, e)),
                 _ if tokio::time::Instant::now() < deadline => tokio::time::sleep(self.settings.gate_interval).await,
                 Ok(state) => {
                     return Err(ClusterError::talos_failed(format!(
@@ -682,16 +766,16 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                         node.name
                     )));
                 }
-                Err(e) => return Err(ClusterError::Talos(e)),
+                Err(e) => return Err(ClusterError::talos(node, e)),
             }
         }
-        let fresh = client.bootstrap(&ip).await.map_err(ClusterError::Talos)?;
+        let fresh = client.bootstrap(&ip).await.map_err(|e| ClusterError::talos(node, e))?;
         log.push(if fresh {
             "etcd bootstrapped".into()
         } else {
             "etcd was already bootstrapped".into()
         });
-        let kubeconfig = client.kubeconfig(&ip).await.map_err(ClusterError::Talos)?;
+        let kubeconfig = client.kubeconfig(&ip).await.map_err(|e| ClusterError::talos(node, e))?;
         self.write_secret_file(KUBECONFIG_FILE, &kubeconfig)?;
         log.push(format!("kubeconfig saved to {}", self.kubeconfig_path().display()));
         self.gate(&node.name, log).await
@@ -811,6 +895,13 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
     }
 }
 
+fn not_observed(node: &str) -> String {
+    format!(
+        "{node}: not observed: its guest does not carry the trusted ownership tag, or the watched branch \
+         does not name it (planned from the Proxmox API alone)"
+    )
+}
+
 /// A Talos error with every value of the bundle taken out of its message.
 fn redacted(e: TalosError, bundle: &TalosSecrets) -> ClusterError {
     ClusterError::talos_failed(talos_secrets::redact(&e.to_string(), bundle))
@@ -842,6 +933,7 @@ impl<C: ClusterConnector> ClusterSteps for ClusterAccess<'_, C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::Plan;
     use crate::ports::fakes::FakeCluster;
     use crate::settings::RunSettings;
     use crate::test_repo::lab;
@@ -870,6 +962,7 @@ mod tests {
         cluster.kube.node_ready_after("k3s-2", u32::MAX);
         let secrets = secrets_with_kubeconfig();
         let access = ClusterAccess::new(
+            &desired,
             &desired,
             &artifacts,
             &cluster,
@@ -907,6 +1000,7 @@ mod tests {
         let secrets = secrets_with_kubeconfig();
         let access = ClusterAccess::new(
             &desired,
+            &desired,
             &artifacts,
             &cluster,
             settings(),
@@ -923,6 +1017,7 @@ mod tests {
         let cluster = FakeCluster::default();
         let secrets = secrets_with_kubeconfig();
         let access = ClusterAccess::new(
+            &desired,
             &desired,
             &artifacts,
             &cluster,
@@ -949,6 +1044,7 @@ mod tests {
         let empty = tempfile::tempdir().unwrap();
         let access = ClusterAccess::new(
             &desired,
+            &desired,
             &artifacts,
             &cluster,
             settings(),
@@ -966,6 +1062,7 @@ mod tests {
         cluster.kube.node_ready_after("k3s-1", u32::MAX);
         let secrets = secrets_with_kubeconfig();
         let access = ClusterAccess::new(
+            &desired,
             &desired,
             &artifacts,
             &cluster,
@@ -987,5 +1084,260 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, ClusterError::Gate { .. }), "{err}");
+    }
+
+    // ---- Talos: who gets a machine config ----
+
+    const CP: &str = "10.0.0.10";
+    const WORKER_1: &str = "10.0.0.21";
+    const WORKER_2: &str = "10.0.0.22";
+
+    /// examples/homelab-talos, a secrets directory holding its bundle, and Proxmox saying every
+    /// VM runs.
+    fn talos_lab() -> (Desired, Vec<Artifact>, tempfile::TempDir, Observed) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/homelab-talos");
+        let (desired, artifacts) = crate::test_repo::load_files(&crate::source::read_dir(&dir).unwrap());
+        let secrets = tempfile::tempdir().unwrap();
+        std::fs::write(secrets.path().join("talos-secrets"), TalosSecrets::generate().to_yaml()).unwrap();
+        let guests = Observed {
+            guests: desired
+                .nodes
+                .iter()
+                .map(|n| crate::ports::GuestSummary {
+                    vmid: n.vmid,
+                    node: n.proxmox_node.clone(),
+                    kind: crate::ports::PveKind::Qemu,
+                    name: Some(n.name.clone()),
+                    status: "running".into(),
+                    tags: vec!["driftless".into()],
+                })
+                .collect(),
+            configs: Default::default(),
+        };
+        (desired, artifacts, secrets, guests)
+    }
+
+    /// The cluster steps for what `access` observes, on top of `guest_steps`.
+    async fn talos_plan<C: ClusterConnector>(
+        access: &ClusterAccess<'_, C>,
+        guests: &Observed,
+        guest_steps: Vec<Step>,
+    ) -> Plan {
+        let (seen, _) = access.observe(guests).await.unwrap();
+        let plan = Plan {
+            cluster: "talos-homelab".into(),
+            steps: guest_steps,
+            conflicts: vec![],
+            orphans: vec![],
+            notices: vec![],
+        };
+        super::super::plan::merge(access.desired, access.artifacts, &seen, plan)
+    }
+
+    fn talos_apply_of<'p>(plan: &'p Plan, node: &str) -> (&'p Step, bool, &'p str) {
+        let step = plan
+            .steps
+            .iter()
+            .find(|s| s.node == node && matches!(s.action, Action::TalosApply { .. }))
+            .unwrap_or_else(|| panic!("no Talos apply for {node}: {plan:#?}"));
+        let Action::TalosApply { maintenance, diff, .. } = &step.action else {
+            unreachable!()
+        };
+        (step, *maintenance, diff)
+    }
+
+    fn create(node: &Node) -> Step {
+        Step {
+            node: node.name.clone(),
+            vmid: node.vmid,
+            pve_node: node.proxmox_node.clone(),
+            kind: crate::ports::PveKind::Qemu,
+            disruptive: false,
+            action: Action::Create {
+                params: Default::default(),
+                root_options: vec![],
+                raw_lxc: vec![],
+                provenance: Default::default(),
+            },
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_impostor_at_a_node_address_stops_the_plan_and_the_apply_naming_the_node_and_gets_nothing() {
+        let (desired, artifacts, secrets, guests) = talos_lab();
+        let cluster = FakeCluster::default();
+        cluster.talos.configure(CP);
+        cluster.talos.configure(WORKER_2);
+        // Something took talos-worker-1's address after the cluster was set up.
+        cluster.talos.impostor(WORKER_1);
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+
+        let err = access.observe(&guests).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with("talos-worker-1: "), "{text}");
+        assert!(text.contains("did not sign its certificate"), "{text}");
+        assert!(
+            matches!(
+                &err,
+                ClusterError::Talos {
+                    error: TalosError::Untrusted { .. },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(err.system(), System::Talos);
+        assert!(!err.retryable(), "an impostor does not become the node by waiting");
+
+        // A plan made before it showed up: the step asks again and stops, in maintenance mode
+        // too (a VM this apply created), at once.
+        let worker = desired.node("talos-worker-1").unwrap();
+        for maintenance in [false, true] {
+            let step = Step {
+                action: Action::TalosApply {
+                    mode: "auto".into(),
+                    maintenance,
+                    diff: String::new(),
+                    config: artifacts
+                        .iter()
+                        .find(|a| a.node == worker.name && a.kind == ArtifactKind::TalosConfig)
+                        .unwrap()
+                        .content
+                        .clone(),
+                },
+                ..create(worker)
+            };
+            let started = Instant::now();
+            let err = access.run(&step, &mut Vec::new()).await.unwrap_err();
+            assert_eq!(started.elapsed(), Duration::ZERO, "not retried");
+            assert!(
+                err.to_string()
+                    .starts_with("talos-worker-1: the Talos API at 10.0.0.21 is not the cluster's"),
+                "{err}"
+            );
+        }
+        let bootstrap = Step {
+            action: Action::TalosBootstrap,
+            ..create(worker)
+        };
+        assert!(access.run(&bootstrap, &mut Vec::new()).await.is_err());
+        assert!(cluster.talos.applied.lock().unwrap().is_empty(), "no config was sent");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_plan_writes_no_talosconfig_and_an_apply_saves_the_one_it_used() {
+        let (desired, artifacts, secrets, guests) = talos_lab();
+        let cluster = FakeCluster::default();
+        for ip in [CP, WORKER_1, WORKER_2] {
+            cluster.talos.configure(ip);
+        }
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let talosconfig = secrets.path().join(TALOSCONFIG_FILE);
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        assert!(!talosconfig.exists(), "a plan left a talosconfig behind");
+        let (step, _, _) = talos_apply_of(&plan, "talos-worker-1");
+        access.run(step, &mut Vec::new()).await.unwrap();
+        let saved = std::fs::read_to_string(&talosconfig).expect("the apply saves the talosconfig it used");
+        assert!(saved.contains(CP), "{saved}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_in_maintenance_mode_gets_its_config_only_when_this_apply_created_it_or_its_file_says_so() {
+        let (mut desired, artifacts, secrets, guests) = talos_lab();
+        let cluster = FakeCluster::default();
+        cluster.talos.configure(CP);
+        cluster.talos.configure(WORKER_2);
+        // talos-worker-1 answers like Talos's maintenance service: a reinstalled node, or a
+        // machine imitating one. Its VM exists; this apply does not create it.
+        {
+            let access = ClusterAccess::new(
+                &desired,
+                &desired,
+                &artifacts,
+                &cluster,
+                settings(),
+                SecretStore::new(secrets.path()),
+            );
+            let plan = talos_plan(&access, &guests, vec![]).await;
+            let (step, maintenance, diff) = talos_apply_of(&plan, "talos-worker-1");
+            assert!(!maintenance);
+            assert!(
+                diff.starts_with("refused: answers as a Talos node in maintenance mode"),
+                "{diff}"
+            );
+            assert!(
+                diff.contains("`talos: {maintenance_apply: true}` in nodes/talos-worker-1.yaml"),
+                "{diff}"
+            );
+            let err = access.run(step, &mut Vec::new()).await.unwrap_err();
+            assert!(matches!(err, ClusterError::TalosRefused { .. }), "{err:?}");
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "talos-worker-1: {}",
+                    super::super::plan::maintenance_refusal(desired.node("talos-worker-1").unwrap())
+                )
+            );
+            assert!(!err.retryable());
+            assert!(cluster.talos.applied.lock().unwrap().is_empty());
+
+            // The same node in an apply that creates its VM: that VM is what answers.
+            let created = create(desired.node("talos-worker-1").unwrap());
+            let plan = talos_plan(&access, &guests, vec![created]).await;
+            let (step, maintenance, diff) = talos_apply_of(&plan, "talos-worker-1");
+            assert!(maintenance);
+            assert_eq!(diff, "the node has no config yet");
+            let mut log = Vec::new();
+            access.run(step, &mut log).await.unwrap();
+            assert_eq!(log, ["config applied in maintenance mode (mode auto)"]);
+            assert_eq!(*cluster.talos.applied.lock().unwrap(), [(WORKER_1.to_string(), true)]);
+        }
+
+        // A node file that allows it, for a node reinstalled on purpose.
+        let cluster = FakeCluster::default();
+        cluster.talos.configure(CP);
+        cluster.talos.configure(WORKER_2);
+        let worker = desired.nodes.iter_mut().find(|n| n.name == "talos-worker-1").unwrap();
+        worker.settings.talos.get_or_insert_default().maintenance_apply = Some(true);
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        let (step, maintenance, diff) = talos_apply_of(&plan, "talos-worker-1");
+        assert!(maintenance);
+        assert!(diff.contains("as talos.maintenance_apply allows"), "{diff}");
+        access.run(step, &mut Vec::new()).await.unwrap();
+        assert_eq!(*cluster.talos.applied.lock().unwrap(), [(WORKER_1.to_string(), true)]);
+        // Once configured, the setting left in place is said out loud.
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        let notice = plan
+            .notices
+            .iter()
+            .find(|n| n.node == "talos-worker-1")
+            .expect("a notice");
+        assert!(
+            notice.message.starts_with("talos.maintenance_apply is set"),
+            "{}",
+            notice.message
+        );
     }
 }

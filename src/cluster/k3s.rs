@@ -197,19 +197,31 @@ pub fn token_file_contents(token: &crate::secrets::Secret) -> Vec<u8> {
 
 /// The top-level keys of two config.yaml texts that differ: (key, old, new), values as
 /// compact JSON. A file that does not parse counts as one opaque value.
+/// K3s config keys whose values are credentials: never shown in a plan or report, whatever
+/// file they were read from (a node's config.yaml may hold a token driftless never wrote).
+pub fn is_secret_key(key: &str) -> bool {
+    // datastore-endpoint: a database URL with its password; vpn-auth: Tailscale's auth key.
+    const EXACT: [&str; 4] = ["token", "agent-token", "datastore-endpoint", "vpn-auth"];
+    // Prefixes: etcd-s3-access-key, etcd-s3-secret-key, ...; the S3 settings are all masked,
+    // as an endpoint may carry credentials in its URL.
+    EXACT.contains(&key) || key.starts_with("etcd-s3") || key.ends_with("-token") || key.contains("password")
+}
+
+/// What a plan shows of a config value: the value, or `(secret)` for a credential key.
+fn shown(key: &str, value: serde_json::Value) -> String {
+    if is_secret_key(key) {
+        return "(secret)".into();
+    }
+    match value {
+        serde_json::Value::String(s) => s,
+        other => other.to_string(),
+    }
+}
+
 pub fn config_changes(old: Option<&str>, new: &str) -> Vec<(String, Option<String>, Option<String>)> {
     fn keys(text: &str) -> BTreeMap<String, String> {
         match yaml_serde::from_str::<BTreeMap<String, serde_json::Value>>(text) {
-            Ok(map) => map
-                .into_iter()
-                .map(|(k, v)| {
-                    let shown = match v {
-                        serde_json::Value::String(s) => s,
-                        other => other.to_string(),
-                    };
-                    (k, shown)
-                })
-                .collect(),
+            Ok(map) => map.into_iter().map(|(k, v)| (k.clone(), shown(&k, v))).collect(),
             Err(_) => BTreeMap::from([("(whole file)".to_string(), sha256_hex(text.as_bytes()))]),
         }
     }
@@ -260,5 +272,25 @@ mod tests {
             ]
         );
         assert!(config_changes(Some(new), new).is_empty());
+    }
+
+    #[test]
+    fn credentials_read_from_a_node_are_never_shown() {
+        let on_node = "token: K10abc::server:hunter2\ndatastore-endpoint: mysql://k3s:pw@tcp(db:3306)/k3s\n\
+                       etcd-s3-secret-key: s3cr3t\netcd-s3-access-key: AKIA1\nnode-ip: 10.0.0.5\n";
+        let rendered = "token-file: /etc/rancher/k3s/cluster-token\nnode-ip: 10.0.0.6\n";
+        let changes = config_changes(Some(on_node), rendered);
+        let text = format!("{changes:?}");
+        for secret in ["hunter2", "pw@", "s3cr3t", "AKIA1"] {
+            assert!(!text.contains(secret), "{secret} shown: {text}");
+        }
+        assert!(
+            changes.contains(&("token".into(), Some("(secret)".into()), None)),
+            "{text}"
+        );
+        assert!(
+            changes.contains(&("node-ip".into(), Some("10.0.0.5".into()), Some("10.0.0.6".into()))),
+            "ordinary keys still show their values: {text}"
+        );
     }
 }

@@ -5,36 +5,60 @@
 //! argv word quoted by the host shell: never spliced into shell syntax. File contents travel
 //! on stdin, so a token written to a node is in no command line and no process listing.
 
-use crate::adapters::ssh::SshHostShell;
+use crate::adapters::ssh::{SshHostShell, sha256_hex};
 use crate::ports::{CommandOutput, HostShell, NodeShell, ShellError};
 
-/// Replaces `$dest` in the container from stdin: a temporary file on the host, `pct push` to a
-/// temporary name beside the destination with the mode and owner, then `mv` (a rename in the
-/// same directory: readers see the old file or the new one, never half of it).
-/// Positional parameters: vmid, destination, mode, then the pct command's words.
-pub const PCT_WRITE_SCRIPT: &str = r#"set -eu
-vmid=$1; dest=$2; mode=$3; shift 3
+/// Checks that stdin, saved in `$t`, is `$len` bytes with SHA-256 `$sum`: a write cut short
+/// (connection dropped, client killed) must not replace the file with half of it. A macro so
+/// that `concat!` can put it into both scripts.
+macro_rules! check_arrived {
+    () => {
+        r#"got=$(wc -c < "$t"); got_sum=$(sha256sum < "$t")
+if [ "$got" -ne "$len" ] || [ "${got_sum%% *}" != "$sum" ]; then
+  printf 'received %s of %s bytes: %s left as it was\n' "$got" "$len" "$dest" >&2; exit 74
+fi
+"#
+    };
+}
+
+/// Replaces `$dest` in the container from stdin: a temporary file on the host, checked, `pct
+/// push` to a temporary name unique to this process beside the destination with the mode and
+/// owner, then `mv` (a rename in the same directory: readers see the old file or the new one,
+/// never half of it). Positional parameters: vmid, destination, mode, length, SHA-256, then
+/// the pct command's words.
+pub const PCT_WRITE_SCRIPT: &str = concat!(
+    r#"set -eu
+vmid=$1; dest=$2; mode=$3; len=$4; sum=$5; shift 5
 t=$(mktemp)
 trap 'rm -f "$t"' EXIT
 cat > "$t"
+"#,
+    check_arrived!(),
+    r#"new="$dest.driftless-new.$$"
 "$@" exec "$vmid" -- mkdir -p -- "${dest%/*}"
-"$@" push "$vmid" "$t" "$dest.driftless-new" --perms "$mode" --user 0 --group 0
-"$@" exec "$vmid" -- mv -f -- "$dest.driftless-new" "$dest"
-"#;
+"$@" push "$vmid" "$t" "$new" --perms "$mode" --user 0 --group 0
+"$@" exec "$vmid" -- mv -f -- "$new" "$dest"
+"#
+);
 
-/// The same on a node reached over SSH: temporary file in the destination's directory, mode,
-/// owner root when running as root, rename. Positional parameters: destination, mode.
-pub const SSH_WRITE_SCRIPT: &str = r#"set -eu
-dest=$1; mode=$2
+/// The same on a node reached over SSH: temporary file in the destination's directory,
+/// checked, mode, owner root when running as root, rename. Positional parameters:
+/// destination, mode, length, SHA-256.
+pub const SSH_WRITE_SCRIPT: &str = concat!(
+    r#"set -eu
+dest=$1; mode=$2; len=$3; sum=$4
 mkdir -p -- "${dest%/*}"
 t=$(mktemp "$dest.driftless-XXXXXX")
 trap 'rm -f "$t"' EXIT
 cat > "$t"
-chmod "$mode" "$t"
+"#,
+    check_arrived!(),
+    r#"chmod "$mode" "$t"
 if [ "$(id -u)" = 0 ]; then chown 0:0 "$t"; fi
 mv -f -- "$t" "$dest"
 trap - EXIT
-"#;
+"#
+);
 
 /// `cat` of a file, exit 3 when it does not exist (so "missing" is not mistaken for an error).
 pub const READ_SCRIPT: &str = r#"if [ -e "$1" ]; then exec cat -- "$1"; else exit 3; fi"#;
@@ -102,7 +126,13 @@ impl<H: HostShell> NodeShell for LxcNode<'_, H> {
 
     async fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), ShellError> {
         let path = self.path(path);
-        let mut args = vec![self.vmid.to_string(), path.clone(), format!("{mode:04o}")];
+        let mut args = vec![
+            self.vmid.to_string(),
+            path.clone(),
+            format!("{mode:04o}"),
+            contents.len().to_string(),
+            sha256_hex(contents),
+        ];
         args.extend(self.pct_command.iter().cloned());
         let out = self
             .host
@@ -162,7 +192,15 @@ impl NodeShell for SshNode<'_> {
 
     async fn write_file(&self, path: &str, contents: &[u8], mode: u32) -> Result<(), ShellError> {
         let path = self.path(path);
-        let argv = sh(SSH_WRITE_SCRIPT, [path.clone(), format!("{mode:04o}")]);
+        let argv = sh(
+            SSH_WRITE_SCRIPT,
+            [
+                path.clone(),
+                format!("{mode:04o}"),
+                contents.len().to_string(),
+                sha256_hex(contents),
+            ],
+        );
         let out = self.run(&argv, contents).await?;
         check(out, &self.describe(), &format!("write {path}")).map(|_| ())
     }
@@ -241,4 +279,41 @@ pub async fn run_checked<N: NodeShell>(node: &N, argv: &[String], stdin: &[u8]) 
 /// `sh -c SCRIPT sh ARGS...`: the form every fixed script is run in.
 pub fn script_argv(script: &str, args: &[String]) -> Vec<String> {
     sh(script, args.iter().cloned())
+}
+
+#[cfg(test)]
+mod write_script_tests {
+    use super::*;
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    #[test]
+    fn a_node_file_write_cut_short_leaves_the_old_file_and_no_temporary_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("etc/rancher/k3s/config.yaml");
+        std::fs::create_dir_all(dest.parent().unwrap()).unwrap();
+        std::fs::write(&dest, "node-name: k3s-1\n").unwrap();
+        let new = b"node-name: k3s-1\nnode-ip: 10.0.0.11\n";
+        let run = |sent: &[u8]| {
+            let mut child = Command::new("sh")
+                .args(["-c", SSH_WRITE_SCRIPT, "sh"])
+                .arg(&dest)
+                .args(["0600", &new.len().to_string(), &sha256_hex(new)])
+                .stdin(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            child.stdin.take().unwrap().write_all(sent).unwrap();
+            child.wait().unwrap().code()
+        };
+        assert_eq!(run(&new[..7]), Some(74));
+        assert_eq!(std::fs::read_to_string(&dest).unwrap(), "node-name: k3s-1\n");
+        assert_eq!(run(new), Some(0));
+        assert_eq!(std::fs::read(&dest).unwrap(), new);
+        assert_eq!(
+            std::fs::read_dir(dest.parent().unwrap()).unwrap().count(),
+            1,
+            "a temporary file was left"
+        );
+    }
 }

@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use super::k3s::{self, K3sObserved};
-use crate::model::schema::{Distribution, GuestKind};
+use crate::model::schema::Distribution;
 use crate::model::{Desired, Node};
 use crate::plan::{Action, Change, Plan, Step, Via};
-use crate::ports::{KubeNode, NodePatch, PveKind, Taint, TalosApplyResult, TalosNodeState};
+use crate::ports::{KubeNode, NodePatch, Taint, TalosApplyResult, TalosNodeState};
 use crate::render::{Artifact, ArtifactKind};
 
 /// Annotations recording which labels and taints driftless set, so removing one from a node
@@ -25,6 +25,9 @@ pub const MANAGED_TAINTS: &str = "driftless.dev/managed-taints";
 pub enum NodeObserved {
     /// The guest does not exist or is not running yet: nothing could be read.
     NotRunning,
+    /// The guest runs but is not driftless's (no trusted ownership tag, or not a node of the
+    /// trusted state): it was not looked into.
+    NotOwned,
     K3s(K3sObserved),
     Talos {
         state: TalosNodeState,
@@ -55,10 +58,7 @@ fn step(node: &Node, disruptive: bool, action: Action) -> Step {
         node: node.name.clone(),
         vmid: node.vmid,
         pve_node: node.proxmox_node.clone(),
-        kind: match node.kind {
-            GuestKind::Lxc => PveKind::Lxc,
-            GuestKind::Vm => PveKind::Qemu,
-        },
+        kind: node.kind.pve(),
         disruptive,
         action,
     }
@@ -199,12 +199,39 @@ pub fn needs_token(desired: &Desired, node: &Node) -> bool {
     !first_server || desired.cluster.k3s.token.is_some()
 }
 
+/// Whether the node file (or an ADR, or cluster.yaml's defaults) lets a config go to this node
+/// in maintenance mode although the run did not create its VM: `talos.maintenance_apply`.
+pub fn maintenance_apply_allowed(node: &Node) -> bool {
+    node.settings
+        .talos
+        .as_ref()
+        .and_then(|t| t.maintenance_apply)
+        .unwrap_or(false)
+}
+
+/// Why a node in maintenance mode this apply did not create gets no config, and how to allow it.
+pub fn maintenance_refusal(node: &Node) -> String {
+    format!(
+        "answers as a Talos node in maintenance mode, but this apply does not create its VM: its machine config, \
+         with the cluster's CA keys, would go unauthenticated to whatever answers at {ip}. If the node was \
+         reinstalled on purpose, set `talos: {{maintenance_apply: true}}` in {file} for the apply that configures \
+         it, then remove it again",
+        ip = node.ip(),
+        file = node.file,
+    )
+}
+
+/// The Talos steps of one node. `created`: the plan creates the node's VM, so a node in
+/// maintenance mode there is that new VM; otherwise a config goes to a node in maintenance mode
+/// only when its file allows it ([`maintenance_apply_allowed`]). A node that is not running
+/// yet is asked again when the step runs.
 fn talos_steps(
     desired: &Desired,
     node: &Node,
     config: &str,
     observed: Option<&NodeObserved>,
     cluster: &ClusterObserved,
+    created: bool,
 ) -> Vec<Step> {
     let mode = desired
         .cluster
@@ -214,6 +241,19 @@ fn talos_steps(
         .unwrap_or_else(|| "auto".into());
     let mut steps = Vec::new();
     let member = cluster.kube_nodes.iter().any(|k| k.name == node.name && k.ready);
+    let marked = maintenance_apply_allowed(node);
+    let apply = |maintenance: bool, diff: String| {
+        step(
+            node,
+            false,
+            Action::TalosApply {
+                mode: mode.clone(),
+                maintenance,
+                diff,
+                config: config.to_string(),
+            },
+        )
+    };
     match observed {
         Some(NodeObserved::Talos {
             state: TalosNodeState::Configured { .. },
@@ -240,15 +280,26 @@ fn talos_steps(
                 ));
             }
         }
-        _ => steps.push(step(
-            node,
+        _ if created => steps.push(apply(true, "the node has no config yet".into())),
+        _ if marked => steps.push(apply(
+            true,
+            format!(
+                "sent in maintenance mode if the node answers in it, as talos.maintenance_apply allows{}",
+                node.provenance
+                    .get("talos.maintenance_apply")
+                    .map(|p| format!(" ({})", p.cite()))
+                    .unwrap_or_default()
+            ),
+        )),
+        Some(NodeObserved::Talos {
+            state: TalosNodeState::Maintenance,
+            ..
+        }) => steps.push(apply(false, format!("refused: {}", maintenance_refusal(node)))),
+        _ => steps.push(apply(
             false,
-            Action::TalosApply {
-                mode: mode.clone(),
-                maintenance: true,
-                diff: "the node has no config yet".into(),
-                config: config.to_string(),
-            },
+            "the node is not running yet: its config goes over mTLS once it answers, and is refused if it \
+             answers in maintenance mode (this apply does not create its VM)"
+                .into(),
         )),
     }
     let first_cp = desired.control_plane().next().is_some_and(|n| n.name == node.name);
@@ -413,8 +464,33 @@ pub fn merge(desired: &Desired, artifacts: &[Artifact], observed: &ClusterObserv
                         ),
                     });
                 }
+                if maintenance_apply_allowed(node)
+                    && matches!(
+                        seen,
+                        Some(NodeObserved::Talos {
+                            state: TalosNodeState::Configured { .. },
+                            ..
+                        })
+                    )
+                {
+                    plan.notices.push(crate::plan::Notice {
+                        node: node.name.clone(),
+                        vmid: node.vmid,
+                        message: format!(
+                            "talos.maintenance_apply is set{} but the node is configured: remove it, or a machine \
+                             imitating the node in maintenance mode would be sent its config",
+                            node.provenance
+                                .get("talos.maintenance_apply")
+                                .map(|p| format!(" ({})", p.cite()))
+                                .unwrap_or_default()
+                        ),
+                    });
+                }
+                let created = guest_steps
+                    .iter()
+                    .any(|s| s.node == node.name && matches!(s.action, Action::Create { .. }));
                 if let Some(a) = artifact(artifacts, &node.name, ArtifactKind::TalosConfig) {
-                    steps.extend(talos_steps(desired, node, &a.content, seen, observed));
+                    steps.extend(talos_steps(desired, node, &a.content, seen, observed, created));
                 }
             }
         }
@@ -643,5 +719,125 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_config_goes_in_maintenance_mode_only_to_a_vm_the_plan_creates_or_a_node_that_allows_it() {
+        let (mut desired, artifacts) = example("homelab-talos");
+        let maintenance_of = |p: &Plan, node: &str| -> (bool, String) {
+            p.steps
+                .iter()
+                .find_map(|s| match &s.action {
+                    Action::TalosApply { maintenance, diff, .. } if s.node == node => {
+                        Some((*maintenance, diff.clone()))
+                    }
+                    _ => None,
+                })
+                .unwrap_or_else(|| panic!("no Talos apply for {node}"))
+        };
+        // Every VM is created by this plan: each takes its first config in maintenance mode.
+        let fresh = full_plan(&desired, &artifacts, &ClusterObserved::default());
+        for node in ["talos-cp-1", "talos-worker-1", "talos-worker-2"] {
+            assert_eq!(
+                maintenance_of(&fresh, node),
+                (true, "the node has no config yet".into())
+            );
+        }
+
+        // The VMs exist: a node answering in maintenance mode, and one that is not running.
+        let mut cluster = ClusterObserved {
+            kubeconfig: true,
+            ..ClusterObserved::default()
+        };
+        cluster.nodes.insert(
+            "talos-cp-1".into(),
+            NodeObserved::Talos {
+                state: TalosNodeState::Configured {
+                    version: "v1.13.9".into(),
+                },
+                dry_run: Some(TalosApplyResult {
+                    mode: "no_reboot".into(),
+                    mode_details: "No changes.".into(),
+                    warnings: vec![],
+                }),
+            },
+        );
+        cluster.nodes.insert(
+            "talos-worker-1".into(),
+            NodeObserved::Talos {
+                state: TalosNodeState::Maintenance,
+                dry_run: None,
+            },
+        );
+        cluster.nodes.insert("talos-worker-2".into(), NodeObserved::NotRunning);
+        let existing = |desired: &Desired| {
+            let empty = Plan {
+                cluster: desired.cluster.name.clone(),
+                steps: vec![],
+                conflicts: vec![],
+                orphans: vec![],
+                notices: vec![],
+            };
+            merge(desired, &artifacts, &cluster, empty)
+        };
+        let p = existing(&desired);
+        assert_eq!(
+            verbs(&p),
+            ["apply talos config talos-worker-1", "apply talos config talos-worker-2"]
+        );
+        let (maintenance, diff) = maintenance_of(&p, "talos-worker-1");
+        assert!(!maintenance);
+        assert!(
+            diff.starts_with(
+                "refused: answers as a Talos node in maintenance mode, but this apply does not create its VM"
+            ),
+            "{diff}"
+        );
+        assert!(diff.contains("10.0.0.21"), "{diff}");
+        let (maintenance, diff) = maintenance_of(&p, "talos-worker-2");
+        assert!(!maintenance);
+        assert!(diff.starts_with("the node is not running yet"), "{diff}");
+        // The plan as printed says so.
+        let text = crate::plan::display::text(&p, crate::plan::display::Wording::Plan, false);
+        assert!(
+            text.contains("refused: answers as a Talos node in maintenance mode"),
+            "{text}"
+        );
+        assert!(text.contains("maintenance_apply: true"), "{text}");
+
+        // The node file allows it: the config goes in maintenance mode, citing the setting.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/homelab-talos");
+        let mut files = crate::source::read_dir(&dir).unwrap();
+        for node in ["talos-worker-1", "talos-worker-2"] {
+            let path = format!("nodes/{node}.yaml");
+            let text = String::from_utf8(files.files[&path].clone()).unwrap();
+            files.insert(path, format!("{text}talos: {{maintenance_apply: true}}\n"));
+        }
+        desired = load(&files, &LoadOptions::default()).unwrap();
+        let p = existing(&desired);
+        let (maintenance, diff) = maintenance_of(&p, "talos-worker-1");
+        assert!(maintenance);
+        assert_eq!(
+            diff,
+            "sent in maintenance mode if the node answers in it, as talos.maintenance_apply allows \
+             (nodes/talos-worker-1.yaml:5)"
+        );
+        assert!(maintenance_of(&p, "talos-worker-2").0);
+        assert!(p.notices.is_empty(), "{:?}", p.notices);
+        // Left set on a configured node, it is pointed out.
+        desired
+            .nodes
+            .iter_mut()
+            .find(|n| n.name == "talos-cp-1")
+            .unwrap()
+            .settings
+            .talos = Some(crate::model::schema::TalosSettings {
+            maintenance_apply: Some(true),
+            ..Default::default()
+        });
+        let p = existing(&desired);
+        assert_eq!(p.notices.len(), 1, "{:?}", p.notices);
+        assert_eq!(p.notices[0].node, "talos-cp-1");
+        assert!(p.notices[0].message.contains("remove it"), "{}", p.notices[0].message);
     }
 }

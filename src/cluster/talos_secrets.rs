@@ -24,8 +24,10 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose, IsCa, Issuer,
     KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
-use rustls::pki_types::PrivatePkcs8KeyDer;
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde::Serialize;
+
+use crate::pki;
 
 /// Every field a bundle must have, as `FIELD.PATH` (what placeholders name).
 pub const REQUIRED_FIELDS: [&str; 14] = [
@@ -282,16 +284,10 @@ fn collect_leaves(
 }
 
 fn decode_pem_field(path: &str, value: &str) -> Result<String, TalosSecretsError> {
-    let invalid = || TalosSecretsError::Invalid {
+    pki::decode_base64_pem(value).ok_or_else(|| TalosSecretsError::Invalid {
         field: path.to_string(),
         problem: "is not base64-encoded PEM".into(),
-    };
-    let bytes = STANDARD.decode(value.trim()).map_err(|_| invalid())?;
-    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
-    if pem_decode(&text).is_empty() {
-        return Err(invalid());
-    }
-    Ok(text)
+    })
 }
 
 /// A YAML plain scalar when that reads back as the same string, a double-quoted one otherwise.
@@ -470,7 +466,7 @@ pub fn talosconfig(
                 nodes,
                 ca: STANDARD.encode(ca.cert_pem()),
                 crt: STANDARD.encode(crt.pem()),
-                key: STANDARD.encode(pem_encode("ED25519 PRIVATE KEY", &key_der)),
+                key: STANDARD.encode(pki::pem_encode(pki::ED25519_LABEL, &key_der)),
             },
         )]),
     };
@@ -500,31 +496,25 @@ impl TalosCa {
     /// or PKCS#8 `PRIVATE KEY`, Ed25519 or ECDSA P-256).
     pub fn from_pem(crt_pem: &str, key_pem: &str) -> Result<TalosCa, TalosSecretsError> {
         let bad = |what: &str| TalosSecretsError::Crypto(format!("the CA {what}"));
-        let cert_der = pem_decode(crt_pem)
-            .into_iter()
-            .find(|(label, _)| label == "CERTIFICATE")
-            .map(|(_, der)| der)
-            .ok_or_else(|| bad("certificate is not a PEM certificate"))?;
-        let subject = der::cert_subject(&cert_der).ok_or_else(|| bad("certificate does not parse"))?;
-        let dn = der::to_rcgen_dn(subject).ok_or_else(|| bad("certificate's subject is not supported"))?;
-        let (label, key_der) = pem_decode(key_pem)
-            .into_iter()
-            .next()
-            .ok_or_else(|| bad("key is not PEM"))?;
-        let key = match label.as_str() {
-            "ED25519 PRIVATE KEY" | "PRIVATE KEY" => [&rcgen::PKCS_ED25519, &rcgen::PKCS_ECDSA_P256_SHA256]
-                .into_iter()
-                .find_map(|alg| {
-                    KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(key_der.as_slice()), alg).ok()
-                })
-                .ok_or_else(|| bad("key is neither Ed25519 nor ECDSA P-256"))?,
-            "EC PRIVATE KEY" => {
-                let pkcs8 = der::sec1_to_pkcs8(&key_der).ok_or_else(|| bad("key does not parse"))?;
-                KeyPair::from_pkcs8_der_and_sign_algo(
-                    &PrivatePkcs8KeyDer::from(pkcs8.as_slice()),
-                    &rcgen::PKCS_ECDSA_P256_SHA256,
-                )
-                .map_err(|_| bad("key is not ECDSA P-256"))?
+        let cert_der = pki::certificates(crt_pem.as_bytes())
+            .map_err(|_| bad("certificate is not a PEM certificate"))?
+            .remove(0)
+            .to_vec();
+        let dn = pki::subject_for_rcgen(&cert_der).map_err(|e| bad(&format!("certificate: {e}")))?;
+        let pkcs8_as = |der: &[u8], algs: &[&'static rcgen::SignatureAlgorithm]| {
+            algs.iter()
+                .find_map(|alg| KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(der), alg).ok())
+        };
+        let key = match pki::private_key(key_pem.as_bytes()).map_err(|_| bad("key is not a PEM private key"))? {
+            PrivateKeyDer::Pkcs8(der) => pkcs8_as(
+                der.secret_pkcs8_der(),
+                &[&rcgen::PKCS_ED25519, &rcgen::PKCS_ECDSA_P256_SHA256],
+            )
+            .ok_or_else(|| bad("key is neither Ed25519 nor ECDSA P-256"))?,
+            PrivateKeyDer::Sec1(der) => {
+                let pkcs8 =
+                    pki::ec_p256_sec1_to_pkcs8(der.secret_sec1_der()).map_err(|_| bad("key is not ECDSA P-256"))?;
+                pkcs8_as(&pkcs8, &[&rcgen::PKCS_ECDSA_P256_SHA256]).ok_or_else(|| bad("key is not ECDSA P-256"))?
             }
             _ => return Err(bad("key has an unsupported PEM type")),
         };
@@ -536,7 +526,7 @@ impl TalosCa {
     }
 
     pub fn cert_pem(&self) -> String {
-        pem_encode("CERTIFICATE", &self.cert_der)
+        pki::pem_encode("CERTIFICATE", &self.cert_der)
     }
 
     /// Signs a certificate for `key` with these parameters (the issuer is this CA's subject).
@@ -571,54 +561,6 @@ impl TalosCa {
         let cert = self.sign(&params, &key)?;
         Ok((cert.der().to_vec(), key_der))
     }
-}
-
-/// The organizations (`O=`) of a certificate's subject: Talos's roles (`os:admin`).
-pub fn cert_organizations(cert_der: &[u8]) -> Vec<String> {
-    der::cert_subject(cert_der)
-        .and_then(der::name_attributes)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|(oid, _, _)| oid == &[2, 5, 4, 10])
-        .filter_map(|(_, _, value)| String::from_utf8(value.to_vec()).ok())
-        .collect()
-}
-
-// ------------------------------------------------------------------------------- PEM
-
-/// Every PEM block of a text: (label, DER), whatever the label (`ED25519 PRIVATE KEY` too).
-pub fn pem_decode(text: &str) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut current: Option<(String, String)> = None;
-    for line in text.lines().map(str::trim) {
-        if let Some(label) = line.strip_prefix("-----BEGIN ").and_then(|l| l.strip_suffix("-----")) {
-            current = Some((label.to_string(), String::new()));
-        } else if let Some(label) = line.strip_prefix("-----END ").and_then(|l| l.strip_suffix("-----")) {
-            if let Some((begin, body)) = current.take()
-                && begin == label
-                && let Ok(der) = STANDARD.decode(body)
-            {
-                out.push((begin, der));
-            }
-        } else if let Some((_, body)) = current.as_mut()
-            && !line.contains(':')
-        {
-            body.push_str(line);
-        }
-    }
-    out
-}
-
-/// PEM with 64-character lines, as Go's `encoding/pem` writes it.
-pub fn pem_encode(label: &str, der: &[u8]) -> String {
-    let b64 = STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
 }
 
 // ------------------------------------------------------------------------------- keys and certificates
@@ -673,11 +615,7 @@ fn printable(s: &str) -> Result<DnValue, TalosSecretsError> {
 /// A new Ed25519 key: the rcgen key pair and its PKCS#8 v1 DER (what Go's
 /// `x509.MarshalPKCS8PrivateKey` writes, under Talos's `ED25519 PRIVATE KEY` label).
 fn new_ed25519_key() -> Result<(KeyPair, Vec<u8>), TalosSecretsError> {
-    // SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING { OCTET STRING seed } }
-    let mut der = vec![
-        0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
-    ];
-    der.extend_from_slice(&random_bytes::<32>());
+    let der = pki::new_ed25519_pkcs8().map_err(|e| TalosSecretsError::Crypto(e.to_string()))?;
     let key = KeyPair::from_pkcs8_der_and_sign_algo(&PrivatePkcs8KeyDer::from(der.as_slice()), &rcgen::PKCS_ED25519)
         .map_err(|e| TalosSecretsError::Crypto(format!("cannot make an Ed25519 key: {e}")))?;
     Ok((key, der))
@@ -688,16 +626,16 @@ fn new_ed25519_key() -> Result<(KeyPair, Vec<u8>), TalosSecretsError> {
 fn new_ecdsa_key() -> Result<(KeyPair, String), TalosSecretsError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| TalosSecretsError::Crypto(format!("cannot make an ECDSA key: {e}")))?;
-    let sec1 = der::pkcs8_ec_to_sec1(key.serialized_der())
-        .ok_or_else(|| TalosSecretsError::Crypto("unexpected PKCS#8 ECDSA key layout".into()))?;
-    Ok((key, pem_encode("EC PRIVATE KEY", &sec1)))
+    let sec1 =
+        pki::ec_p256_pkcs8_to_sec1(key.serialized_der()).map_err(|e| TalosSecretsError::Crypto(e.to_string()))?;
+    Ok((key, pki::pem_encode("EC PRIVATE KEY", &sec1)))
 }
 
 /// A self-signed CA like Talos's `x509.NewSelfSignedCertificateAuthority`: (cert PEM, key PEM).
 fn new_ca(dn_type: DnType, dn_value: &str, ed25519: bool) -> Result<(String, String), TalosSecretsError> {
     let (key, key_pem) = if ed25519 {
         let (key, der) = new_ed25519_key()?;
-        (key, pem_encode("ED25519 PRIVATE KEY", &der))
+        (key, pki::pem_encode(pki::ED25519_LABEL, &der))
     } else {
         new_ecdsa_key()?
     };
@@ -713,165 +651,6 @@ fn new_ca(dn_type: DnType, dn_value: &str, ed25519: bool) -> Result<(String, Str
         .self_signed(&key)
         .map_err(|e| TalosSecretsError::Crypto(format!("cannot make a CA: {e}")))?;
     Ok((cert.pem(), key_pem))
-}
-
-/// Just enough DER to read a certificate's subject and re-wrap EC keys.
-mod der {
-    /// One TLV: (tag, content, rest).
-    pub fn read(input: &[u8]) -> Option<(u8, &[u8], &[u8])> {
-        let (&tag, rest) = input.split_first()?;
-        let (&first, mut rest) = rest.split_first()?;
-        let len = if first < 0x80 {
-            usize::from(first)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let mut len = 0usize;
-            for &b in &rest[..n] {
-                len = (len << 8) | usize::from(b);
-            }
-            rest = &rest[n..];
-            len
-        };
-        if rest.len() < len {
-            return None;
-        }
-        Some((tag, &rest[..len], &rest[len..]))
-    }
-
-    pub fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-        let mut out = vec![tag];
-        let len = content.len();
-        if len < 0x80 {
-            out.push(len as u8);
-        } else {
-            let bytes: Vec<u8> = len.to_be_bytes().iter().copied().skip_while(|b| *b == 0).collect();
-            out.push(0x80 | bytes.len() as u8);
-            out.extend(bytes);
-        }
-        out.extend_from_slice(content);
-        out
-    }
-
-    fn expect(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
-        let (t, content, rest) = read(input)?;
-        (t == tag).then_some((content, rest))
-    }
-
-    /// The content of a certificate's subject Name.
-    pub fn cert_subject(cert: &[u8]) -> Option<&[u8]> {
-        let (cert, _) = expect(cert, 0x30)?;
-        let (tbs, _) = expect(cert, 0x30)?;
-        let mut rest = tbs;
-        if rest.first() == Some(&0xa0) {
-            rest = read(rest)?.2; // version
-        }
-        let (_, rest) = expect(rest, 0x02)?; // serial
-        let (_, rest) = expect(rest, 0x30)?; // signature algorithm
-        let (_, rest) = expect(rest, 0x30)?; // issuer
-        let (_, rest) = expect(rest, 0x30)?; // validity
-        let (subject, _) = expect(rest, 0x30)?;
-        Some(subject)
-    }
-
-    pub fn oid_arcs(content: &[u8]) -> Option<Vec<u64>> {
-        let (&first, rest) = content.split_first()?;
-        let mut arcs = vec![u64::from(first / 40).min(2), 0];
-        arcs[1] = u64::from(first) - arcs[0] * 40;
-        let mut value = 0u64;
-        for &b in rest {
-            value = value.checked_mul(128)? | u64::from(b & 0x7f);
-            if b & 0x80 == 0 {
-                arcs.push(value);
-                value = 0;
-            }
-        }
-        Some(arcs)
-    }
-
-    /// One attribute of a Name: (OID arcs, string tag, value bytes).
-    pub type Attribute<'a> = (Vec<u64>, u8, &'a [u8]);
-
-    /// A Name's attributes in order.
-    pub fn name_attributes(name: &[u8]) -> Option<Vec<Attribute<'_>>> {
-        let mut out = Vec::new();
-        let mut rdns = name;
-        while !rdns.is_empty() {
-            let (set, rest) = expect(rdns, 0x31)?;
-            rdns = rest;
-            let mut atvs = set;
-            while !atvs.is_empty() {
-                let (atv, rest) = expect(atvs, 0x30)?;
-                atvs = rest;
-                let (oid, value) = expect(atv, 0x06)?;
-                let (tag, value, _) = read(value)?;
-                out.push((oid_arcs(oid)?, tag, value));
-            }
-        }
-        Some(out)
-    }
-
-    /// The same Name for rcgen, string types kept, so that certificates it signs name their
-    /// issuer byte for byte as the CA names itself (what chain building compares).
-    pub fn to_rcgen_dn(name: &[u8]) -> Option<rcgen::DistinguishedName> {
-        let mut dn = rcgen::DistinguishedName::new();
-        for (oid, tag, value) in name_attributes(name)? {
-            let text = String::from_utf8(value.to_vec()).ok();
-            let value = match tag {
-                0x13 => rcgen::DnValue::PrintableString(rcgen::string::PrintableString::try_from(text?).ok()?),
-                0x16 => rcgen::DnValue::Ia5String(rcgen::string::Ia5String::try_from(text?).ok()?),
-                0x14 => rcgen::DnValue::TeletexString(rcgen::string::TeletexString::try_from(text?).ok()?),
-                0x1e => rcgen::DnValue::BmpString(rcgen::string::BmpString::from_utf16be(value.to_vec()).ok()?),
-                0x0c => rcgen::DnValue::Utf8String(text?),
-                _ => return None,
-            };
-            dn.push(rcgen::DnType::from_oid(&oid), value);
-        }
-        Some(dn)
-    }
-
-    /// PKCS#8 ECDSA key -> SEC1 `ECPrivateKey` with the curve named in `[0]` (as Go writes it;
-    /// Go cannot read a SEC1 key without it).
-    pub fn pkcs8_ec_to_sec1(pkcs8: &[u8]) -> Option<Vec<u8>> {
-        let (outer, _) = expect(pkcs8, 0x30)?;
-        let (_, rest) = expect(outer, 0x02)?;
-        let (algid, rest) = expect(rest, 0x30)?;
-        let (_, curve_tlv) = expect(algid, 0x06)?; // id-ecPublicKey; the curve OID follows
-        let (private, _) = expect(rest, 0x04)?;
-        let (ec, _) = expect(private, 0x30)?;
-        let (version, rest) = expect(ec, 0x02)?;
-        let (d, mut rest) = expect(rest, 0x04)?;
-        let mut public = None;
-        while !rest.is_empty() {
-            let (tag, content, next) = read(rest)?;
-            if tag == 0xa1 {
-                public = Some(content);
-            }
-            rest = next;
-        }
-        let mut body = tlv(0x02, version);
-        body.extend(tlv(0x04, d));
-        body.extend(tlv(0xa0, curve_tlv));
-        if let Some(public) = public {
-            body.extend(tlv(0xa1, public));
-        }
-        Some(tlv(0x30, &body))
-    }
-
-    /// SEC1 P-256 key -> PKCS#8 (what ring reads).
-    pub fn sec1_to_pkcs8(sec1: &[u8]) -> Option<Vec<u8>> {
-        expect(sec1, 0x30)?;
-        const EC_P256_ALGID: [u8; 21] = [
-            0x30, 0x13, 0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d,
-            0x03, 0x01, 0x07,
-        ];
-        let mut body = vec![0x02, 0x01, 0x00];
-        body.extend_from_slice(&EC_P256_ALGID);
-        body.extend(tlv(0x04, sec1));
-        Some(tlv(0x30, &body))
-    }
 }
 
 #[cfg(test)]
@@ -900,10 +679,12 @@ mod tests {
             STANDARD.decode(bundle.get("cluster.secret").unwrap()).unwrap().len(),
             32
         );
+        // The PEM labels Talos writes: each field one block.
         let labels = |field: &str| -> Vec<String> {
-            pem_decode(&bundle.pem(field).unwrap())
-                .into_iter()
-                .map(|(l, _)| l)
+            let pem = bundle.pem(field).unwrap();
+            pem.lines()
+                .filter_map(|l| l.strip_prefix("-----BEGIN ").and_then(|l| l.strip_suffix("-----")))
+                .map(String::from)
                 .collect()
         };
         assert_eq!(labels("certs.os.key"), ["ED25519 PRIVATE KEY"]);
@@ -921,9 +702,9 @@ mod tests {
         assert!(yaml.contains("\ncerts:\n    etcd:\n        crt: "), "{yaml}");
         // The CAs name themselves as Talos does.
         let os = bundle.os_ca().unwrap();
-        assert_eq!(cert_organizations(os.cert_der()), ["talos"]);
-        let etcd = pem_decode(&bundle.pem("certs.etcd.crt").unwrap()).remove(0).1;
-        assert_eq!(cert_organizations(&etcd), ["etcd"]);
+        assert_eq!(pki::organizations(os.cert_der()), ["talos"]);
+        let etcd = pki::certificates(bundle.pem("certs.etcd.crt").unwrap().as_bytes()).unwrap();
+        assert_eq!(pki::organizations(&etcd[0]), ["etcd"]);
         // Two bundles share nothing.
         let other = TalosSecrets::generate();
         for field in REQUIRED_FIELDS {
@@ -932,28 +713,33 @@ mod tests {
     }
 
     #[test]
-    fn the_ec_keys_are_sec1_with_the_curve_named() {
+    fn the_ec_keys_are_sec1_with_the_curve_named_and_the_ca_keys_load_back() {
         let bundle = sample();
-        let der = pem_decode(&bundle.pem("certs.k8s.key").unwrap()).remove(0).1;
+        let PrivateKeyDer::Sec1(sec1) = pki::private_key(bundle.pem("certs.k8s.key").unwrap().as_bytes()).unwrap()
+        else {
+            panic!("not SEC1")
+        };
         // SEQUENCE { INTEGER 1, OCTET STRING (32), [0] { OID prime256v1 }, [1] { BIT STRING } }
-        let (tag, body, rest) = der::read(&der).unwrap();
-        assert_eq!((tag, rest.len()), (0x30, 0));
-        let (t1, v, body) = der::read(body).unwrap();
-        assert_eq!((t1, v), (0x02, &[1u8][..]));
-        let (t2, d, body) = der::read(body).unwrap();
-        assert_eq!((t2, d.len()), (0x04, 32));
-        let (t3, params, body) = der::read(body).unwrap();
-        assert_eq!(t3, 0xa0);
-        assert_eq!(params, [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07]);
-        let (t4, _, body) = der::read(body).unwrap();
-        assert_eq!((t4, body.len()), (0xa1, 0));
-        // And it reads back as a key rcgen can sign with.
-        let pkcs8 = der::sec1_to_pkcs8(&der).unwrap();
-        KeyPair::from_pkcs8_der_and_sign_algo(
-            &PrivatePkcs8KeyDer::from(pkcs8.as_slice()),
-            &rcgen::PKCS_ECDSA_P256_SHA256,
-        )
+        let curve = yasna::parse_der(sec1.secret_sec1_der(), |r| {
+            r.read_sequence(|s| {
+                assert_eq!(s.next().read_u8()?, 1);
+                assert_eq!(s.next().read_bytes()?.len(), 32);
+                let curve = s.next().read_tagged(yasna::Tag::context(0), |r| r.read_oid())?;
+                s.next()
+                    .read_tagged(yasna::Tag::context(1), |r| r.read_bitvec_bytes())?;
+                Ok(curve)
+            })
+        })
         .unwrap();
+        assert_eq!(curve.components(), &[1, 2, 840, 10045, 3, 1, 7]);
+        // Every CA of the bundle reads back as a CA rcgen can sign with (EC keys in SEC1, the
+        // OS CA's Ed25519 key under Talos's own label).
+        for ca in ["etcd", "k8s", "k8saggregator", "os"] {
+            let crt = bundle.pem(&format!("certs.{ca}.crt")).unwrap();
+            let key = bundle.pem(&format!("certs.{ca}.key")).unwrap();
+            let ca = TalosCa::from_pem(&crt, &key).unwrap_or_else(|e| panic!("{ca}: {e}"));
+            ca.issue_server_cert(&["127.0.0.1".into()]).unwrap();
+        }
     }
 
     #[test]
@@ -1097,10 +883,11 @@ mod tests {
         assert_eq!(ctx["nodes"][1].as_str(), Some("10.0.0.11"));
         let decode = |k: &str| String::from_utf8(STANDARD.decode(ctx[k].as_str().unwrap()).unwrap()).unwrap();
         assert_eq!(decode("ca"), bundle.pem("certs.os.crt").unwrap());
-        let key = pem_decode(&decode("key"));
-        assert_eq!(key[0].0, "ED25519 PRIVATE KEY");
-        let crt = pem_decode(&decode("crt")).remove(0).1;
-        assert_eq!(cert_organizations(&crt), ["os:admin"]);
+        let key = decode("key");
+        assert!(key.starts_with("-----BEGIN ED25519 PRIVATE KEY-----\n"), "{key}");
+        assert!(matches!(pki::private_key(key.as_bytes()), Ok(PrivateKeyDer::Pkcs8(_))));
+        let crt = pki::certificates(decode("crt").as_bytes()).unwrap().remove(0).to_vec();
+        assert_eq!(pki::organizations(&crt), ["os:admin"]);
 
         // The chain verifies with rustls's verifier, the OS CA as the only root.
         let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());

@@ -2,6 +2,8 @@
 //! variable (flags win over the file).
 
 use crate::daemon::forge::ForgeKind;
+use crate::daemon::policy::Policy;
+use crate::daemon::verify::{VerifyMode, VerifySettings};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,7 +26,27 @@ pub struct DaemonFile {
     pub ssh_key: Option<PathBuf>,
     pub known_hosts: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
+    pub plan_token_file: Option<PathBuf>,
     pub forge: Option<ForgeFile>,
+    pub run_timeout: Option<String>,
+    pub plan_timeout: Option<String>,
+    pub worker_memory: Option<String>,
+    pub verify: Option<VerifyFile>,
+    /// What the repository may not set (daemon::policy).
+    pub policy: Option<Policy>,
+}
+
+/// `verify:`: apply only commits signed by these keys.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VerifyFile {
+    /// head | all [default: head]
+    pub mode: Option<String>,
+    /// git's allowed-signers format (gpg.ssh.allowedSignersFile).
+    pub allowed_signers: Option<PathBuf>,
+    /// Armored OpenPGP public keys (`gpg --export --armor`).
+    #[serde(default)]
+    pub openpgp_keys: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -75,6 +97,20 @@ pub struct DaemonFlags {
     pub known_hosts: Option<PathBuf>,
     /// File holding a token for https:// repositories.
     pub token_file: Option<PathBuf>,
+    /// A read-only Proxmox token for pull request plans.
+    pub plan_token_file: Option<PathBuf>,
+    /// How long one reconcile or drift check may take [default: 1h].
+    pub run_timeout: Option<String>,
+    /// How long one pull request plan may take [default: 10m].
+    pub plan_timeout: Option<String>,
+    /// The most memory one run's worker process may use [default: 2GiB].
+    pub worker_memory: Option<String>,
+    /// Which commits must be signed: head (the revision applied) or all (every new commit).
+    pub verify_mode: Option<String>,
+    /// Apply only commits signed by a key in this allowed-signers file (git's format).
+    pub verify_allowed_signers: Option<PathBuf>,
+    /// Apply only commits signed by one of these armored OpenPGP public keys (repeatable).
+    pub verify_openpgp_keys: Vec<PathBuf>,
 }
 
 /// The resolved settings; serialisable because each run's worker process gets them.
@@ -94,11 +130,48 @@ pub struct DaemonSettings {
     pub ssh_key: Option<PathBuf>,
     pub known_hosts: Option<PathBuf>,
     pub token_file: Option<PathBuf>,
+    /// A read-only Proxmox token for pull request plans.
+    #[serde(default)]
+    pub plan_token_file: Option<PathBuf>,
     pub forge: Option<(ForgeKind, String, String, PathBuf)>,
+    /// The bounds of one run: a reconcile or drift check, a pull request plan (untrusted
+    /// input: shorter), and the worker's address space.
+    #[serde(default = "RunLimits::default")]
+    pub limits: RunLimits,
+    /// Signed commits: off when `None`.
+    #[serde(default)]
+    pub verify: Option<VerifySettings>,
+    /// What the repository may not set, whoever pushes it.
+    #[serde(default)]
+    pub policy: Policy,
     /// How each run's worker process logs (the daemon's `--log-format`); `None` keeps runs
     /// silent (the quickstart prints the status reports instead).
     #[serde(default)]
     pub log_format: Option<crate::settings::LogFormat>,
+}
+
+/// What one run may take before it is stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunLimits {
+    /// A reconcile or drift check of the watched branch (an apply with its gates).
+    pub run_timeout: Duration,
+    /// A pull request plan: it only reads, and its content is untrusted.
+    pub plan_timeout: Duration,
+    /// After SIGTERM, how long a worker has to stop between two steps before it is killed.
+    pub stop_grace: Duration,
+    /// The worker's address-space limit, in bytes (RLIMIT_AS).
+    pub worker_memory: u64,
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        RunLimits {
+            run_timeout: Duration::from_secs(3600),
+            plan_timeout: Duration::from_secs(600),
+            stop_grace: Duration::from_secs(60),
+            worker_memory: 2 << 30,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +188,16 @@ pub enum ConfigError {
     StatusIsWatched(String),
     #[error("unknown forge kind `{0}` (gitea, forgejo, github, gitlab)")]
     ForgeKind(String),
+    #[error("`{value}` is not a size (write it like 512MiB or 2GiB)")]
+    Size { value: String },
+    #[error("{0}")]
+    Policy(String),
+    #[error("unknown verify mode `{0}` (head, all)")]
+    VerifyMode(String),
+    #[error(
+        "verify: names no key: give `allowed_signers:` or `openpgp_keys:` (--verify-allowed-signers, --verify-openpgp-keys)"
+    )]
+    VerifyWithoutKeys,
 }
 
 fn duration(s: &str) -> Result<Duration, ConfigError> {
@@ -135,11 +218,35 @@ fn read_file(path: &Path) -> Result<DaemonFile, ConfigError> {
 }
 
 impl DaemonFlags {
+    fn limits(&self, file: &DaemonFile) -> Result<RunLimits, ConfigError> {
+        let defaults = RunLimits::default();
+        let time = |flag: &Option<String>, key: &Option<String>, default| {
+            flag.as_ref()
+                .or(key.as_ref())
+                .map(|s| duration(s))
+                .transpose()
+                .map(|d| d.unwrap_or(default))
+        };
+        let worker_memory = match self.worker_memory.as_ref().or(file.worker_memory.as_ref()) {
+            None => defaults.worker_memory,
+            Some(s) => crate::model::schema::Size::parse(s)
+                .map(|size| size.mib << 20)
+                .map_err(|_| ConfigError::Size { value: s.clone() })?,
+        };
+        Ok(RunLimits {
+            run_timeout: time(&self.run_timeout, &file.run_timeout, defaults.run_timeout)?,
+            plan_timeout: time(&self.plan_timeout, &file.plan_timeout, defaults.plan_timeout)?,
+            stop_grace: defaults.stop_grace,
+            worker_memory,
+        })
+    }
+
     pub fn resolve(&self) -> Result<DaemonSettings, ConfigError> {
         let file = match &self.config {
             Some(p) => read_file(p)?,
             None => DaemonFile::default(),
         };
+        let limits = self.limits(&file)?;
         let repository = self
             .repository
             .clone()
@@ -172,6 +279,9 @@ impl DaemonFlags {
                 Some((kind, f.api, f.repo, f.token_file))
             }
         };
+        let verify = self.verify_settings(file.verify)?;
+        let policy = file.policy.unwrap_or_default();
+        policy.check().map_err(ConfigError::Policy)?;
         Ok(DaemonSettings {
             repository,
             branch,
@@ -199,8 +309,105 @@ impl DaemonFlags {
             ssh_key: self.ssh_key.clone().or(file.ssh_key),
             known_hosts: self.known_hosts.clone().or(file.known_hosts),
             token_file: self.token_file.clone().or(file.token_file),
+            plan_token_file: self.plan_token_file.clone().or(file.plan_token_file),
             forge,
+            limits,
+            verify,
+            policy,
             log_format: None,
         })
+    }
+
+    /// `verify:` with the flags on top, key by key; off when neither says anything.
+    fn verify_settings(&self, file: Option<VerifyFile>) -> Result<Option<VerifySettings>, ConfigError> {
+        let said = file.is_some()
+            || self.verify_mode.is_some()
+            || self.verify_allowed_signers.is_some()
+            || !self.verify_openpgp_keys.is_empty();
+        if !said {
+            return Ok(None);
+        }
+        let file = file.unwrap_or_default();
+        let mode = match self.verify_mode.clone().or(file.mode) {
+            None => VerifyMode::default(),
+            Some(m) => VerifyMode::parse(&m).ok_or(ConfigError::VerifyMode(m))?,
+        };
+        let settings = VerifySettings {
+            mode,
+            allowed_signers: self.verify_allowed_signers.clone().or(file.allowed_signers),
+            openpgp_keys: if self.verify_openpgp_keys.is_empty() {
+                file.openpgp_keys
+            } else {
+                self.verify_openpgp_keys.clone()
+            },
+        };
+        // A `verify:` that names no key would stall every revision: refused at start instead.
+        if settings.allowed_signers.is_none() && settings.openpgp_keys.is_empty() {
+            return Err(ConfigError::VerifyWithoutKeys);
+        }
+        Ok(Some(settings))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_config(yaml: &str, flags: DaemonFlags) -> Result<DaemonSettings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("daemon.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        DaemonFlags {
+            config: Some(path),
+            repository: Some("file:///srv/homelab.git".into()),
+            ..flags
+        }
+        .resolve()
+    }
+
+    #[test]
+    fn verify_comes_from_the_file_with_flags_on_top_and_is_off_unless_asked() {
+        let s = with_config("branch: main\n", DaemonFlags::default()).unwrap();
+        assert_eq!(s.verify, None);
+        let yaml = "verify:\n  mode: all\n  allowed_signers: /etc/driftless/allowed_signers\n  openpgp_keys: [/etc/driftless/bob.asc]\n";
+        let v = with_config(yaml, DaemonFlags::default()).unwrap().verify.unwrap();
+        assert_eq!(v.mode, VerifyMode::All);
+        assert_eq!(v.allowed_signers, Some(PathBuf::from("/etc/driftless/allowed_signers")));
+        assert_eq!(v.openpgp_keys, vec![PathBuf::from("/etc/driftless/bob.asc")]);
+        let flags = DaemonFlags {
+            verify_mode: Some("head".into()),
+            verify_openpgp_keys: vec!["/keys/carol.asc".into()],
+            ..DaemonFlags::default()
+        };
+        let v = with_config(yaml, flags).unwrap().verify.unwrap();
+        assert_eq!(v.mode, VerifyMode::Head);
+        assert_eq!(v.openpgp_keys, vec![PathBuf::from("/keys/carol.asc")]);
+        assert_eq!(v.allowed_signers, Some(PathBuf::from("/etc/driftless/allowed_signers")));
+        let only_flag = DaemonFlags {
+            verify_allowed_signers: Some("/keys/allowed".into()),
+            ..DaemonFlags::default()
+        };
+        let v = with_config("{}\n", only_flag).unwrap().verify.unwrap();
+        assert_eq!(v.mode, VerifyMode::Head, "head by default");
+        // The worker gets them through JSON.
+        let s = with_config(yaml, DaemonFlags::default()).unwrap();
+        let back: DaemonSettings = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        assert_eq!(back.verify, s.verify);
+    }
+
+    #[test]
+    fn a_verify_that_names_no_key_or_an_unknown_mode_is_refused() {
+        assert!(matches!(
+            with_config("verify:\n  mode: all\n", DaemonFlags::default()),
+            Err(ConfigError::VerifyWithoutKeys)
+        ));
+        assert!(matches!(
+            with_config("verify:\n  mode: every\n  allowed_signers: /a\n", DaemonFlags::default()),
+            Err(ConfigError::VerifyMode(m)) if m == "every"
+        ));
+        assert!(matches!(
+            with_config("verify:\n  allowed_signer: /a\n", DaemonFlags::default()),
+            Err(ConfigError::Parse { .. })
+        ));
     }
 }

@@ -43,6 +43,10 @@ pub fn outcome(kind: RunKind, policy: Policy, plan_is_empty: bool) -> Outcome {
 pub struct Revisions {
     pub last_attempted: Option<String>,
     pub last_applied: Option<String>,
+    /// The last revision of the watched branch that loaded: whose settings pull request
+    /// plans use (`daemon::trust`).
+    #[serde(default)]
+    pub last_valid: Option<String>,
 }
 
 impl Revisions {
@@ -53,13 +57,13 @@ impl Revisions {
             return self.clone();
         }
         let applied = matches!(outcome, Outcome::Applied | Outcome::NoChanges);
+        // An unsigned revision never becomes the one whose settings pull requests are planned with.
+        let valid = !matches!(outcome, Outcome::Invalid | Outcome::Unverified);
+        let this_or = |kept: &Option<String>, take: bool| if take { Some(commit.to_string()) } else { kept.clone() };
         Revisions {
             last_attempted: Some(commit.to_string()),
-            last_applied: if applied {
-                Some(commit.to_string())
-            } else {
-                self.last_applied.clone()
-            },
+            last_applied: this_or(&self.last_applied, applied),
+            last_valid: this_or(&self.last_valid, valid),
         }
     }
 }
@@ -81,7 +85,8 @@ pub fn backoff(attempts: u32) -> Duration {
 
 /// What the daemon keeps of a reconcile's `outcome` for retrying: a failure schedules a retry
 /// (counting on from an earlier failure of the same commit); anything else clears it. An
-/// invalid revision is never retried: it stalls until a new commit.
+/// invalid or unverified (not signed as `verify:` requires) revision is never retried: it
+/// stalls until a new commit.
 pub fn retry_after(previous: Option<&Retry>, commit: &str, outcome: Outcome) -> Option<Retry> {
     if outcome != Outcome::Failed {
         return None;
@@ -180,16 +185,34 @@ mod tests {
         let before = Revisions {
             last_attempted: Some("a".into()),
             last_applied: Some("a".into()),
+            last_valid: Some("a".into()),
         };
         let applied = before.after(RunKind::Reconcile, "b", Outcome::Applied);
         assert_eq!(applied.last_attempted.as_deref(), Some("b"));
         assert_eq!(applied.last_applied.as_deref(), Some("b"));
         let unchanged = before.after(RunKind::Reconcile, "b", Outcome::NoChanges);
         assert_eq!(unchanged.last_applied.as_deref(), Some("b"));
-        for outcome in [Outcome::Failed, Outcome::Invalid, Outcome::Suspended] {
+        for outcome in [
+            Outcome::Failed,
+            Outcome::Invalid,
+            Outcome::Suspended,
+            Outcome::Unverified,
+        ] {
             let r = before.after(RunKind::Reconcile, "b", outcome);
             assert_eq!(r.last_attempted.as_deref(), Some("b"), "{outcome:?}");
             assert_eq!(r.last_applied.as_deref(), Some("a"), "{outcome:?}");
+        }
+        // A revision that loaded is the one pull requests are planned with, applied or not.
+        assert_eq!(
+            before
+                .after(RunKind::Reconcile, "b", Outcome::Failed)
+                .last_valid
+                .as_deref(),
+            Some("b")
+        );
+        for outcome in [Outcome::Invalid, Outcome::Unverified] {
+            let r = before.after(RunKind::Reconcile, "b", outcome);
+            assert_eq!(r.last_valid.as_deref(), Some("a"), "{outcome:?}");
         }
         assert_eq!(before.after(RunKind::PullRequest, "pr", Outcome::Planned), before);
         assert_eq!(before.after(RunKind::Drift, "a", Outcome::DriftFound), before);
@@ -214,13 +237,18 @@ mod tests {
             None,
             "an invalid revision stalls"
         );
+        assert_eq!(
+            retry_after(Some(&r), "c1", Outcome::Unverified),
+            None,
+            "an unsigned revision stalls too"
+        );
     }
 
     #[test]
     fn a_head_is_reconciled_once_unless_its_retry_is_due() {
         let seen = Revisions {
             last_attempted: Some("c1".into()),
-            last_applied: None,
+            ..Revisions::default()
         };
         assert!(!reconcile_due(&seen, None, "c1"));
         assert!(reconcile_due(&seen, Some("c1"), "c1"));

@@ -20,3 +20,19 @@ pub fn release_free_memory() {
         libc::malloc_trim(0);
     }
 }
+
+/// In a run's worker: cap the address space, so a run that would grow without bound (a
+/// template or YAML that expands, a huge answer from a node) fails its allocation and ends,
+/// instead of taking the host's memory. The daemon reports such a run as failed.
+pub fn limit_address_space(bytes: u64) -> std::io::Result<()> {
+    let limit = libc::rlimit {
+        rlim_cur: bytes as libc::rlim_t,
+        rlim_max: bytes as libc::rlim_t,
+    };
+    // SAFETY: setrlimit reads the struct it is given and changes only this process's limit.
+    if unsafe { libc::setrlimit(libc::RLIMIT_AS, &limit) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}

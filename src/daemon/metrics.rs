@@ -6,7 +6,7 @@
 //! | `driftless_reconcile_duration_seconds` | histogram | `kind` |
 //! | `driftless_drifted_guests` | gauge | |
 //! | `driftless_last_applied_info` | gauge (always 1) | `revision` |
-//! | `driftless_api_errors_total` | counter | `system` (proxmox, git, ssh) |
+//! | `driftless_api_errors_total` | counter | `system` (proxmox, ssh, kubernetes, talos, git, secrets, repository) |
 //! | `driftless_last_reconcile_timestamp_seconds` | gauge | |
 //!
 //! Every metric is an atomic behind an `Arc` inside prometheus-client, so recording takes `&self`

@@ -1,11 +1,14 @@
 pub mod config;
-pub mod decide;
+pub(crate) mod decide;
 pub mod forge;
 pub mod git;
 pub mod memory;
 pub mod metrics;
+pub(crate) mod policy;
 pub mod run;
 pub mod server;
 pub mod status;
+pub(crate) mod trust;
+pub mod verify;
 pub mod webhook;
 pub mod worker;

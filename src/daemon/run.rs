@@ -1,7 +1,9 @@
 //! The daemon loop: fetch the watched branch on an interval (with jitter), at once on a signed
 //! webhook or a change of a local repository; reconcile each new revision, plan pull request
 //! refs without applying, check drift on a schedule, and commit a status report after every
-//! run. One run at a time; a shutdown stops an apply between two steps.
+//! run. The watched branch's runs go one at a time; pull request plans run on a lane of their
+//! own beside them, so a slow or hostile one never delays the branch. A shutdown stops an
+//! apply between two steps.
 
 use super::config::DaemonSettings;
 use super::decide::{self, Retry, Revisions};
@@ -17,26 +19,61 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 
 /// What the daemon remembers between runs.
 #[derive(Debug, Default)]
 struct Memory {
-    revisions: Revisions,
+    /// Kept across restarts (`Remembered`).
+    kept: Remembered,
     /// The failed revision and when to try it again (backoff); an invalid revision is never
     /// retried: it stalls until a new commit.
     retry: Option<(Retry, Instant)>,
-    /// Pull request refs: the commit last planned for each.
-    planned: BTreeMap<String, String>,
     /// The schedule of the last revision that loaded.
     schedule: Option<Schedule>,
+}
+
+/// What survives a restart of the daemon, in `STATE/daemon-memory.json`: the revisions (so a
+/// restarted daemon neither re-applies nor forgets what was applied, and pull requests keep
+/// their trusted revision) and the pull request commits already planned (so a hostile pull
+/// request is not planned again at every restart).
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+struct Remembered {
+    revisions: Revisions,
+    planned: BTreeMap<String, String>,
+}
+
+const MEMORY_FILE: &str = "daemon-memory.json";
+
+impl Remembered {
+    fn load(state_dir: &std::path::Path) -> Remembered {
+        std::fs::read(state_dir.join(MEMORY_FILE))
+            .ok()
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default()
+    }
+
+    /// Written to a temporary file and renamed: a crash leaves the old or the new memory.
+    fn save(&self, state_dir: &std::path::Path) {
+        let write = || -> std::io::Result<()> {
+            let mut tmp = tempfile::NamedTempFile::new_in(state_dir)?;
+            serde_json::to_writer(&mut tmp, self)?;
+            tmp.as_file().sync_all()?;
+            tmp.persist(state_dir.join(MEMORY_FILE)).map_err(|e| e.error)?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            tracing::warn!(error = %e, "cannot save the daemon's memory");
+        }
+    }
 }
 
 /// What the loop needs from the world: the refs of the repository and one run of a job. The
 /// daemon fetches into its mirror and starts a worker process ([`Processes`]); the loop's
 /// tests script both.
-pub trait Backend: Send {
+pub trait Backend: Clone + Send + Sync + 'static {
     /// Fetch `refspecs`; the refs the mirror then holds, name -> commit.
     fn fetch(&mut self, refspecs: Vec<String>)
     -> impl Future<Output = Result<BTreeMap<String, String>, String>> + Send;
@@ -44,9 +81,14 @@ pub trait Backend: Send {
     fn run(&mut self, job: &RunJob, stop: &AtomicBool) -> impl Future<Output = RunResult> + Send;
     /// A number that differs between daemons, to spread their polls.
     fn jitter_seed(&self) -> u32;
+    /// Push the status reports that could not be pushed before.
+    fn flush_reports(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 /// The real backend: a gix mirror of the repository, and a worker process per run.
+#[derive(Clone)]
 pub struct Processes {
     mirror: Arc<Mirror>,
     settings: DaemonSettings,
@@ -55,11 +97,21 @@ pub struct Processes {
 impl Backend for Processes {
     async fn fetch(&mut self, refspecs: Vec<String>) -> Result<BTreeMap<String, String>, String> {
         let mirror = self.mirror.clone();
-        match tokio::task::spawn_blocking(move || mirror.fetch(&refspecs)).await {
-            Ok(Ok(refs)) => Ok(refs),
+        match tokio::task::spawn_blocking(move || mirror.fetch_healing(&refspecs)).await {
+            Ok(Ok((refs, remade))) => {
+                if remade {
+                    tracing::warn!("the mirror was damaged and has been fetched again from scratch");
+                }
+                Ok(refs)
+            }
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(format!("fetch task failed: {e}")),
         }
+    }
+
+    async fn flush_reports(&mut self) {
+        let (mirror, settings) = (self.mirror.clone(), self.settings.clone());
+        let _ = tokio::task::spawn_blocking(move || worker::flush_queued_reports(&mirror, &settings)).await;
     }
 
     async fn run(&mut self, job: &RunJob, stop: &AtomicBool) -> RunResult {
@@ -137,39 +189,43 @@ impl<B: Backend> Daemon<B> {
         metrics: Arc<Metrics>,
         stop: Arc<AtomicBool>,
     ) -> Self {
+        let kept = Remembered::load(&settings.state_dir);
         Daemon {
             settings,
             run,
             backend,
             metrics,
             stop,
-            memory: Memory::default(),
+            memory: Memory {
+                kept,
+                ..Memory::default()
+            },
+        }
+    }
+
+    fn job(&self, git_ref: &str, commit: &str, kind: RunKind) -> RunJob {
+        RunJob {
+            settings: self.settings.clone(),
+            run: self.run.clone(),
+            git_ref: git_ref.to_string(),
+            commit: commit.to_string(),
+            kind,
+            revisions: self.memory.kept.revisions.clone(),
         }
     }
 
     /// Run one revision (in a worker process, see `worker`), then keep what it tells.
     async fn run_revision(&mut self, git_ref: &str, commit: &str, kind: RunKind) {
         let clock = Instant::now();
-        let job = RunJob {
-            settings: self.settings.clone(),
-            run: self.run.clone(),
-            git_ref: git_ref.to_string(),
-            commit: commit.to_string(),
-            kind,
-            revisions: self.memory.revisions.clone(),
-        };
+        let job = self.job(git_ref, commit, kind);
         let result = self.backend.run(&job, &self.stop).await;
-        for system in &result.api_errors {
-            self.metrics.record_api_error(*system);
-        }
-        if let Some(drifted) = result.drifted {
-            self.metrics.set_drifted_guests(drifted);
-        }
+        record(&self.metrics, kind, &result, clock.elapsed());
         if let Some(schedule) = &result.schedule {
             self.memory.schedule = Some(schedule.clone());
         }
         if kind == RunKind::Reconcile {
-            self.memory.revisions = self.memory.revisions.after(kind, commit, result.outcome);
+            self.memory.kept.revisions = self.memory.kept.revisions.after(kind, commit, result.outcome);
+            self.memory.kept.save(&self.settings.state_dir);
             if matches!(result.outcome, Outcome::Applied | Outcome::NoChanges) {
                 self.metrics.set_last_applied(commit);
             }
@@ -180,23 +236,12 @@ impl<B: Backend> Daemon<B> {
                 (r, at)
             });
         }
-        let m_kind = match kind {
-            RunKind::Reconcile => ReconcileKind::Reconcile,
-            RunKind::PullRequest => ReconcileKind::PullRequest,
-            RunKind::Drift => ReconcileKind::Drift,
-        };
-        let m_outcome = match result.outcome {
-            Outcome::Applied | Outcome::Planned | Outcome::DriftFound => metrics::Outcome::Success,
-            Outcome::NoChanges | Outcome::NoDrift | Outcome::Suspended => metrics::Outcome::NoChange,
-            Outcome::Invalid => metrics::Outcome::Stalled,
-            Outcome::Failed => metrics::Outcome::Failure,
-        };
-        self.metrics.record_reconcile(m_kind, m_outcome, clock.elapsed());
         super::memory::release_free_memory();
     }
 
-    /// Fetch, then run what is new: the watched branch, then pull request refs.
-    async fn poll(&mut self, ready: &AtomicBool) {
+    /// Fetch, then run what is new: the watched branch here, pull request refs on their
+    /// own lane (`plans`).
+    async fn poll(&mut self, ready: &AtomicBool, plans: &mpsc::Sender<RunJob>) {
         let mut specs = vec![format!(
             "+{}:{}",
             branch_ref(&self.settings.branch),
@@ -210,10 +255,13 @@ impl<B: Backend> Daemon<B> {
             Err(e) => {
                 self.metrics.record_api_error(System::Git);
                 tracing::error!(error = %e, "fetch failed");
+                // Not ready while the repository cannot be fetched: /readyz says so.
+                ready.store(false, Ordering::Release);
                 return;
             }
         };
         ready.store(true, Ordering::Release);
+        self.backend.flush_reports().await;
         let watched = branch_ref(&self.settings.branch);
         if let Some(commit) = refs.get(&watched).cloned() {
             let retry_due = self
@@ -222,7 +270,7 @@ impl<B: Backend> Daemon<B> {
                 .as_ref()
                 .filter(|(_, at)| Instant::now() >= *at)
                 .map(|(r, _)| r.commit.as_str());
-            if decide::reconcile_due(&self.memory.revisions, retry_due, &commit) {
+            if decide::reconcile_due(&self.memory.kept.revisions, retry_due, &commit) {
                 tracing::info!(%commit, git_ref = %watched, "reconciling");
                 self.run_revision(&watched, &commit, RunKind::Reconcile).await;
             }
@@ -236,16 +284,21 @@ impl<B: Backend> Daemon<B> {
             if !self.settings.plan_refs.iter().any(|p| glob_match(p, &name)) {
                 continue;
             }
-            if self.memory.planned.get(&name) != Some(&commit) {
-                tracing::info!(%commit, git_ref = %name, "planning a pull request ref");
-                self.run_revision(&name, &commit, RunKind::PullRequest).await;
-                self.memory.planned.insert(name, commit);
+            if self.memory.kept.planned.get(&name) != Some(&commit) {
+                // Queued, not awaited: a slow or hostile pull request never delays the
+                // watched branch. A full queue leaves the ref for the next poll.
+                let job = self.job(&name, &commit, RunKind::PullRequest);
+                if plans.try_send(job).is_ok() {
+                    tracing::info!(%commit, git_ref = %name, "planning a pull request ref");
+                    self.memory.kept.planned.insert(name, commit);
+                    self.memory.kept.save(&self.settings.state_dir);
+                }
             }
         }
     }
 
     async fn drift(&mut self) {
-        let revisions = &self.memory.revisions;
+        let revisions = &self.memory.kept.revisions;
         let Some(commit) = revisions
             .last_applied
             .clone()
@@ -257,6 +310,52 @@ impl<B: Backend> Daemon<B> {
         tracing::info!(%commit, "checking drift");
         self.run_revision(&watched, &commit, RunKind::Drift).await;
     }
+}
+
+/// Count a finished run in the metrics.
+fn record(metrics: &Metrics, kind: RunKind, result: &RunResult, took: Duration) {
+    for system in &result.api_errors {
+        metrics.record_api_error(*system);
+    }
+    if let Some(drifted) = result.drifted {
+        metrics.set_drifted_guests(drifted);
+    }
+    let m_kind = match kind {
+        RunKind::Reconcile => ReconcileKind::Reconcile,
+        RunKind::PullRequest => ReconcileKind::PullRequest,
+        RunKind::Drift => ReconcileKind::Drift,
+    };
+    let m_outcome = match result.outcome {
+        Outcome::Applied | Outcome::Planned | Outcome::DriftFound => metrics::Outcome::Success,
+        Outcome::NoChanges | Outcome::NoDrift | Outcome::Suspended => metrics::Outcome::NoChange,
+        Outcome::Invalid | Outcome::Unverified => metrics::Outcome::Stalled,
+        Outcome::Failed => metrics::Outcome::Failure,
+    };
+    metrics.record_reconcile(m_kind, m_outcome, took);
+}
+
+/// How many pull request plans may wait for the plan lane.
+const PLAN_QUEUE: usize = 64;
+
+/// The lane pull request plans run on: one at a time, beside the watched branch's runs.
+fn plan_lane<B: Backend>(
+    mut backend: B,
+    metrics: Arc<Metrics>,
+    stop: Arc<AtomicBool>,
+) -> (mpsc::Sender<RunJob>, tokio::task::JoinHandle<()>) {
+    let (tx, mut rx) = mpsc::channel::<RunJob>(PLAN_QUEUE);
+    let task = tokio::spawn(async move {
+        while let Some(job) = rx.recv().await {
+            if stop.load(Ordering::SeqCst) {
+                break;
+            }
+            let clock = Instant::now();
+            let result = backend.run(&job, &stop).await;
+            record(&metrics, job.kind, &result, clock.elapsed());
+            super::memory::release_free_memory();
+        }
+    });
+    (tx, task)
 }
 
 fn next_drift(settings: &DaemonSettings, cluster_schedule: Option<&str>) -> Option<Instant> {
@@ -304,6 +403,12 @@ pub async fn run(settings: DaemonSettings, run: RunSettings) -> Result<()> {
 
 /// Run the daemon until `control` asks it to stop.
 pub async fn run_until(settings: DaemonSettings, run: RunSettings, control: Control) -> Result<()> {
+    // The hard limit (systemd's LimitNOFILE), not the soft 1024: clients of the HTTP server must
+    // never leave the daemon's own fetches without descriptors.
+    match server::raise_open_files_limit() {
+        Ok(limit) => tracing::debug!(limit, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
     std::fs::create_dir_all(&settings.state_dir)
         .with_context(|| format!("cannot create the state directory {}", settings.state_dir.display()))?;
     let mirror = {
@@ -316,6 +421,10 @@ pub async fn run_until(settings: DaemonSettings, run: RunSettings, control: Cont
     };
     // Checked at start, so a missing forge token is an error now, not in every run.
     worker::forge_client(&settings)?;
+    // Likewise an unreadable allowed-signers file or key (each run reads them again).
+    if let Some(verify) = &settings.verify {
+        super::verify::Policy::load(verify)?;
+    }
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
     let (stop, shutdown) = (control.stop.clone(), control.shutdown.clone());
@@ -372,8 +481,9 @@ impl<B: Backend> Daemon<B> {
         shutdown: &Notify,
     ) {
         let mut drift_at: Option<Instant> = None;
+        let (plans, plan_task) = plan_lane(self.backend.clone(), self.metrics.clone(), self.stop.clone());
         loop {
-            self.poll(ready).await;
+            self.poll(ready, &plans).await;
             if self.stop.load(Ordering::SeqCst) {
                 break;
             }
@@ -408,6 +518,9 @@ impl<B: Backend> Daemon<B> {
                 break;
             }
         }
+        // A plan under way gets the shutdown too (SIGTERM to its worker); wait for it.
+        drop(plans);
+        let _ = plan_task.await;
     }
 }
 
@@ -458,17 +571,24 @@ mod tests {
     type Runs = Arc<Mutex<Vec<(u64, RunKind, String)>>>;
 
     /// A repository whose refs the test sets, and runs whose outcomes it scripts.
+    #[derive(Clone)]
     struct Script {
         refs: Arc<Mutex<BTreeMap<String, String>>>,
-        reconcile_outcomes: VecDeque<Outcome>,
+        reconcile_outcomes: Arc<Mutex<VecDeque<Outcome>>>,
+        /// How long a pull request plan takes.
+        plan_takes: Duration,
         runs: Runs,
         fetches: Arc<Mutex<Vec<u64>>>,
+        fetch_fails: Arc<AtomicBool>,
         start: Instant,
     }
 
     impl Backend for Script {
         async fn fetch(&mut self, _: Vec<String>) -> Result<BTreeMap<String, String>, String> {
             self.fetches.lock().unwrap().push(self.start.elapsed().as_secs());
+            if self.fetch_fails.load(Ordering::SeqCst) {
+                return Err("the remote is gone".into());
+            }
             Ok(self.refs.lock().unwrap().clone())
         }
 
@@ -476,8 +596,16 @@ mod tests {
             let at = self.start.elapsed().as_secs();
             self.runs.lock().unwrap().push((at, job.kind, job.commit.clone()));
             let outcome = match job.kind {
-                RunKind::Reconcile => self.reconcile_outcomes.pop_front().unwrap_or(Outcome::Applied),
-                RunKind::PullRequest => Outcome::Planned,
+                RunKind::Reconcile => self
+                    .reconcile_outcomes
+                    .lock()
+                    .unwrap()
+                    .pop_front()
+                    .unwrap_or(Outcome::Applied),
+                RunKind::PullRequest => {
+                    tokio::time::sleep(self.plan_takes).await;
+                    Outcome::Planned
+                }
                 RunKind::Drift => Outcome::NoDrift,
             };
             RunResult {
@@ -494,9 +622,12 @@ mod tests {
     }
 
     struct Harness {
+        _state: tempfile::TempDir,
         refs: Arc<Mutex<BTreeMap<String, String>>>,
         runs: Runs,
         fetches: Arc<Mutex<Vec<u64>>>,
+        fetch_fails: Arc<AtomicBool>,
+        ready: Arc<AtomicBool>,
         triggers: mpsc::Sender<Trigger>,
         control: Control,
         task: tokio::task::JoinHandle<()>,
@@ -504,9 +635,26 @@ mod tests {
 
     /// Start the loop on a scripted backend, the watched branch at `head`.
     fn start(flags: DaemonFlags, head: &str, reconcile_outcomes: &[Outcome]) -> Harness {
+        start_in(
+            tempfile::tempdir().unwrap(),
+            flags,
+            head,
+            reconcile_outcomes,
+            Duration::ZERO,
+        )
+    }
+
+    fn start_in(
+        state: tempfile::TempDir,
+        flags: DaemonFlags,
+        head: &str,
+        reconcile_outcomes: &[Outcome],
+        plan_takes: Duration,
+    ) -> Harness {
         let settings = DaemonFlags {
             repository: Some("file:///srv/homelab.git".into()),
             plan_refs: vec!["refs/pull/*/head".into()],
+            state_dir: Some(state.path().to_path_buf()),
             ..flags
         }
         .resolve()
@@ -517,11 +665,15 @@ mod tests {
         )])));
         let runs: Runs = Arc::default();
         let fetches = Arc::new(Mutex::new(Vec::new()));
+        let fetch_fails = Arc::new(AtomicBool::new(false));
+        let ready = Arc::new(AtomicBool::new(false));
         let backend = Script {
             refs: refs.clone(),
-            reconcile_outcomes: reconcile_outcomes.iter().copied().collect(),
+            reconcile_outcomes: Arc::new(Mutex::new(reconcile_outcomes.iter().copied().collect())),
+            plan_takes,
             runs: runs.clone(),
             fetches: fetches.clone(),
+            fetch_fails: fetch_fails.clone(),
             start: Instant::now(),
         };
         let control = Control::default();
@@ -535,15 +687,20 @@ mod tests {
             control.stop.clone(),
         );
         let shutdown = control.shutdown.clone();
+        let loop_ready = ready.clone();
         let task = tokio::spawn(async move {
-            let ready = AtomicBool::new(false);
             let _keep = _watch_tx;
-            daemon.run_loop(&ready, &mut trigger_rx, &mut watch_rx, &shutdown).await;
+            daemon
+                .run_loop(&loop_ready, &mut trigger_rx, &mut watch_rx, &shutdown)
+                .await;
         });
         Harness {
+            _state: state,
             refs,
             runs,
             fetches,
+            fetch_fails,
+            ready,
             triggers,
             control,
             task,
@@ -552,16 +709,42 @@ mod tests {
 
     impl Harness {
         async fn stop(self) -> (Vec<(u64, RunKind, String)>, Vec<u64>) {
+            self.stop_keeping_state().await.0
+        }
+
+        /// Stop, and keep the state directory for a daemon started after this one.
+        async fn stop_keeping_state(self) -> ((Vec<(u64, RunKind, String)>, Vec<u64>), tempfile::TempDir) {
             self.control.request_stop();
             self.task.await.unwrap();
             let runs = self.runs.lock().unwrap().clone();
             let fetches = self.fetches.lock().unwrap().clone();
-            (runs, fetches)
+            ((runs, fetches), self._state)
         }
     }
 
     fn run(at: u64, kind: RunKind, commit: &str) -> (u64, RunKind, String) {
         (at, kind, commit.to_string())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ready_only_while_the_repository_can_be_fetched() {
+        let h = start(
+            DaemonFlags {
+                poll_interval: Some("60s".into()),
+                ..DaemonFlags::default()
+            },
+            "c1",
+            &[],
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(h.ready.load(Ordering::SeqCst), "ready after the first fetch");
+        h.fetch_fails.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(70)).await;
+        assert!(!h.ready.load(Ordering::SeqCst), "not ready while fetches fail");
+        h.fetch_fails.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(70)).await;
+        assert!(h.ready.load(Ordering::SeqCst), "ready again");
+        h.stop().await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -641,5 +824,68 @@ mod tests {
         let (runs, fetches) = h.stop().await;
         assert_eq!(runs, [run(0, RunKind::Reconcile, "bad")]);
         assert_eq!(fetches, [0, 30, 60, 90]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pull_request_plan_that_hangs_never_delays_the_watched_branch() {
+        let h = start_in(
+            tempfile::tempdir().unwrap(),
+            DaemonFlags {
+                poll_interval: Some("60s".into()),
+                ..DaemonFlags::default()
+            },
+            "c1",
+            &[],
+            Duration::from_secs(10_000),
+        );
+        h.refs
+            .lock()
+            .unwrap()
+            .insert("refs/pull/9/head".into(), "hostile".into());
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        h.refs.lock().unwrap().insert("refs/heads/main".into(), "c2".into());
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        let runs = h.runs.lock().unwrap().clone();
+        assert_eq!(
+            runs,
+            [
+                run(0, RunKind::Reconcile, "c1"),
+                run(0, RunKind::PullRequest, "hostile"),
+                run(60, RunKind::Reconcile, "c2"),
+            ],
+            "the watched branch is reconciled on its interval while the plan runs"
+        );
+        h.control.request_stop();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_daemon_remembers_what_it_applied_and_planned() {
+        let flags = || DaemonFlags {
+            poll_interval: Some("60s".into()),
+            ..DaemonFlags::default()
+        };
+        let first = start(flags(), "c1", &[]);
+        first
+            .refs
+            .lock()
+            .unwrap()
+            .insert("refs/pull/3/head".into(), "p1".into());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let ((runs, _), state) = first.stop_keeping_state().await;
+        assert_eq!(
+            runs,
+            [run(0, RunKind::Reconcile, "c1"), run(0, RunKind::PullRequest, "p1")]
+        );
+
+        let second = start_in(state, flags(), "c1", &[], Duration::ZERO);
+        second
+            .refs
+            .lock()
+            .unwrap()
+            .insert("refs/pull/3/head".into(), "p1".into());
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let (runs, fetches) = second.stop().await;
+        assert_eq!(runs, [], "neither c1 nor the pull request is run again");
+        assert_eq!(fetches, [0]);
     }
 }

@@ -6,8 +6,10 @@
 //! final [`redact`] pass over every secret value they are given.
 
 use crate::apply::ApplyReport;
+use crate::daemon::verify::Verification;
 use crate::plan::Plan;
 use crate::plan::display::{self, Wording};
+use crate::plan::markdown as md;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::fmt::Write;
@@ -46,6 +48,8 @@ pub enum Outcome {
     Invalid,
     Failed,
     Suspended,
+    /// `verify:` is on and the revision is not signed as it requires.
+    Unverified,
 }
 
 impl Outcome {
@@ -59,6 +63,7 @@ impl Outcome {
             Outcome::Invalid => "invalid",
             Outcome::Failed => "failed",
             Outcome::Suspended => "suspended",
+            Outcome::Unverified => "unverified",
         }
     }
 
@@ -75,12 +80,18 @@ impl Outcome {
             }
             Outcome::Failed => "The run failed; it is retried with backoff.",
             Outcome::Suspended => "Reconciling is suspended: nothing was applied.",
+            Outcome::Unverified => {
+                "The revision is not signed as the daemon's `verify:` requires: nothing was planned or applied. Push a signed commit; retrying cannot help."
+            }
         }
     }
 
     /// Whether people should look at it.
     pub fn is_problem(self) -> bool {
-        matches!(self, Outcome::Invalid | Outcome::Failed | Outcome::DriftFound)
+        matches!(
+            self,
+            Outcome::Invalid | Outcome::Failed | Outcome::DriftFound | Outcome::Unverified
+        )
     }
 }
 
@@ -102,6 +113,17 @@ pub struct StatusReport {
     pub errors: Vec<String>,
     pub last_attempted_revision: Option<String>,
     pub last_applied_revision: Option<String>,
+    /// A pull request's changes to trusted settings (credentials, hosts, reconcile policy):
+    /// they apply after merge, and were not used for this plan.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub untrusted_changes: Vec<String>,
+    /// The last applied revision, when this revision of the watched branch does not descend
+    /// from it: the branch's history was rewritten (a force-push), and what was applied
+    /// before is no longer in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_rewritten: Option<String>,
+    /// The commit signature check, when `verify:` is on.
+    pub verification: Option<Verification>,
 }
 
 /// The counts a person (or `driftless status`) wants at a glance.
@@ -293,21 +315,6 @@ pub fn redact(text: &str, secrets: &[String]) -> String {
     out
 }
 
-fn md_escape(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', "<br>")
-}
-
-fn code(s: &str) -> String {
-    let longest = s.split(|c| c != '`').map(str::len).max().unwrap_or(0);
-    let fence = "`".repeat(longest + 1);
-    let pad = if s.starts_with('`') || s.ends_with('`') {
-        " "
-    } else {
-        ""
-    };
-    format!("{fence}{pad}{s}{pad}{fence}")
-}
-
 fn fenced(s: &str) -> String {
     let mut longest = 0;
     let mut run = 0;
@@ -326,24 +333,35 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
         out,
         "## driftless {}: {} {}\n",
         r.kind.as_str(),
-        code(&r.git_ref),
+        md::code(&r.git_ref),
         r.outcome.as_str()
     );
     let _ = writeln!(out, "{}\n", r.outcome.explain());
     let _ = writeln!(out, "| | |\n|---|---|");
-    let _ = writeln!(out, "| ref | {} |", md_escape(&code(&r.git_ref)));
-    let _ = writeln!(out, "| revision | {} |", md_escape(&code(&r.revision)));
+    let _ = writeln!(out, "| ref | {} |", md::code(&r.git_ref));
+    let _ = writeln!(out, "| revision | {} |", md::code(&r.revision));
     let _ = writeln!(out, "| run | {} |", r.kind.as_str());
     let _ = writeln!(out, "| outcome | **{}** |", r.outcome.as_str());
-    let _ = writeln!(out, "| started | {} |", md_escape(&r.started));
-    let _ = writeln!(out, "| finished | {} |", md_escape(&r.finished));
+    let _ = writeln!(out, "| started | {} |", md::text(&r.started));
+    let _ = writeln!(out, "| finished | {} |", md::text(&r.finished));
     if let Some(rev) = &r.last_attempted_revision {
-        let _ = writeln!(out, "| last attempted revision | {} |", md_escape(&code(rev)));
+        let _ = writeln!(out, "| last attempted revision | {} |", md::code(rev));
     }
     if let Some(rev) = &r.last_applied_revision {
-        let _ = writeln!(out, "| last applied revision | {} |", md_escape(&code(rev)));
+        let _ = writeln!(out, "| last applied revision | {} |", md::code(rev));
     }
     let _ = writeln!(out);
+    if let Some(previous) = &r.history_rewritten {
+        let _ = writeln!(
+            out,
+            "**History rewritten**: the last applied revision {} is not in this revision's history \
+             (the branch was force-pushed); what it applied is compared afresh.\n",
+            md::code(previous)
+        );
+    }
+    if let Some(v) = &r.verification {
+        signatures_markdown(&mut out, v);
+    }
     if let Some(plan) = &r.plan {
         let wording = if r.kind == RunKind::Drift {
             Wording::Drift
@@ -376,9 +394,9 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
                     "| {} | {} | {} (vmid {}) | {} |",
                     if s.ok { "ok" } else { "**failed**" },
                     s.action,
-                    md_escape(&s.node),
+                    md::text(&s.node),
                     s.vmid,
-                    md_escape(&result)
+                    md::text(&result)
                 );
             }
             let _ = writeln!(out);
@@ -389,10 +407,21 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
         if !applied.not_done.is_empty() {
             let _ = writeln!(out, "Not done:\n");
             for n in &applied.not_done {
-                let _ = writeln!(out, "- {}", md_escape(n));
+                let _ = writeln!(out, "- {}", md::text(n));
             }
             let _ = writeln!(out);
         }
+    }
+    if !r.untrusted_changes.is_empty() {
+        let _ = writeln!(
+            out,
+            "### Not used for this plan\n\nThis pull request changes settings that decide where credentials go and what \
+             runs where; they apply after merge, and this plan used the watched branch's instead:\n"
+        );
+        for c in &r.untrusted_changes {
+            let _ = writeln!(out, "- {}", md::text(c));
+        }
+        let _ = writeln!(out);
     }
     if !r.errors.is_empty() {
         let _ = writeln!(out, "### Errors\n");
@@ -400,11 +429,61 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
             let _ = writeln!(out, "{}", fenced(e));
         }
     }
-    // The markdown escapes `|` and newlines: redact a secret's escaped form too.
+    // Quoted text is escaped: redact a secret's escaped forms too.
     let mut all: Vec<String> = secrets.to_vec();
-    all.extend(secrets.iter().map(|s| md_escape(s)).filter(|e| !secrets.contains(e)));
+    for s in secrets {
+        for form in [md::text(s), s.replace('|', "\\|")] {
+            if !all.contains(&form) {
+                all.push(form);
+            }
+        }
+    }
     let text = redact(&out, &all);
     format!("{}\n", text.trim_end())
+}
+
+/// The most commits the markdown report lists (the JSON has them all).
+const SIGNATURE_ROWS: usize = 50;
+
+/// The signature check: who signed each commit checked, or why it is refused.
+fn signatures_markdown(out: &mut String, v: &Verification) {
+    let rejected = v.commits.iter().filter(|c| c.rejected.is_some()).count();
+    let _ = writeln!(out, "### Signatures\n");
+    let _ = writeln!(
+        out,
+        "Mode `{}`: {} commit{} checked, {}.\n",
+        v.mode.as_str(),
+        v.commits.len(),
+        plural(v.commits.len()),
+        if v.verified {
+            "all signed by allowed keys".to_string()
+        } else {
+            format!("**{rejected} not signed as required**")
+        }
+    );
+    if !v.commits.is_empty() {
+        let _ = writeln!(out, "| commit | signature |\n|---|---|");
+        // Refused commits first: they are what a reader needs; a long range is cut short.
+        let mut shown: Vec<_> = v.commits.iter().filter(|c| c.rejected.is_some()).collect();
+        shown.extend(v.commits.iter().filter(|c| c.rejected.is_none()));
+        for c in shown.iter().take(SIGNATURE_ROWS) {
+            // Signer and error text come from the commit: quoted as text, around our own markup.
+            let verdict = match (&c.signer, &c.error) {
+                (Some(signer), _) => format!("signed by {}", md::text(&signer.to_string())),
+                (None, Some(e)) => format!("**refused**: {}", md::text(e)),
+                (None, None) => "refused".into(),
+            };
+            let _ = writeln!(out, "| {} | {verdict} |", md::code(&c.commit));
+        }
+        if shown.len() > SIGNATURE_ROWS {
+            let _ = writeln!(
+                out,
+                "\n... and {} more (all in the JSON report).",
+                shown.len() - SIGNATURE_ROWS
+            );
+        }
+        let _ = writeln!(out);
+    }
 }
 
 #[derive(Serialize)]
@@ -504,7 +583,105 @@ mod tests {
             errors: vec!["token s3cr|et rejected".into()],
             last_attempted_revision: Some("0123456789abcdef0123456789abcdef01234567".into()),
             last_applied_revision: None,
+            untrusted_changes: Vec::new(),
+            history_rewritten: None,
+            verification: None,
         }
+    }
+
+    #[test]
+    fn text_from_a_guest_or_a_pull_request_renders_as_text_not_markup() {
+        let mut r = report();
+        let hostile = "<img src=https://evil.example/x.png> [docs](https://evil.example) @owner | cell";
+        if let Some(applied) = r.applied.as_mut() {
+            applied.done[0].log = vec![hostile.into()];
+        }
+        if let Some(plan) = r.plan.as_mut() {
+            plan.steps[0].action = Action::Restart { reason: hostile.into() };
+        }
+        r.untrusted_changes = vec![hostile.into()];
+        let md = markdown(&r, &[]);
+        for markup in ["<img", "](https://evil", "@owner", "| cell"] {
+            let unescaped = md.match_indices(markup).any(|(i, _)| !md[..i].ends_with('\\'));
+            assert!(!unescaped, "{markup} reached the report unescaped:\n{md}");
+        }
+        assert_eq!(md.matches("evil.example").count(), 6, "the text is still shown:\n{md}");
+    }
+
+    #[test]
+    fn an_unverified_revision_says_which_commit_and_why_in_both_reports() {
+        use crate::daemon::verify::{CommitVerdict, Signer, VerifyMode};
+        let mut r = report();
+        r.outcome = Outcome::Unverified;
+        r.plan = None;
+        r.applied = None;
+        r.errors = vec!["commit bbbb is not signed".into()];
+        r.verification = Some(Verification {
+            mode: VerifyMode::All,
+            verified: false,
+            commits: vec![
+                CommitVerdict {
+                    commit: "aaaa".into(),
+                    signer: Some(Signer {
+                        kind: "ssh".into(),
+                        identity: "alice@example.com".into(),
+                        key: "SHA256:abc".into(),
+                    }),
+                    rejected: None,
+                    error: None,
+                },
+                CommitVerdict {
+                    commit: "bbbb".into(),
+                    signer: None,
+                    rejected: Some("unsigned".into()),
+                    error: Some("commit bbbb is not signed".into()),
+                },
+            ],
+        });
+        assert!(Outcome::Unverified.is_problem());
+        let md = markdown(&r, &[]);
+        assert!(md.contains("| outcome | **unverified** |"), "{md}");
+        assert!(md.contains("not signed as the daemon's `verify:` requires"), "{md}");
+        assert!(md.contains("### Signatures"), "{md}");
+        assert!(
+            md.contains("Mode `all`: 2 commits checked, **1 not signed as required**."),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `aaaa` | signed by alice@example.com (SSH key SHA256:abc) |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| `bbbb` | **refused**: commit bbbb is not signed |"),
+            "{md}"
+        );
+        let value: serde_json::Value = serde_json::from_str(&json(&r, &[])).unwrap();
+        assert_eq!(value["outcome"], "unverified");
+        assert_eq!(value["verification"]["mode"], "all");
+        assert_eq!(value["verification"]["verified"], false);
+        assert_eq!(value["verification"]["commits"][1]["rejected"], "unsigned");
+        assert_eq!(
+            value["verification"]["commits"][0]["signer"]["identity"],
+            "alice@example.com"
+        );
+        let s = parse_summary(json(&r, &[]).as_bytes()).unwrap();
+        assert_eq!(s.outcome, Outcome::Unverified);
+        assert!(
+            !markdown(&report(), &[]).contains("### Signatures"),
+            "no section when verify is off"
+        );
+
+        // A long range: the refused commits first, the list cut short, the JSON whole.
+        let v = r.verification.as_mut().unwrap();
+        let signed = v.commits[0].clone();
+        v.commits = std::iter::repeat_n(signed, 60).chain([v.commits[1].clone()]).collect();
+        let md = markdown(&r, &[]);
+        let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| `")).collect();
+        assert_eq!(rows.len(), SIGNATURE_ROWS, "{md}");
+        assert!(rows[0].starts_with("| `bbbb` | **refused**"), "{md}");
+        assert!(md.contains("... and 11 more (all in the JSON report)."), "{md}");
+        let value: serde_json::Value = serde_json::from_str(&json(&r, &[])).unwrap();
+        assert_eq!(value["verification"]["commits"].as_array().unwrap().len(), 61);
     }
 
     #[test]

@@ -11,12 +11,19 @@
 //! comparing HMACs keyed with the secret (the "double HMAC" comparison, which hides the length too).
 //! A verified request only ever triggers a poll of the configured repository: nothing in the body
 //! decides what is applied.
+//!
+//! Replays: every forge names each delivery (GitHub `X-GitHub-Delivery`, Gitea `X-Gitea-Delivery`,
+//! Forgejo `X-Forgejo-Delivery`, GitLab `X-Gitlab-Event-UUID`), and [`Deliveries`] remembers the
+//! last ones seen, so a captured request sent again as it was triggers nothing. The ID is not
+//! covered by the signature (no forge signs its headers): a replay with a made-up ID still gets
+//! through, and still only asks for a poll, which the daemon coalesces with any pending one.
 
+use std::collections::{HashSet, VecDeque};
 use std::fmt;
 
 use axum::http::HeaderMap;
 use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -66,6 +73,84 @@ pub const GITHUB_HEADER: &str = "x-hub-signature-256";
 pub const GITEA_HEADER: &str = "x-gitea-signature";
 pub const FORGEJO_HEADER: &str = "x-forgejo-signature";
 pub const GITLAB_HEADER: &str = "x-gitlab-token";
+
+pub const GITHUB_DELIVERY_HEADER: &str = "x-github-delivery";
+pub const GITEA_DELIVERY_HEADER: &str = "x-gitea-delivery";
+pub const FORGEJO_DELIVERY_HEADER: &str = "x-forgejo-delivery";
+pub const GITLAB_DELIVERY_HEADER: &str = "x-gitlab-event-uuid";
+
+/// The ID the forge gave this delivery, when it sent one (an empty or non-text value is none).
+/// Forgejo sends its own header and Gitea's with the same value; GitLab's event UUID is the same
+/// for a manual "resend" of the same event.
+pub fn delivery_id(forge: Forge, headers: &HeaderMap) -> Option<&str> {
+    let names: &[&str] = match forge {
+        Forge::GitHub => &[GITHUB_DELIVERY_HEADER],
+        Forge::Gitea => &[FORGEJO_DELIVERY_HEADER, GITEA_DELIVERY_HEADER],
+        Forge::GitLab => &[GITLAB_DELIVERY_HEADER],
+    };
+    names
+        .iter()
+        .filter_map(|name| headers.get(*name)?.to_str().ok())
+        .map(str::trim)
+        .find(|id| !id.is_empty())
+}
+
+/// The delivery IDs of the last `capacity` verified webhooks, oldest forgotten first.
+///
+/// IDs are kept as SHA-256 digests: 32 bytes each whatever a header holds. They are keyed by the
+/// ID alone, not by forge: Gitea and Forgejo also send GitHub's signature and delivery headers
+/// with the same values, so a replay stripped down to GitHub's headers is still recognised.
+#[derive(Debug)]
+pub struct Deliveries {
+    capacity: usize,
+    order: VecDeque<[u8; 32]>,
+    seen: HashSet<[u8; 32]>,
+}
+
+impl Deliveries {
+    pub fn new(capacity: usize) -> Self {
+        Deliveries {
+            capacity: capacity.max(1),
+            order: VecDeque::new(),
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Records `id`; `false` when it was already recorded (a replay).
+    pub fn first_time(&mut self, id: &str) -> bool {
+        let key = Self::key(id);
+        if !self.seen.insert(key) {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > self.capacity
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.seen.remove(&oldest);
+        }
+        true
+    }
+
+    /// Forgets `id`: the delivery was not taken after all, its retry must get through.
+    pub fn forget(&mut self, id: &str) {
+        let key = Self::key(id);
+        if self.seen.remove(&key) {
+            self.order.retain(|k| *k != key);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    fn key(id: &str) -> [u8; 32] {
+        Sha256::digest(id.as_bytes()).into()
+    }
+}
 
 /// Verifies a webhook request against `secret` and names the forge that sent it.
 ///
@@ -268,6 +353,41 @@ mod tests {
         let err = verify(&headers(&[("X-Gitlab-Token", "guess")]), BODY, SECRET).unwrap_err();
         assert!(!err.to_string().contains("Secret"), "{err}");
         assert!(!err.to_string().contains("guess"), "{err}");
+    }
+
+    #[test]
+    fn delivery_ids_are_read_from_each_forges_header() {
+        let all = headers(&[
+            ("X-GitHub-Delivery", "gh-1"),
+            ("X-Gitea-Delivery", "gt-1"),
+            ("X-Gitlab-Event-UUID", "gl-1"),
+        ]);
+        assert_eq!(delivery_id(Forge::GitHub, &all), Some("gh-1"));
+        assert_eq!(delivery_id(Forge::Gitea, &all), Some("gt-1"));
+        assert_eq!(delivery_id(Forge::GitLab, &all), Some("gl-1"));
+        let forgejo = headers(&[("X-Forgejo-Delivery", "fj-1"), ("X-Gitea-Delivery", "fj-1")]);
+        assert_eq!(delivery_id(Forge::Gitea, &forgejo), Some("fj-1"));
+        assert_eq!(delivery_id(Forge::GitHub, &forgejo), None);
+        assert_eq!(
+            delivery_id(Forge::GitHub, &headers(&[("X-GitHub-Delivery", " ")])),
+            None
+        );
+    }
+
+    #[test]
+    fn deliveries_remember_the_last_ids_only() {
+        let mut seen = Deliveries::new(3);
+        assert!(seen.first_time("a"));
+        assert!(!seen.first_time("a"), "a replay");
+        assert!(seen.first_time("b"));
+        assert!(seen.first_time("c"));
+        assert!(seen.first_time("d"), "evicts a");
+        assert_eq!(seen.len(), 3);
+        assert!(seen.first_time("a"), "a was forgotten");
+        assert!(!seen.first_time("d"));
+        seen.forget("d");
+        assert!(seen.first_time("d"), "forgotten on request");
+        assert_eq!(seen.len(), 3);
     }
 
     #[test]

@@ -13,6 +13,8 @@ use super::decide::{self, Revisions};
 use super::forge::{CommitState, ForgeClient};
 use super::git::{GitAuth, Mirror};
 use super::status::{self, Outcome, RunKind, StatusReport};
+use super::trust;
+use super::verify::{Policy, Verification, VerifyMode};
 use crate::apply::{Progress, StepOutcome};
 use crate::connect::Connection;
 use crate::model::{self, Desired, LoadOptions, RepoFiles};
@@ -23,6 +25,7 @@ use crate::render::{self, Artifact};
 use crate::settings::RunSettings;
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -55,6 +58,9 @@ impl RunJob {
             errors: Vec::new(),
             last_attempted_revision: None,
             last_applied_revision: None,
+            untrusted_changes: Vec::new(),
+            history_rewritten: None,
+            verification: None,
         }
     }
 
@@ -89,13 +95,21 @@ pub struct RunResult {
 
 // ---- the daemon's side ----
 
-/// How often a waiting daemon looks at its stop flag, to pass a shutdown on to the worker.
+/// How often a waiting daemon looks at its stop flag and the run's time limit.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 
-/// Run `job` in a worker process and wait for its answer. A stop request (`stop` set) is
-/// passed on as SIGTERM, once: the worker ends its apply between two steps and still
-/// answers. Errors mean the worker gave no answer (it could not start, crashed or was
-/// killed); the message says which and holds no secret.
+fn send(pid: Option<u32>, signal: libc::c_int) {
+    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+        // SAFETY: kill only sends a signal to the worker we started.
+        unsafe { libc::kill(pid, signal) };
+    }
+}
+
+/// Run `job` in a worker process and wait for its answer. A stop request (`stop` set) or the
+/// run's time limit (`limits.run_timeout`, or `plan_timeout` for a pull request) is passed on
+/// as SIGTERM, once: the worker ends its apply between two steps and still answers. A worker
+/// still running `stop_grace` after that is killed. Errors mean the worker gave no answer (it
+/// could not start, crashed or was killed); the message says which and holds no secret.
 pub async fn run_in_worker(job: &RunJob, stop: &AtomicBool) -> Result<RunResult, String> {
     use tokio::io::AsyncWriteExt;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find the driftless binary for the worker: {e}"))?;
@@ -114,36 +128,59 @@ pub async fn run_in_worker(job: &RunJob, stop: &AtomicBool) -> Result<RunResult,
     let _ = stdin.write_all(&input).await;
     drop(stdin);
 
+    let limits = job.settings.limits;
+    let time_limit = if job.kind == RunKind::PullRequest {
+        limits.plan_timeout
+    } else {
+        limits.run_timeout
+    };
+    let deadline = tokio::time::Instant::now() + time_limit;
     let output = child.wait_with_output();
     tokio::pin!(output);
-    let mut forwarded = false;
+    let mut terminated: Option<tokio::time::Instant> = None;
+    let mut timed_out = false;
+    let mut killed = false;
     let mut tick = tokio::time::interval(STOP_CHECK);
     let output = loop {
         tokio::select! {
             out = &mut output => break out,
-            _ = tick.tick(), if !forwarded => {
-                if stop.load(Ordering::SeqCst) {
-                    if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
-                        // SAFETY: kill only sends a signal to the worker we started.
-                        unsafe { libc::kill(pid, libc::SIGTERM) };
-                    }
-                    forwarded = true;
+            _ = tick.tick() => {
+                let now = tokio::time::Instant::now();
+                if terminated.is_none() && (stop.load(Ordering::SeqCst) || now >= deadline) {
+                    timed_out = now >= deadline;
+                    send(pid, libc::SIGTERM);
+                    terminated = Some(now);
+                }
+                if !killed && terminated.is_some_and(|at| now >= at + limits.stop_grace) {
+                    tracing::warn!(commit = %job.commit, "the worker did not stop within its grace period: killing it");
+                    send(pid, libc::SIGKILL);
+                    killed = true;
                 }
             }
         }
     };
     let output = output.map_err(|e| format!("cannot wait for the worker: {e}"))?;
+    if timed_out {
+        tracing::warn!(commit = %job.commit, limit = ?time_limit, "the run reached its time limit and was stopped");
+    }
     if let Ok(result) = serde_json::from_slice::<RunResult>(&output.stdout) {
         return Ok(result);
     }
+    let why = if timed_out {
+        format!(" after it reached its time limit of {}s", time_limit.as_secs())
+    } else {
+        String::new()
+    };
     Err(
         match (
             output.status.code(),
             std::os::unix::process::ExitStatusExt::signal(&output.status),
         ) {
-            (_, Some(signal)) => format!("the run's worker process was killed by signal {signal} before it answered"),
-            (Some(code), _) => format!("the run's worker process exited with status {code} before it answered"),
-            _ => "the run's worker process ended without an answer".to_string(),
+            (_, Some(signal)) => {
+                format!("the run's worker process was killed by signal {signal}{why} before it answered")
+            }
+            (Some(code), _) => format!("the run's worker process exited with status {code}{why} before it answered"),
+            _ => format!("the run's worker process ended without an answer{why}"),
         },
     )
 }
@@ -160,6 +197,12 @@ pub fn main() -> Result<()> {
     let job: RunJob = serde_json::from_slice(&input).context("daemon-run reads a job from the daemon on stdin")?;
     if let Some(format) = job.settings.log_format {
         crate::runtime::init_logging(format);
+    }
+    // A run is bounded in memory: what it reads (a repository, a pull request's templates, a
+    // node's answers) is untrusted, and must not be able to take the host's memory.
+    super::memory::limit_arenas();
+    if let Err(e) = super::memory::limit_address_space(job.settings.limits.worker_memory) {
+        tracing::warn!(error = %e, "cannot limit the run's memory");
     }
     let result = crate::runtime::tokio_runtime()?.block_on(async {
         let stop = Arc::new(AtomicBool::new(false));
@@ -215,6 +258,71 @@ pub fn git_auth(settings: &DaemonSettings) -> GitAuth {
     }
 }
 
+/// Every secret the daemon and this run hold besides the repository's: the Proxmox token of
+/// an override, the webhook, forge and git credentials, and what the cluster wrote into the
+/// secrets directory (kubeconfig, talosconfig). A report is redacted of all of them.
+pub fn daemon_secrets(settings: &DaemonSettings, run: &RunSettings) -> Vec<String> {
+    let mut values = Vec::new();
+    let read = |path: Option<&std::path::Path>| path.and_then(|p| std::fs::read_to_string(p).ok());
+    // Whole credential files: a token, a webhook secret, a private key.
+    for path in [
+        run.proxmox.token_file.as_deref(),
+        settings.plan_token_file.as_deref(),
+        settings.webhook_secret_file.as_deref(),
+        settings.token_file.as_deref(),
+        settings.ssh_key.as_deref(),
+        settings.forge.as_ref().map(|f| f.3.as_path()),
+    ] {
+        values.extend(read(path).map(|t| secret_parts(&t, false)).unwrap_or_default());
+    }
+    if let Ok(token) = std::env::var("DRIFTLESS_PROXMOX_TOKEN") {
+        values.extend(secret_parts(&token, false));
+    }
+    // Configs the cluster wrote: only their keys, certificates and tokens are secret.
+    for name in [
+        crate::cluster::access::KUBECONFIG_FILE,
+        crate::cluster::access::TALOSCONFIG_FILE,
+    ] {
+        values.extend(
+            read(Some(&run.secrets_dir.join(name)))
+                .map(|t| secret_parts(&t, true))
+                .unwrap_or_default(),
+        );
+    }
+    values
+}
+
+/// The parts of a credential file worth redacting, when long enough not to be an ordinary
+/// word: the whole text, each line and each line's value; with `credential_keys_only`, just
+/// the values of keys that name a key, token, password, secret or certificate.
+fn secret_parts(text: &str, credential_keys_only: bool) -> Vec<String> {
+    const SHORTEST: usize = 12;
+    const CREDENTIAL: [&str; 6] = ["key", "token", "password", "secret", "crt", "cert"];
+    let mut parts = Vec::new();
+    if !credential_keys_only {
+        parts.push(text.trim().to_string());
+    }
+    for line in text.lines().map(str::trim) {
+        let Some((key, value)) = line.split_once(':').or_else(|| line.split_once('=')) else {
+            if !credential_keys_only {
+                parts.push(line.to_string());
+            }
+            continue;
+        };
+        let key = key.to_ascii_lowercase();
+        if !credential_keys_only || CREDENTIAL.iter().any(|c| key.contains(c)) {
+            parts.push(value.trim().trim_matches('"').to_string());
+            if !credential_keys_only {
+                parts.push(line.to_string());
+            }
+        }
+    }
+    parts.retain(|p| p.len() >= SHORTEST);
+    parts.sort();
+    parts.dedup();
+    parts
+}
+
 /// The forge client the settings name, if any.
 pub fn forge_client(settings: &DaemonSettings) -> Result<Option<ForgeClient>> {
     let Some((kind, api, repo, token_file)) = &settings.forge else {
@@ -252,13 +360,27 @@ pub async fn publish(
     let mirror = mirror.clone();
     let url = settings.repository.clone();
     let branch = settings.status_branch.clone();
-    match tokio::task::spawn_blocking(move || mirror.publish_status(&url, &branch, &files, &message)).await {
+    let queue = report_queue(settings);
+    let git_ref = report.git_ref.clone();
+    match tokio::task::spawn_blocking(move || {
+        let pushed = mirror.publish_status(&url, &branch, &files, &message);
+        if pushed.is_err() {
+            // Kept until a later push gets through: the daemon retries queued reports on
+            // every poll, so a busy or unreachable remote delays a report, never loses it.
+            if let Err(e) = queue_report(&queue, &git_ref, &files, &message) {
+                tracing::error!(error = %e, "cannot queue the status report");
+            }
+        }
+        pushed
+    })
+    .await
+    {
         Ok(Ok(commit)) => {
             tracing::info!(%commit, git_ref = %report.git_ref, outcome = report.outcome.as_str(), "status report committed");
             true
         }
         Ok(Err(e)) => {
-            tracing::error!(error = %e, "cannot commit the status report");
+            tracing::error!(error = %e, "cannot commit the status report now: queued, retried on the next poll");
             false
         }
         Err(e) => {
@@ -266,6 +388,85 @@ pub async fn publish(
             false
         }
     }
+}
+
+/// Where status reports wait that could not be pushed: one directory per ref (the latest
+/// report of a ref replaces one still waiting), in the daemon's state directory.
+fn report_queue(settings: &DaemonSettings) -> std::path::PathBuf {
+    settings.state_dir.join("status-queue")
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct QueuedReport {
+    files: Vec<(String, Vec<u8>)>,
+    message: String,
+}
+
+fn queue_report(queue: &std::path::Path, git_ref: &str, files: &[(String, Vec<u8>)], message: &str) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    std::fs::create_dir_all(queue)?;
+    let name: String = Sha256::digest(git_ref.as_bytes())[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let entry = QueuedReport {
+        files: files.to_vec(),
+        message: message.to_string(),
+    };
+    let mut tmp = tempfile::NamedTempFile::new_in(queue)?;
+    serde_json::to_writer(&mut tmp, &entry)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(queue.join(format!("{name}.json")))?;
+    Ok(())
+}
+
+/// Push the reports waiting in the queue, oldest first; each one pushed leaves the queue. How
+/// many are still waiting.
+pub fn flush_queued_reports(mirror: &Mirror, settings: &DaemonSettings) -> usize {
+    let queue = report_queue(settings);
+    let Ok(dir) = std::fs::read_dir(&queue) else {
+        return 0;
+    };
+    let mut entries: Vec<(std::time::SystemTime, std::path::PathBuf)> = dir
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .map(|p| {
+            (
+                std::fs::metadata(&p)
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH),
+                p,
+            )
+        })
+        .collect();
+    entries.sort();
+    let mut waiting = 0;
+    for (_, path) in entries {
+        let Some(entry) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<QueuedReport>(&b).ok())
+        else {
+            let _ = std::fs::remove_file(&path);
+            continue;
+        };
+        match mirror.publish_status(
+            &settings.repository,
+            &settings.status_branch,
+            &entry.files,
+            &entry.message,
+        ) {
+            Ok(commit) => {
+                tracing::info!(%commit, "queued status report pushed");
+                let _ = std::fs::remove_file(&path);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "queued status report still waiting");
+                waiting += 1;
+            }
+        }
+    }
+    waiting
 }
 
 /// Set a commit status on the forge, if there is one. Failures are logged: the forge is a
@@ -300,6 +501,54 @@ pub fn forge_state(outcome: Outcome) -> CommitState {
     } else {
         CommitState::Success
     }
+}
+
+/// Where a daemon with `verify: mode: all` keeps the last watched-branch head whose new commits
+/// all verified: every commit reachable from it has been checked, so later runs check only what
+/// is new, across restarts too (the daemon's own memory of the last applied revision is not).
+/// One file per repository URL, as the mirror: another repository's commit would hide nothing.
+pub fn verified_head_path(state_dir: &Path, repository: &str) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let hash: String = Sha256::digest(repository.as_bytes())[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    state_dir.join(format!("verified-head-{hash}"))
+}
+
+/// The commits a run's signature check covers, newest first: the head alone (`head` mode, or
+/// `all` mode with nothing verified before: the first revision is taken at its head), or every
+/// commit reachable from it and from none of `verified` (always the head among them).
+fn commits_to_verify(mirror: &Mirror, mode: VerifyMode, head: &str, verified: &[String]) -> Result<Vec<String>> {
+    if mode == VerifyMode::Head || verified.is_empty() {
+        return Ok(vec![head.to_string()]);
+    }
+    let mut ids = mirror.commits_since(head, verified)?;
+    if !ids.iter().any(|c| c == head) {
+        // The head is already verified (a branch reset to it): checked again all the same.
+        ids.insert(0, head.to_string());
+    }
+    Ok(ids)
+}
+
+/// Check the commit signatures of `head` under `verify:`. Errors are the daemon's own (a key
+/// file it cannot read, a mirror it cannot read), not a verdict on the revision.
+fn verify_revision(
+    mirror: &Mirror,
+    settings: &super::verify::VerifySettings,
+    head: &str,
+    verified: &[String],
+) -> Result<Verification> {
+    let policy = Policy::load(settings)?;
+    let ids = commits_to_verify(mirror, settings.mode, head, verified)?;
+    let raw = mirror.raw_commits(&ids)?;
+    let commits: Vec<(String, Vec<u8>)> = ids.into_iter().zip(raw).collect();
+    Ok(Verification::check(
+        settings.mode,
+        &commits,
+        &policy,
+        chrono::Utc::now().timestamp(),
+    ))
 }
 
 struct Worker {
@@ -360,7 +609,34 @@ impl Worker {
             }
             values.push(secret.expose().to_string());
         }
+        values.extend(daemon_secrets(&self.settings, &self.run));
         values
+    }
+
+    /// The watched branch's last valid revision, loaded: what a pull request's plan takes its
+    /// trusted settings from.
+    async fn trusted_state(&self, revisions: &decide::Revisions) -> Result<Desired, String> {
+        let commit = revisions.last_valid.as_deref().ok_or(
+            "no valid revision of the watched branch yet: a pull request is planned with the watched \
+             branch's settings (Proxmox, hosts, secrets, policy), so it waits for one",
+        )?;
+        let files = self
+            .read_files(commit)
+            .await
+            .map_err(|e| format!("cannot read the watched branch's revision {commit}: {e:#}"))?;
+        model::load(&files, &LoadOptions::default())
+            .map_err(|_| format!("the watched branch's revision {commit} no longer loads"))
+    }
+
+    /// Load a revision, and refuse it like an invalid one when it sets what the daemon's
+    /// `policy:` forbids (a pull request's plan says so before it is merged).
+    fn load_within_policy(&self, files: &RepoFiles) -> Result<Desired, Vec<String>> {
+        let desired = model::load(files, &LoadOptions::default())
+            .map_err(|diags| diags.0.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+        match self.settings.policy.violations(&desired) {
+            v if v.is_empty() => Ok(desired),
+            v => Err(v),
+        }
     }
 
     /// Plan (and for the watched branch, apply) one revision, and report it.
@@ -369,28 +645,52 @@ impl Worker {
         let context = forge_context(kind);
         forge_status(self.forge.as_ref(), commit, CommitState::Pending, context, "planning").await;
         let mut report = job.report(now_rfc3339());
-        let mut secrets = Vec::new();
+        let mut secrets = daemon_secrets(&self.settings, &self.run);
         let mut schedule = None;
-        match self.read_files(commit).await {
+        if kind == RunKind::Reconcile
+            && let Some(previous) = job.revisions.last_applied.clone()
+        {
+            let (mirror, head, before) = (self.mirror.clone(), job.commit.clone(), previous.clone());
+            let descends = tokio::task::spawn_blocking(move || mirror.is_ancestor(&before, &head)).await;
+            if let Ok(Ok(false)) = descends {
+                tracing::warn!(%commit, last_applied = %previous, "the watched branch's history was rewritten");
+                report.history_rewritten = Some(previous);
+            }
+        }
+        let loaded = if self.check_signatures(job, &mut report).await {
+            self.read_files(commit).await.map(Some)
+        } else {
+            Ok(None)
+        };
+        match loaded {
+            Ok(None) => {}
             Err(e) => {
                 self.api_error(System::Git);
                 report.errors.push(format!("cannot read revision {commit}: {e:#}"));
             }
-            Ok(files) => match model::load(&files, &LoadOptions::default())
-                .and_then(|d| render::render_all(&d).map(|a| (d, a)))
-            {
-                Err(diags) => {
+            Ok(Some(files)) => match self.load_within_policy(&files) {
+                Err(errors) => {
                     report.outcome = Outcome::Invalid;
-                    report.errors = diags.0.iter().map(ToString::to_string).collect();
+                    report.errors = errors;
                 }
-                Ok((desired, artifacts)) => {
+                Ok(desired) if kind == RunKind::PullRequest => match self.trusted_state(&job.revisions).await {
+                    Err(e) => report.errors.push(e),
+                    Ok(trusted) => {
+                        let (desired, ignored) = trust::pull_request_state(desired, &trusted);
+                        report.untrusted_changes = ignored;
+                        secrets = self.secret_values(&trusted);
+                        self.render_and_run(&desired, &trusted, kind, &mut report).await;
+                    }
+                },
+                Ok(desired) => {
+                    // Only the watched branch's own revisions set the daemon's schedule.
                     let r = &desired.cluster.reconcile;
                     schedule = Some(Schedule {
                         interval: model::parse_duration(&r.interval).map(Duration::from_secs),
                         drift_schedule: r.drift_schedule.clone(),
                     });
                     secrets = self.secret_values(&desired);
-                    self.plan_and_maybe_apply(&desired, &artifacts, kind, &mut report).await;
+                    self.render_and_run(&desired, &desired, kind, &mut report).await;
                 }
             },
         }
@@ -415,14 +715,88 @@ impl Worker {
         }
     }
 
+    async fn render_and_run(&self, desired: &Desired, trusted: &Desired, kind: RunKind, report: &mut StatusReport) {
+        match render::render_all(desired) {
+            Err(diags) => {
+                report.outcome = Outcome::Invalid;
+                report.errors = diags.0.iter().map(ToString::to_string).collect();
+            }
+            Ok(artifacts) => {
+                self.plan_and_maybe_apply(desired, trusted, &artifacts, kind, report)
+                    .await
+            }
+        }
+    }
+
+    /// With `verify:` on, check the signatures of the run's revision before anything of it is
+    /// read, and put the verdict in `report`; whether the run goes on. A revision not signed as
+    /// required is `Unverified` and stalls until a new commit, like an invalid one. A pull
+    /// request is planned all the same (it is never applied); its report shows the verdict, for
+    /// the reviewers.
+    async fn check_signatures(&self, job: &RunJob, report: &mut StatusReport) -> bool {
+        let Some(settings) = self.settings.verify.clone() else {
+            return true;
+        };
+        let anchor = verified_head_path(&self.settings.state_dir, &self.settings.repository);
+        // Commits reachable from these were verified by this daemon: `all` mode starts there.
+        let verified: Vec<String> = std::fs::read_to_string(&anchor)
+            .ok()
+            .map(|s| s.trim().to_string())
+            .into_iter()
+            .chain(job.revisions.last_applied.clone())
+            .filter(|s| !s.is_empty())
+            .collect();
+        let (mirror, head) = (self.mirror.clone(), job.commit.clone());
+        let checked = tokio::task::spawn_blocking(move || verify_revision(&mirror, &settings, &head, &verified))
+            .await
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r);
+        let verification = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                // The daemon could not check (a key file or the mirror unreadable): a failure,
+                // retried with backoff, never an apply.
+                report.errors.push(format!("cannot check the commit signatures: {e:#}"));
+                return false;
+            }
+        };
+        let verified = verification.verified;
+        let mode = verification.mode;
+        if !verified {
+            tracing::warn!(commit = %job.commit, git_ref = %job.git_ref, "commit signatures do not verify");
+        }
+        if verified && job.kind == RunKind::Reconcile && mode == VerifyMode::All {
+            let written = tempfile::NamedTempFile::new_in(&self.settings.state_dir).and_then(|mut f| {
+                std::io::Write::write_all(&mut f, format!("{}\n", job.commit).as_bytes())?;
+                f.persist(&anchor).map(|_| ()).map_err(|e| e.error)
+            });
+            if let Err(e) = written {
+                tracing::warn!(error = %e, path = %anchor.display(), "cannot record the verified revision");
+            }
+        }
+        if !verified && job.kind != RunKind::PullRequest {
+            report.outcome = Outcome::Unverified;
+            report.errors.extend(verification.errors(5));
+        }
+        report.verification = Some(verification);
+        verified || job.kind == RunKind::PullRequest
+    }
+
     async fn plan_and_maybe_apply(
         &self,
         desired: &Desired,
+        trusted: &Desired,
         artifacts: &[Artifact],
         kind: RunKind,
         report: &mut StatusReport,
     ) {
-        let connection = match Connection::open(&self.run, &desired.cluster, &desired.nodes) {
+        // Where credentials go is decided by the trusted state alone; a pull request's plan
+        // holds the read-only token when the daemon has one.
+        let mut run = self.run.clone();
+        if kind == RunKind::PullRequest && self.settings.plan_token_file.is_some() {
+            run.proxmox.token_file = self.settings.plan_token_file.clone();
+        }
+        let connection = match Connection::open(&run, &trusted.cluster, &trusted.nodes) {
             Ok(c) => c,
             Err(e) => {
                 self.api_error(e.system());
@@ -430,7 +804,7 @@ impl Worker {
                 return;
             }
         };
-        let run = Reconcile::connected(desired, artifacts, &connection);
+        let run = Reconcile::connected(desired, trusted, artifacts, &connection);
         let plan = match run.plan().await {
             Ok(p) => p,
             Err(e) => {
@@ -440,11 +814,11 @@ impl Worker {
             }
         };
         let policy = decide::Policy {
-            suspend: desired.cluster.reconcile.suspend,
+            suspend: trusted.cluster.reconcile.suspend,
             auto_correct: self
                 .settings
                 .auto_correct
-                .unwrap_or(desired.cluster.reconcile.auto_correct),
+                .unwrap_or(trusted.cluster.reconcile.auto_correct),
         };
         report.outcome = decide::outcome(kind, policy, plan.is_empty());
         if decide::applies(kind, policy) && !plan.is_empty() {
@@ -470,6 +844,20 @@ impl Worker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credential_files_are_redacted_whole_and_configs_by_their_credential_keys() {
+        let token = secret_parts("root@pam!driftless=0b4c-5e6f-7a8b-9c0d\n", false);
+        assert!(
+            token.contains(&"root@pam!driftless=0b4c-5e6f-7a8b-9c0d".to_string()),
+            "{token:?}"
+        );
+        assert!(token.contains(&"0b4c-5e6f-7a8b-9c0d".to_string()), "{token:?}");
+        let kubeconfig = "clusters:\n- cluster:\n    server: https://10.0.0.11:6443\nusers:\n- user:\n    \
+                          client-key-data: LS0tLS1CRUdJTiBFQyBQUklWQVRF\n    token: abcdef0123456789\n";
+        let parts = secret_parts(kubeconfig, true);
+        assert_eq!(parts, ["LS0tLS1CRUdJTiBFQyBQUklWQVRF", "abcdef0123456789"]);
+    }
 
     #[test]
     fn a_job_and_a_result_survive_the_trip_through_json() {

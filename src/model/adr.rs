@@ -108,7 +108,21 @@ pub fn parse(file: &str, text: &str) -> Result<Option<Adr>, Vec<Diagnostic>> {
         .map(|l| l[2..].trim().to_string())
         .unwrap_or_default();
     let number = number_from_file(file).or_else(|| number_from_title(&title));
-    let status = find_status(&lines);
+    let status_seen = read_status(&lines);
+    if let (Some(StatusSeen::Unknown(word, line)), Some(_)) = (&status_seen, &block) {
+        errors.push(
+            Diagnostic::new(
+                Location::new(file, *line, 1),
+                format!("status `{word}` is not one driftless knows: this ADR's config is not applied"),
+            )
+            .hint("Accepted (or Approved, Adopted, Decided, Implemented), Proposed (Draft, Pending), Rejected (Declined, Withdrawn), Deprecated, Superseded"),
+        );
+        return Err(errors);
+    }
+    let status = match status_seen {
+        Some(StatusSeen::Known(s, line)) => Some((s, line)),
+        _ => None,
+    };
     let supersedes = find_supersedes(&lines);
 
     let (number, (status, status_line)) = match (number, status) {
@@ -180,10 +194,10 @@ fn status_from_phrase(phrase: &str) -> Option<AdrStatus> {
     let mut words = phrase.split_whitespace().map(clean_word).filter(|w| !w.is_empty());
     let first = words.next()?;
     Some(match first.as_str() {
-        "accepted" | "approved" | "adopted" => AdrStatus::Accepted,
+        "accepted" | "approved" | "adopted" | "decided" => AdrStatus::Accepted,
         "implemented" | "done" => AdrStatus::Implemented,
-        "proposed" | "draft" | "open" => AdrStatus::Proposed,
-        "rejected" | "declined" => AdrStatus::Rejected,
+        "proposed" | "draft" | "open" | "pending" => AdrStatus::Proposed,
+        "rejected" | "declined" | "withdrawn" => AdrStatus::Rejected,
         "deprecated" => AdrStatus::Deprecated,
         "superseded" | "replaced" => {
             let rest: Vec<String> = words.collect();
@@ -197,8 +211,41 @@ fn status_from_phrase(phrase: &str) -> Option<AdrStatus> {
     })
 }
 
+/// What an ADR says its status is: a status driftless knows, or a word it does not know (so
+/// that the ADR is refused with that line, never silently applied or ignored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum StatusSeen {
+    Known(AdrStatus, u32),
+    Unknown(String, u32),
+}
+
 /// The status and its 1-based line, in any of the forms the ADR world uses.
+#[cfg(test)]
 fn find_status(lines: &[&str]) -> Option<(AdrStatus, u32)> {
+    match read_status(lines)? {
+        StatusSeen::Known(s, line) => Some((s, line)),
+        StatusSeen::Unknown(..) => None,
+    }
+}
+
+fn seen(phrase: &str, line: u32) -> Option<StatusSeen> {
+    let word = phrase.split_whitespace().map(clean_word).find(|w| !w.is_empty())?;
+    Some(match status_from_phrase(phrase) {
+        Some(s) => StatusSeen::Known(s, line),
+        None => StatusSeen::Unknown(word, line),
+    })
+}
+
+/// The cells of a markdown table row, or `None` for a line that is not one.
+fn table_cells(line: &str) -> Option<Vec<String>> {
+    let t = line.trim();
+    if !t.starts_with('|') {
+        return None;
+    }
+    Some(t.trim_matches('|').split('|').map(|c| c.trim().to_string()).collect())
+}
+
+fn read_status(lines: &[&str]) -> Option<StatusSeen> {
     // MADR front matter: `---` / `status: accepted` / `---`.
     if lines.first().is_some_and(|l| l.trim() == "---") {
         for (i, l) in lines.iter().enumerate().skip(1) {
@@ -206,7 +253,7 @@ fn find_status(lines: &[&str]) -> Option<(AdrStatus, u32)> {
                 break;
             }
             if let Some(v) = l.strip_prefix("status:") {
-                return status_from_phrase(v.trim().trim_matches(['"', '\''])).map(|s| (s, i as u32 + 1));
+                return seen(v.trim().trim_matches(['"', '\'']), i as u32 + 1);
             }
         }
     }
@@ -219,16 +266,41 @@ fn find_status(lines: &[&str]) -> Option<(AdrStatus, u32)> {
                 .enumerate()
                 .skip(i + 1)
                 .find(|(_, l)| !l.trim().is_empty())?;
-            return status_from_phrase(next).map(|s| (s, j as u32 + 1));
+            return seen(next, j as u32 + 1);
+        }
+        // Tables: a `| Status | Accepted |` row, or a `Status` column whose value is in the
+        // first row under the header's separator.
+        if let Some(cells) = table_cells(line) {
+            let is_status = |c: &String| clean_word(c) == "status";
+            let separator = lines.get(i + 1).and_then(|l| table_cells(l)).filter(|sep| {
+                sep.iter()
+                    .all(|c| !c.is_empty() && c.chars().all(|ch| matches!(ch, '-' | ':' | ' ')))
+            });
+            if let (Some(col), Some(_)) = (cells.iter().position(is_status), separator) {
+                // A header row: the value is in the first row under the separator.
+                if let Some(value) = lines
+                    .get(i + 2)
+                    .and_then(|l| table_cells(l))
+                    .and_then(|r| r.get(col).cloned())
+                {
+                    return seen(&value, i as u32 + 3);
+                }
+            } else if cells.len() >= 2
+                && is_status(&cells[0])
+                && let Some(found) = seen(&cells[1], i as u32 + 1)
+            {
+                return Some(found);
+            }
         }
         // `**Status:** Accepted`, `**Status**: Accepted`, `Status: Accepted`.
         let unbold = t.replace("**", "").replace("__", "");
         let unbold = unbold.trim_start();
         if unbold.len() > 7
+            && unbold.is_char_boundary(7)
             && unbold[..7].eq_ignore_ascii_case("status:")
-            && let Some(s) = status_from_phrase(&unbold[7..])
+            && let Some(found) = seen(&unbold[7..], i as u32 + 1)
         {
-            return Some((s, i as u32 + 1));
+            return Some(found);
         }
     }
     None
@@ -345,6 +417,36 @@ mod tests {
         let sup = "# ADR-4\n\n**Status:** Superseded by [ADR-007](ADR-007.md)\n";
         let lines: Vec<&str> = sup.lines().collect();
         assert_eq!(find_status(&lines).unwrap().0, AdrStatus::Superseded { by: Some(7) });
+    }
+
+    #[test]
+    fn reads_status_tables_and_the_synonyms_public_adr_repositories_use() {
+        let row = "# ADR-5\n\n| | |\n|---|---|\n| Status | Decided |\n| Date | 2024-02-01 |\n";
+        let lines: Vec<&str> = row.lines().collect();
+        assert_eq!(find_status(&lines), Some((AdrStatus::Accepted, 5)));
+        let column = "# ADR-6\n\n| Status | Date | Deciders |\n|:--|---|---|\n| Pending | 2024-02-01 | ops |\n";
+        let lines: Vec<&str> = column.lines().collect();
+        assert_eq!(find_status(&lines), Some((AdrStatus::Proposed, 5)));
+        let withdrawn = "# ADR-7\n\nStatus: Withdrawn\n";
+        let lines: Vec<&str> = withdrawn.lines().collect();
+        assert_eq!(find_status(&lines), Some((AdrStatus::Rejected, 3)));
+    }
+
+    #[test]
+    fn an_unknown_status_word_refuses_the_adrs_config_at_its_line() {
+        let text = "# ADR-008: x\n\n**Status:** Ratified\n\n```yaml driftless\ncores: 8\n```\n";
+        let errors = parse("adr/ADR-008-x.md", text).unwrap_err();
+        assert_eq!(errors.len(), 1);
+        let e = errors[0].to_string();
+        assert!(
+            e.starts_with("adr/ADR-008-x.md:3:1: error: status `ratified` is not one driftless knows"),
+            "{e}"
+        );
+        // Without config it is only a document: listed nowhere, refused nowhere.
+        assert_eq!(
+            parse("adr/ADR-009-y.md", "# ADR-009: y\n\n**Status:** Ratified\n").unwrap(),
+            None
+        );
     }
 
     #[test]

@@ -9,6 +9,12 @@ pub struct RepoFiles {
     pub files: BTreeMap<String, Vec<u8>>,
     /// Where the files came from, for messages: a directory, or a URL and commit.
     pub origin: String,
+    /// Files a source did not read because of the size limits (`crate::model::load::limits`):
+    /// path -> size in bytes. Loading reports them.
+    pub oversized: BTreeMap<String, u64>,
+    /// Symbolic links where a file driftless reads would be: never followed (from a directory
+    /// a link could reach /etc/shadow or /dev/zero), and loading reports them.
+    pub links: std::collections::BTreeSet<String>,
 }
 
 impl RepoFiles {
@@ -16,6 +22,8 @@ impl RepoFiles {
         RepoFiles {
             files: BTreeMap::new(),
             origin: origin.into(),
+            oversized: BTreeMap::new(),
+            links: Default::default(),
         }
     }
 

@@ -50,6 +50,14 @@ impl GuestKind {
             GuestKind::Vm => "vm",
         }
     }
+
+    /// The same kind as Proxmox names it: a repository's `vm` is Proxmox's `qemu`.
+    pub fn pve(self) -> crate::pve::PveKind {
+        match self {
+            GuestKind::Lxc => crate::pve::PveKind::Lxc,
+            GuestKind::Vm => crate::pve::PveKind::Qemu,
+        }
+    }
 }
 
 /// A reference to a secret held outside git: `{secret: NAME}`.
@@ -219,6 +227,9 @@ pub struct K3sSettings {
 pub struct TalosSettings {
     pub install_disk: Option<String>,
     pub install_image: Option<String>,
+    /// Send the machine config to this node in maintenance mode although the run did not
+    /// create its VM (a node reinstalled on purpose); unauthenticated, so set it for one apply.
+    pub maintenance_apply: Option<bool>,
 }
 
 // ---------------------------------------------------------------- node files

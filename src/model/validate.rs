@@ -38,6 +38,7 @@ pub(crate) fn cluster(
     proxmox_api_is_https(&cf.proxmox, doc, diags);
     fingerprint_is_sha256(&cf.proxmox, doc, diags);
     fingerprint_or_ca_file(&cf.proxmox, doc, diags);
+    host_files_in_the_secrets_directory(&cf.proxmox, doc, diags);
     interval_is_duration(&cf.reconcile, doc, diags);
     drift_schedule_is_cron(&cf.reconcile, doc, diags);
     parallelism_at_least_one(&cf.reconcile, doc, diags);
@@ -257,6 +258,37 @@ fn fingerprint_is_sha256(proxmox: &ProxmoxSettings, doc: &Doc, diags: &mut Diagn
 }
 
 /// The Proxmox certificate is trusted one way: a pinned fingerprint or a CA file, not both.
+/// `ca_file`, `known_hosts` and host keys name files of the secrets directory on the host that
+/// runs driftless: plain names, so the repository cannot choose another file of that host.
+fn host_files_in_the_secrets_directory(proxmox: &ProxmoxSettings, doc: &Doc, diags: &mut Diagnostics) {
+    let mut named: Vec<(Vec<String>, &str)> = Vec::new();
+    if let Some(ca) = &proxmox.ca_file {
+        named.push((vec!["proxmox".into(), "ca_file".into()], ca));
+    }
+    for (node, host) in &proxmox.hosts {
+        let base = ["proxmox", "hosts", node.as_str()].map(String::from);
+        if let Some(k) = &host.known_hosts {
+            named.push(([&base[..], &["known_hosts".to_string()]].concat(), k));
+        }
+        if let Some(key) = &host.key {
+            let path = [&base[..], &["key".to_string(), "secret".to_string()]].concat();
+            named.push((path, &key.secret));
+        }
+    }
+    for (path, name) in named {
+        if !crate::secrets::is_plain_name(name) {
+            let segs: Vec<&str> = path.iter().map(String::as_str).collect();
+            diags.push(
+                Diagnostic::new(
+                    doc.value_loc(&key(&segs)),
+                    format!("`{}`: `{name}` is not a plain file name", segs.join(".")),
+                )
+                .hint("host-side files are read from the secrets directory by name: no `/`, no `..`"),
+            );
+        }
+    }
+}
+
 fn fingerprint_or_ca_file(proxmox: &ProxmoxSettings, doc: &Doc, diags: &mut Diagnostics) {
     if proxmox.fingerprint.is_some() && proxmox.ca_file.is_some() {
         diags.push(Diagnostic::new(
@@ -457,6 +489,7 @@ pub(crate) fn nodes(cluster: &Cluster, nodes: &mut [Node], all_nodes_loaded: boo
         proxmox_node_known(&cluster.proxmox, node, diags);
         has_template_or_image(cluster.distribution, node, diags);
         vm_has_no_lxc_settings(node, diags);
+        mount_feature_names_filesystems(node, diags);
         raw_lxc_keys_allowed(node, diags);
         no_k3s_settings_on_talos(cluster.distribution, node, diags);
         k3s_flags_known(cluster.distribution, node, diags);
@@ -702,6 +735,30 @@ fn vm_has_no_lxc_settings(node: &Node, diags: &mut Diagnostics) {
                 format!("vm node `{}` has `lxc` settings", node.name),
             )
             .hint("lxc settings apply to containers; scope the ADR or defaults with `kind: lxc`"),
+        );
+    }
+}
+
+/// `lxc.features.mount` lists file system types (`nfs;cifs`) and nothing else: it is written
+/// into Proxmox's `features:` property list, where a `,` or `=` would smuggle in another
+/// feature flag (`nfs,force_rw_sys=1`) that review of the `mount` line would not see.
+fn mount_feature_names_filesystems(node: &Node, diags: &mut Diagnostics) {
+    let Some(mount) = node
+        .settings
+        .lxc
+        .as_ref()
+        .and_then(|l| l.features.as_ref()?.mount.as_ref())
+    else {
+        return;
+    };
+    let fs_type = |t: &str| !t.is_empty() && t.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.');
+    if !mount.split(';').all(fs_type) {
+        diags.push(
+            Diagnostic::new(
+                setting_loc(node, "lxc.features.mount"),
+                format!("`lxc.features.mount` `{mount}` is not a list of file system types"),
+            )
+            .hint("write file system types separated by `;`, as Proxmox does: `nfs;cifs`"),
         );
     }
 }

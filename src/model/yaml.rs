@@ -3,6 +3,13 @@
 //!
 //! Parsing uses saphyr-parser's event stream; scalars are resolved with the YAML 1.2 core
 //! schema (so `yes` stays a string and `"644"` stays a string), the way K3s and Talos read YAML.
+//!
+//! A pull request controls the YAML it brings, so what one document can cost is bounded: nesting
+//! at most [`MAX_DEPTH`] levels (the tree is walked recursively later), and at most
+//! [`MAX_COPIED_BYTES`] copied by anchors and aliases together. An alias is expanded into a copy of
+//! its anchor's node, so without that limit a few hundred bytes of nested aliases (the "billion
+//! laughs") expand to gigabytes. The size of a file is bounded where files are read
+//! (`crate::model::load::limits`).
 
 use saphyr_parser::{Event, Parser, ScalarStyle, Span};
 use serde_json::Value as Json;
@@ -51,6 +58,18 @@ pub enum Seg {
     Index(usize),
 }
 
+/// The deepest nesting of lists and mappings a document may have. Repository files use a
+/// handful of levels; the tree is walked recursively, so depth is what a stack overflow needs.
+pub const MAX_DEPTH: usize = 64;
+
+/// What anchors and aliases may copy, in total, in one document: each alias copies its anchor's
+/// node, each anchor keeps a copy. Measured as the size of the copied nodes ([`weight`]), roughly
+/// bytes of memory. Anchors that name a block of defaults reused by a few nodes copy kilobytes.
+pub const MAX_COPIED_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The approximate memory of one node besides its text: the node, or a mapping entry.
+const NODE_WEIGHT: u64 = 64;
+
 fn pos_of(span: &Span, line_offset: u32) -> Pos {
     Pos {
         line: span.start.line() as u32 + line_offset,
@@ -63,13 +82,31 @@ enum Frame {
         pos: Pos,
         anchor: usize,
         items: Vec<YNode>,
+        /// The weight of the items so far.
+        weight: u64,
     },
     Map {
         pos: Pos,
         anchor: usize,
         entries: Vec<(YKey, YNode)>,
         key: Option<YKey>,
+        weight: u64,
     },
+}
+
+impl Frame {
+    fn add_weight(&mut self, w: u64) {
+        match self {
+            Frame::Seq { weight, .. } | Frame::Map { weight, .. } => *weight += w,
+        }
+    }
+}
+
+fn too_deep(pos: Pos) -> YamlError {
+    YamlError {
+        pos,
+        message: format!("YAML nested more than {MAX_DEPTH} levels deep"),
+    }
 }
 
 /// Parse one YAML document. `line_offset` shifts reported lines, for YAML embedded in
@@ -77,9 +114,12 @@ enum Frame {
 pub fn parse(text: &str, line_offset: u32) -> Result<YNode, YamlError> {
     let mut parser = Parser::new_from_str(text);
     let mut stack: Vec<Frame> = Vec::new();
-    let mut anchors: HashMap<usize, YNode> = HashMap::new();
+    // Each anchored node, with its weight.
+    let mut anchors: HashMap<usize, (YNode, u64)> = HashMap::new();
     let mut root: Option<YNode> = None;
     let mut documents = 0;
+    // What anchors and aliases copied so far.
+    let mut copied: u64 = 0;
 
     while let Some(ev) = parser.next_event() {
         let (event, span) = ev.map_err(|e| {
@@ -93,7 +133,7 @@ pub fn parse(text: &str, line_offset: u32) -> Result<YNode, YamlError> {
             unclosed_flow(text, line_offset, &stack, &err).unwrap_or(err)
         })?;
         let pos = pos_of(&span, line_offset);
-        let done: Option<(YNode, usize)> = match event {
+        let done: Option<(YNode, usize, u64)> = match event {
             Event::DocumentStart(_) => {
                 documents += 1;
                 if documents > 1 {
@@ -106,21 +146,30 @@ pub fn parse(text: &str, line_offset: u32) -> Result<YNode, YamlError> {
             }
             Event::Scalar(text, style, anchor, tag) => {
                 let is_str_tag = tag.as_ref().is_some_and(|t| t.suffix == "str");
+                let weight = NODE_WEIGHT + text.len() as u64;
                 let value = if style == ScalarStyle::Plain && !is_str_tag {
                     resolve_plain(&text)
                 } else {
                     YValue::Str(text.into_owned())
                 };
-                Some((YNode { pos, value }, anchor))
+                Some((YNode { pos, value }, anchor, weight))
             }
             Event::Alias(id) => match anchors.get(&id) {
-                Some(n) => Some((
-                    YNode {
-                        pos,
-                        value: n.value.clone(),
-                    },
-                    0,
-                )),
+                Some((n, weight)) => {
+                    // Counted before the copy is made: the limit stops a bomb before it allocates.
+                    copied += weight;
+                    if copied > MAX_COPIED_BYTES {
+                        return Err(alias_bomb(pos));
+                    }
+                    Some((
+                        YNode {
+                            pos,
+                            value: n.value.clone(),
+                        },
+                        0,
+                        *weight,
+                    ))
+                }
                 None => {
                     return Err(YamlError {
                         pos,
@@ -129,49 +178,77 @@ pub fn parse(text: &str, line_offset: u32) -> Result<YNode, YamlError> {
                 }
             },
             Event::SequenceStart(anchor, _) => {
+                if stack.len() >= MAX_DEPTH {
+                    return Err(too_deep(pos));
+                }
                 stack.push(Frame::Seq {
                     pos,
                     anchor,
                     items: Vec::new(),
+                    weight: NODE_WEIGHT,
                 });
                 None
             }
             Event::MappingStart(anchor, _) => {
+                if stack.len() >= MAX_DEPTH {
+                    return Err(too_deep(pos));
+                }
                 stack.push(Frame::Map {
                     pos,
                     anchor,
                     entries: Vec::new(),
                     key: None,
+                    weight: NODE_WEIGHT,
                 });
                 None
             }
             Event::SequenceEnd => match stack.pop() {
-                Some(Frame::Seq { pos, anchor, items }) => Some((
+                Some(Frame::Seq {
+                    pos,
+                    anchor,
+                    items,
+                    weight,
+                }) => Some((
                     YNode {
                         pos,
                         value: YValue::Seq(items),
                     },
                     anchor,
+                    weight,
                 )),
                 _ => unreachable!("parser balances sequences"),
             },
             Event::MappingEnd => match stack.pop() {
                 Some(Frame::Map {
-                    pos, anchor, entries, ..
+                    pos,
+                    anchor,
+                    entries,
+                    weight,
+                    ..
                 }) => Some((
                     YNode {
                         pos,
                         value: YValue::Map(entries),
                     },
                     anchor,
+                    weight,
                 )),
                 _ => unreachable!("parser balances mappings"),
             },
             _ => None,
         };
-        let Some((node, anchor)) = done else { continue };
+        let Some((node, anchor, weight)) = done else { continue };
         if anchor != 0 {
-            anchors.insert(anchor, node.clone());
+            // The anchor's copy costs as much as an alias's: nested anchors copy their subtree
+            // once per level.
+            copied += weight;
+            if copied > MAX_COPIED_BYTES {
+                return Err(alias_bomb(node.pos));
+            }
+            anchors.insert(anchor, (node.clone(), weight));
+        }
+        if let Some(parent) = stack.last_mut() {
+            parent.add_weight(weight);
         }
         match stack.last_mut() {
             None => root = Some(node),
@@ -210,6 +287,17 @@ pub fn parse(text: &str, line_offset: u32) -> Result<YNode, YamlError> {
         },
         value: YValue::Null,
     }))
+}
+
+fn alias_bomb(pos: Pos) -> YamlError {
+    YamlError {
+        pos,
+        message: format!(
+            "YAML anchors and aliases expand to more than {} MiB (each alias copies its anchor's \
+             node: nested aliases multiply)",
+            MAX_COPIED_BYTES / (1024 * 1024)
+        ),
+    }
 }
 
 /// A `[` or `{` left open on its line (`tags: [a, b` and the next key below) makes the parser
@@ -293,21 +381,6 @@ impl YNode {
         }
     }
 
-    pub fn as_map(&self) -> Option<&[(YKey, YNode)]> {
-        match &self.value {
-            YValue::Map(m) => Some(m),
-            _ => None,
-        }
-    }
-
-    pub fn get(&self, key: &str) -> Option<&YNode> {
-        self.as_map()?.iter().find(|(k, _)| k.name == key).map(|(_, v)| v)
-    }
-
-    pub fn key_pos(&self, key: &str) -> Option<Pos> {
-        self.as_map()?.iter().find(|(k, _)| k.name == key).map(|(k, _)| k.pos)
-    }
-
     /// The position of what `path` names: the key, for a mapping entry (that is where a
     /// reader looks), the item for a sequence element. Falls back to the deepest part found.
     pub fn pos_at(&self, path: &[Seg]) -> Pos {
@@ -350,18 +423,6 @@ impl YNode {
             }
         }
         node.pos
-    }
-
-    pub fn type_name(&self) -> &'static str {
-        match &self.value {
-            YValue::Null => "null",
-            YValue::Bool(_) => "a boolean",
-            YValue::Int(_) => "an integer",
-            YValue::Float(_) => "a number",
-            YValue::Str(_) => "a string",
-            YValue::Seq(_) => "a list",
-            YValue::Map(_) => "a mapping",
-        }
     }
 }
 
@@ -418,6 +479,68 @@ mod tests {
         // a list meant to span lines keeps the parser's own place
         let err = parse("tags: [x,\n  y\nb: 2\n", 0).unwrap_err();
         assert_eq!(err.pos.line, 3, "{err:?}");
+    }
+
+    /// The classic "billion laughs": nine levels of nine aliases each, 9^9 strings once expanded.
+    fn billion_laughs() -> String {
+        let mut text = String::from("a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n");
+        for (prev, name) in "abcdefgh".chars().zip("bcdefghi".chars()) {
+            let refs = vec![format!("*{prev}"); 9].join(", ");
+            text.push_str(&format!("{name}: &{name} [{refs}]\n"));
+        }
+        text
+    }
+
+    #[test]
+    fn an_alias_bomb_is_refused_where_it_explodes() {
+        let text = billion_laughs();
+        assert!(text.len() < 600, "{}", text.len());
+        let started = std::time::Instant::now();
+        let err = parse(&text, 0).unwrap_err();
+        assert!(
+            err.message.contains("anchors and aliases expand to more than 4 MiB"),
+            "{err:?}"
+        );
+        // Level e holds 9^4 copies of a: the budget runs out there or at the next level, long
+        // before the 9^9 strings of level i.
+        assert!((5..=7).contains(&err.pos.line), "{err:?}");
+        // Generous: the point is that nothing near gigabytes was built (that takes minutes).
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+
+    #[test]
+    fn ordinary_anchors_and_aliases_still_work() {
+        let doc = parse(
+            "defaults: &d {cores: 2, memory: 2048}\nnodes:\n  - *d\n  - *d\nname: &n web\nalso: *n\n",
+            0,
+        )
+        .unwrap()
+        .to_json();
+        assert_eq!(doc["nodes"][1], serde_json::json!({"cores": 2, "memory": 2048}));
+        assert_eq!(doc["also"], "web");
+        // Hundreds of aliases of a small block are far below the budget.
+        let many = format!(
+            "d: &d {{cores: 2, memory: 2048, tags: [a, b, c]}}\nnodes: [{}]\n",
+            vec!["*d"; 500].join(", ")
+        );
+        assert!(parse(&many, 0).is_ok());
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_at_the_level_past_the_limit() {
+        let flow = format!("a: {}{}\n", "[".repeat(MAX_DEPTH + 10), "]".repeat(MAX_DEPTH + 10));
+        let err = parse(&flow, 3).unwrap_err();
+        assert!(err.message.contains("nested more than 64 levels deep"), "{err:?}");
+        // The mapping is level 1, so the 64th `[` (column 4 + 63) is one too many.
+        assert_eq!(err.pos, Pos { line: 4, col: 4 + 63 }, "{err:?}");
+        let mut block = String::new();
+        for depth in 0..MAX_DEPTH + 1 {
+            block.push_str(&format!("{}k{depth}:\n", "  ".repeat(depth)));
+        }
+        let err = parse(&block, 0).unwrap_err();
+        assert!(err.message.contains("nested more than 64 levels deep"), "{err:?}");
+        let ok = format!("a: {}{}\n", "[".repeat(MAX_DEPTH - 1), "]".repeat(MAX_DEPTH - 1));
+        assert!(parse(&ok, 0).is_ok());
     }
 
     #[test]

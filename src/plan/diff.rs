@@ -3,7 +3,7 @@
 use super::{Action, Change, Step, Via};
 use crate::model::{Desired, Node};
 use crate::ports::{LiveConfig, PveKind};
-use crate::pve::conf::{self, GuestKind as ConfKind};
+use crate::pve::conf;
 use crate::render::{Artifact, ArtifactKind};
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -32,12 +32,17 @@ pub fn desired_guests(desired: &Desired, artifacts: &[Artifact]) -> Vec<DesiredG
             let conf_text = &find(ArtifactKind::ProxmoxConf)?.content;
             let params_text = &find(ArtifactKind::ProxmoxApi)?.content;
             let kind = pve_kind(node);
-            let parsed = conf::parse(conf_text, conf_kind(kind)).expect("rendered configs are canonical");
+            let parsed = conf::parse(conf_text, kind).expect("rendered configs are canonical");
             let create_params: BTreeMap<String, String> =
                 serde_json::from_str(params_text).expect("rendered parameters are JSON");
-            let provenance = parsed
-                .current
-                .options
+            // The API lists the description as a key like any other: compared the same way,
+            // so a description added in git to an existing guest is planned.
+            let mut options = parsed.current.options.clone();
+            let description = parsed.current.description.trim_end_matches('\n');
+            if !description.is_empty() {
+                options.insert("description".into(), description.to_string());
+            }
+            let provenance = options
                 .keys()
                 .map(String::as_str)
                 .chain(std::iter::once("lxc.raw"))
@@ -48,7 +53,7 @@ pub fn desired_guests(desired: &Desired, artifacts: &[Artifact]) -> Vec<DesiredG
                 vmid: node.vmid,
                 pve_node: node.proxmox_node.clone(),
                 kind,
-                options: parsed.current.options.clone(),
+                options,
                 raw_lxc: parsed.current.raw_lxc.clone(),
                 create_params,
                 provenance,
@@ -58,17 +63,7 @@ pub fn desired_guests(desired: &Desired, artifacts: &[Artifact]) -> Vec<DesiredG
 }
 
 fn pve_kind(node: &Node) -> PveKind {
-    match node.kind {
-        crate::model::schema::GuestKind::Lxc => PveKind::Lxc,
-        crate::model::schema::GuestKind::Vm => PveKind::Qemu,
-    }
-}
-
-fn conf_kind(kind: PveKind) -> ConfKind {
-    match kind {
-        PveKind::Lxc => ConfKind::Lxc,
-        PveKind::Qemu => ConfKind::Qemu,
-    }
+    node.kind.pve()
 }
 
 /// Which model keys a Proxmox config key is made of, for provenance.

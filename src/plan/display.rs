@@ -1,6 +1,7 @@
 //! Showing a plan: for people on a terminal (colour when it is one), as markdown for a pull
 //! request, and as JSON for machines. `drift` words the same plan as a drift report.
 
+use super::markdown as md;
 use super::{Action, Change, Plan, Step, Via};
 use std::fmt::Write;
 
@@ -353,10 +354,6 @@ fn write_change(out: &mut String, c: &Change, st: &Style) {
     }
 }
 
-fn md_escape(s: &str) -> String {
-    s.replace('|', "\\|").replace('\n', "<br>")
-}
-
 /// The plan as markdown, for a pull request comment or a status report.
 pub fn markdown(plan: &Plan, wording: Wording) -> String {
     let mut out = String::new();
@@ -364,19 +361,19 @@ pub fn markdown(plan: &Plan, wording: Wording) -> String {
         Wording::Plan => "Plan",
         Wording::Drift => "Drift report",
     };
-    let _ = writeln!(out, "### driftless {title}: `{}`\n", plan.cluster);
+    let _ = writeln!(out, "### driftless {title}: {}\n", md::code(&plan.cluster));
     let _ = writeln!(out, "{}\n", summary(plan, wording));
     if !plan.steps.is_empty() {
         let _ = writeln!(out, "| | step | guest | key | from | to | set by |");
         let _ = writeln!(out, "|---|---|---|---|---|---|---|");
         for step in &plan.steps {
-            let guest = format!(
+            let guest = md::text(&format!(
                 "{} ({} {} on {})",
                 step.node,
                 step.kind.path(),
                 step.vmid,
                 step.pve_node
-            );
+            ));
             let verb = if step.disruptive {
                 format!("{} (disruptive)", step.action.verb())
             } else {
@@ -389,13 +386,13 @@ pub fn markdown(plan: &Plan, wording: Wording) -> String {
                     for c in changes {
                         let _ = writeln!(
                             out,
-                            "| {} | {verb} | {guest} | `{}`{} | {} | {} | {} |",
+                            "| {} | {verb} | {guest} | {}{} | {} | {} | {} |",
                             symbol(&step.action),
-                            c.key,
+                            md::code(&c.key),
                             if c.needs_restart { " (on restart)" } else { "" },
-                            md_escape(c.old.as_deref().unwrap_or("")),
-                            md_escape(c.new.as_deref().unwrap_or("(removed)")),
-                            md_escape(c.provenance.as_deref().unwrap_or(""))
+                            md::text(c.old.as_deref().unwrap_or("")),
+                            md::text(c.new.as_deref().unwrap_or("(removed)")),
+                            md::text(c.provenance.as_deref().unwrap_or(""))
                         );
                     }
                 }
@@ -405,10 +402,10 @@ pub fn markdown(plan: &Plan, wording: Wording) -> String {
                         .filter_map(|k| params.get(*k).map(|v| format!("{k}={v}")))
                         .collect::<Vec<_>>()
                         .join(", ");
-                    let _ = writeln!(out, "| + | {verb} | {guest} | | | {} | |", md_escape(&brief));
+                    let _ = writeln!(out, "| + | {verb} | {guest} | | | {} | |", md::text(&brief));
                 }
                 Action::Restart { reason } => {
-                    let _ = writeln!(out, "| ! | {verb} | {guest} | | | {} | |", md_escape(reason));
+                    let _ = writeln!(out, "| ! | {verb} | {guest} | | | {} | |", md::text(reason));
                 }
                 Action::Start => {
                     let _ = writeln!(out, "| > | {verb} | {guest} | | stopped | running | |");
@@ -425,7 +422,7 @@ pub fn markdown(plan: &Plan, wording: Wording) -> String {
                         out,
                         "| {} | {verb} | {guest} | | | {} | |",
                         symbol(&step.action),
-                        md_escape(&lines.join("\n"))
+                        md::text(&lines.join("\n"))
                     );
                 }
             }
@@ -437,11 +434,11 @@ pub fn markdown(plan: &Plan, wording: Wording) -> String {
         for c in &plan.conflicts {
             let _ = writeln!(
                 out,
-                "- `{}` (vmid {} on {}): {}",
-                c.node,
+                "- {} (vmid {} on {}): {}",
+                md::code(&c.node),
                 c.vmid,
-                c.pve_node,
-                md_escape(&c.reason)
+                md::text(&c.pve_node),
+                md::text(&c.reason)
             );
         }
         let _ = writeln!(out);
@@ -455,17 +452,23 @@ pub fn markdown(plan: &Plan, wording: Wording) -> String {
         for o in left {
             let _ = writeln!(
                 out,
-                "- {} {} `{}` on {}",
+                "- {} {} {} on {}",
                 o.kind.path(),
                 o.vmid,
-                o.name.as_deref().unwrap_or("(no name)"),
-                o.pve_node
+                md::code(o.name.as_deref().unwrap_or("(no name)")),
+                md::text(&o.pve_node)
             );
         }
         let _ = writeln!(out);
     }
     for n in &plan.notices {
-        let _ = writeln!(out, "> note: `{}` (vmid {}): {}", n.node, n.vmid, md_escape(&n.message));
+        let _ = writeln!(
+            out,
+            "> note: {} (vmid {}): {}",
+            md::code(&n.node),
+            n.vmid,
+            md::text(&n.message)
+        );
     }
     out
 }

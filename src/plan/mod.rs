@@ -4,7 +4,8 @@
 
 mod diff;
 pub mod display;
-pub mod schedule;
+pub(crate) mod markdown;
+pub(crate) mod schedule;
 
 use crate::model::Desired;
 use crate::ports::{GuestSummary, LiveConfig, PveKind};

@@ -261,3 +261,34 @@ fn a_stopped_guest_is_started() {
         [("start", 102)]
     );
 }
+
+#[test]
+fn a_description_added_in_git_to_an_existing_guest_is_planned_with_its_source() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/homelab-k3s");
+    let mut files = crate::source::read_dir(&dir).unwrap();
+    let node = String::from_utf8(files.files["nodes/k3s-worker-1.yaml"].clone()).unwrap();
+    files.insert(
+        "nodes/k3s-worker-1.yaml",
+        format!("{node}description: \"Worker 1, rack B\"\n"),
+    );
+    let before = example("homelab-k3s").1;
+    let desired = load(&files, &LoadOptions::default()).unwrap();
+    let guests = desired_guests(&desired, &render_all(&desired).unwrap());
+    // Proxmox holds the guest as it was created before the description was written.
+    let observed = converged(&before);
+    let plan = plan(&desired, &guests, &observed);
+    let [step] = &plan.steps[..] else {
+        panic!("{}", display::text(&plan, display::Wording::Plan, false))
+    };
+    let Action::Update { changes, .. } = &step.action else {
+        panic!("{step:?}")
+    };
+    let [c] = &changes[..] else { panic!("{changes:?}") };
+    assert_eq!((c.key.as_str(), c.old.as_deref()), ("description", None));
+    assert!(c.new.as_deref().unwrap().contains("Worker 1, rack B"), "{c:?}");
+    assert!(
+        c.provenance.as_deref().unwrap().starts_with("nodes/k3s-worker-1.yaml:"),
+        "{c:?}"
+    );
+    assert!(!c.needs_restart);
+}

@@ -4,7 +4,7 @@
 //! nodes that become Ready or not), record every call, and take injected failures.
 
 use super::*;
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 /// One guest of the fake Proxmox.
@@ -29,7 +29,46 @@ struct ProxmoxState {
     /// How long tasks of a verb (`create`, `start`, ...) run before they end.
     task_durations: BTreeMap<String, std::time::Duration>,
     digests: u64,
+    /// The cluster's nodes, their interfaces, storages and storage content.
+    nodes: Vec<PveNode>,
+    networks: BTreeMap<String, Vec<NetworkInterface>>,
+    storages: BTreeMap<String, Vec<StorageStatus>>,
+    content: BTreeMap<(String, String), Vec<StorageVolume>>,
+    /// ACL path -> privileges granted there (propagating); `None`: every privilege on `/`.
+    privileges: Option<BTreeMap<String, Vec<String>>>,
 }
+
+/// Privileges of a full token (root's, without privilege separation), for the fake's answers.
+pub const ALL_PRIVILEGES: &[&str] = &[
+    "Datastore.Allocate",
+    "Datastore.AllocateSpace",
+    "Datastore.AllocateTemplate",
+    "Datastore.Audit",
+    "Permissions.Modify",
+    "SDN.Allocate",
+    "SDN.Audit",
+    "SDN.Use",
+    "Sys.Audit",
+    "Sys.Console",
+    "Sys.Modify",
+    "Sys.PowerMgmt",
+    "VM.Allocate",
+    "VM.Audit",
+    "VM.Backup",
+    "VM.Clone",
+    "VM.Config.CDROM",
+    "VM.Config.CPU",
+    "VM.Config.Cloudinit",
+    "VM.Config.Disk",
+    "VM.Config.HWType",
+    "VM.Config.Memory",
+    "VM.Config.Network",
+    "VM.Config.Options",
+    "VM.Console",
+    "VM.Migrate",
+    "VM.PowerMgmt",
+    "VM.Snapshot",
+];
 
 impl ProxmoxState {
     fn next_digest(&mut self) -> String {
@@ -104,6 +143,112 @@ impl FakeProxmox {
     /// Someone sets `key` of `vmid` between driftless's read and its next update.
     pub fn edit_before_next_update(&self, vmid: u32, key: &str, value: &str) {
         self.state.lock().unwrap().edit_before_update = Some((vmid, key.into(), value.into()));
+    }
+
+    /// A fresh Proxmox VE host named `pve`: online, `local` (templates, ISOs) holding the
+    /// examples' template and ISO, `local-lvm` (disks, 200 GiB free of 256), bridge `vmbr0`.
+    pub fn with_pve_host() -> FakeProxmox {
+        let fake = FakeProxmox::new();
+        fake.add_node("pve", "online");
+        fake.set_network("pve", &[("eno1", "eth"), ("vmbr0", "bridge")]);
+        fake.set_storages(
+            "pve",
+            vec![
+                StorageStatus {
+                    storage: "local".into(),
+                    kind: "dir".into(),
+                    content: vec!["backup".into(), "iso".into(), "vztmpl".into()],
+                    active: true,
+                    enabled: true,
+                    shared: false,
+                    total: Some(100 << 30),
+                    used: Some(8 << 30),
+                    avail: Some(92 << 30),
+                },
+                StorageStatus {
+                    storage: "local-lvm".into(),
+                    kind: "lvmthin".into(),
+                    content: vec!["images".into(), "rootdir".into()],
+                    active: true,
+                    enabled: true,
+                    shared: false,
+                    total: Some(256 << 30),
+                    used: Some(56 << 30),
+                    avail: Some(200 << 30),
+                },
+            ],
+        );
+        fake.add_volume(
+            "pve",
+            "local",
+            "local:vztmpl/ubuntu-22.04-standard_22.04-1_amd64.tar.zst",
+            "vztmpl",
+        );
+        fake.add_volume("pve", "local", "local:iso/metal-amd64.iso", "iso");
+        fake
+    }
+
+    pub fn add_node(&self, node: &str, status: &str) {
+        self.state.lock().unwrap().nodes.push(PveNode {
+            node: node.to_string(),
+            status: status.to_string(),
+            ssl_fingerprint: None,
+        });
+    }
+
+    /// `node`'s interfaces as (name, type).
+    pub fn set_network(&self, node: &str, ifaces: &[(&str, &str)]) {
+        let list = ifaces
+            .iter()
+            .map(|(iface, kind)| NetworkInterface {
+                iface: iface.to_string(),
+                kind: kind.to_string(),
+                active: true,
+            })
+            .collect();
+        self.state.lock().unwrap().networks.insert(node.to_string(), list);
+    }
+
+    pub fn set_storages(&self, node: &str, storages: Vec<StorageStatus>) {
+        self.state.lock().unwrap().storages.insert(node.to_string(), storages);
+    }
+
+    pub fn add_volume(&self, node: &str, storage: &str, volid: &str, content: &str) {
+        self.state
+            .lock()
+            .unwrap()
+            .content
+            .entry((node.to_string(), storage.to_string()))
+            .or_default()
+            .push(StorageVolume {
+                volid: volid.to_string(),
+                content: content.to_string(),
+                format: String::new(),
+                size: 1 << 20,
+                vmid: None,
+            });
+    }
+
+    pub fn remove_volume(&self, volid: &str) {
+        for list in self.state.lock().unwrap().content.values_mut() {
+            list.retain(|v| v.volid != volid);
+        }
+    }
+
+    /// The token's privileges: ACL path -> privileges (propagating to the paths below).
+    pub fn set_privileges(&self, acl: &[(&str, &[&str])]) {
+        self.state.lock().unwrap().privileges = Some(
+            acl.iter()
+                .map(|(path, privs)| (path.to_string(), privs.iter().map(|p| p.to_string()).collect()))
+                .collect(),
+        );
+    }
+
+    /// The guest's raw `lxc.*` keys, as the API lists them.
+    pub fn set_raw_lxc(&self, vmid: u32, raw: &[(&str, &str)]) {
+        if let Some(g) = self.state.lock().unwrap().guests.get_mut(&vmid) {
+            g.config.raw_lxc = raw.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        }
     }
 
     fn call(&self, call: String) -> std::sync::MutexGuard<'_, ProxmoxState> {
@@ -259,6 +404,111 @@ impl ProxmoxApi for FakeProxmox {
         }
         Ok(())
     }
+
+    async fn api_version(&self) -> Result<PveVersion, ProxmoxError> {
+        let mut s = self.call("version".into());
+        if let Some(e) = s.take_failure("version") {
+            return Err(e);
+        }
+        Ok(PveVersion {
+            version: "9.1.3".into(),
+            release: "9.1".into(),
+        })
+    }
+
+    async fn permissions(&self, path: Option<&str>) -> Result<Permissions, ProxmoxError> {
+        let mut s = self.call(format!("permissions {}", path.unwrap_or("")));
+        if let Some(e) = s.take_failure("permissions") {
+            return Err(e);
+        }
+        let full: BTreeMap<String, Vec<String>> =
+            BTreeMap::from([("/".to_string(), ALL_PRIVILEGES.iter().map(|p| p.to_string()).collect())]);
+        let acl = s.privileges.as_ref().unwrap_or(&full);
+        Ok(match path {
+            Some(p) => BTreeMap::from([(p.to_string(), privileges_at(acl, p))]),
+            None => acl.keys().map(|p| (p.clone(), privileges_at(acl, p))).collect(),
+        })
+    }
+
+    async fn nodes(&self) -> Result<Vec<PveNode>, ProxmoxError> {
+        let mut s = self.call("nodes".into());
+        if let Some(e) = s.take_failure("nodes") {
+            return Err(e);
+        }
+        Ok(s.nodes.clone())
+    }
+
+    async fn node_network(&self, node: &str) -> Result<Vec<NetworkInterface>, ProxmoxError> {
+        let mut s = self.call(format!("network {node}"));
+        if let Some(e) = s.take_failure("network") {
+            return Err(e);
+        }
+        Ok(s.networks.get(node).cloned().unwrap_or_default())
+    }
+
+    async fn storages(&self, node: &str) -> Result<Vec<StorageStatus>, ProxmoxError> {
+        let mut s = self.call(format!("storages {node}"));
+        if let Some(e) = s.take_failure("storages") {
+            return Err(e);
+        }
+        Ok(s.storages.get(node).cloned().unwrap_or_default())
+    }
+
+    async fn storage_status(&self, node: &str, storage: &str) -> Result<StorageStatus, ProxmoxError> {
+        let mut s = self.call(format!("storage_status {node} {storage}"));
+        if let Some(e) = s.take_failure("storage_status") {
+            return Err(e);
+        }
+        s.storages
+            .get(node)
+            .and_then(|l| l.iter().find(|st| st.storage == storage))
+            .cloned()
+            .ok_or_else(|| no_storage(storage))
+    }
+
+    async fn storage_content(
+        &self,
+        node: &str,
+        storage: &str,
+        content: Option<&str>,
+    ) -> Result<Vec<StorageVolume>, ProxmoxError> {
+        let mut s = self.call(format!("content {node} {storage}"));
+        if let Some(e) = s.take_failure("content") {
+            return Err(e);
+        }
+        if !s
+            .storages
+            .get(node)
+            .is_some_and(|l| l.iter().any(|st| st.storage == storage))
+        {
+            return Err(no_storage(storage));
+        }
+        Ok(s.content
+            .get(&(node.to_string(), storage.to_string()))
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|v| content.is_none_or(|c| v.content == c))
+            .collect())
+    }
+}
+
+fn no_storage(storage: &str) -> ProxmoxError {
+    ProxmoxError::Api {
+        status: 500,
+        what: format!("storage {storage}"),
+        message: format!("storage '{storage}' does not exist"),
+    }
+}
+
+/// The privileges `acl` gives on `path`: those of `path` and of every path above it.
+fn privileges_at(acl: &BTreeMap<String, Vec<String>>, path: &str) -> BTreeMap<String, bool> {
+    acl.iter()
+        .filter(|(p, _)| {
+            p.as_str() == "/" || path == p.as_str() || path.starts_with(&format!("{}/", p.trim_end_matches('/')))
+        })
+        .flat_map(|(_, privs)| privs.iter().map(|p| (p.clone(), true)))
+        .collect()
 }
 
 /// A Proxmox host shell that runs nothing: it records argv and answers success, and keeps
@@ -479,15 +729,48 @@ impl KubeApi for FakeKube {
     }
 }
 
-/// A Talos API in memory: each node in maintenance mode until it gets a config.
+/// A Talos API in memory: each node in maintenance mode until it gets a config. An
+/// [`impostor`](FakeTalos::impostor) address answers as a machine whose certificate the
+/// cluster CA did not sign: probes and mTLS calls fail with `TalosError::Untrusted`, and what
+/// is sent to it in maintenance mode (no verification) it keeps, like a real one would.
 #[derive(Debug, Clone, Default)]
 pub struct FakeTalos {
+    /// Every config sent for real: (node address, in maintenance mode).
     pub applied: Arc<Mutex<Vec<(String, bool)>>>,
     configured: Arc<Mutex<BTreeMap<String, bool>>>,
+    impostors: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl FakeTalos {
+    /// The node at `addr` runs a config of the cluster (answers over mTLS).
+    pub fn configure(&self, addr: &str) {
+        self.configured.lock().unwrap().insert(addr.to_string(), true);
+    }
+
+    /// Something that is not the cluster's node answers at `addr`.
+    pub fn impostor(&self, addr: &str) {
+        self.impostors.lock().unwrap().insert(addr.to_string());
+    }
+
+    fn untrusted(&self, node: &str) -> Option<TalosError> {
+        self.impostors
+            .lock()
+            .unwrap()
+            .contains(node)
+            .then(|| TalosError::Untrusted {
+                node: node.to_string(),
+                message: "the cluster CA (the talosconfig's `ca`) did not sign its certificate, and it does not \
+                          answer as Talos's maintenance service does"
+                    .into(),
+            })
+    }
 }
 
 impl TalosApi for FakeTalos {
     async fn probe(&self, node: &str) -> Result<TalosNodeState, TalosError> {
+        if let Some(e) = self.untrusted(node) {
+            return Err(e);
+        }
         Ok(if self.configured.lock().unwrap().contains_key(node) {
             TalosNodeState::Configured {
                 version: "v1.13.9".into(),
@@ -505,6 +788,9 @@ impl TalosApi for FakeTalos {
         dry_run: bool,
         maintenance: bool,
     ) -> Result<TalosApplyResult, TalosError> {
+        if !maintenance && let Some(e) = self.untrusted(node) {
+            return Err(e);
+        }
         if !dry_run {
             self.applied.lock().unwrap().push((node.to_string(), maintenance));
             self.configured.lock().unwrap().insert(node.to_string(), true);
@@ -515,12 +801,13 @@ impl TalosApi for FakeTalos {
         })
     }
 
-    async fn bootstrap(&self, _node: &str) -> Result<bool, TalosError> {
-        Ok(true)
+    async fn bootstrap(&self, node: &str) -> Result<bool, TalosError> {
+        self.untrusted(node).map_or(Ok(true), Err)
     }
 
-    async fn kubeconfig(&self, _node: &str) -> Result<Vec<u8>, TalosError> {
-        Ok(b"apiVersion: v1\nkind: Config\n".to_vec())
+    async fn kubeconfig(&self, node: &str) -> Result<Vec<u8>, TalosError> {
+        self.untrusted(node)
+            .map_or(Ok(b"apiVersion: v1\nkind: Config\n".to_vec()), Err)
     }
 }
 

@@ -28,7 +28,7 @@ use regex::Regex;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-use crate::pve::conf::GuestKind;
+use crate::pve::conf::PveKind;
 
 /// The embedded schema subset (see `tools/extract-pve-api-subset.py`).
 pub const SUBSET_JSON: &str = include_str!("pve-api-subset.json");
@@ -457,10 +457,10 @@ impl ApiSchema {
     }
 
     /// The file schema (Proxmox `$confdesc`) of a guest config key, e.g. `net0`, `cores`.
-    pub fn config_property(&self, kind: GuestKind, key: &str) -> Option<&Property> {
+    pub fn config_property(&self, kind: PveKind, key: &str) -> Option<&Property> {
         let map = match kind {
-            GuestKind::Lxc => &self.lxc_config,
-            GuestKind::Qemu => &self.qemu_config,
+            PveKind::Lxc => &self.lxc_config,
+            PveKind::Qemu => &self.qemu_config,
         };
         self.resolve(map, key).map(|(_, p)| p)
     }
@@ -1244,10 +1244,10 @@ mod tests {
     #[test]
     fn config_keys_are_ready_before_the_endpoints_are_built() {
         let s = ApiSchema::with_lazy_endpoints(Cow::Borrowed(SUBSET_JSON)).unwrap();
-        assert!(s.config_property(GuestKind::Lxc, "net7").is_some());
-        assert!(s.config_property(GuestKind::Qemu, "scsi3").is_some());
+        assert!(s.config_property(PveKind::Lxc, "net7").is_some());
+        assert!(s.config_property(PveKind::Qemu, "scsi3").is_some());
         assert!(s.endpoints.get().is_none(), "checking config keys built the endpoints");
-        assert_eq!(s.endpoints().len(), 27);
+        assert_eq!(s.endpoints().len(), 32);
         // from_json checks the endpoints at once: a bad one is an error there, not a panic later.
         let bad = r#"{"endpoints": [{"method": "GET", "path": "/x", "parameters": 5}]}"#;
         assert!(ApiSchema::from_json(bad).is_err());
@@ -1257,10 +1257,15 @@ mod tests {
     #[test]
     fn embedded_schema_has_all_endpoints() {
         let s = ApiSchema::embedded();
-        assert_eq!(s.endpoints().len(), 27);
+        assert_eq!(s.endpoints().len(), 32);
         for (m, p) in [
             ("GET", "/version"),
             ("GET", "/nodes"),
+            ("GET", "/access/permissions"),
+            ("GET", "/nodes/pve/network"),
+            ("GET", "/nodes/pve/storage"),
+            ("GET", "/nodes/pve/storage/local-lvm/status"),
+            ("GET", "/nodes/pve/storage/local/content"),
             ("GET", "/cluster/resources"),
             (
                 "GET",
@@ -1550,15 +1555,15 @@ mod tests {
     #[test]
     fn config_properties_and_printing() {
         let s = ApiSchema::embedded();
-        assert!(s.config_property(GuestKind::Lxc, "net31").is_some());
-        assert!(s.config_property(GuestKind::Lxc, "net32").is_none());
-        assert!(s.config_property(GuestKind::Lxc, "parent").is_some());
-        assert!(s.config_property(GuestKind::Lxc, "digest").is_none());
-        assert!(s.config_property(GuestKind::Qemu, "scsi30").is_some());
-        assert!(s.config_property(GuestKind::Qemu, "scsi31").is_none());
-        assert!(s.config_property(GuestKind::Qemu, "vmstate").is_some());
+        assert!(s.config_property(PveKind::Lxc, "net31").is_some());
+        assert!(s.config_property(PveKind::Lxc, "net32").is_none());
+        assert!(s.config_property(PveKind::Lxc, "parent").is_some());
+        assert!(s.config_property(PveKind::Lxc, "digest").is_none());
+        assert!(s.config_property(PveKind::Qemu, "scsi30").is_some());
+        assert!(s.config_property(PveKind::Qemu, "scsi31").is_none());
+        assert!(s.config_property(PveKind::Qemu, "vmstate").is_some());
         let net = s
-            .config_property(GuestKind::Lxc, "net0")
+            .config_property(PveKind::Lxc, "net0")
             .and_then(Property::format_properties)
             .unwrap();
         let parsed = s
@@ -1570,7 +1575,7 @@ mod tests {
             "name=eth0,bridge=vmbr0,firewall=1,ip=dhcp,type=veth"
         );
         let rootfs = s
-            .config_property(GuestKind::Lxc, "rootfs")
+            .config_property(PveKind::Lxc, "rootfs")
             .and_then(Property::format_properties)
             .unwrap();
         let parsed = s

@@ -31,21 +31,32 @@ use sha1::{Digest, Sha1};
 use crate::pve::api_schema::ApiSchema;
 use crate::pve::lxc_keys::{RawKeyVerdict, check_raw_key};
 
-/// Which kind of guest a config file belongs to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum GuestKind {
+/// Which kind of guest, as Proxmox names it in paths, listings and config directories. The
+/// repository says `vm` where Proxmox says `qemu` (`model::schema::PveKind`); everything
+/// that talks to Proxmox uses this one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PveKind {
     /// LXC container (`lxc/VMID.conf`).
     Lxc,
     /// QEMU virtual machine (`qemu-server/VMID.conf`).
     Qemu,
 }
 
-impl GuestKind {
+impl PveKind {
+    /// The path segment: `/nodes/{node}/lxc/...`, `/nodes/{node}/qemu/...`.
+    pub fn path(self) -> &'static str {
+        match self {
+            PveKind::Lxc => "lxc",
+            PveKind::Qemu => "qemu",
+        }
+    }
+
     /// The header of the pending section as Proxmox writes it.
     pub fn pending_header(self) -> &'static str {
         match self {
-            GuestKind::Lxc => "[pve:pending]",
-            GuestKind::Qemu => "[PENDING]",
+            PveKind::Lxc => "[pve:pending]",
+            PveKind::Qemu => "[PENDING]",
         }
     }
 }
@@ -83,7 +94,7 @@ impl Section {
 /// `conf.options`, `conf.description`, `conf.raw_lxc` and `conf.env` work directly.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GuestConf {
-    pub kind: GuestKind,
+    pub kind: PveKind,
     /// The current config (everything before the first section header).
     pub current: Section,
     /// The pending section; empty means there is none.
@@ -223,13 +234,13 @@ fn match_snapstate(line: &str) -> Option<&'static str> {
 }
 
 /// `^([a-z][a-z_]*[0-9]*):WS*(.+?)WS*$` (QEMU keys may hold `-` too): a key and its value.
-fn match_option(line: &str, kind: GuestKind) -> Option<(&str, &str)> {
+fn match_option(line: &str, kind: PveKind) -> Option<(&str, &str)> {
     let b = line.as_bytes();
     if !b.first()?.is_ascii_lowercase() {
         return None;
     }
     let mut i = 1;
-    while i < b.len() && (b[i].is_ascii_lowercase() || b[i] == b'_' || (kind == GuestKind::Qemu && b[i] == b'-')) {
+    while i < b.len() && (b[i].is_ascii_lowercase() || b[i] == b'_' || (kind == PveKind::Qemu && b[i] == b'-')) {
         i += 1;
     }
     while i < b.len() && b[i].is_ascii_digit() {
@@ -270,7 +281,7 @@ enum Target {
 }
 
 struct Parser {
-    kind: GuestKind,
+    kind: PveKind,
     conf: GuestConf,
     target: Target,
     descr: Option<String>,
@@ -294,12 +305,12 @@ impl Parser {
             return;
         };
         match self.kind {
-            GuestKind::Lxc => {
+            PveKind::Lxc => {
                 if perl_truthy(&descr) {
                     self.section().description = descr;
                 }
             }
-            GuestKind::Qemu => {
+            PveKind::Qemu => {
                 self.section().description = descr.trim_end().to_string();
             }
         }
@@ -315,7 +326,7 @@ impl Parser {
             Target::Current | Target::Skip => String::new(),
         };
         if self.seen.contains(&name) {
-            if self.kind == GuestKind::Qemu {
+            if self.kind == PveKind::Qemu {
                 let name = name.trim_start_matches("special:").to_string();
                 self.problems.push(ConfError::DuplicateSection { line, name });
             }
@@ -342,14 +353,14 @@ impl Parser {
     fn header(&mut self, lineno: usize, line: &str) -> bool {
         let g = grammar();
         let pending_re = match self.kind {
-            GuestKind::Lxc => &g.pending_lxc,
-            GuestKind::Qemu => &g.pending_qemu,
+            PveKind::Lxc => &g.pending_lxc,
+            PveKind::Qemu => &g.pending_qemu,
         };
         if pending_re.is_match(line) {
             self.enter(lineno, Target::Pending);
             return true;
         }
-        if self.kind == GuestKind::Qemu
+        if self.kind == PveKind::Qemu
             && let Some(c) = g.special.captures(line)
         {
             self.enter(lineno, Target::Special(c[1].to_string()));
@@ -359,7 +370,7 @@ impl Parser {
             self.enter(lineno, Target::Snapshot(c[1].to_string()));
             return true;
         }
-        if self.kind == GuestKind::Qemu
+        if self.kind == PveKind::Qemu
             && let Some(c) = g.any_section.captures(line)
         {
             self.finish_description();
@@ -393,7 +404,7 @@ impl Parser {
             return;
         }
 
-        if self.kind == GuestKind::Lxc
+        if self.kind == PveKind::Lxc
             && let Some((key, value)) = match_raw_lxc(line)
         {
             let key = key.to_string();
@@ -433,7 +444,7 @@ impl Parser {
             if self.target != Target::Current {
                 self.section().options.insert("snapstate".into(), value.to_string());
             }
-        } else if self.kind == GuestKind::Qemu
+        } else if self.kind == PveKind::Qemu
             && let Some(value) = match_keyword(line, "args:")
         {
             let value = value.to_string();
@@ -456,7 +467,7 @@ impl Parser {
             }
             match check_type(self.kind, &key, &raw) {
                 Ok(value) => {
-                    if self.kind == GuestKind::Qemu && key == "cdrom" {
+                    if self.kind == PveKind::Qemu && key == "cdrom" {
                         key = "ide2".into();
                     }
                     self.section().options.insert(key, value);
@@ -468,7 +479,7 @@ impl Parser {
                         reason: reason.trim_end().to_string(),
                     });
                     // pve-container stores the value anyway; qemu-server does not.
-                    if self.kind == GuestKind::Lxc {
+                    if self.kind == PveKind::Lxc {
                         self.section().options.insert(key, raw);
                     }
                 }
@@ -493,9 +504,9 @@ fn parse_pending_delete(s: &str) -> Vec<String> {
 /// `check_type` of pve-container / qemu-server: unknown keys, line feeds, boolean /
 /// integer / number syntax, and `format` of strings. Returns the normalised value, or
 /// Perl's message (ending in a newline).
-fn check_type(kind: GuestKind, key: &str, value: &str) -> Result<String, String> {
+fn check_type(kind: PveKind, key: &str, value: &str) -> Result<String, String> {
     let schema = ApiSchema::embedded();
-    let lookup = if kind == GuestKind::Qemu && key == "cdrom" {
+    let lookup = if kind == PveKind::Qemu && key == "cdrom" {
         "ide2"
     } else {
         key
@@ -534,7 +545,7 @@ fn check_type(kind: GuestKind, key: &str, value: &str) -> Result<String, String>
                 schema.check_format(format, value, "")?;
                 return Ok(value.to_string());
             }
-            if kind == GuestKind::Qemu
+            if kind == PveKind::Qemu
                 && let Some(inner) = value.strip_prefix('"').and_then(|v| v.strip_suffix('"'))
             {
                 return Ok(inner.to_string());
@@ -545,7 +556,7 @@ fn check_type(kind: GuestKind, key: &str, value: &str) -> Result<String, String>
     }
 }
 
-fn parse_impl(text: &str, kind: GuestKind) -> (GuestConf, Vec<ConfError>) {
+fn parse_impl(text: &str, kind: PveKind) -> (GuestConf, Vec<ConfError>) {
     let mut p = Parser {
         kind,
         conf: GuestConf::new(kind),
@@ -563,7 +574,7 @@ fn parse_impl(text: &str, kind: GuestKind) -> (GuestConf, Vec<ConfError>) {
 
 /// Parse a config file strictly: the first problem (other than a deprecation warning)
 /// is returned as an error, as Proxmox does in strict mode.
-pub fn parse(text: &str, kind: GuestKind) -> Result<GuestConf, ConfError> {
+pub fn parse(text: &str, kind: PveKind) -> Result<GuestConf, ConfError> {
     let (conf, problems) = parse_impl(text, kind);
     match problems.into_iter().find(|p| !p.is_warning()) {
         Some(err) => Err(err),
@@ -573,13 +584,13 @@ pub fn parse(text: &str, kind: GuestKind) -> Result<GuestConf, ConfError> {
 
 /// Parse like pmxcfs readers do: every problem is reported, nothing stops parsing, and
 /// what Proxmox keeps is kept (LXC keeps invalid option values; QEMU drops them).
-pub fn parse_lenient(text: &str, kind: GuestKind) -> (GuestConf, Vec<ConfError>) {
+pub fn parse_lenient(text: &str, kind: PveKind) -> (GuestConf, Vec<ConfError>) {
     parse_impl(text, kind)
 }
 
 impl GuestConf {
     /// An empty config.
-    pub fn new(kind: GuestKind) -> GuestConf {
+    pub fn new(kind: PveKind) -> GuestConf {
         GuestConf {
             kind,
             current: Section::default(),
@@ -591,7 +602,7 @@ impl GuestConf {
     }
 
     /// Parse (strict); same as [`parse`].
-    pub fn parse(text: &str, kind: GuestKind) -> Result<GuestConf, ConfError> {
+    pub fn parse(text: &str, kind: PveKind) -> Result<GuestConf, ConfError> {
         parse(text, kind)
     }
 
@@ -605,7 +616,7 @@ impl GuestConf {
             out.push('\n');
             self.write_section(&mut out, &self.pending, Some(&self.pending_delete));
         }
-        if self.kind == GuestKind::Qemu {
+        if self.kind == PveKind::Qemu {
             for (name, section) in &self.special {
                 let _ = write!(out, "\n[special:{name}]\n");
                 self.write_section(&mut out, section, None);
@@ -640,7 +651,7 @@ impl GuestConf {
         for (k, v) in entries {
             let _ = writeln!(out, "{k}: {v}");
         }
-        if self.kind == GuestKind::Lxc {
+        if self.kind == PveKind::Lxc {
             for v in &s.env {
                 let _ = writeln!(out, "lxc.environment.runtime: {v}");
             }
@@ -678,7 +689,7 @@ impl GuestConf {
                     return Err(bad(&name, format!("newline inside raw key '{k}'")));
                 }
             }
-            if self.kind == GuestKind::Qemu && (!s.env.is_empty() || !s.raw_lxc.is_empty()) {
+            if self.kind == PveKind::Qemu && (!s.env.is_empty() || !s.raw_lxc.is_empty()) {
                 return Err(bad(&name, "raw lxc.* entries in a QEMU config".into()));
             }
         }
@@ -704,17 +715,17 @@ fn perl_lines(s: &str) -> Vec<&str> {
 }
 
 /// The description Proxmox hands back after writing `description` and reading it again.
-pub fn normalize_description(description: &str, kind: GuestKind) -> String {
+pub fn normalize_description(description: &str, kind: PveKind) -> String {
     if !perl_truthy(description) {
         return String::new();
     }
     let lines = perl_lines(description);
     match kind {
-        GuestKind::Lxc => {
+        PveKind::Lxc => {
             let out: String = lines.iter().map(|l| format!("{l}\n")).collect();
             if perl_truthy(&out) { out } else { String::new() }
         }
-        GuestKind::Qemu => lines.join("\n").trim_end().to_string(),
+        PveKind::Qemu => lines.join("\n").trim_end().to_string(),
     }
 }
 
@@ -872,7 +883,7 @@ lxc.mount.entry: /dev/kmsg dev/kmsg none bind,rw,optional,create=file
 
     #[test]
     fn upstream_example_round_trips() {
-        let conf = parse(UPSTREAM_EXAMPLE, GuestKind::Lxc).unwrap();
+        let conf = parse(UPSTREAM_EXAMPLE, PveKind::Lxc).unwrap();
         assert_eq!(conf.options["parent"], "test2");
         assert_eq!(conf.options.len(), 8);
         let snap = &conf.snapshots["test"];
@@ -880,12 +891,12 @@ lxc.mount.entry: /dev/kmsg dev/kmsg none bind,rw,optional,create=file
         assert_eq!(snap.options["snaptime"], "1234567890");
         assert!(conf.pending.is_empty());
         assert_eq!(conf.write(), UPSTREAM_EXAMPLE);
-        assert_eq!(parse(&conf.write(), GuestKind::Lxc).unwrap(), conf);
+        assert_eq!(parse(&conf.write(), PveKind::Lxc).unwrap(), conf);
     }
 
     #[test]
     fn k3s_raw_keys_round_trip() {
-        let conf = parse(K3S_CT, GuestKind::Lxc).unwrap();
+        let conf = parse(K3S_CT, PveKind::Lxc).unwrap();
         assert_eq!(
             conf.description,
             "K3s server: managed by driftless\n\nsee https://example.org/k3s 100%\n"
@@ -907,7 +918,7 @@ lxc.mount.entry: /dev/kmsg dev/kmsg none bind,rw,optional,create=file
             ]
         );
         assert_eq!(conf.write(), K3S_CT);
-        assert_eq!(parse(&conf.write(), GuestKind::Lxc).unwrap(), conf);
+        assert_eq!(parse(&conf.write(), PveKind::Lxc).unwrap(), conf);
         assert_eq!(digest(K3S_CT), conf.digest());
     }
 
@@ -920,7 +931,7 @@ lxc.cap.drop:
 lxc.mount.auto:proc:rw sys:rw   
 lxc.cgroup2.devices.allow  =  a
 ";
-        let conf = parse(text, GuestKind::Lxc).unwrap();
+        let conf = parse(text, PveKind::Lxc).unwrap();
         assert_eq!(
             conf.write(),
             "\
@@ -941,7 +952,7 @@ lxc.mount.entry: /a b none bind 0 0
 lxc.environment.runtime: A=1
 lxc.environment.runtime: B=2
 ";
-        let conf = parse(text, GuestKind::Lxc).unwrap();
+        let conf = parse(text, PveKind::Lxc).unwrap();
         assert_eq!(
             conf.write(),
             "\
@@ -967,26 +978,26 @@ cores: 4
 delete: swap,!mp0
 memory: 2048
 ";
-        let conf = parse(text, GuestKind::Lxc).unwrap();
+        let conf = parse(text, PveKind::Lxc).unwrap();
         assert_eq!(conf.pending.options["cores"], "4");
         assert_eq!(conf.pending_delete, ["swap", "!mp0"]);
         assert!(!conf.pending.options.contains_key("delete"));
         assert_eq!(conf.write(), text);
 
         // only a delete list still writes the section
-        let mut c = parse("hostname: ct\n", GuestKind::Lxc).unwrap();
+        let mut c = parse("hostname: ct\n", PveKind::Lxc).unwrap();
         c.pending_delete.push("swap".into());
         assert_eq!(c.write(), "hostname: ct\n\n[pve:pending]\ndelete: swap\n");
-        assert_eq!(parse(&c.write(), GuestKind::Lxc).unwrap(), c);
+        assert_eq!(parse(&c.write(), PveKind::Lxc).unwrap(), c);
 
         // header is case-insensitive on input
-        let c = parse("hostname: a\n[PVE:Pending]\nhostname: b\n", GuestKind::Lxc).unwrap();
+        let c = parse("hostname: a\n[PVE:Pending]\nhostname: b\n", PveKind::Lxc).unwrap();
         assert_eq!(c.pending.options["hostname"], "b");
     }
 
     #[test]
     fn delete_outside_pending_is_an_error() {
-        let err = parse("hostname: ct\ndelete: swap\n", GuestKind::Lxc).unwrap_err();
+        let err = parse("hostname: ct\ndelete: swap\n", PveKind::Lxc).unwrap_err();
         assert_eq!(
             err,
             ConfError::DeleteOutsidePending {
@@ -1002,7 +1013,7 @@ memory: 2048
 
     #[test]
     fn description_encoding() {
-        let mut conf = GuestConf::new(GuestKind::Lxc);
+        let mut conf = GuestConf::new(PveKind::Lxc);
         conf.description = "Managed by driftless: k3s\n100% Über\ttab\n".into();
         conf.options.insert("hostname".into(), "ct".into());
         let text = conf.write();
@@ -1010,15 +1021,15 @@ memory: 2048
             text,
             "#Managed by driftless%3A k3s\n#100%25 %C3%9Cber%09tab\nhostname: ct\n"
         );
-        assert_eq!(parse(&text, GuestKind::Lxc).unwrap(), conf);
+        assert_eq!(parse(&text, PveKind::Lxc).unwrap(), conf);
         // `description:` lines are accepted and decoded (without adding a newline)
-        let c = parse("description: a%3Ab\nhostname: x\n", GuestKind::Lxc).unwrap();
+        let c = parse("description: a%3Ab\nhostname: x\n", PveKind::Lxc).unwrap();
         assert_eq!(c.description, "a:b");
         assert_eq!(c.write(), "#a%3Ab\nhostname: x\n");
         assert_eq!(decode_text("50%"), "50%");
-        assert_eq!(normalize_description("a\n\n", GuestKind::Lxc), "a\n");
-        assert_eq!(normalize_description("a\n\n", GuestKind::Qemu), "a");
-        assert_eq!(normalize_description("", GuestKind::Lxc), "");
+        assert_eq!(normalize_description("a\n\n", PveKind::Lxc), "a\n");
+        assert_eq!(normalize_description("a\n\n", PveKind::Qemu), "a");
+        assert_eq!(normalize_description("", PveKind::Lxc), "");
     }
 
     #[test]
@@ -1034,7 +1045,7 @@ memory: 2048
 
     #[test]
     fn rejected_and_unknown_raw_keys() {
-        let err = parse("hostname: ct\nlxc.rootfs.path: /x\n", GuestKind::Lxc).unwrap_err();
+        let err = parse("hostname: ct\nlxc.rootfs.path: /x\n", PveKind::Lxc).unwrap_err();
         assert_eq!(
             err,
             ConfError::RejectedLxcKey {
@@ -1047,19 +1058,19 @@ memory: 2048
             err.to_string(),
             "line 2: lxc.rootfs.path: lxc.rootfs.path is auto generated from rootfs"
         );
-        let err = parse("lxc.bogus.key: 1\n", GuestKind::Lxc).unwrap_err();
+        let err = parse("lxc.bogus.key: 1\n", PveKind::Lxc).unwrap_err();
         assert_eq!(err.line(), Some(1));
         assert!(matches!(err, ConfError::Unparsable { .. }));
         // deprecated keys only warn and are kept
-        let (conf, problems) = parse_lenient("lxc.aa_profile: unconfined\n", GuestKind::Lxc);
+        let (conf, problems) = parse_lenient("lxc.aa_profile: unconfined\n", PveKind::Lxc);
         assert_eq!(conf.raw_lxc.len(), 1);
         assert!(problems[0].is_warning());
-        assert!(parse("lxc.aa_profile: unconfined\n", GuestKind::Lxc).is_ok());
+        assert!(parse("lxc.aa_profile: unconfined\n", PveKind::Lxc).is_ok());
     }
 
     #[test]
     fn invalid_lines_report_line_numbers() {
-        let err = parse("hostname: ct\n\ngarbage here\n", GuestKind::Lxc).unwrap_err();
+        let err = parse("hostname: ct\n\ngarbage here\n", PveKind::Lxc).unwrap_err();
         assert_eq!(
             err,
             ConfError::Unparsable {
@@ -1067,28 +1078,28 @@ memory: 2048
                 text: "garbage here".into()
             }
         );
-        let err = parse("cores: abc\n", GuestKind::Lxc).unwrap_err();
+        let err = parse("cores: abc\n", PveKind::Lxc).unwrap_err();
         assert_eq!(
             err.to_string(),
             "line 1: unable to parse value of 'cores' - type check ('integer') failed - got 'abc'"
         );
-        let err = parse("hostname: a\nfoo: bar\n", GuestKind::Lxc).unwrap_err();
+        let err = parse("hostname: a\nfoo: bar\n", PveKind::Lxc).unwrap_err();
         assert_eq!(
             err.to_string(),
             "line 2: unable to parse value of 'foo' - unknown setting 'foo'"
         );
-        let err = parse("net0: name=eth0,bogus=1\n", GuestKind::Lxc).unwrap_err();
+        let err = parse("net0: name=eth0,bogus=1\n", PveKind::Lxc).unwrap_err();
         assert_eq!(
             err.to_string(),
             "line 1: unable to parse value of 'net0' - invalid key in comma-separated list property: bogus"
         );
         // keys with '-' are not config keys in LXC files
         assert!(matches!(
-            parse("ha-managed: 1\n", GuestKind::Lxc).unwrap_err(),
+            parse("ha-managed: 1\n", PveKind::Lxc).unwrap_err(),
             ConfError::Unparsable { line: 1, .. }
         ));
         // lenient mode keeps going and (LXC) keeps the value
-        let (conf, problems) = parse_lenient("cores: abc\nhostname: x\n", GuestKind::Lxc);
+        let (conf, problems) = parse_lenient("cores: abc\nhostname: x\n", PveKind::Lxc);
         assert_eq!(problems.len(), 1);
         assert_eq!(conf.options["cores"], "abc");
         assert_eq!(conf.options["hostname"], "x");
@@ -1096,7 +1107,7 @@ memory: 2048
 
     #[test]
     fn values_are_normalised_like_proxmox() {
-        let conf = parse("onboot: yes\ncores:   007  \nunprivileged: FALSE\n", GuestKind::Lxc).unwrap();
+        let conf = parse("onboot: yes\ncores:   007  \nunprivileged: FALSE\n", PveKind::Lxc).unwrap();
         assert_eq!(conf.options["onboot"], "1");
         assert_eq!(conf.options["cores"], "7");
         assert_eq!(conf.options["unprivileged"], "0");
@@ -1107,7 +1118,7 @@ memory: 2048
     fn snapstate_is_dropped_from_current_only() {
         let conf = parse(
             "hostname: a\nsnapstate: prepare\n\n[snap1]\nhostname: a\nsnapstate: delete\n",
-            GuestKind::Lxc,
+            PveKind::Lxc,
         )
         .unwrap();
         assert!(!conf.options.contains_key("snapstate"));
@@ -1117,7 +1128,7 @@ memory: 2048
     #[test]
     fn snapshots_are_written_sorted() {
         let text = "hostname: a\n\n[zeta]\nhostname: z\n\n[alpha]\nhostname: y\n";
-        let conf = parse(text, GuestKind::Lxc).unwrap();
+        let conf = parse(text, PveKind::Lxc).unwrap();
         assert_eq!(
             conf.write(),
             "hostname: a\n\n[alpha]\nhostname: y\n\n[zeta]\nhostname: z\n"
@@ -1153,49 +1164,47 @@ name: talos-cp-1
 
     #[test]
     fn qemu_config_round_trips() {
-        let conf = parse(TALOS_VM, GuestKind::Qemu).unwrap();
+        let conf = parse(TALOS_VM, PveKind::Qemu).unwrap();
         assert_eq!(conf.description, "Talos control plane");
         assert_eq!(conf.pending.options["memory"], "8192");
         assert_eq!(conf.special["cloudinit"].options.len(), 2);
         assert_eq!(conf.write(), TALOS_VM);
-        assert_eq!(parse(&conf.write(), GuestKind::Qemu).unwrap(), conf);
+        assert_eq!(parse(&conf.write(), PveKind::Qemu).unwrap(), conf);
 
         // QEMU keys may contain '-'; raw lxc keys are not part of the grammar
-        let c = parse("allow-ksm: 0\nname: vm\n", GuestKind::Qemu).unwrap();
+        let c = parse("allow-ksm: 0\nname: vm\n", PveKind::Qemu).unwrap();
         assert_eq!(c.options["allow-ksm"], "0");
         assert!(matches!(
-            parse("lxc.apparmor.profile: unconfined\n", GuestKind::Qemu).unwrap_err(),
+            parse("lxc.apparmor.profile: unconfined\n", PveKind::Qemu).unwrap_err(),
             ConfError::Unparsable { line: 1, .. }
         ));
         assert_eq!(
-            parse("name: a\ndelete: net1\n", GuestKind::Qemu)
-                .unwrap_err()
-                .to_string(),
+            parse("name: a\ndelete: net1\n", PveKind::Qemu).unwrap_err().to_string(),
             "line 2: property 'delete' is only allowed in [PENDING]"
         );
         assert!(matches!(
-            parse("name: a\n[special:bogus]\nname: b\n", GuestKind::Qemu).unwrap_err(),
+            parse("name: a\n[special:bogus]\nname: b\n", PveKind::Qemu).unwrap_err(),
             ConfError::UnknownSection { line: 2, .. }
         ));
         assert!(matches!(
-            parse("name: a\n[PENDING]\n[PENDING]\nname: c\n", GuestKind::Qemu).unwrap_err(),
+            parse("name: a\n[PENDING]\n[PENDING]\nname: c\n", PveKind::Qemu).unwrap_err(),
             ConfError::DuplicateSection { line: 3, .. }
         ));
         // `args` is taken verbatim, cdrom becomes ide2
-        let c = parse("args: -no-reboot -smbios 'type=0'\ncdrom: none\n", GuestKind::Qemu).unwrap();
+        let c = parse("args: -no-reboot -smbios 'type=0'\ncdrom: none\n", PveKind::Qemu).unwrap();
         assert_eq!(c.options["args"], "-no-reboot -smbios 'type=0'");
         assert_eq!(c.options["ide2"], "none");
     }
 
     #[test]
     fn check_writable_catches_newlines() {
-        let mut c = GuestConf::new(GuestKind::Lxc);
+        let mut c = GuestConf::new(PveKind::Lxc);
         c.options.insert("hostname".into(), "a\nb".into());
         assert!(c.check_writable().is_err());
-        let mut q = GuestConf::new(GuestKind::Qemu);
+        let mut q = GuestConf::new(PveKind::Qemu);
         q.raw_lxc.push(("lxc.apparmor.profile".into(), "x".into()));
         assert!(q.check_writable().is_err());
-        assert!(parse(K3S_CT, GuestKind::Lxc).unwrap().check_writable().is_ok());
+        assert!(parse(K3S_CT, PveKind::Lxc).unwrap().check_writable().is_ok());
     }
 
     /// The hand-written line patterns against Proxmox's regexes (as this module compiled
@@ -1293,7 +1302,7 @@ name: talos-cp-1
                 snapstate.captures(&line).map(|c| group(&c, 1)),
                 "snapstate {line:?}"
             );
-            for (kind, regex) in [(GuestKind::Lxc, &option_lxc), (GuestKind::Qemu, &option_qemu)] {
+            for (kind, regex) in [(PveKind::Lxc, &option_lxc), (PveKind::Qemu, &option_qemu)] {
                 assert_eq!(
                     own(match_option(&line, kind)),
                     regex.captures(&line).map(|c| (group(&c, 1), group(&c, 2))),

@@ -8,8 +8,8 @@
 
 pub mod api_schema;
 pub mod conf;
-pub mod lxc_keys;
+pub(crate) mod lxc_keys;
 
 pub use api_schema::{ApiSchema, Endpoint, ParamErrors, RequestError};
-pub use conf::{ConfError, GuestConf, GuestKind, Section};
+pub use conf::{ConfError, GuestConf, PveKind, Section};
 pub use lxc_keys::{RawKeyVerdict, check_raw_key, is_valid_raw_key};

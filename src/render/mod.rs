@@ -2,7 +2,7 @@
 //! in the binary; a template of the same name in the repository's templates/ overrides one.
 //! Pure and deterministic: the same desired state renders to the same bytes.
 
-pub mod context;
+pub(crate) mod context;
 mod proxmox;
 
 use crate::model::diag::{Diagnostic, Diagnostics, Location};
@@ -23,6 +23,17 @@ pub const BUILTIN_TEMPLATES: &[(&str, &str)] = &[
         include_str!("../../templates/talos-machineconfig.yaml.j2"),
     ),
 ];
+
+/// The instructions one render of one template may run (minijinja's fuel). The built-in
+/// templates use a few hundred per node (the Talos machine config of examples/homelab-talos
+/// needs 300), plus a few per label, taint or raw line; a pull request's template that loops a
+/// billion times stops here, within a second, with an error naming it, instead of pinning the
+/// worker.
+pub const TEMPLATE_FUEL: u64 = 1_000_000;
+
+/// The largest artifact a template may render. Real ones are a few KiB; the check is made as
+/// the output is written, so a template that renders gigabytes stops at the limit.
+pub const MAX_ARTIFACT_BYTES: usize = 1024 * 1024;
 
 /// What a rendered file is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, clap::ValueEnum)]
@@ -72,6 +83,8 @@ struct Renderer<'a> {
     desired: &'a Desired,
     /// Computed once: every template of every node sees the same cluster.
     cluster: Value,
+    /// A template ran out of fuel or output: it would for the next node too, so rendering stops.
+    exhausted: std::sync::atomic::AtomicBool,
 }
 
 fn template_file(d: &Desired, name: &str) -> String {
@@ -92,6 +105,25 @@ fn template_error(d: &Desired, name: &str, node: &str, e: &minijinja::Error) -> 
         msg.push_str(": ");
         msg.push_str(detail);
     }
+    // An error inside an `include` or a macro arrives wrapped ("could not render include"):
+    // the innermost one says what went wrong (the recursion limit of a template including
+    // itself, say).
+    let mut cause = std::error::Error::source(e);
+    let mut innermost = None;
+    while let Some(c) = cause {
+        if let Some(inner) = c.downcast_ref::<minijinja::Error>() {
+            innermost = Some(inner);
+        }
+        cause = c.source();
+    }
+    if let Some(inner) = innermost {
+        msg.push_str(&format!(" (caused by: {}", inner.kind()));
+        if let Some(detail) = inner.detail() {
+            msg.push_str(": ");
+            msg.push_str(detail);
+        }
+        msg.push(')');
+    }
     Diagnostic::new(Location::new(file, line, 1), msg)
         .hint("check the template against the values `driftless explain NODE` shows")
 }
@@ -100,6 +132,7 @@ impl<'a> Renderer<'a> {
     fn new(desired: &'a Desired) -> Result<Self, Diagnostics> {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_fuel(Some(TEMPLATE_FUEL));
         // Artifacts are config files, not HTML: values are quoted by the templates (`tojson`)
         // where the format needs it, never escaped behind their back.
         env.set_auto_escape_callback(|_| minijinja::AutoEscape::None);
@@ -167,7 +200,12 @@ impl<'a> Renderer<'a> {
             return Err(diags);
         }
         let cluster = Value::from(minijinja::value::Serde(cluster_context(desired)));
-        Ok(Renderer { env, desired, cluster })
+        Ok(Renderer {
+            env,
+            desired,
+            cluster,
+            exhausted: Default::default(),
+        })
     }
 
     fn render(&self, name: &str, node: &Node, node_ctx: &Value) -> Result<String, Diagnostic> {
@@ -176,8 +214,25 @@ impl<'a> Renderer<'a> {
             .env
             .get_template(name)
             .map_err(|e| template_error(self.desired, name, &node.name, &e))?;
-        tmpl.render(ctx)
-            .map_err(|e| template_error(self.desired, name, &node.name, &e))
+        let mut out = CappedOutput::default();
+        let result = tmpl.render_captured_to(ctx, &mut out).map(|_| ());
+        if out.overflowed || matches!(&result, Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel) {
+            self.exhausted.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        match result {
+            Ok(()) => Ok(String::from_utf8(out.bytes).expect("minijinja writes text")),
+            // At the template's start: minijinja replaces the error of a failed write with one
+            // that has no line.
+            Err(_) if out.overflowed => Err(Diagnostic::new(
+                Location::file_start(template_file(self.desired, name)),
+                format!(
+                    "`{name}` renders more than {} MiB for node `{}`",
+                    MAX_ARTIFACT_BYTES / (1024 * 1024),
+                    node.name
+                ),
+            )),
+            Err(e) => Err(template_error(self.desired, name, &node.name, &e)),
+        }
     }
 
     /// Rendered YAML must parse: a template that emits broken YAML is a template error.
@@ -252,6 +307,28 @@ impl<'a> Renderer<'a> {
     }
 }
 
+/// A template's output, refused past [`MAX_ARTIFACT_BYTES`] (the render stops at that write).
+#[derive(Default)]
+struct CappedOutput {
+    bytes: Vec<u8>,
+    overflowed: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len() + buf.len() > MAX_ARTIFACT_BYTES {
+            self.overflowed = true;
+            return Err(std::io::Error::other("rendered output over the size limit"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Render every artifact of every node, in apply order. Any template error fails the whole
 /// render: a repository with an error renders nothing.
 pub fn render_all(desired: &Desired) -> Result<Vec<Artifact>, Diagnostics> {
@@ -271,8 +348,93 @@ pub fn render_all(desired: &Desired) -> Result<Vec<Artifact>, Diagnostics> {
                 if seen.insert(key) {
                     diags.push(d);
                 }
+                if r.exhausted.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
             }
         }
     }
     if diags.is_empty() { Ok(out) } else { Err(diags.finish()) }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+    use crate::model::{LoadOptions, load};
+    use crate::test_repo::files_of;
+
+    fn render_with(template: Option<&str>, extra_node_lines: &str) -> Result<Vec<Artifact>, Diagnostics> {
+        let mut files = files_of(3);
+        if let Some(t) = template {
+            files.insert("templates/k3s-config.yaml.j2", t);
+        }
+        let path = "nodes/k3s-2.yaml";
+        let mut node = String::from_utf8(files.files[path].clone()).unwrap();
+        node.push_str(extra_node_lines);
+        files.insert(path, node);
+        render_all(&load(&files, &LoadOptions::default()).expect("valid"))
+    }
+
+    #[test]
+    fn the_built_in_templates_stay_far_inside_the_fuel() {
+        // A node with 200 labels: the loops of the built-in templates run 200 rounds.
+        let labels: String = (0..200).map(|i| format!("  label-{i}: value-{i}\n")).collect();
+        let artifacts = render_with(None, &format!("labels:\n{labels}")).unwrap();
+        assert!(artifacts.iter().any(|a| a.content.contains("label-199=value-199")));
+    }
+
+    #[test]
+    fn a_template_that_loops_a_billion_times_runs_out_of_fuel_and_is_named() {
+        let looping = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}\n";
+        let diags = render_with(Some(looping), "").unwrap_err();
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        let d = &diags.0[0];
+        assert_eq!(d.location.file, "templates/k3s-config.yaml.j2");
+        assert_eq!(d.location.line, 1);
+        assert!(d.message.contains("ran out of fuel"), "{}", d.message);
+    }
+
+    #[test]
+    fn a_template_that_recurses_forever_is_stopped_and_named() {
+        for endless in [
+            "{% macro deeper(n) %}{{ deeper(n + 1) }}{% endmacro %}{{ deeper(0) }}\n",
+            "{% include \"k3s-config.yaml.j2\" %}\n",
+        ] {
+            let diags = render_with(Some(endless), "").unwrap_err();
+            assert_eq!(diags.len(), 1, "{diags:?}");
+            let d = &diags.0[0];
+            assert_eq!(d.location.file, "templates/k3s-config.yaml.j2", "{endless}");
+            assert!(d.message.contains("recursion limit exceeded"), "{}", d.message);
+        }
+    }
+
+    #[test]
+    fn an_artifact_stops_at_the_output_limit() {
+        // 10 GB if it ran to the end; minijinja refuses a single repeat past 100 MB by itself.
+        let huge = "# node {{ node.name }}\n{% for i in range(100) %}{{ \"x\" * 100000000 }}{% endfor %}\n";
+        let diags = render_with(Some(huge), "").unwrap_err();
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        assert!(
+            diags.0[0].message.contains("renders more than 1 MiB"),
+            "{}",
+            diags.0[0].message
+        );
+        assert_eq!(
+            (diags.0[0].location.file.as_str(), diags.0[0].location.line),
+            ("templates/k3s-config.yaml.j2", 1),
+            "the template, at its start"
+        );
+        // Many small writes are cut at the limit too.
+        let many = "{% for i in range(100000) %}{{ \"0123456789\" * 2 }}{% endfor %}\n";
+        let diags = render_with(Some(many), "").unwrap_err();
+        assert!(
+            diags.0[0].message.contains("renders more than 1 MiB"),
+            "{}",
+            diags.0[0].message
+        );
+        // Just under the limit is fine.
+        let fits = "{% for i in range(50000) %}{{ \"0123456789\" * 2 }}{% endfor %}\n";
+        let artifacts = render_with(Some(fits), "").unwrap();
+        assert!(artifacts.iter().any(|a| a.content.len() >= 1_000_000));
+    }
 }

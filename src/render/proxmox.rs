@@ -8,11 +8,7 @@ use std::collections::BTreeMap;
 /// Parse what a template produced and write it back the way Proxmox writes its files:
 /// description first, keys sorted, property strings in canonical order, raw keys last.
 pub fn canonical_conf(text: &str, kind: GuestKind) -> Result<GuestConf, String> {
-    let pve_kind = match kind {
-        GuestKind::Lxc => conf::GuestKind::Lxc,
-        GuestKind::Vm => conf::GuestKind::Qemu,
-    };
-    let mut parsed = conf::parse(text, pve_kind).map_err(|e| e.to_string())?;
+    let mut parsed = conf::parse(text, kind.pve()).map_err(|e| e.to_string())?;
     for (key, value) in parsed.current.options.iter_mut() {
         if let Some(required) = canonical_order(kind, key) {
             *value = conf::print_property_string_ordered(None, required, &conf::parse_property_string(value));

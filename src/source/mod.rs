@@ -1,7 +1,14 @@
 //! Sources: read an infrastructure repository from a directory (uncommitted edits included)
 //! or from a git commit's tree (gix, no checkout), local or remote.
+//!
+//! Both apply the size limits of `crate::model::limits` before reading a file: its size is
+//! known first (file metadata, the git object's header), and a file over the limits is listed in
+//! `RepoFiles::oversized` without being read, so a pull request's 2 GiB blob costs nothing;
+//! loading reports it.
 
 use crate::model::RepoFiles;
+use crate::model::limits::{Admit, MAX_FILE_BYTES, SizeBudget};
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 
@@ -57,6 +64,9 @@ pub fn read_dir(root: &Path) -> Result<RepoFiles, SourceError> {
         });
     }
     let mut files = RepoFiles::new(root.display().to_string());
+    // Relevant files and their sizes first: they are read in path order, as from git, so the
+    // size budget stops at the same file whichever way the repository is read.
+    let mut found: Vec<(String, PathBuf, u64)> = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let entries = std::fs::read_dir(&dir).map_err(|source| SourceError::Io {
@@ -82,13 +92,40 @@ pub fn read_dir(root: &Path) -> Result<RepoFiles, SourceError> {
                 if !matches!(entry.file_name().to_str(), Some(".git" | "target" | "node_modules")) {
                     stack.push(path);
                 }
+            } else if ty.is_symlink() && RepoFiles::is_relevant(&rel) {
+                // Never followed, never read: reported by the loader.
+                files.links.insert(rel);
             } else if RepoFiles::is_relevant(&rel) {
-                let bytes = std::fs::read(&path).map_err(|source| SourceError::Io {
-                    path: path.clone(),
-                    source,
-                })?;
-                files.insert(rel, bytes);
+                let size = std::fs::metadata(&path)
+                    .map(|m| m.len())
+                    .map_err(|source| SourceError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                found.push((rel, path, size));
             }
+        }
+    }
+    found.sort();
+    let mut budget = SizeBudget::default();
+    for (rel, path, size) in found {
+        if budget.admit(size) != Admit::Read {
+            files.oversized.insert(rel, size);
+            continue;
+        }
+        // Never more than the limit, whatever the metadata said: a file that grew since, or a
+        // link to a device (/dev/zero has no length), is cut there and reported.
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+            .map_err(|source| SourceError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            files.oversized.insert(rel, bytes.len() as u64);
+        } else {
+            files.insert(rel, bytes);
         }
     }
     Ok(files)
@@ -172,12 +209,126 @@ pub fn files_at_named(
     let mut recorder = gix::traverse::tree::Recorder::default();
     tree.traverse().breadthfirst(&mut recorder).map_err(|e| tree_err(&e))?;
     let mut files = RepoFiles::new(format!("{repo} @ {rev} ({})", commit.id().to_hex_with_len(12)));
-    for entry in recorder.records {
-        let path = entry.filepath.to_string();
-        if entry.mode.is_blob() && RepoFiles::is_relevant(&path) {
-            let object = repository.find_object(entry.oid).map_err(|e| tree_err(&e))?;
-            files.insert(path, object.data.clone());
+    files.links = recorder
+        .records
+        .iter()
+        .filter(|entry| entry.mode.is_link())
+        .map(|entry| entry.filepath.to_string())
+        .filter(|path| RepoFiles::is_relevant(path))
+        .collect();
+    let mut relevant: Vec<(String, gix::ObjectId)> = recorder
+        .records
+        .into_iter()
+        .filter(|entry| entry.mode.is_blob())
+        .map(|entry| (entry.filepath.to_string(), entry.oid))
+        .filter(|(path, _)| RepoFiles::is_relevant(path))
+        .collect();
+    relevant.sort();
+    let mut budget = SizeBudget::default();
+    for (path, oid) in relevant {
+        // The object's header tells its size without inflating it.
+        let size = repository.find_header(oid).map_err(|e| tree_err(&e))?.size();
+        if budget.admit(size) != Admit::Read {
+            files.oversized.insert(path, size);
+            continue;
         }
+        let object = repository.find_object(oid).map_err(|e| tree_err(&e))?;
+        files.insert(path, object.data.clone());
     }
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::limits::MAX_FILE_BYTES;
+    use std::process::Command;
+
+    #[test]
+    fn a_directory_lists_files_over_the_limit_without_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("cluster.yaml"), "name: x\n").unwrap();
+        std::fs::create_dir(dir.path().join("nodes")).unwrap();
+        // Sparse: 2 GiB long, no blocks on disk. Reading it would allocate 2 GiB.
+        let big = std::fs::File::create(dir.path().join("nodes/big.yaml")).unwrap();
+        big.set_len(2 << 30).unwrap();
+        let files = read_dir(dir.path()).unwrap();
+        assert_eq!(files.oversized.get("nodes/big.yaml"), Some(&(2 << 30)));
+        assert!(!files.files.contains_key("nodes/big.yaml"));
+        assert!(files.files.contains_key("cluster.yaml"));
+    }
+
+    #[test]
+    fn a_link_is_listed_and_never_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("nodes")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("nodes/zero.yaml")).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("nodes/k3s-9.yaml")).unwrap();
+        let files = read_dir(dir.path()).unwrap();
+        assert!(files.files.is_empty() && files.oversized.is_empty());
+        assert_eq!(
+            files.links.iter().collect::<Vec<_>>(),
+            ["nodes/k3s-9.yaml", "nodes/zero.yaml"]
+        );
+    }
+
+    #[test]
+    fn a_growing_file_is_cut_at_the_limit() {
+        // A FIFO has no length in its metadata: what it gives is cut at the limit, as a file
+        // that grew since it was listed would be.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("nodes")).unwrap();
+        let fifo = dir.path().join("nodes/fifo.yaml");
+        assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+        let writer = std::thread::spawn(move || {
+            let mut f = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+            let chunk = vec![b'a'; 64 * 1024];
+            while std::io::Write::write_all(&mut f, &chunk).is_ok() {}
+        });
+        let files = read_dir(dir.path()).unwrap();
+        assert_eq!(files.oversized.get("nodes/fifo.yaml"), Some(&(MAX_FILE_BYTES + 1)));
+        drop(files);
+        writer.join().unwrap();
+    }
+
+    #[test]
+    fn a_commit_lists_blobs_over_the_limit_without_inflating_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let git = |args: &[&str]| {
+            let out = Command::new("git")
+                .current_dir(dir.path())
+                .args(args)
+                .env("GIT_CONFIG_NOSYSTEM", "1")
+                .env("GIT_CONFIG_GLOBAL", "/dev/null")
+                .env("GIT_AUTHOR_NAME", "t")
+                .env("GIT_AUTHOR_EMAIL", "t@driftless.invalid")
+                .env("GIT_COMMITTER_NAME", "t")
+                .env("GIT_COMMITTER_EMAIL", "t@driftless.invalid")
+                .output()
+                .expect("the git CLI runs");
+            assert!(
+                out.status.success(),
+                "git {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        git(&["init", "-q"]);
+        std::fs::write(dir.path().join("cluster.yaml"), "name: x\n").unwrap();
+        std::fs::create_dir(dir.path().join("templates")).unwrap();
+        std::fs::write(
+            dir.path().join("templates/lxc.conf.j2"),
+            vec![b'x'; MAX_FILE_BYTES as usize + 1],
+        )
+        .unwrap();
+        git(&["add", "-A"]);
+        git(&["commit", "-q", "-m", "big"]);
+        let repo = gix::open(dir.path()).unwrap();
+        let files = files_at(&repo, "HEAD", None).unwrap();
+        assert_eq!(
+            files.oversized.get("templates/lxc.conf.j2"),
+            Some(&(MAX_FILE_BYTES + 1))
+        );
+        assert!(!files.files.contains_key("templates/lxc.conf.j2"));
+        assert!(files.files.contains_key("cluster.yaml"));
+    }
 }

@@ -14,9 +14,10 @@ use std::net::IpAddr;
 
 use serde_json::{Map, Value};
 
+use crate::access::Perms;
 use crate::store;
 use driftless::pve::api_schema::{ApiSchema, ParamErrors, Property};
-use driftless::pve::conf::{self, GuestConf, GuestKind, Section};
+use driftless::pve::conf::{self, GuestConf, PveKind, Section};
 
 /// An error the way Proxmox's REST handler reports it: HTTP status, message (Perl `die`
 /// text, usually ending in a newline) and, for HTTP 400, the per-parameter errors.
@@ -91,10 +92,10 @@ impl From<std::io::Error> for ApiError {
 }
 
 /// `CT` or `VM`, as Proxmox names the guest in messages.
-pub(crate) fn type_str(kind: GuestKind) -> &'static str {
+pub(crate) fn type_str(kind: PveKind) -> &'static str {
     match kind {
-        GuestKind::Lxc => "CT",
-        GuestKind::Qemu => "VM",
+        PveKind::Lxc => "CT",
+        PveKind::Qemu => "VM",
     }
 }
 
@@ -103,12 +104,12 @@ fn schema() -> &'static ApiSchema {
 }
 
 /// The property-string format of a config key (`net0`, `rootfs`, `scsi1`, ...).
-fn config_format(kind: GuestKind, key: &str) -> Option<&'static BTreeMap<String, Property>> {
+fn config_format(kind: PveKind, key: &str) -> Option<&'static BTreeMap<String, Property>> {
     schema().config_property(kind, key)?.format_properties()
 }
 
 /// Whether `key` is a config option of this kind of guest (`option_exists`).
-pub(crate) fn option_exists(kind: GuestKind, key: &str) -> bool {
+pub(crate) fn option_exists(kind: PveKind, key: &str) -> bool {
     schema().config_property(kind, key).is_some()
 }
 
@@ -128,7 +129,7 @@ pub(crate) fn sget(s: &Section, key: &str) -> Option<String> {
     }
 }
 
-pub(crate) fn sset(s: &mut Section, kind: GuestKind, key: &str, value: &str) {
+pub(crate) fn sset(s: &mut Section, kind: PveKind, key: &str, value: &str) {
     match key {
         "description" => s.description = conf::normalize_description(value, kind),
         "env" => {
@@ -376,7 +377,7 @@ fn volume_in_use(c: &GuestConf, volid: &str, skip_key: &str) -> bool {
 }
 
 /// Parse a property string with the config key's format, Proxmox's messages on failure.
-fn parse_prop(kind: GuestKind, key: &str, value: &str) -> Result<BTreeMap<String, String>, ApiError> {
+fn parse_prop(kind: PveKind, key: &str, value: &str) -> Result<BTreeMap<String, String>, ApiError> {
     let Some(format) = config_format(kind, key) else {
         return Err(ApiError::die(format!("unable to parse value of '{key}'")));
     };
@@ -385,7 +386,7 @@ fn parse_prop(kind: GuestKind, key: &str, value: &str) -> Result<BTreeMap<String
         .map_err(|e| ApiError::die(format!("unable to parse value of '{key}' - {}", e.trim_end())))
 }
 
-fn print_prop(kind: GuestKind, key: &str, values: &BTreeMap<String, String>) -> String {
+fn print_prop(kind: PveKind, key: &str, values: &BTreeMap<String, String>) -> String {
     match config_format(kind, key) {
         Some(format) => schema().print_property_string(format, values),
         None => values.get("").cloned().unwrap_or_default(),
@@ -410,7 +411,7 @@ pub(crate) fn volume_storage(volume: &str) -> Option<&str> {
 
 /// An LXC mount point as Proxmox stores it, allocating a new disk for `STORAGE:SIZE`.
 fn lxc_mountpoint(c: &GuestConf, vmid: u32, key: &str, value: &str) -> Result<String, ApiError> {
-    let mut m = parse_prop(GuestKind::Lxc, key, value)?;
+    let mut m = parse_prop(PveKind::Lxc, key, value)?;
     let volume = m.get("volume").cloned().unwrap_or_default();
     if let Some((storage, size)) = new_disk(&volume) {
         let Some(storage) = storage else {
@@ -431,23 +432,23 @@ fn lxc_mountpoint(c: &GuestConf, vmid: u32, key: &str, value: &str) -> Result<St
     if key == "rootfs" {
         m.remove("mp");
     }
-    Ok(print_prop(GuestKind::Lxc, key, &m))
+    Ok(print_prop(PveKind::Lxc, key, &m))
 }
 
 /// `parse_lxc_network` + `print_lxc_network`: `type=veth` and a MAC address added.
 pub(crate) fn lxc_net(seed: u64, vmid: u32, key: &str, value: &str) -> Result<String, ApiError> {
-    let mut m = parse_prop(GuestKind::Lxc, key, value)?;
+    let mut m = parse_prop(PveKind::Lxc, key, value)?;
     m.insert("type".into(), "veth".into());
     if !m.contains_key("hwaddr") {
         m.insert("hwaddr".into(), store::mac_from(seed, vmid, key, value));
     }
-    Ok(print_prop(GuestKind::Lxc, key, &m))
+    Ok(print_prop(PveKind::Lxc, key, &m))
 }
 
 /// qemu-server `parse_net` + `print_net`: `MODEL=MAC` first (MAC generated when missing),
 /// then the other options sorted.
 pub(crate) fn qemu_net(seed: u64, vmid: u32, key: &str, value: &str) -> Result<String, ApiError> {
-    let mut m = parse_prop(GuestKind::Qemu, key, value)?;
+    let mut m = parse_prop(PveKind::Qemu, key, value)?;
     let Some(model) = m.remove("model") else {
         return Err(ApiError::die(format!("unable to parse network options for '{key}'")));
     };
@@ -472,7 +473,7 @@ fn is_cdrom(value: &str) -> bool {
 
 /// A QEMU drive as qemu-server stores it (`print_drive`), allocating `STORAGE:SIZE`.
 fn qemu_drive(c: &GuestConf, vmid: u32, key: &str, value: &str) -> Result<String, ApiError> {
-    let mut m = parse_prop(GuestKind::Qemu, key, value)?;
+    let mut m = parse_prop(PveKind::Qemu, key, value)?;
     let file = m.get("file").cloned().unwrap_or_default();
     if let Some((storage, size)) = new_disk(&file) {
         let Some(storage) = storage else {
@@ -494,7 +495,7 @@ fn qemu_drive(c: &GuestConf, vmid: u32, key: &str, value: &str) -> Result<String
         m.insert("size".into(), size);
         m.remove("import-from");
     }
-    Ok(print_prop(GuestKind::Qemu, key, &m))
+    Ok(print_prop(PveKind::Qemu, key, &m))
 }
 
 // ---- permissions (API tokens are never root@pam) --------------------------------------------
@@ -517,7 +518,7 @@ pub(crate) fn lxc_check_perm(
                 return Ok(());
             }
             let value = new.get(opt).map(String::as_str).unwrap_or("");
-            let m = parse_prop(GuestKind::Lxc, opt, value)?;
+            let m = parse_prop(PveKind::Lxc, opt, value)?;
             let ty = mountpoint_type(m.get("volume").map(String::as_str).unwrap_or(""));
             if ty != "volume" {
                 return Err(ApiError::perm(&format!(
@@ -536,7 +537,7 @@ pub(crate) fn lxc_check_perm(
             }
             let parse = |v: Option<String>| -> Result<BTreeMap<String, String>, ApiError> {
                 match v {
-                    Some(v) if !v.is_empty() => parse_prop(GuestKind::Lxc, "features", &v),
+                    Some(v) if !v.is_empty() => parse_prop(PveKind::Lxc, "features", &v),
                     _ => Ok(BTreeMap::new()),
                 }
             };
@@ -585,6 +586,221 @@ pub(crate) fn qemu_check_perm(authid: &str, keys: &[String]) -> Result<(), ApiEr
     for opt in keys {
         if opt == "args" || opt == "lock" || opt == "hookscript" {
             return Err(ApiError::die(format!("only root can set '{opt}' config")));
+        }
+    }
+    Ok(())
+}
+
+/// The privilege half of pve-container's `check_ct_modify_config_perm` (the root-only half
+/// is [`lxc_check_perm`]): which privilege each option needs on `/vms/{vmid}`, and storage
+/// and bridge access for disks and NICs.
+pub(crate) fn lxc_check_privs(
+    perms: &Perms,
+    vmid: u32,
+    old: Option<&Section>,
+    new: &BTreeMap<String, String>,
+    delete: &[String],
+) -> Result<(), ApiError> {
+    let check = |opt: &str, is_delete: bool| -> Result<(), ApiError> {
+        if opt == "cores" || opt == "cpuunits" || opt == "cpulimit" {
+            perms.check_vm(vmid, &["VM.Config.CPU"])
+        } else if opt == "rootfs" || numbered(opt, "mp") {
+            perms.check_vm(vmid, &["VM.Config.Disk"])?;
+            if is_delete {
+                return Ok(());
+            }
+            let value = new.get(opt).map(String::as_str).unwrap_or("");
+            let volume = value.split(',').next().unwrap_or("");
+            let volume = volume.strip_prefix("volume=").unwrap_or(volume);
+            match new_disk(volume) {
+                Some((Some(sid), _)) => perms.check(&format!("/storage/{sid}"), &["Datastore.AllocateSpace"]),
+                _ => Ok(()),
+            }
+        } else if opt == "memory" || opt == "swap" {
+            perms.check_vm(vmid, &["VM.Config.Memory"])
+        } else if numbered(opt, "net") {
+            perms.check_vm(vmid, &["VM.Config.Network"])?;
+            let old_value = old.and_then(|s| sget(s, opt));
+            for value in [
+                old_value.as_deref(),
+                if is_delete {
+                    None
+                } else {
+                    new.get(opt).map(String::as_str)
+                },
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let (bridge, tag) = nic_bridge(value);
+                if let Some(bridge) = bridge {
+                    perms.check_bridge(&bridge, tag.as_deref())?;
+                }
+            }
+            Ok(())
+        } else if opt == "nameserver" || opt == "searchdomain" || opt == "hostname" {
+            perms.check_vm(vmid, &["VM.Config.Network"])
+        } else if opt == "features" {
+            // Root-only changes were refused before; what is left changes `nesting` alone.
+            let old_value = old.and_then(|s| sget(s, "features")).unwrap_or_default();
+            let new_value = if is_delete {
+                String::new()
+            } else {
+                new.get(opt).cloned().unwrap_or_default()
+            };
+            let nesting = |v: &str| {
+                v.split(',')
+                    .find_map(|p| p.strip_prefix("nesting="))
+                    .unwrap_or("")
+                    .to_string()
+            };
+            if nesting(&old_value) != nesting(&new_value) {
+                perms.check_vm(vmid, &["VM.Allocate"])
+            } else {
+                Ok(())
+            }
+        } else {
+            // `tags` (assert_tag_permissions, every tag allowed: the datacenter default) and
+            // every other option.
+            perms.check_vm(vmid, &["VM.Config.Options"])
+        }
+    };
+    for opt in new.keys() {
+        check(opt, false)?;
+    }
+    for opt in delete {
+        check(opt, true)?;
+    }
+    Ok(())
+}
+
+/// The bridge and VLAN tag of a NIC's property string (LXC `bridge=vmbr0,tag=20`, QEMU
+/// `virtio=MAC,bridge=vmbr0`).
+fn nic_bridge(value: &str) -> (Option<String>, Option<String>) {
+    let mut bridge = None;
+    let mut tag = None;
+    for part in value.split(',') {
+        if let Some(b) = part.strip_prefix("bridge=") {
+            bridge = Some(b.to_string());
+        } else if let Some(t) = part.strip_prefix("tag=") {
+            tag = Some(t.to_string());
+        }
+    }
+    (bridge, tag)
+}
+
+/// qemu-server's privilege classes of config options (`$cpuoptions`, `$memoryoptions`, ...).
+fn qemu_option_privilege(opt: &str) -> Option<&'static str> {
+    const CPU: &[&str] = &[
+        "cores",
+        "cpu",
+        "runningcpu",
+        "cpulimit",
+        "cpuunits",
+        "numa",
+        "smp",
+        "sockets",
+        "vcpus",
+    ];
+    const MEMORY: &[&str] = &["memory", "balloon", "shares", "allow-ksm"];
+    const HWTYPE: &[&str] = &[
+        "acpi",
+        "hotplug",
+        "kvm",
+        "machine",
+        "runningmachine",
+        "scsihw",
+        "smbios1",
+        "tablet",
+        "vga",
+        "watchdog",
+        "audio0",
+        "rng0",
+    ];
+    const GENERAL: &[&str] = &[
+        "agent",
+        "autostart",
+        "bios",
+        "description",
+        "keyboard",
+        "localtime",
+        "migrate_downtime",
+        "migrate_speed",
+        "name",
+        "onboot",
+        "ostype",
+        "protection",
+        "reboot",
+        "startdate",
+        "startup",
+        "tdf",
+        "template",
+        "tags",
+    ];
+    const DISK: &[&str] = &["boot", "bootdisk", "vmstatestorage"];
+    if CPU.contains(&opt) || numbered(opt, "numa") {
+        Some("VM.Config.CPU")
+    } else if MEMORY.contains(&opt) {
+        Some("VM.Config.Memory")
+    } else if HWTYPE.contains(&opt) {
+        Some("VM.Config.HWType")
+    } else if GENERAL.contains(&opt) {
+        Some("VM.Config.Options")
+    } else if DISK.contains(&opt) {
+        Some("VM.Config.Disk")
+    } else if numbered(opt, "net") {
+        Some("VM.Config.Network")
+    } else {
+        None
+    }
+}
+
+/// qemu-server's privilege checks of a create (`update: false`) or a config change: the
+/// option classes (`check_vm_modify_config_perm`, creation skips drives), drives (a CD-ROM
+/// needs `VM.Config.CDROM`, a disk `VM.Config.Disk`; new disks `Datastore.AllocateSpace`,
+/// ISOs read access to their storage) and bridges (`SDN.Use`). Options outside every class
+/// are root-only in Proxmox; the sandbox leaves that to [`qemu_check_perm`]'s list.
+pub(crate) fn qemu_check_privs(
+    perms: &Perms,
+    vmid: u32,
+    set: &BTreeMap<String, String>,
+    delete: &[String],
+    update: bool,
+) -> Result<(), ApiError> {
+    for opt in delete {
+        let o = if opt == "cdrom" { "ide2" } else { opt.as_str() };
+        if is_qemu_drive(o) {
+            perms.check_vm(vmid, &["VM.Config.Disk"])?;
+        } else if let Some(p) = qemu_option_privilege(o) {
+            perms.check_vm(vmid, &[p])?;
+        }
+    }
+    for (opt, value) in set {
+        let o = if opt == "cdrom" { "ide2" } else { opt.as_str() };
+        if is_qemu_drive(o) {
+            let cdrom = opt == "cdrom" || is_cdrom(value);
+            if update {
+                perms.check_vm(vmid, &[if cdrom { "VM.Config.CDROM" } else { "VM.Config.Disk" }])?;
+            }
+            let volume = value.split(',').next().unwrap_or("");
+            let volume = volume.strip_prefix("file=").unwrap_or(volume);
+            if volume == "none" || volume == "cdrom" || volume.is_empty() {
+                continue;
+            }
+            match new_disk(volume) {
+                Some((Some(sid), _)) if !cdrom => {
+                    perms.check(&format!("/storage/{sid}"), &["Datastore.AllocateSpace"])?
+                }
+                _ => perms.check_template_access(volume)?,
+            }
+        } else if let Some(p) = qemu_option_privilege(o) {
+            perms.check_vm(vmid, &[p])?;
+        }
+        if numbered(opt, "net") {
+            let (bridge, tag) = nic_bridge(value);
+            if let Some(bridge) = bridge {
+                perms.check_bridge(&bridge, tag.as_deref())?;
+            }
         }
     }
     Ok(())
@@ -640,7 +856,7 @@ pub(crate) fn lxc_update(
     }
     for (opt, value) in &changes.set {
         let value = if opt == "rootfs" || numbered(opt, "mp") {
-            let m = parse_prop(GuestKind::Lxc, opt, value)?;
+            let m = parse_prop(PveKind::Lxc, opt, value)?;
             if let Some(storage) = m.get("volume").and_then(|v| volume_storage(v))
                 && mountpoint_type(m.get("volume").map(String::as_str).unwrap_or("")) == "volume"
                 && !storage_holds_disks(storage)
@@ -659,12 +875,12 @@ pub(crate) fn lxc_update(
         } else if opt == "tags" {
             unique_tags(value)
         } else if numbered(opt, "net") {
-            parse_prop(GuestKind::Lxc, opt, value)?;
+            parse_prop(PveKind::Lxc, opt, value)?;
             value.clone()
         } else {
             value.clone()
         };
-        sset(&mut c.pending, GuestKind::Lxc, opt, &value);
+        sset(&mut c.pending, PveKind::Lxc, opt, &value);
         pd_remove(c, opt);
     }
     cleanup_pending(c);
@@ -833,7 +1049,7 @@ pub(crate) fn qemu_update(
         } else {
             value.clone()
         };
-        sset(&mut c.pending, GuestKind::Qemu, opt, &value);
+        sset(&mut c.pending, PveKind::Qemu, opt, &value);
         pd_remove(c, opt);
     }
     cleanup_pending(c);
@@ -905,7 +1121,7 @@ pub(crate) fn apply_all_pending(c: &mut GuestConf, vmid: u32, seed: u64) -> Resu
         return Ok(());
     }
     match c.kind {
-        GuestKind::Lxc => {
+        PveKind::Lxc => {
             let mut errors = BTreeMap::new();
             lxc_apply_pending(c, vmid, seed, &mut errors);
             match errors.into_iter().next() {
@@ -913,7 +1129,7 @@ pub(crate) fn apply_all_pending(c: &mut GuestConf, vmid: u32, seed: u64) -> Resu
                 None => Ok(()),
             }
         }
-        GuestKind::Qemu => {
+        PveKind::Qemu => {
             qemu_apply_pending(c);
             Ok(())
         }
@@ -1018,7 +1234,7 @@ pub(crate) fn lxc_create_prepare(
         }
     };
     for (opt, value) in &mp_param {
-        let m = parse_prop(GuestKind::Lxc, opt, value)?;
+        let m = parse_prop(PveKind::Lxc, opt, value)?;
         let volume = m.get("volume").cloned().unwrap_or_default();
         if mountpoint_type(&volume) != "volume" {
             if authid != "root@pam" {
@@ -1032,7 +1248,7 @@ pub(crate) fn lxc_create_prepare(
         check_storage(storage)?;
         mp_param.insert("rootfs".into(), format!("{storage}:4"));
     }
-    let mut c = GuestConf::new(GuestKind::Lxc);
+    let mut c = GuestConf::new(PveKind::Lxc);
     let changes = Changes {
         set: no_disk,
         ..Changes::default()
@@ -1085,7 +1301,7 @@ pub(crate) fn qemu_create_conf(
     seed: u64,
     now: u64,
 ) -> Result<GuestConf, ApiError> {
-    let mut c = GuestConf::new(GuestKind::Qemu);
+    let mut c = GuestConf::new(PveKind::Qemu);
     for (opt, value) in params {
         let opt = if opt == "cdrom" { "ide2" } else { opt.as_str() };
         let value = if is_qemu_drive(opt) {
@@ -1097,7 +1313,7 @@ pub(crate) fn qemu_create_conf(
         } else {
             value.clone()
         };
-        sset(&mut c.current, GuestKind::Qemu, opt, &value);
+        sset(&mut c.current, PveKind::Qemu, opt, &value);
     }
     if !c.options.contains_key("boot") {
         let order = default_boot_order(&c.current);
@@ -1146,8 +1362,8 @@ fn default_boot_order(s: &Section) -> Vec<String> {
 
 /// A config value typed as Perl's JSON encoder sends it: integers and booleans (normalised
 /// by `check_type` on parse) are numbers, everything else strings.
-pub(crate) fn typed(kind: GuestKind, key: &str, value: &str) -> Value {
-    let lookup = if kind == GuestKind::Qemu && key == "cdrom" {
+pub(crate) fn typed(kind: PveKind, key: &str, value: &str) -> Value {
+    let lookup = if kind == PveKind::Qemu && key == "cdrom" {
         "ide2"
     } else {
         key
@@ -1188,7 +1404,7 @@ pub(crate) fn api_config(c: &GuestConf, digest: &str, current_only: bool) -> Val
             out.insert(key.clone(), typed(c.kind, &key, &v));
         }
     }
-    if c.kind == GuestKind::Lxc && !s.raw_lxc.is_empty() {
+    if c.kind == PveKind::Lxc && !s.raw_lxc.is_empty() {
         let pairs: Vec<Value> = s
             .raw_lxc
             .iter()
@@ -1275,7 +1491,7 @@ mod tests {
         );
         let kept = qemu_net(1, 200, "net0", "virtio=BC:24:11:00:00:01,bridge=vmbr0").unwrap();
         assert_eq!(kept, "virtio=BC:24:11:00:00:01,bridge=vmbr0");
-        let c = GuestConf::new(GuestKind::Qemu);
+        let c = GuestConf::new(PveKind::Qemu);
         let d = qemu_drive(&c, 200, "scsi0", "local-lvm:32,iothread=1,discard=on").unwrap();
         assert_eq!(d, "local-lvm:vm-200-disk-0,discard=on,iothread=1,size=32G");
         assert_eq!(
@@ -1308,7 +1524,7 @@ mod tests {
 
     #[test]
     fn running_container_keeps_non_hotplug_changes_pending() {
-        let mut c = conf::parse("cores: 1\nhostname: a\nmemory: 512\nostype: debian\n", GuestKind::Lxc).unwrap();
+        let mut c = conf::parse("cores: 1\nhostname: a\nmemory: 512\nostype: debian\n", PveKind::Lxc).unwrap();
         let changes = Changes {
             set: BTreeMap::from([
                 ("cores".to_string(), "2".to_string()),

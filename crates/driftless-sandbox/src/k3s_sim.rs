@@ -83,8 +83,8 @@ fn save_k3s(state_dir: &Path, vmid: u32, s: &K3sState) -> std::io::Result<()> {
 
 fn running_container(store: &Store, vmid: u32) -> Result<(), SandboxError> {
     match store.find(vmid) {
-        Some((_, driftless::pve::conf::GuestKind::Lxc)) if store.is_running(vmid) => Ok(()),
-        Some((_, driftless::pve::conf::GuestKind::Lxc)) => Err(SandboxError::Pct(format!("CT {vmid} not running"))),
+        Some((_, driftless::pve::conf::PveKind::Lxc)) if store.is_running(vmid) => Ok(()),
+        Some((_, driftless::pve::conf::PveKind::Lxc)) => Err(SandboxError::Pct(format!("CT {vmid} not running"))),
         _ => Err(SandboxError::Pct(format!(
             "Configuration file 'nodes/{}/lxc/{vmid}.conf' does not exist",
             store.nodes.first().map(String::as_str).unwrap_or("pve")

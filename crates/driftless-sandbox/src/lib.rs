@@ -14,6 +14,7 @@
 //! Behaviour follows pve-container, qemu-server, pve-http-server and pve-access-control (see
 //! `proxmox.rs` and `guest.rs` for what is mimicked and where the sandbox is simpler).
 
+pub mod access;
 pub mod cluster_state;
 mod guest;
 pub mod k3s_sim;
@@ -33,6 +34,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub use access::{Acl, AclEntry};
 pub use k3s_sim::{ExecOutput, exec as pct_exec};
 pub use pct::pct;
 
@@ -45,8 +47,17 @@ pub struct SandboxOptions {
     pub nodes: Vec<String>,
     /// Serve HTTPS with a self-signed certificate (default); `false` serves plain HTTP.
     pub tls: bool,
-    /// The one API token accepted: `USER@REALM!TOKENID=SECRET`.
+    /// The API token accepted: `USER@REALM!TOKENID=SECRET`.
     pub token: String,
+    /// More tokens accepted (a read-only one for plans, say), in the same form.
+    pub extra_tokens: Vec<String>,
+    /// Users, tokens and their privileges (see [`access`]); `None`: every token may do
+    /// everything, as root's token without privilege separation does.
+    pub acl: Option<Acl>,
+    /// The Linux bridges of every node (`GET /nodes/{node}/network`); default `vmbr0`.
+    pub bridges: Vec<String>,
+    /// The size of every node's `local-lvm` (guest disks), in bytes; default 256 GiB.
+    pub local_lvm_size: u64,
     /// Added before every answer; tasks also take this long (plus a few ms).
     pub latency: Duration,
     /// Fraction of requests answered with HTTP 500, chosen deterministically from `seed`.
@@ -80,6 +91,10 @@ impl Default for SandboxOptions {
             nodes: vec!["pve".to_string()],
             tls: true,
             token: default_token(seed),
+            extra_tokens: Vec::new(),
+            acl: None,
+            bridges: vec!["vmbr0".to_string()],
+            local_lvm_size: store::DEFAULT_LVM_SIZE,
             latency: Duration::ZERO,
             error_rate: 0.0,
             seed,
@@ -96,6 +111,13 @@ impl fmt::Debug for SandboxOptions {
             .field("nodes", &self.nodes)
             .field("tls", &self.tls)
             .field("token", &redact_token(&self.token))
+            .field(
+                "extra_tokens",
+                &self.extra_tokens.iter().map(|t| redact_token(t)).collect::<Vec<_>>(),
+            )
+            .field("acl", &self.acl)
+            .field("bridges", &self.bridges)
+            .field("local_lvm_size", &self.local_lvm_size)
             .field("latency", &self.latency)
             .field("error_rate", &self.error_rate)
             .field("seed", &self.seed)
@@ -161,6 +183,7 @@ pub struct Knobs {
     task_durations: Mutex<TaskDurations>,
     tasks_running: AtomicU64,
     most_tasks_running: AtomicU64,
+    offline: Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// How long simulated tasks run (on top of the latency knob): a real host unpacks a template
@@ -206,6 +229,7 @@ impl Knobs {
             task_durations: Mutex::new(TaskDurations::default()),
             tasks_running: AtomicU64::new(0),
             most_tasks_running: AtomicU64::new(0),
+            offline: Mutex::new(Default::default()),
         };
         k.set_latency(opts.latency);
         k.set_error_rate(opts.error_rate);
@@ -270,6 +294,21 @@ impl Knobs {
 
     fn take_edit_between(&self) -> bool {
         self.edit_between.swap(false, Ordering::SeqCst)
+    }
+
+    /// A node of the cluster goes offline (or comes back): `GET /nodes` says so, and what
+    /// is asked of it fails as a request proxied to an unreachable node does (HTTP 595).
+    pub fn set_node_offline(&self, node: &str, offline: bool) {
+        let mut set = self.offline.lock().unwrap_or_else(|e| e.into_inner());
+        if offline {
+            set.insert(node.to_string());
+        } else {
+            set.remove(node);
+        }
+    }
+
+    pub fn node_offline(&self, node: &str) -> bool {
+        self.offline.lock().unwrap_or_else(|e| e.into_inner()).contains(node)
     }
 
     /// Requests received, by `METHOD /path/template` (e.g. `PUT /nodes/{node}/lxc/{vmid}/config`).
@@ -392,8 +431,23 @@ pub async fn start(opts: SandboxOptions) -> Result<SandboxHandle, SandboxError> 
             return Err(SandboxError::Options(format!("invalid node name '{node}'")));
         }
     }
-    let auth = proxmox::TokenAuth::parse(&opts.token).map_err(SandboxError::Options)?;
-    let store = store::Store::new(opts.state_dir.clone(), opts.nodes.clone());
+    let mut tokens = vec![opts.token.as_str()];
+    tokens.extend(opts.extra_tokens.iter().map(String::as_str));
+    let auth = proxmox::TokenAuth::parse_all(&tokens).map_err(SandboxError::Options)?;
+    if let Some(acl) = &opts.acl {
+        acl.check().map_err(|e| SandboxError::Options(format!("acl: {e}")))?;
+    }
+    for bridge in &opts.bridges {
+        if !bridge
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+            || bridge.is_empty()
+        {
+            return Err(SandboxError::Options(format!("invalid bridge name '{bridge}'")));
+        }
+    }
+    let mut store = store::Store::new(opts.state_dir.clone(), opts.nodes.clone());
+    store.lvm_size = opts.local_lvm_size;
     store.init()?;
     store.write_seed(opts.seed)?;
     cluster_state::set_require_cni(&opts.state_dir, opts.require_cni)
@@ -435,6 +489,8 @@ pub async fn start(opts: SandboxOptions) -> Result<SandboxHandle, SandboxError> 
         store,
         knobs: knobs.clone(),
         auth,
+        acl: opts.acl.clone(),
+        bridges: opts.bridges.clone(),
         seed: opts.seed,
         fingerprint: fingerprint.clone(),
     })?;

@@ -33,6 +33,25 @@ struct Cli {
     command: Command,
 }
 
+/// Faults to try driftless against, as the tests inject them.
+#[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Faults")]
+struct Faults {
+    /// Added to every API request, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 0)]
+    latency_ms: u64,
+    /// The fraction of API requests answered with HTTP 500 (0.0 to 1.0).
+    #[arg(long, value_name = "FRACTION", default_value_t = 0.0)]
+    error_rate: f64,
+    /// Change a guest's config once, between driftless reading and writing it, as a person
+    /// in the web UI would: driftless must re-plan, never overwrite.
+    #[arg(long)]
+    concurrent_edit: bool,
+    /// Tasks take as long as on a real host (create 3 s, start 0.8 s, others 0.3 s).
+    #[arg(long)]
+    realistic_tasks: bool,
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Show the whole loop on this machine: start a sandbox Proxmox, let `driftless daemon`
@@ -58,6 +77,8 @@ enum Command {
         /// Serve plain HTTP instead of HTTPS.
         #[arg(long)]
         plain_http: bool,
+        #[command(flatten)]
+        faults: Faults,
     },
     /// `pct` for the sandbox: what a root shell on the sandbox's host runs (`pct set VMID
     /// --features ...`, `pct exec`, `pct push`), on the sandbox's files.
@@ -111,7 +132,8 @@ fn run(command: Command) -> Result<()> {
             state,
             listen,
             plain_http,
-        } => serve(&state, listen, !plain_http),
+            faults,
+        } => serve(&state, listen, !plain_http, &faults),
         Command::Demo { example, state } => demo(&example, state.as_deref()),
         Command::DaemonRun => driftless::daemon::worker::main(),
     }
@@ -196,12 +218,22 @@ fn write_talos_bundle(secrets: &Path) -> Result<()> {
     Ok(())
 }
 
-fn serve(state: &Path, listen: std::net::SocketAddr, tls: bool) -> Result<()> {
+fn serve(state: &Path, listen: std::net::SocketAddr, tls: bool, faults: &Faults) -> Result<()> {
+    if !(0.0..=1.0).contains(&faults.error_rate) {
+        anyhow::bail!("--error-rate {} is not a fraction between 0 and 1", faults.error_rate);
+    }
     let rt = runtime()?;
     rt.block_on(async {
-        let handle = sandbox::start(sandbox_options(state, listen, tls))
-            .await
-            .context("cannot start the sandbox")?;
+        let options = SandboxOptions {
+            latency: std::time::Duration::from_millis(faults.latency_ms),
+            error_rate: faults.error_rate,
+            ..sandbox_options(state, listen, tls)
+        };
+        let handle = sandbox::start(options).await.context("cannot start the sandbox")?;
+        handle.knobs().set_edit_between_read_and_write(faults.concurrent_edit);
+        if faults.realistic_tasks {
+            handle.knobs().set_task_durations(sandbox::TaskDurations::realistic());
+        }
         let env = write_connection(&handle)?;
         println!("Sandbox Proxmox VE API at {}", handle.url);
         if !handle.fingerprint.is_empty() {
@@ -371,7 +403,7 @@ fn demo(example: &str, state: Option<&Path>) -> Result<()> {
             && let Ok(desired) = driftless::model::load(&files, &driftless::model::LoadOptions::default())
             && let Ok(artifacts) = driftless::render::render_all(&desired)
             && let Ok(connection) = Connection::open(&run, &desired.cluster, &desired.nodes)
-            && let Ok(health) = Reconcile::connected(&desired, &artifacts, &connection).health().await
+            && let Ok(health) = Reconcile::connected(&desired, &desired, &artifacts, &connection).health().await
         {
             println!("\nThe cluster, as `driftless health` shows it (kubeconfig in {}):", work.path().join("secrets").display());
             for line in health.text().lines() {

@@ -1,7 +1,7 @@
 //! `pct` on the sandbox's state: what an SSH session as root on the node runs.
 //!
 //! Supported: `pct set VMID --KEY VALUE ... [--delete a,b] [--revert a] [--digest D]`,
-//! `pct config VMID [--current]`, `pct status VMID`, and `pct push` / `pct exec` on the
+//! `pct config VMID [--current]`, `pct status VMID`, `pct list`, and `pct push` / `pct exec` on the
 //! simulated containers (`k3s_sim`). Values are validated with the API
 //! schema of `PUT /nodes/{node}/lxc/{vmid}/config`; the caller is `root@pam`, so features,
 //! device passthrough and bind mounts are allowed (unlike through an API token). A running
@@ -14,7 +14,7 @@ use crate::SandboxError;
 use crate::guest::{self, ApiError, Changes};
 use crate::store::Store;
 use driftless::pve::api_schema::ApiSchema;
-use driftless::pve::conf::{GuestKind, encode_text};
+use driftless::pve::conf::{PveKind, encode_text};
 
 const SET_USAGE: &str = "pct set <vmid> [OPTIONS]";
 
@@ -31,12 +31,13 @@ pub fn pct(state_dir: &Path, args: &[String]) -> Result<String, SandboxError> {
         "set" => set(&store, &args[1..]),
         "config" => config(&store, &args[1..]),
         "status" => status(&store, &args[1..]),
+        "list" => Ok(list(&store)),
         "push" => crate::k3s_sim::push(state_dir, &args[1..]),
         "exec" => Err(SandboxError::Pct(
             "ERROR: `pct exec` has an exit status of its own: use sandbox::pct_exec".into(),
         )),
         other => Err(SandboxError::Pct(format!(
-            "ERROR: unknown command 'pct {other}' (the sandbox knows set, config, status, push, exec)"
+            "ERROR: unknown command 'pct {other}' (the sandbox knows set, config, status, list, push, exec)"
         ))),
     }
 }
@@ -103,12 +104,12 @@ fn parse_args(args: &[String], usage: &str) -> Result<(u32, BTreeMap<String, Str
 
 fn locate(store: &Store, vmid: u32) -> Result<String, ApiError> {
     match store.find(vmid) {
-        Some((node, GuestKind::Lxc)) => Ok(node),
+        Some((node, PveKind::Lxc)) => Ok(node),
         _ => {
             let node = store.nodes.first().cloned().unwrap_or_else(|| "pve".into());
             Err(ApiError::die(format!(
                 "Configuration file '{}' does not exist",
-                Store::cfs_path(&node, GuestKind::Lxc, vmid)
+                Store::cfs_path(&node, PveKind::Lxc, vmid)
             )))
         }
     }
@@ -133,7 +134,7 @@ fn set(store: &Store, args: &[String]) -> Result<String, SandboxError> {
     let delete = guest::split_list(&opts.remove("delete").unwrap_or_default());
     let revert = guest::split_list(&opts.remove("revert").unwrap_or_default());
     for opt in delete.iter().chain(revert.iter()) {
-        if !guest::option_exists(GuestKind::Lxc, opt) {
+        if !guest::option_exists(PveKind::Lxc, opt) {
             let which = if delete.contains(opt) { "delete" } else { "revert" };
             return Err(fail(
                 ApiError::param(which, format!("unknown option '{opt}'")),
@@ -142,10 +143,10 @@ fn set(store: &Store, args: &[String]) -> Result<String, SandboxError> {
         }
     }
     let loaded = store
-        .load(&node, GuestKind::Lxc, vmid)
+        .load(&node, PveKind::Lxc, vmid)
         .map_err(|e| fail(e.into(), SET_USAGE))?
         .ok_or_else(|| {
-            let path = Store::cfs_path(&node, GuestKind::Lxc, vmid);
+            let path = Store::cfs_path(&node, PveKind::Lxc, vmid);
             fail(
                 ApiError::die(format!("Configuration file '{path}' does not exist")),
                 SET_USAGE,
@@ -169,7 +170,7 @@ fn set(store: &Store, args: &[String]) -> Result<String, SandboxError> {
     };
     guest::lxc_update(&mut conf, vmid, running, &changes, store.read_seed()).map_err(|e| fail(e, SET_USAGE))?;
     store
-        .write(&node, GuestKind::Lxc, vmid, &conf)
+        .write(&node, PveKind::Lxc, vmid, &conf)
         .map_err(|e| fail(e.into(), SET_USAGE))?;
     Ok(String::new())
 }
@@ -184,7 +185,7 @@ fn config(store: &Store, args: &[String]) -> Result<String, SandboxError> {
     }
     let node = locate(store, vmid).map_err(|e| fail(e, usage))?;
     let loaded = store
-        .load(&node, GuestKind::Lxc, vmid)
+        .load(&node, PveKind::Lxc, vmid)
         .map_err(|e| fail(e.into(), usage))?
         .ok_or_else(|| fail(ApiError::die("configuration file vanished"), usage))?;
     let current = opts.get("current").map(String::as_str) == Some("1");
@@ -199,6 +200,18 @@ fn config(store: &Store, args: &[String]) -> Result<String, SandboxError> {
         out.push_str(&format!("{k}: {v}\n"));
     }
     Ok(out)
+}
+
+/// `pct list`: the containers of the node, as pct prints them.
+fn list(store: &Store) -> String {
+    let mut out = format!("{:<10} {:<10} {:<12} {:<20}\n", "VMID", "Status", "Lock", "Name");
+    for g in store.list().into_iter().filter(|g| g.kind == PveKind::Lxc) {
+        let status = if store.is_running(g.vmid) { "running" } else { "stopped" };
+        let lock = g.conf.options.get("lock").cloned().unwrap_or_default();
+        let name = g.conf.options.get("hostname").cloned().unwrap_or_default();
+        out.push_str(&format!("{:<10} {:<10} {:<12} {:<20}\n", g.vmid, status, lock, name));
+    }
+    out
 }
 
 fn status(store: &Store, args: &[String]) -> Result<String, SandboxError> {

@@ -21,11 +21,25 @@
 //!   "CT 100 already running", the digest mismatch) and which happen inside a task (the UPID's
 //!   exit status). Tasks take a few milliseconds plus the latency knob.
 //!
-//! Simpler than Proxmox: one API token with every privilege (a root token without privilege
-//! separation); no tickets, CSRF, pools, HA, snapshots, backups/restore, firewall; storages
-//! are not simulated (`local` holds templates/ISOs only, any other id holds disks, templates
-//! are not checked to exist); the OS type comes from the template's file name; task logs are
-//! not kept and tasks are forgotten on restart (the guests and their power state are not).
+//! * Privileges (`access`): the schema's `permissions.check` of each endpoint before its
+//!   parameters are validated, then the handlers' own checks (pve-container
+//!   `check_ct_modify_config_perm`, qemu-server `check_vm_modify_config_perm`, storage and
+//!   bridge access, `Sys.Modify` for privileged containers), each refusal an HTTP 403
+//!   "Permission check failed (PATH, PRIVILEGE)"; listings show only what the caller may audit.
+//!   Without an ACL in the options, every token may do everything (root's token without
+//!   privilege separation).
+//! * Read-only views for `driftless doctor`: `GET /access/permissions`, `/nodes/{node}/network`
+//!   (a NIC and the configured bridges), `/nodes/{node}/storage` (`local` and `local-lvm`
+//!   with their sizes), `.../storage/{storage}/status` and `.../content` (the files of `local`,
+//!   the guest disks of `local-lvm`).
+//!
+//! Simpler than Proxmox: tokens only (no tickets, CSRF), no groups or pools in ACLs, no HA,
+//! snapshots, backups/restore, firewall; two storages per node, `local` holding
+//! templates/ISOs/backups and `local-lvm` disks (any other id is taken to hold disks, and a
+//! template need not exist to create from it); the OS type comes from the template's file
+//! name; QEMU options outside qemu-server's privilege classes are not refused to tokens
+//! (only `args`, `lock`, `hookscript`); task logs are not kept and tasks are forgotten on
+//! restart (the guests and their power state are not).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -39,12 +53,13 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
 use serde_json::{Map, Value, json};
 
+use crate::access::{Acl, Perms};
 use crate::guest::{self, ApiError, Changes, type_str};
 use crate::store::{self, Loaded, Store};
 use crate::tls::SelfSigned;
 use crate::{Knobs, SandboxError};
 use driftless::pve::api_schema::{ApiSchema, json_params_to_strings};
-use driftless::pve::conf::{GuestConf, GuestKind};
+use driftless::pve::conf::{GuestConf, PveKind};
 
 /// Proxmox's limit on a form body (`$limit_max_post`).
 const MAX_POST: usize = 64 * 1024;
@@ -65,26 +80,40 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The one accepted API token.
-pub(crate) struct TokenAuth {
+/// One accepted API token.
+pub(crate) struct Token {
     user: String,
     token: String,
     secret: String,
 }
 
+/// The accepted API tokens.
+pub(crate) struct TokenAuth {
+    tokens: Vec<Token>,
+}
+
 impl TokenAuth {
+    #[cfg(test)]
     pub fn parse(full: &str) -> Result<TokenAuth, String> {
+        TokenAuth::parse_all(&[full])
+    }
+
+    pub fn parse_all(list: &[&str]) -> Result<TokenAuth, String> {
         let bad = || "token must look like USER@REALM!TOKENID=SECRET".to_string();
-        let (id, secret) = full.split_once('=').ok_or_else(bad)?;
-        let (user, token) = split_tokenid(id).ok_or_else(bad)?;
-        if secret.is_empty() {
-            return Err(bad());
+        let mut tokens = Vec::new();
+        for full in list {
+            let (id, secret) = full.split_once('=').ok_or_else(bad)?;
+            let (user, token) = split_tokenid(id).ok_or_else(bad)?;
+            if secret.is_empty() {
+                return Err(bad());
+            }
+            tokens.push(Token {
+                user,
+                token,
+                secret: secret.to_string(),
+            });
         }
-        Ok(TokenAuth {
-            user,
-            token,
-            secret: secret.to_string(),
-        })
+        Ok(TokenAuth { tokens })
     }
 
     /// pve-manager `auth_handler` + pve-access-control `verify_token`: the caller's auth id,
@@ -106,13 +135,13 @@ impl TokenAuth {
         let Some((user, token)) = split_tokenid(tokenid) else {
             return Err(format!("'{tokenid}' is not a valid token ID"));
         };
-        if user != self.user {
+        if !self.tokens.iter().any(|t| t.user == user) {
             return Err(format!("no such user ('{user}')"));
         }
-        if token != self.token {
+        let Some(t) = self.tokens.iter().find(|t| t.user == user && t.token == token) else {
             return Err(format!("no such token '{token}' for user '{user}'"));
-        }
-        if value != self.secret {
+        };
+        if value != t.secret {
             return Err("invalid token value!".into());
         }
         Ok(tokenid.to_string())
@@ -203,6 +232,8 @@ pub(crate) struct Shared {
     io: Mutex<()>,
     knobs: Arc<Knobs>,
     auth: TokenAuth,
+    acl: Option<Acl>,
+    bridges: Vec<String>,
     tasks: Mutex<HashMap<String, TaskRecord>>,
     workers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// VMs being created (their config appears when the task ends).
@@ -220,6 +251,8 @@ pub(crate) struct ServeArgs {
     pub store: Store,
     pub knobs: Arc<Knobs>,
     pub auth: TokenAuth,
+    pub acl: Option<Acl>,
+    pub bridges: Vec<String>,
     pub seed: u64,
     pub fingerprint: String,
 }
@@ -253,6 +286,8 @@ pub(crate) fn serve(args: ServeArgs) -> Result<Server, SandboxError> {
         io: Mutex::new(()),
         knobs: args.knobs,
         auth: args.auth,
+        acl: args.acl,
+        bridges: args.bridges,
         tasks: Mutex::new(HashMap::new()),
         workers: Mutex::new(Vec::new()),
         creating: Mutex::new(BTreeMap::new()),
@@ -447,6 +482,13 @@ async fn entry(State(sh): State<Arc<Shared>>, req: Request) -> Response {
         }
         params.insert(k.clone(), v.clone());
     }
+    // pve-http-server checks the schema's `permissions` before the handler validates the
+    // parameters: a caller without the privilege learns nothing about its parameters.
+    if let Some(check) = schema_permission_check(&method, &endpoint.path)
+        && let Err(e) = sh.perms(&authid).check_schema(check, &params)
+    {
+        return error_response(&e);
+    }
     if let Err(e) = schema.validate(endpoint, &params) {
         return error_response(&ApiError::params(e));
     }
@@ -460,6 +502,39 @@ async fn entry(State(sh): State<Arc<Shared>>, req: Request) -> Response {
         Ok(data) => ok(data),
         Err(e) => error_response(&e),
     }
+}
+
+/// The `permissions.check` of an endpoint in the embedded API schema subset.
+fn schema_permission_check(method: &str, path: &str) -> Option<&'static Value> {
+    static CHECKS: std::sync::OnceLock<HashMap<(String, String), Value>> = std::sync::OnceLock::new();
+    CHECKS
+        .get_or_init(|| {
+            let subset: Value =
+                serde_json::from_str(driftless::pve::api_schema::SUBSET_JSON).expect("the embedded subset is JSON");
+            subset
+                .get("endpoints")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| {
+                    let check = e.get("permissions")?.get("check")?.clone();
+                    Some((
+                        (
+                            e.get("method")?.as_str()?.to_string(),
+                            e.get("path")?.as_str()?.to_string(),
+                        ),
+                        check,
+                    ))
+                })
+                .collect()
+        })
+        .get(&(method.to_string(), path.to_string()))
+}
+
+/// Storages are listed to callers with `Datastore.Audit` or `Datastore.AllocateSpace` on them.
+fn storage_visible(perms: &Perms, storage: &str) -> bool {
+    let path = format!("/storage/{storage}");
+    perms.has(&path, "Datastore.Audit") || perms.has(&path, "Datastore.AllocateSpace")
 }
 
 struct Req {
@@ -482,11 +557,11 @@ impl Req {
         self.p("vmid").and_then(|v| v.parse().ok()).unwrap_or(0)
     }
 
-    fn kind(&self) -> GuestKind {
+    fn kind(&self) -> PveKind {
         if self.template.starts_with("/nodes/{node}/lxc") {
-            GuestKind::Lxc
+            PveKind::Lxc
         } else {
-            GuestKind::Qemu
+            PveKind::Qemu
         }
     }
 
@@ -495,14 +570,14 @@ impl Req {
     }
 }
 
-fn config_missing(node: &str, kind: GuestKind, vmid: u32) -> ApiError {
+fn config_missing(node: &str, kind: PveKind, vmid: u32) -> ApiError {
     ApiError::die(format!(
         "Configuration file '{}' does not exist",
         Store::cfs_path(node, kind, vmid)
     ))
 }
 
-fn check_lock(kind: GuestKind, conf: &GuestConf) -> Result<(), ApiError> {
+fn check_lock(kind: PveKind, conf: &GuestConf) -> Result<(), ApiError> {
     match conf.options.get("lock") {
         Some(l) => Err(ApiError::die(format!("{} is locked ({l})", type_str(kind)))),
         None => Ok(()),
@@ -522,13 +597,26 @@ impl Shared {
                 "hostname lookup '{node}' failed - failed to get address info for: {node}: Name or service not known"
             )));
         }
+        if let Some(node) = r.p("node")
+            && self.knobs.node_offline(node)
+        {
+            // pveproxy forwards the request to the node, which does not answer.
+            return Err(ApiError::status(595, format!("No route to host ({node})\n")));
+        }
         let action = r.template.rsplit('/').next().unwrap_or("");
         match (r.method.as_str(), r.template.as_str()) {
             ("GET", "/version") => Ok(json!({"version": "9.1.3", "release": "9.1", "repoid": "5d3f1a2b4c6e7f80"})),
             ("GET", "/nodes") => Ok(self.nodes_index()),
-            ("GET", "/cluster/resources") => Ok(self.resources(r.p("type"))),
-            ("GET", "/nodes/{node}/tasks/{upid}/status") => self.task_status(r.node(), r.p("upid").unwrap_or("")),
-            ("GET", "/nodes/{node}/lxc" | "/nodes/{node}/qemu") => Ok(self.vmlist(r.node(), r.kind())),
+            ("GET", "/access/permissions") => self.access_permissions(r),
+            ("GET", "/nodes/{node}/network") => Ok(self.network(r.p("type"))),
+            ("GET", "/nodes/{node}/storage") => Ok(self.storage_index(r)),
+            ("GET", "/nodes/{node}/storage/{storage}/status") => self.storage_status(r),
+            ("GET", "/nodes/{node}/storage/{storage}/content") => self.storage_content(r),
+            ("GET", "/cluster/resources") => Ok(self.resources(r.p("type"), &self.perms(&r.authid))),
+            ("GET", "/nodes/{node}/tasks/{upid}/status") => self.task_status(r),
+            ("GET", "/nodes/{node}/lxc" | "/nodes/{node}/qemu") => {
+                Ok(self.vmlist(r.node(), r.kind(), &self.perms(&r.authid)))
+            }
             ("POST", "/nodes/{node}/lxc") => self.lxc_create(r),
             ("POST", "/nodes/{node}/qemu") => self.qemu_create(r),
             ("DELETE", _) => self.destroy(r),
@@ -549,7 +637,15 @@ impl Shared {
         lock(&self.io)
     }
 
-    fn load(&self, node: &str, kind: GuestKind, vmid: u32) -> Result<Loaded, ApiError> {
+    /// What the caller may do.
+    fn perms<'a>(&'a self, authid: &'a str) -> Perms<'a> {
+        Perms {
+            authid,
+            acl: self.acl.as_ref(),
+        }
+    }
+
+    fn load(&self, node: &str, kind: PveKind, vmid: u32) -> Result<Loaded, ApiError> {
         self.store
             .load(node, kind, vmid)?
             .ok_or_else(|| config_missing(node, kind, vmid))
@@ -560,7 +656,7 @@ impl Shared {
         let existing = self
             .store
             .find(vmid)
-            .or_else(|| lock(&self.creating).get(&vmid).map(|n| (n.clone(), GuestKind::Qemu)));
+            .or_else(|| lock(&self.creating).get(&vmid).map(|n| (n.clone(), PveKind::Qemu)));
         match existing {
             Some((node, kind)) => Err(ApiError::die(format!(
                 "{} {vmid} already exists on node '{node}'",
@@ -628,8 +724,13 @@ impl Shared {
             .nodes
             .iter()
             .map(|n| {
+                let status = if self.knobs.node_offline(n) {
+                    "offline"
+                } else {
+                    "online"
+                };
                 json!({
-                    "node": n, "status": "online", "type": "node", "id": format!("node/{n}"),
+                    "node": n, "status": status, "type": "node", "id": format!("node/{n}"),
                     "cpu": 0.02, "maxcpu": NODE_CPUS, "mem": 4u64 << 30, "maxmem": NODE_MEM,
                     "disk": 8u64 << 30, "maxdisk": 100u64 << 30, "uptime": uptime, "level": "",
                     "ssl_fingerprint": self.fingerprint,
@@ -639,13 +740,185 @@ impl Shared {
         Value::Array(items)
     }
 
+    /// `GET /access/permissions` (pve-access-control `API2::AccessControl::permissions`).
+    fn access_permissions(&self, r: &Req) -> Result<Value, ApiError> {
+        let caller = r.authid.as_str();
+        let userid = r.p("userid").unwrap_or(caller);
+        let owned_token = userid.split_once('!').is_some_and(|(u, _)| u == caller);
+        if userid != caller && !owned_token {
+            self.perms(caller).check("/access", &["Sys.Audit"])?;
+        }
+        let everything =
+            || -> BTreeMap<String, bool> { crate::access::all_privileges().into_iter().map(|p| (p, true)).collect() };
+        let to_json = |privs: BTreeMap<String, bool>| -> Value {
+            Value::Object(privs.into_iter().map(|(p, prop)| (p, json!(u8::from(prop)))).collect())
+        };
+        let mut out = Map::new();
+        match (r.p("path"), &self.acl) {
+            (Some(path), Some(acl)) => {
+                out.insert(path.to_string(), to_json(acl.permissions(userid, path)));
+            }
+            (Some(path), None) => {
+                out.insert(path.to_string(), to_json(everything()));
+            }
+            (None, Some(acl)) => {
+                for (path, privs) in acl.effective(userid) {
+                    out.insert(path, to_json(privs));
+                }
+            }
+            (None, None) => {
+                for path in [
+                    "/",
+                    "/access",
+                    "/access/groups",
+                    "/nodes",
+                    "/pool",
+                    "/sdn",
+                    "/storage",
+                    "/vms",
+                ] {
+                    out.insert(path.to_string(), to_json(everything()));
+                }
+            }
+        }
+        Ok(Value::Object(out))
+    }
+
+    /// `GET /nodes/{node}/network`: the host's NIC and its bridges (`vmbr0` by default).
+    fn network(&self, ty: Option<&str>) -> Value {
+        let mut items = vec![json!({
+            "iface": "eno1", "type": "eth", "method": "manual", "method6": "manual",
+            "families": ["inet"], "active": 1, "exists": 1, "autostart": 1, "priority": 3,
+        })];
+        for (i, bridge) in self.bridges.iter().enumerate() {
+            let mut b = json!({
+                "iface": bridge, "type": "bridge", "method": "manual", "method6": "manual",
+                "families": ["inet"], "active": 1, "autostart": 1, "priority": 4 + i,
+                "bridge_stp": "off", "bridge_fd": "0", "bridge_ports": if i == 0 { "eno1" } else { "" },
+            });
+            if i == 0 {
+                // TEST-NET-1: the host's address is data here, never dialed.
+                let o = b.as_object_mut().expect("an object");
+                o.insert("method".into(), json!("static"));
+                o.insert("cidr".into(), json!("192.0.2.10/24"));
+                o.insert("address".into(), json!("192.0.2.10"));
+                o.insert("netmask".into(), json!("24"));
+                o.insert("gateway".into(), json!("192.0.2.1"));
+            }
+            items.push(b);
+        }
+        let keep = |t: &str| match ty {
+            None => true,
+            Some("any_bridge" | "any_local_bridge") => t == "bridge" || t == "OVSBridge",
+            Some(want) => t == want,
+        };
+        Value::Array(
+            items
+                .into_iter()
+                .filter(|i| keep(i.get("type").and_then(Value::as_str).unwrap_or("")))
+                .collect(),
+        )
+    }
+
+    fn storage_json(st: &store::StorageInfo, with_id: bool) -> Value {
+        let mut m = Map::new();
+        if with_id {
+            m.insert("storage".into(), json!(st.id));
+        }
+        m.insert("type".into(), json!(st.plugin));
+        m.insert("content".into(), json!(st.content));
+        m.insert("active".into(), json!(1));
+        m.insert("enabled".into(), json!(1));
+        m.insert("shared".into(), json!(0));
+        m.insert("total".into(), json!(st.total));
+        m.insert("used".into(), json!(st.used));
+        m.insert("avail".into(), json!(st.total.saturating_sub(st.used)));
+        if with_id {
+            let fraction = if st.total == 0 {
+                0.0
+            } else {
+                st.used as f64 / st.total as f64
+            };
+            m.insert("used_fraction".into(), json!(fraction));
+        }
+        Value::Object(m)
+    }
+
+    /// `GET /nodes/{node}/storage` (pve-storage `API2::Storage::Status::index`): the storages
+    /// the caller may see, filtered by content and id.
+    fn storage_index(&self, r: &Req) -> Value {
+        let perms = self.perms(&r.authid);
+        let wanted_content: Vec<&str> = r.p("content").map(|c| c.split(',').collect()).unwrap_or_default();
+        let items: Vec<Value> = self
+            .store
+            .storages(r.node())
+            .iter()
+            .filter(|st| storage_visible(&perms, st.id))
+            .filter(|st| r.p("storage").is_none_or(|s| s == st.id))
+            .filter(|st| wanted_content.iter().all(|c| st.content.split(',').any(|x| x == *c)))
+            .map(|st| Shared::storage_json(st, true))
+            .collect();
+        Value::Array(items)
+    }
+
+    fn find_storage(&self, node: &str, storage: &str) -> Result<store::StorageInfo, ApiError> {
+        self.store
+            .storages(node)
+            .into_iter()
+            .find(|st| st.id == storage)
+            .ok_or_else(|| ApiError::die(format!("storage '{storage}' does not exist")))
+    }
+
+    /// `GET /nodes/{node}/storage/{storage}/status`.
+    fn storage_status(&self, r: &Req) -> Result<Value, ApiError> {
+        let st = self.find_storage(r.node(), r.p("storage").unwrap_or(""))?;
+        Ok(Shared::storage_json(&st, false))
+    }
+
+    /// `GET /nodes/{node}/storage/{storage}/content`: templates, ISOs and backups of `local`,
+    /// guest disks of `local-lvm`; disks only of guests the caller may audit.
+    fn storage_content(&self, r: &Req) -> Result<Value, ApiError> {
+        let storage = r.p("storage").unwrap_or("");
+        let st = self.find_storage(r.node(), storage)?;
+        if let Some(c) = r.p("content")
+            && !st.content.split(',').any(|x| x == c)
+        {
+            return Ok(Value::Array(Vec::new()));
+        }
+        let perms = self.perms(&r.authid);
+        let vmid_filter: Option<u32> = r.p("vmid").and_then(|v| v.parse().ok());
+        let items: Vec<Value> = self
+            .store
+            .volumes(r.node(), storage)
+            .into_iter()
+            .filter(|v| r.p("content").is_none_or(|c| c == v.content))
+            .filter(|v| vmid_filter.is_none_or(|id| v.vmid == Some(id)))
+            .filter(|v| v.vmid.is_none_or(|id| perms.has(&format!("/vms/{id}"), "VM.Audit")))
+            .map(|v| {
+                let mut m = Map::new();
+                m.insert("volid".into(), json!(v.volid));
+                m.insert("content".into(), json!(v.content));
+                m.insert("format".into(), json!(v.format));
+                m.insert("size".into(), json!(v.size));
+                if v.ctime > 0 {
+                    m.insert("ctime".into(), json!(v.ctime));
+                }
+                if let Some(id) = v.vmid {
+                    m.insert("vmid".into(), json!(id));
+                }
+                Value::Object(m)
+            })
+            .collect();
+        Ok(Value::Array(items))
+    }
+
     /// One guest as `GET /cluster/resources` and `GET /nodes/{node}/{lxc,qemu}` show it.
     fn guest_summary(&self, g: &Loaded) -> Map<String, Value> {
         let c = &g.conf;
         let uptime = self.store.uptime(g.vmid, now());
         let running = uptime.is_some();
         let (name, maxmem, cpus, maxdisk) = match g.kind {
-            GuestKind::Lxc => {
+            PveKind::Lxc => {
                 let disk = c
                     .options
                     .get("rootfs")
@@ -669,7 +942,7 @@ impl Shared {
                     disk,
                 )
             }
-            GuestKind::Qemu => {
+            PveKind::Qemu => {
                 let disk = c
                     .options
                     .iter()
@@ -713,7 +986,7 @@ impl Shared {
         for k in ["netin", "netout", "diskread", "diskwrite"] {
             m.insert(k.into(), json!(0));
         }
-        if g.kind == GuestKind::Lxc {
+        if g.kind == PveKind::Lxc {
             let swap = num_opt(c, "swap").unwrap_or(512) << 20;
             m.insert("maxswap".into(), json!(swap));
             m.insert("swap".into(), json!(0));
@@ -730,15 +1003,16 @@ impl Shared {
         m
     }
 
-    fn vmlist(&self, node: &str, kind: GuestKind) -> Value {
+    fn vmlist(&self, node: &str, kind: PveKind, perms: &Perms) -> Value {
         let items: Vec<Value> = self
             .store
             .list()
             .iter()
             .filter(|g| g.node == node && g.kind == kind)
+            .filter(|g| perms.has(&format!("/vms/{}", g.vmid), "VM.Audit"))
             .map(|g| {
                 let mut m = self.guest_summary(g);
-                if kind == GuestKind::Lxc {
+                if kind == PveKind::Lxc {
                     m.insert("type".into(), json!("lxc"));
                 }
                 Value::Object(m)
@@ -747,14 +1021,17 @@ impl Shared {
         Value::Array(items)
     }
 
-    fn resources(&self, ty: Option<&str>) -> Value {
+    fn resources(&self, ty: Option<&str>, perms: &Perms) -> Value {
         let mut items = Vec::new();
         if ty.is_none() || ty == Some("vm") {
             for g in self.store.list() {
+                if !perms.has(&format!("/vms/{}", g.vmid), "VM.Audit") {
+                    continue;
+                }
                 let mut m = self.guest_summary(&g);
                 let kind = match g.kind {
-                    GuestKind::Lxc => "lxc",
-                    GuestKind::Qemu => "qemu",
+                    PveKind::Lxc => "lxc",
+                    PveKind::Qemu => "qemu",
                 };
                 let cpus = m.remove("cpus").unwrap_or(json!(1));
                 m.remove("maxswap");
@@ -780,14 +1057,14 @@ impl Shared {
         }
         if ty.is_none() || ty == Some("storage") {
             for n in &self.store.nodes {
-                for (sid, content, plugin) in [
-                    ("local", "iso,vztmpl,backup", "dir"),
-                    ("local-lvm", "rootdir,images", "lvmthin"),
-                ] {
+                for st in self.store.storages(n) {
+                    if !storage_visible(perms, st.id) {
+                        continue;
+                    }
                     items.push(json!({
-                        "id": format!("storage/{n}/{sid}"), "type": "storage", "storage": sid,
-                        "node": n, "status": "available", "content": content, "plugintype": plugin,
-                        "shared": 0, "disk": 8u64 << 30, "maxdisk": 100u64 << 30,
+                        "id": format!("storage/{n}/{}", st.id), "type": "storage", "storage": st.id,
+                        "node": n, "status": "available", "content": st.content, "plugintype": st.plugin,
+                        "shared": 0, "disk": st.used, "maxdisk": st.total,
                     }));
                 }
             }
@@ -796,7 +1073,8 @@ impl Shared {
     }
 
     /// `GET /nodes/{node}/tasks/{upid}/status` (pve-manager `API2::Tasks::read_task_status`).
-    fn task_status(&self, node: &str, upid: &str) -> Result<Value, ApiError> {
+    fn task_status(&self, r: &Req) -> Result<Value, ApiError> {
+        let (node, upid) = (r.node(), r.p("upid").unwrap_or(""));
         let fields: Vec<&str> = upid.split(':').collect();
         let parses = fields.len() == 9
             && fields[0] == "UPID"
@@ -817,6 +1095,10 @@ impl Shared {
         let Some(t) = tasks.get(upid).filter(|t| t.node == node) else {
             return Err(ApiError::param("upid", "no such task"));
         };
+        // Everyone may read their own tasks; others' need Sys.Audit on the node.
+        if t.user != r.authid {
+            self.perms(&r.authid).check(&format!("/nodes/{node}"), &["Sys.Audit"])?;
+        }
         let mut m = Map::new();
         m.insert("upid".into(), json!(upid));
         m.insert("node".into(), json!(t.node));
@@ -876,15 +1158,29 @@ impl Shared {
         let ostemplate = p.remove("ostemplate").unwrap_or_default();
         let storage = p.remove("storage").unwrap_or_else(|| "local".into());
 
+        let perms = self.perms(&r.authid);
+        if !unprivileged {
+            perms.check("/", &["Sys.Modify"])?;
+        }
         let io = self.io();
         self.check_vmid_unused(vmid)?;
+        if !perms.has(&format!("/vms/{vmid}"), "VM.Allocate") {
+            return Err(ApiError::status(403, "Permission check failed\n"));
+        }
         guest::lxc_check_perm(&r.authid, None, &p, &[], unprivileged)?;
+        guest::lxc_check_privs(&perms, vmid, None, &p, &[])?;
         guest::check_ostemplate(&ostemplate)?;
+        perms.check_template_access(&ostemplate)?;
         let (conf, mp_param) = guest::lxc_create_prepare(vmid, &p, &storage, unprivileged, &r.authid, self.seed)?;
+        for value in mp_param.values() {
+            if let Some((Some(sid), _)) = guest::new_disk(value.split(',').next().unwrap_or("")) {
+                perms.check(&format!("/storage/{sid}"), &["Datastore.AllocateSpace"])?;
+            }
+        }
         // create_and_lock_config: the id is taken at once.
-        let mut placeholder = GuestConf::new(GuestKind::Lxc);
+        let mut placeholder = GuestConf::new(PveKind::Lxc);
         placeholder.options.insert("lock".into(), "create".into());
-        self.store.write(&node, GuestKind::Lxc, vmid, &placeholder)?;
+        self.store.write(&node, PveKind::Lxc, vmid, &placeholder)?;
         drop(io);
 
         let task_node = node.clone();
@@ -895,14 +1191,14 @@ impl Shared {
             &r.authid,
             move |sh| {
                 let result = guest::lxc_create_finish(conf, &mp_param, vmid, &ostemplate).and_then(|c| {
-                    sh.store.write(&task_node, GuestKind::Lxc, vmid, &c)?;
+                    sh.store.write(&task_node, PveKind::Lxc, vmid, &c)?;
                     if start {
                         sh.store.set_running(vmid, true, now())?;
                     }
                     Ok(())
                 });
                 if result.is_err() {
-                    let _ = sh.store.remove(&task_node, GuestKind::Lxc, vmid);
+                    let _ = sh.store.remove(&task_node, PveKind::Lxc, vmid);
                 }
                 result
             },
@@ -920,12 +1216,17 @@ impl Shared {
         let params: BTreeMap<String, String> = r
             .params
             .iter()
-            .filter(|(k, _)| k.as_str() == "cdrom" || guest::option_exists(GuestKind::Qemu, k))
+            .filter(|(k, _)| k.as_str() == "cdrom" || guest::option_exists(PveKind::Qemu, k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         let keys: Vec<String> = params.keys().cloned().collect();
+        let perms = self.perms(&r.authid);
         let io = self.io();
         self.check_vmid_unused(vmid)?;
+        if !perms.has(&format!("/vms/{vmid}"), "VM.Allocate") {
+            return Err(ApiError::status(403, "Permission check failed\n"));
+        }
+        guest::qemu_check_privs(&perms, vmid, &params, &[], false)?;
         guest::qemu_check_perm(&r.authid, &keys)?;
         for (k, v) in &params {
             if guest::is_qemu_drive(k)
@@ -950,7 +1251,7 @@ impl Shared {
             move |sh| {
                 lock(&sh.creating).remove(&vmid);
                 let c = guest::qemu_create_conf(vmid, &params, seed, now())?;
-                sh.store.write(&task_node, GuestKind::Qemu, vmid, &c)?;
+                sh.store.write(&task_node, PveKind::Qemu, vmid, &c)?;
                 if start {
                     sh.store.set_running(vmid, true, now())?;
                 }
@@ -971,27 +1272,23 @@ impl Shared {
                 type_str(kind)
             )));
         }
-        if !(kind == GuestKind::Qemu && r.flag("skiplock")) {
+        if !(kind == PveKind::Qemu && r.flag("skiplock")) {
             check_lock(kind, &g.conf)?;
         }
         let running = self.store.is_running(vmid);
         match kind {
-            GuestKind::Lxc if running && !force => {
+            PveKind::Lxc if running && !force => {
                 return Err(ApiError::die(format!(
                     "unable to destroy CT {vmid} - container is running"
                 )));
             }
-            GuestKind::Qemu if running => {
+            PveKind::Qemu if running => {
                 return Err(ApiError::die(format!("VM {vmid} is running - destroy failed")));
             }
             _ => {}
         }
         drop(io);
-        let task = if kind == GuestKind::Lxc {
-            "vzdestroy"
-        } else {
-            "qmdestroy"
-        };
+        let task = if kind == PveKind::Lxc { "vzdestroy" } else { "qmdestroy" };
         let task_node = node.clone();
         Ok(Value::String(self.spawn_task(
             &node,
@@ -1043,7 +1340,7 @@ impl Shared {
     }
 
     /// Someone else edits the file between the client's read and its write (the knob).
-    fn external_edit(&self, node: &str, kind: GuestKind, vmid: u32) -> Result<(), ApiError> {
+    fn external_edit(&self, node: &str, kind: PveKind, vmid: u32) -> Result<(), ApiError> {
         if let Some(mut g) = self.store.load(node, kind, vmid)? {
             let mut text = g.conf.description.trim_end().to_string();
             if !text.is_empty() {
@@ -1064,7 +1361,7 @@ impl Shared {
         p.remove("vmid");
         let digest = p.remove("digest");
         let skiplock = p.remove("skiplock").as_deref() == Some("1");
-        if kind == GuestKind::Qemu {
+        if kind == PveKind::Qemu {
             p.remove("background_delay");
             p.remove("force");
         }
@@ -1085,7 +1382,7 @@ impl Shared {
         let mut conf = g.conf;
         let digest_ok = digest.as_deref().is_none_or(|d| d.is_empty() || d == g.digest);
         match kind {
-            GuestKind::Lxc => {
+            PveKind::Lxc => {
                 check_lock(kind, &conf)?;
                 if !digest_ok {
                     return Err(ApiError::die(
@@ -1124,8 +1421,10 @@ impl Shared {
                     }
                 }
                 guest::lxc_check_perm(&r.authid, Some(&conf.current), &p, &[], unprivileged)?;
+                let removed: Vec<String> = delete.iter().chain(revert.iter()).cloned().collect();
+                guest::lxc_check_privs(&self.perms(&r.authid), vmid, Some(&conf.current), &p, &removed)?;
             }
-            GuestKind::Qemu => {
+            PveKind::Qemu => {
                 for opt in &delete {
                     let o = if opt == "cdrom" { "ide2" } else { opt.as_str() };
                     if !guest::option_exists(kind, o) {
@@ -1139,6 +1438,7 @@ impl Shared {
                     }
                 }
                 let keys: Vec<String> = p.keys().chain(delete.iter()).cloned().collect();
+                guest::qemu_check_privs(&self.perms(&r.authid), vmid, &p, &delete, true)?;
                 guest::qemu_check_perm(&r.authid, &keys)?;
                 if !digest_ok {
                     return Err(ApiError::die("checksum missmatch (file change by other user?)"));
@@ -1151,8 +1451,8 @@ impl Shared {
         let running = self.store.is_running(vmid);
         let changes = Changes { set: p, delete, revert };
         match kind {
-            GuestKind::Lxc => guest::lxc_update(&mut conf, vmid, running, &changes, self.seed)?,
-            GuestKind::Qemu => guest::qemu_update(&mut conf, vmid, running, &changes, self.seed)?,
+            PveKind::Lxc => guest::lxc_update(&mut conf, vmid, running, &changes, self.seed)?,
+            PveKind::Qemu => guest::qemu_update(&mut conf, vmid, running, &changes, self.seed)?,
         }
         self.store.write(&node, kind, vmid, &conf)?;
         drop(io);
@@ -1175,10 +1475,10 @@ impl Shared {
         let mut m = self.guest_summary(&g);
         m.insert("ha".into(), json!({"managed": 0}));
         match g.kind {
-            GuestKind::Lxc => {
+            PveKind::Lxc => {
                 m.insert("type".into(), json!("lxc"));
             }
-            GuestKind::Qemu => {
+            PveKind::Qemu => {
                 let status = m.get("status").cloned().unwrap_or(json!("stopped"));
                 m.insert("qmpstatus".into(), status);
                 let agent = g
@@ -1206,7 +1506,7 @@ impl Shared {
         let t = type_str(kind);
         match (kind, action) {
             (_, "start") if running => return Err(ApiError::die(format!("{t} {vmid} already running"))),
-            (GuestKind::Lxc, "stop" | "shutdown") if !running => {
+            (PveKind::Lxc, "stop" | "shutdown") if !running => {
                 return Err(ApiError::die(format!("CT {vmid} not running")));
             }
             // pve-container says "VM" here too.
@@ -1214,7 +1514,7 @@ impl Shared {
             _ => {}
         }
         drop(io);
-        let prefix = if kind == GuestKind::Lxc { "vz" } else { "qm" };
+        let prefix = if kind == PveKind::Lxc { "vz" } else { "qm" };
         let action = action.to_string();
         let task_node = node.clone();
         Ok(Value::String(self.spawn_task(
@@ -1225,13 +1525,13 @@ impl Shared {
             move |sh| {
                 let g = sh.load(&task_node, kind, vmid)?;
                 let mut conf = g.conf;
-                if !(action == "stop" && kind == GuestKind::Qemu) {
+                if !(action == "stop" && kind == PveKind::Qemu) {
                     check_lock(kind, &conf)?;
                 }
                 if action == "start" && conf.options.get("template").map(String::as_str) == Some("1") {
                     return Err(ApiError::die(match kind {
-                        GuestKind::Lxc => "you can't start a CT if it's a template",
-                        GuestKind::Qemu => "you can't start a vm if it's a template",
+                        PveKind::Lxc => "you can't start a CT if it's a template",
+                        PveKind::Qemu => "you can't start a vm if it's a template",
                     }));
                 }
                 match action.as_str() {

@@ -1,5 +1,12 @@
-//! The sandbox's files: guest configs laid out like `/etc/pve`, the power state, and the
-//! deterministic values (MAC addresses, UUIDs) the sandbox generates.
+//! The sandbox's files: guest configs laid out like `/etc/pve`, the power state, the
+//! storages of each node, and the deterministic values (MAC addresses, UUIDs) the sandbox
+//! generates.
+//!
+//! Storages are those of a fresh Proxmox VE install: `local` (a directory: templates, ISOs,
+//! backups) whose files live in `STATE/.sandbox/storage/<node>/local/` laid out like
+//! /var/lib/vz (`template/cache/*.tar.zst`, `template/iso/*.iso`, `dump/`), seeded with the
+//! examples' template and ISO; and `local-lvm` (LVM-thin: guest disks), whose volumes are the
+//! disks the guest configs name and whose size is an option.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -9,7 +16,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::SandboxError;
-use driftless::pve::conf::{self, GuestConf, GuestKind};
+use crate::guest::{numbered, parse_size};
+use driftless::pve::conf::{self, GuestConf, PveKind};
 
 /// `splitmix64`: a small, well-mixed hash of a `u64`.
 pub(crate) fn splitmix64(x: u64) -> u64 {
@@ -52,6 +60,9 @@ pub(crate) fn mac_from(seed: u64, vmid: u32, key: &str, salt: &str) -> String {
     format!("BC:24:11:{:02X}:{:02X}:{:02X}", b[0], b[1], b[2])
 }
 
+/// The default size of `local-lvm`.
+pub(crate) const DEFAULT_LVM_SIZE: u64 = 256 << 30;
+
 /// `pve-node` format.
 pub(crate) fn valid_node_name(node: &str) -> bool {
     let b = node.as_bytes();
@@ -59,10 +70,10 @@ pub(crate) fn valid_node_name(node: &str) -> bool {
 }
 
 /// The directory under `nodes/<node>/` holding one kind of guest.
-pub(crate) fn kind_dir(kind: GuestKind) -> &'static str {
+pub(crate) fn kind_dir(kind: PveKind) -> &'static str {
     match kind {
-        GuestKind::Lxc => "lxc",
-        GuestKind::Qemu => "qemu-server",
+        PveKind::Lxc => "lxc",
+        PveKind::Qemu => "qemu-server",
     }
 }
 
@@ -70,7 +81,7 @@ pub(crate) fn kind_dir(kind: GuestKind) -> &'static str {
 #[derive(Debug, Clone)]
 pub(crate) struct Loaded {
     pub node: String,
-    pub kind: GuestKind,
+    pub kind: PveKind,
     pub vmid: u32,
     pub digest: String,
     pub conf: GuestConf,
@@ -94,11 +105,52 @@ pub(crate) struct PowerEntry {
 pub(crate) struct Store {
     pub root: PathBuf,
     pub nodes: Vec<String>,
+    /// The size of each node's `local-lvm`, in bytes.
+    pub lvm_size: u64,
+}
+
+/// What a fresh install's `local` holds in the sandbox: the examples' template and ISO, and
+/// the Debian template some tests create containers from.
+pub(crate) const SEEDED_FILES: &[(&str, &str)] = &[
+    ("template/cache", "ubuntu-22.04-standard_22.04-1_amd64.tar.zst"),
+    ("template/cache", "debian-12-standard_12.7-1_amd64.tar.zst"),
+    ("template/iso", "metal-amd64.iso"),
+];
+
+/// The size of `local` (the root filesystem's directory storage) and what the system uses of it.
+const LOCAL_SIZE: u64 = 100 << 30;
+const LOCAL_BASE_USED: u64 = 8 << 30;
+
+/// One storage of one node, as `GET /nodes/{node}/storage` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StorageInfo {
+    pub id: &'static str,
+    /// The plugin type: `dir`, `lvmthin`.
+    pub plugin: &'static str,
+    /// Sorted, as Proxmox prints a content list.
+    pub content: &'static str,
+    pub total: u64,
+    pub used: u64,
+}
+
+/// One volume of a storage, as `GET .../storage/{storage}/content` lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Volume {
+    pub volid: String,
+    pub content: &'static str,
+    pub format: &'static str,
+    pub size: u64,
+    pub vmid: Option<u32>,
+    pub ctime: u64,
 }
 
 impl Store {
     pub fn new(root: PathBuf, nodes: Vec<String>) -> Store {
-        Store { root, nodes }
+        Store {
+            root,
+            nodes,
+            lvm_size: DEFAULT_LVM_SIZE,
+        }
     }
 
     /// A store over every node directory found under `root/nodes`.
@@ -120,17 +172,141 @@ impl Store {
 
     pub fn init(&self) -> Result<(), SandboxError> {
         for node in &self.nodes {
-            for kind in [GuestKind::Lxc, GuestKind::Qemu] {
+            for kind in [PveKind::Lxc, PveKind::Qemu] {
                 let dir = self.root.join("nodes").join(node).join(kind_dir(kind));
                 std::fs::create_dir_all(&dir).map_err(|e| SandboxError::io(&dir, e))?;
             }
         }
         let dir = self.root.join(".sandbox");
         std::fs::create_dir_all(&dir).map_err(|e| SandboxError::io(&dir, e))?;
+        for node in &self.nodes {
+            // Seeded once: a test (or a user) that removes a template keeps it removed.
+            let local = self.storage_dir(node, "local");
+            if local.exists() {
+                continue;
+            }
+            for sub in ["template/cache", "template/iso", "dump"] {
+                let d = local.join(sub);
+                std::fs::create_dir_all(&d).map_err(|e| SandboxError::io(&d, e))?;
+            }
+            for (sub, file) in SEEDED_FILES {
+                let path = local.join(sub).join(file);
+                std::fs::write(&path, format!("sandbox stand-in for {file}\n"))
+                    .map_err(|e| SandboxError::io(&path, e))?;
+            }
+        }
         Ok(())
     }
 
-    pub fn conf_path(&self, node: &str, kind: GuestKind, vmid: u32) -> PathBuf {
+    /// Where a directory storage's files are: `STATE/.sandbox/storage/<node>/<storage>`.
+    pub fn storage_dir(&self, node: &str, storage: &str) -> PathBuf {
+        self.root.join(".sandbox").join("storage").join(node).join(storage)
+    }
+
+    /// The storages of `node`, with what is used of each.
+    pub fn storages(&self, node: &str) -> Vec<StorageInfo> {
+        let local_used: u64 = self.volumes(node, "local").iter().map(|v| v.size).sum();
+        let lvm_used: u64 = self.volumes(node, "local-lvm").iter().map(|v| v.size).sum();
+        vec![
+            StorageInfo {
+                id: "local",
+                plugin: "dir",
+                content: "backup,iso,vztmpl",
+                total: LOCAL_SIZE,
+                used: (LOCAL_BASE_USED + local_used).min(LOCAL_SIZE),
+            },
+            StorageInfo {
+                id: "local-lvm",
+                plugin: "lvmthin",
+                content: "images,rootdir",
+                total: self.lvm_size,
+                used: lvm_used.min(self.lvm_size),
+            },
+        ]
+    }
+
+    /// The volumes of one storage of `node`: the files of `local`, the guest disks of
+    /// `local-lvm` (any other storage id is empty).
+    pub fn volumes(&self, node: &str, storage: &str) -> Vec<Volume> {
+        let mut out = Vec::new();
+        if storage == "local" {
+            let dir = self.storage_dir(node, storage);
+            for (sub, content, exts) in [
+                ("template/cache", "vztmpl", &[".tar.gz", ".tar.xz", ".tar.zst"][..]),
+                ("template/iso", "iso", &[".iso", ".img"][..]),
+                ("dump", "backup", &[".tar.zst", ".tar.gz", ".vma.zst", ".tar.lzo"][..]),
+            ] {
+                let Ok(entries) = std::fs::read_dir(dir.join(sub)) else {
+                    continue;
+                };
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().into_owned();
+                    let Some(ext) = exts.iter().find(|e| name.ends_with(*e)) else {
+                        continue;
+                    };
+                    let Ok(meta) = entry.metadata() else { continue };
+                    if !meta.is_file() {
+                        continue;
+                    }
+                    let kind = if content == "backup" { "backup" } else { content };
+                    out.push(Volume {
+                        volid: format!("{storage}:{}/{name}", kind),
+                        content,
+                        format: match content {
+                            "iso" => "iso",
+                            _ => ext.trim_start_matches('.').split('.').next_back().unwrap_or(""),
+                        },
+                        size: meta.len(),
+                        vmid: None,
+                        ctime: meta
+                            .modified()
+                            .ok()
+                            .and_then(|m| m.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map(|d| d.as_secs())
+                            .unwrap_or(0),
+                    });
+                }
+            }
+        } else if storage == "local-lvm" {
+            for g in self.list().into_iter().filter(|g| g.node == node) {
+                for (key, value) in &g.conf.options {
+                    let is_disk = match g.kind {
+                        PveKind::Lxc => key == "rootfs" || numbered(key, "mp"),
+                        PveKind::Qemu => {
+                            (["ide", "sata", "scsi", "virtio"].iter().any(|p| numbered(key, p))
+                                || key == "efidisk0"
+                                || key == "tpmstate0")
+                                && !value.split(',').any(|p| p == "media=cdrom")
+                        }
+                    };
+                    let volume = value.split(',').next().unwrap_or("");
+                    let Some(name) = volume.strip_prefix("local-lvm:") else {
+                        continue;
+                    };
+                    if !is_disk {
+                        continue;
+                    }
+                    let size = value
+                        .split(',')
+                        .find_map(|p| p.strip_prefix("size="))
+                        .and_then(parse_size)
+                        .unwrap_or(0);
+                    out.push(Volume {
+                        volid: format!("local-lvm:{name}"),
+                        content: if g.kind == PveKind::Lxc { "rootdir" } else { "images" },
+                        format: "raw",
+                        size,
+                        vmid: Some(g.vmid),
+                        ctime: 0,
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| a.volid.cmp(&b.volid));
+        out
+    }
+
+    pub fn conf_path(&self, node: &str, kind: PveKind, vmid: u32) -> PathBuf {
         self.root
             .join("nodes")
             .join(node)
@@ -139,7 +315,7 @@ impl Store {
     }
 
     /// The path as Proxmox names it in messages (`nodes/pve/lxc/100.conf`).
-    pub fn cfs_path(node: &str, kind: GuestKind, vmid: u32) -> String {
+    pub fn cfs_path(node: &str, kind: PveKind, vmid: u32) -> String {
         format!("nodes/{node}/{}/{vmid}.conf", kind_dir(kind))
     }
 
@@ -148,7 +324,7 @@ impl Store {
     }
 
     /// Read and parse a guest config; `None` when the file does not exist.
-    pub fn load(&self, node: &str, kind: GuestKind, vmid: u32) -> std::io::Result<Option<Loaded>> {
+    pub fn load(&self, node: &str, kind: PveKind, vmid: u32) -> std::io::Result<Option<Loaded>> {
         let path = self.conf_path(node, kind, vmid);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
@@ -166,11 +342,11 @@ impl Store {
         }))
     }
 
-    pub fn write(&self, node: &str, kind: GuestKind, vmid: u32, conf: &GuestConf) -> std::io::Result<()> {
+    pub fn write(&self, node: &str, kind: PveKind, vmid: u32, conf: &GuestConf) -> std::io::Result<()> {
         atomic_write(&self.conf_path(node, kind, vmid), conf.write().as_bytes())
     }
 
-    pub fn remove(&self, node: &str, kind: GuestKind, vmid: u32) -> std::io::Result<()> {
+    pub fn remove(&self, node: &str, kind: PveKind, vmid: u32) -> std::io::Result<()> {
         match std::fs::remove_file(self.conf_path(node, kind, vmid)) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
             _ => Ok(()),
@@ -178,10 +354,10 @@ impl Store {
     }
 
     /// Every guest config file: (node, kind, vmid), sorted by vmid.
-    pub fn guest_ids(&self) -> Vec<(String, GuestKind, u32)> {
+    pub fn guest_ids(&self) -> Vec<(String, PveKind, u32)> {
         let mut out = Vec::new();
         for node in &self.nodes {
-            for kind in [GuestKind::Lxc, GuestKind::Qemu] {
+            for kind in [PveKind::Lxc, PveKind::Qemu] {
                 let dir = self.root.join("nodes").join(node).join(kind_dir(kind));
                 let Ok(entries) = std::fs::read_dir(&dir) else {
                     continue;
@@ -202,9 +378,9 @@ impl Store {
     }
 
     /// Where a vmid lives (vmids are unique in the cluster).
-    pub fn find(&self, vmid: u32) -> Option<(String, GuestKind)> {
+    pub fn find(&self, vmid: u32) -> Option<(String, PveKind)> {
         for node in &self.nodes {
-            for kind in [GuestKind::Lxc, GuestKind::Qemu] {
+            for kind in [PveKind::Lxc, PveKind::Qemu] {
                 if self.conf_path(node, kind, vmid).is_file() {
                     return Some((node.clone(), kind));
                 }

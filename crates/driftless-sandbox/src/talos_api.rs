@@ -30,6 +30,10 @@
 //!   Kubeconfig streams a gzipped tar holding `kubeconfig` (the simulated Kubernetes API's admin
 //!   kubeconfig) once bootstrapped, FailedPrecondition before.
 //!
+//! [`serve_impostor`] is the attacker of the tests: a TLS gRPC server that claims to be a Talos
+//! node (as the maintenance service would, or answering without client certificates) with a
+//! certificate no cluster CA signed, logging every byte it is sent.
+//!
 //! State lives in `STATE/.sandbox/talos/`: `nodes/<address>/{config,staged,try-previous}.yaml`
 //! and `meta.json`, `bootstrapped` (the control plane that was bootstrapped), `ca-node` (whose
 //! CA signs the server certificate); every write is atomic.
@@ -47,9 +51,8 @@ use crate::talos_schema::kind_of;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::Engine as _;
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
@@ -70,7 +73,9 @@ use crate::SandboxError;
 use crate::cluster_state;
 use crate::store::atomic_write;
 use driftless::adapters::talos::proto::{self, ApplyMode};
-use driftless::cluster::talos_secrets::{TalosCa, cert_organizations, pem_decode};
+use driftless::adapters::tls::HandshakeSignatures;
+use driftless::cluster::talos_secrets::TalosCa;
+use driftless::pki;
 use driftless::ports::Taint;
 
 /// Talos's maintenance-mode answer to everything but ApplyConfiguration.
@@ -142,7 +147,7 @@ pub async fn serve(state_dir: PathBuf, bind: SocketAddr, seed: u64) -> Result<Ta
     let mut tls = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| SandboxError::Tls(e.to_string()))?
-        .with_client_cert_verifier(Arc::new(OptionalClientCert(provider)))
+        .with_client_cert_verifier(Arc::new(OptionalClientCert(HandshakeSignatures::new(&provider))))
         .with_cert_resolver(sim.certs.clone());
     tls.alpn_protocols = vec![b"h2".to_vec()];
     let acceptor = TlsAcceptor::from(Arc::new(tls));
@@ -241,9 +246,10 @@ fn self_signed(provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, SandboxEr
 
 /// Asks for a client certificate but takes a connection without one (maintenance mode shares
 /// the listener); a certificate is checked against the target node's CA per request. The
-/// handshake signature is verified here, which proves the client holds the key.
+/// handshake signature is verified here (the product's [`HandshakeSignatures`]), which proves
+/// the client holds the key of the certificate it shows.
 #[derive(Debug)]
-struct OptionalClientCert(Arc<CryptoProvider>);
+struct OptionalClientCert(HandshakeSignatures);
 
 impl ClientCertVerifier for OptionalClientCert {
     fn offer_client_auth(&self) -> bool {
@@ -273,7 +279,7 @@ impl ClientCertVerifier for OptionalClientCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        self.0.verify_tls12(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -282,11 +288,11 @@ impl ClientCertVerifier for OptionalClientCert {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+        self.0.verify_tls13(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.0.schemes()
     }
 }
 
@@ -539,8 +545,8 @@ impl Sim {
             ));
         };
         let mut roots = RootCertStore::empty();
-        for der in config.ca_certs() {
-            let _ = roots.add(CertificateDer::from(der));
+        for cert in config.ca_certs() {
+            let _ = roots.add(cert);
         }
         if roots.is_empty() {
             return Err(Status::unauthenticated(
@@ -557,7 +563,7 @@ impl Sim {
                     "the client certificate is not accepted by the node's OS CA: {e}"
                 ))
             })?;
-        let roles = cert_organizations(&chain[0]);
+        let roles = pki::organizations(&chain[0]);
         let allowed = if admin {
             roles.iter().any(|r| r == "os:admin")
         } else {
@@ -900,6 +906,244 @@ impl Sim {
     }
 }
 
+// ------------------------------------------------------------------------------- an impostor
+
+/// How an [`Impostor`] answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImpostorKind {
+    /// Word for word as Talos's maintenance service: ApplyConfiguration is taken, everything
+    /// else answers Unimplemented "API is not implemented in maintenance mode". Nothing on the
+    /// wire tells it from a node booted without a config.
+    Maintenance,
+    /// As a Talos node that asks for no client certificate: Version answers.
+    Answering,
+}
+
+/// What an [`Impostor`] was sent.
+#[derive(Debug, Clone, Default)]
+pub struct ImpostorLog {
+    /// Every gRPC call: its path and its `node` metadata.
+    pub calls: Vec<(String, Option<String>)>,
+    /// The machine configs ApplyConfiguration brought.
+    pub configs: Vec<Vec<u8>>,
+    /// Every byte clients sent it inside TLS (HTTP/2 frames, gRPC messages as they travel).
+    pub received: Vec<u8>,
+}
+
+/// A gRPC server over TLS on loopback that claims to be a Talos node, for attacker tests:
+/// whoever takes a node's address. It asks for no client certificate, logs everything it is
+/// sent, and presents a self-signed certificate (no cluster CA signed it) unless given one.
+pub struct Impostor {
+    /// `127.0.0.1:PORT`.
+    pub endpoint: String,
+    log: Arc<Mutex<ImpostorLog>>,
+    stop: watch::Sender<bool>,
+    join: tokio::task::JoinHandle<()>,
+}
+
+impl fmt::Debug for Impostor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Impostor")
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Impostor {
+    /// What it was sent so far.
+    pub fn log(&self) -> ImpostorLog {
+        self.log.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.join.await;
+    }
+}
+
+/// Serve an [`Impostor`] on a free loopback port. `presented`: a certificate to present and the
+/// PKCS#8 key to sign handshakes with (a stolen certificate and a key of the impostor's);
+/// a new self-signed certificate otherwise.
+pub async fn serve_impostor(
+    kind: ImpostorKind,
+    presented: Option<(Vec<u8>, Vec<u8>)>,
+) -> Result<Impostor, SandboxError> {
+    let bind = SocketAddr::from(([127, 0, 0, 1], 0));
+    let listener = TcpListener::bind(bind)
+        .await
+        .map_err(|source| SandboxError::Bind { addr: bind, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| SandboxError::Bind { addr: bind, source })?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let presented = match presented {
+        Some((cert, key)) => certified(&provider, cert, key)?,
+        None => self_signed(&provider)?,
+    };
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| SandboxError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(CertResolver {
+            current: RwLock::new(presented),
+        }));
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = TlsAcceptor::from(Arc::new(tls));
+    let log = Arc::new(Mutex::new(ImpostorLog::default()));
+
+    let (stop, stop_rx) = watch::channel(false);
+    let (conn_tx, conn_rx) = mpsc::channel(16);
+    let mut stop_accept = stop_rx.clone();
+    let accept_log = log.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop_requested(&mut stop_accept) => break,
+                accepted = listener.accept() => {
+                    let Ok((tcp, _)) = accepted else { continue };
+                    let (acceptor, tx, log) = (acceptor.clone(), conn_tx.clone(), accept_log.clone());
+                    tokio::spawn(async move {
+                        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                            let _ = tx.send(Ok::<_, std::io::Error>(Recorded { inner: stream, log })).await;
+                        }
+                    });
+                }
+            }
+        }
+    });
+    let incoming = futures_util::stream::unfold(conn_rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let service = ImpostorService { kind, log: log.clone() };
+    let mut stop_serve = stop_rx;
+    let join = tokio::spawn(async move {
+        let _ = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, async move { stop_requested(&mut stop_serve).await })
+            .await;
+    });
+    Ok(Impostor {
+        endpoint: format!("127.0.0.1:{}", addr.port()),
+        log,
+        stop,
+        join,
+    })
+}
+
+/// A TLS stream that copies what the client sends into the impostor's log.
+struct Recorded {
+    inner: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    log: Arc<Mutex<ImpostorLog>>,
+}
+
+impl tonic::transport::server::Connected for Recorded {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl tokio::io::AsyncRead for Recorded {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Ok(())) = &polled {
+            let new = buf.filled()[before..].to_vec();
+            self.log.lock().unwrap_or_else(|e| e.into_inner()).received.extend(new);
+        }
+        polled
+    }
+}
+
+impl tokio::io::AsyncWrite for Recorded {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[derive(Clone)]
+struct ImpostorService {
+    kind: ImpostorKind,
+    log: Arc<Mutex<ImpostorLog>>,
+}
+
+impl NamedService for ImpostorService {
+    const NAME: &'static str = proto::SERVICE;
+}
+
+impl tonic::codegen::Service<http::Request<tonic::body::Body>> for ImpostorService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let path = req.uri().path().to_string();
+        let node = req
+            .headers()
+            .get("node")
+            .and_then(|v| v.to_str().ok())
+            .map(String::from);
+        self.log
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .calls
+            .push((path.clone(), node));
+        let (kind, log) = (self.kind, self.log.clone());
+        match path.as_str() {
+            proto::APPLY_CONFIGURATION => Box::pin(async move {
+                let mut grpc = Grpc::new(ProstCodec::<
+                    proto::ApplyConfigurationResponse,
+                    proto::ApplyConfigurationRequest,
+                >::default());
+                let take = move |r: tonic::Request<proto::ApplyConfigurationRequest>| {
+                    let request = r.into_inner();
+                    log.lock().unwrap_or_else(|e| e.into_inner()).configs.push(request.data);
+                    Ok(proto::ApplyConfigurationResponse {
+                        messages: vec![proto::ApplyConfiguration {
+                            mode: ApplyMode::Reboot as i32,
+                            ..Default::default()
+                        }],
+                    })
+                };
+                Ok(grpc.unary(Unary(take), req).await)
+            }),
+            proto::VERSION if kind == ImpostorKind::Answering => Box::pin(async move {
+                let mut grpc = Grpc::new(ProstCodec::<proto::VersionResponse, proto::Empty>::default());
+                let answer = |_: tonic::Request<proto::Empty>| {
+                    Ok(proto::VersionResponse {
+                        messages: vec![proto::Version {
+                            metadata: None,
+                            version: Some(proto::VersionInfo {
+                                tag: DEFAULT_TALOS_VERSION.into(),
+                                ..Default::default()
+                            }),
+                            platform: None,
+                        }],
+                    })
+                };
+                Ok(grpc.unary(Unary(answer), req).await)
+            }),
+            _ => {
+                let status = Status::unimplemented(MAINTENANCE_MESSAGE);
+                Box::pin(async move { Ok(status.into_http()) })
+            }
+        }
+    }
+}
+
 // ------------------------------------------------------------------------------- configs
 
 /// A machine config as received: its text and its documents as JSON.
@@ -1070,9 +1314,7 @@ impl Config {
     }
 
     fn base64_pem(&self, pointer: &str) -> Option<String> {
-        let b64 = self.str_at(pointer).filter(|s| !s.is_empty())?;
-        let bytes = base64::engine::general_purpose::STANDARD.decode(b64.trim()).ok()?;
-        String::from_utf8(bytes).ok()
+        pki::decode_base64_pem(&self.str_at(pointer)?)
     }
 
     fn ca_cert_pem(&self) -> Option<String> {
@@ -1083,15 +1325,9 @@ impl Config {
         self.base64_pem("/machine/ca/key")
     }
 
-    fn ca_certs(&self) -> Vec<Vec<u8>> {
+    fn ca_certs(&self) -> Vec<CertificateDer<'static>> {
         self.ca_cert_pem()
-            .map(|pem| {
-                pem_decode(&pem)
-                    .into_iter()
-                    .filter(|(l, _)| l == "CERTIFICATE")
-                    .map(|(_, der)| der)
-                    .collect()
-            })
+            .and_then(|pem| pki::certificates(pem.as_bytes()).ok())
             .unwrap_or_default()
     }
 

@@ -1,9 +1,6 @@
 //! The sandbox's self-signed certificate and the rustls server configuration.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
-
-use sha2::{Digest, Sha256};
 
 use crate::SandboxError;
 
@@ -52,15 +49,5 @@ impl SelfSigned {
     }
 }
 
-/// SHA-256 of DER bytes as `AB:CD:...` (what `pvenode cert info` shows).
-pub fn fingerprint(der: &[u8]) -> String {
-    let digest = Sha256::digest(der);
-    let mut out = String::with_capacity(95);
-    for (i, b) in digest.iter().enumerate() {
-        if i > 0 {
-            out.push(':');
-        }
-        let _ = write!(out, "{b:02X}");
-    }
-    out
-}
+/// SHA-256 of DER bytes as `AB:CD:...` (what `pvenode cert info` shows): the product's.
+pub use driftless::pki::fingerprint_of_der as fingerprint;

@@ -23,6 +23,9 @@ pub struct Setup {
     /// Run the cluster layer too (K3s/Talos/Kubernetes in the sandbox); off by default, the
     /// daemon tests being about the loop.
     pub cluster_layer: bool,
+    /// Leave the Proxmox API and its pin to cluster.yaml (no DRIFTLESS_PROXMOX_URL or
+    /// _FINGERPRINT override): for tests of what a repository may and may not choose.
+    pub proxmox_from_repository: bool,
 }
 
 impl Setup {
@@ -74,6 +77,7 @@ impl Setup {
             daemon_log,
             listen: free_port(),
             cluster_layer: false,
+            proxmox_from_repository: false,
         }
     }
 
@@ -123,9 +127,7 @@ impl Setup {
             .arg(self.dir.path().join("daemon-state"))
             .args(["--listen", &format!("127.0.0.1:{}", self.listen)])
             .args(extra)
-            .env("DRIFTLESS_PROXMOX_URL", &s.url)
             .env("DRIFTLESS_PROXMOX_TOKEN_FILE", &self.token_file)
-            .env("DRIFTLESS_PROXMOX_FINGERPRINT", &s.fingerprint)
             .env("DRIFTLESS_PVE_ROOT", &self.state)
             .env("DRIFTLESS_PCT_COMMAND", crate::pct_command(&self.state))
             .env("DRIFTLESS_HOST_SHELL", "local")
@@ -140,6 +142,10 @@ impl Setup {
             .env("GIT_CONFIG_GLOBAL", "/dev/null")
             .stdout(log.try_clone().unwrap())
             .stderr(log);
+        if !self.proxmox_from_repository {
+            cmd.env("DRIFTLESS_PROXMOX_URL", &s.url)
+                .env("DRIFTLESS_PROXMOX_FINGERPRINT", &s.fingerprint);
+        }
         self.daemon = Some(Killed(cmd.spawn().expect("daemon starts")));
         let port = self.listen;
         wait_until(Duration::from_secs(20), || {
@@ -154,9 +160,27 @@ impl Setup {
 
     /// Commit a change in the work tree and push it; returns the new commit.
     pub fn push_change(&self, rel: &str, text: &str, message: &str, branch: &str) -> String {
+        self.commit_change(rel, text, message, &[]);
+        self.push(branch)
+    }
+
+    /// Commit a change in the work tree without pushing it; returns the new commit. With
+    /// `signing` (git `-c` settings such as `gpg.format=ssh`, `user.signingkey=FILE`) the commit
+    /// is signed (`commit -S`).
+    pub fn commit_change(&self, rel: &str, text: &str, message: &str, signing: &[&str]) -> String {
         std::fs::write(self.work.join(rel), text).unwrap();
         git(&self.work, &["add", "-A"]);
-        git(&self.work, &["commit", "-q", "-m", message]);
+        let mut args: Vec<&str> = signing.iter().flat_map(|setting| ["-c", *setting]).collect();
+        args.extend(["commit", "-q", "-m", message]);
+        if !signing.is_empty() {
+            args.push("-S");
+        }
+        git(&self.work, &args);
+        git(&self.work, &["rev-parse", "HEAD"])
+    }
+
+    /// Push the work tree's HEAD to `branch` (forced); returns the commit pushed.
+    pub fn push(&self, branch: &str) -> String {
         git(
             &self.work,
             &[

@@ -6,17 +6,27 @@
 //!   server's certificate must chain to it and name the endpoint) and the client certificate.
 //! * Every request carries the gRPC metadata `node: <address>` (what `talosctl -n` sends), so
 //!   one endpoint reaches every node through apid's proxy.
-//! * A node in maintenance mode (booted without a config) has no trust to pin yet: it is reached
-//!   without a client certificate and without checking its certificate, as
-//!   `talosctl apply-config --insecure` does, and a warning is logged. That happens only for
-//!   `apply_configuration(.., maintenance: true)` and inside [`probe`](TalosClient::probe). It
-//!   goes to `<node>:50000`, or, when an endpoint override is set (the sandbox), to the override
-//!   with the `node` metadata.
+//! * [`probe`](TalosClient::probe) asks the node's own address (`<node>:50000`; the override
+//!   with the `node` metadata when one is set, as in the sandbox) what it is:
+//!   - it answers over mTLS with a certificate the cluster CA signed: configured (or in
+//!     maintenance mode, when that trusted server says so);
+//!   - its certificate is not the cluster CA's, and without a client certificate it answers
+//!     exactly as Talos's maintenance service does (Version: Unimplemented "API is not
+//!     implemented in maintenance mode"): maintenance mode;
+//!   - anything else: `TalosError::Untrusted`, naming the node and saying that the cluster CA
+//!     did not sign its certificate. Whatever answers there is sent nothing.
+//! * A node in maintenance mode has no trust to pin yet: a config goes to it without a client
+//!   certificate and without verifying its certificate (only the handshake signature), as
+//!   `talosctl apply-config --insecure` does, only for `apply_configuration(.., maintenance:
+//!   true)`, with a warning. The cluster layer decides when that is allowed (a VM this run
+//!   created, or a node file that says so): nothing tells a real maintenance-mode node from a
+//!   machine imitating one.
 //! * TLS is done here (rustls, aws-lc-rs) and the stream handed to tonic: tonic's own TLS
 //!   settings can neither pin a single CA for an IP endpoint nor skip verification.
 //!
 //! Errors: a gRPC status becomes `TalosError::Api` with the code as gRPC names it
-//! (`InvalidArgument`), so does a `metadata.error` in an answer; connection and TLS failures
+//! (`InvalidArgument`), so does a `metadata.error` in an answer; a server certificate the
+//! cluster CA does not accept `TalosError::Untrusted`; other connection and TLS failures
 //! `TalosError::Transport`. Nothing here prints the client key.
 
 pub mod proto;
@@ -31,10 +41,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::pki_types::ServerName;
+use rustls::{CertificateError, ClientConfig, RootCertStore};
 use serde::Deserialize;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -43,7 +51,8 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic_prost::ProstCodec;
 
-use crate::cluster::talos_secrets::pem_decode;
+use crate::adapters::tls::{AnyServerCert, crypto_provider, error_chain};
+use crate::pki;
 use crate::ports::{TalosApi, TalosApplyMode, TalosApplyResult, TalosError, TalosNodeState};
 
 /// apid's port.
@@ -136,7 +145,7 @@ impl TalosClient {
                 .as_deref()
                 .filter(|v| !v.is_empty())
                 .ok_or_else(|| other(format!("talosconfig context `{name}` has no `{field}`")))?;
-            base64_pem(value).ok_or_else(|| {
+            pki::decode_base64_pem(value).ok_or_else(|| {
                 other(format!(
                     "talosconfig context `{name}`: `{field}` is not base64-encoded PEM"
                 ))
@@ -146,30 +155,19 @@ impl TalosClient {
         let crt = pem("crt", &ctx.crt)?;
         let key = pem("key", &ctx.key)?;
 
-        let provider = provider();
+        let provider = crypto_provider();
         let mut roots = RootCertStore::empty();
-        for (_, der) in pem_decode(&ca).into_iter().filter(|(l, _)| l == "CERTIFICATE") {
+        let ca =
+            pki::certificates(ca.as_bytes()).map_err(|e| other(format!("talosconfig context `{name}`: `ca` {e}")))?;
+        for cert in ca {
             roots
-                .add(CertificateDer::from(der))
+                .add(cert)
                 .map_err(|e| other(format!("talosconfig context `{name}`: the CA is unusable: {e}")))?;
         }
-        if roots.is_empty() {
-            return Err(other(format!(
-                "talosconfig context `{name}`: `ca` holds no certificate"
-            )));
-        }
-        let chain: Vec<CertificateDer<'static>> = pem_decode(&crt)
-            .into_iter()
-            .filter(|(l, _)| l == "CERTIFICATE")
-            .map(|(_, der)| CertificateDer::from(der))
-            .collect();
-        if chain.is_empty() {
-            return Err(other(format!(
-                "talosconfig context `{name}`: `crt` holds no certificate"
-            )));
-        }
-        let key = private_key(&key)
-            .ok_or_else(|| other(format!("talosconfig context `{name}`: `key` is not a private key")))?;
+        let chain =
+            pki::certificates(crt.as_bytes()).map_err(|e| other(format!("talosconfig context `{name}`: `crt` {e}")))?;
+        let key = pki::private_key(key.as_bytes())
+            .map_err(|_| other(format!("talosconfig context `{name}`: `key` is not a private key")))?;
         let mut mtls = ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| other(format!("TLS setup: {e}")))?
@@ -185,7 +183,7 @@ impl TalosClient {
             .with_safe_default_protocol_versions()
             .map_err(|e| other(format!("TLS setup: {e}")))?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider)))
+            .with_custom_certificate_verifier(Arc::new(AnyServerCert::new(&provider)))
             .with_no_client_auth();
         insecure.alpn_protocols = vec![b"h2".to_vec()];
         Ok(TalosClient {
@@ -214,25 +212,32 @@ impl TalosClient {
         }
     }
 
-    fn maintenance_target(&self, node: &str) -> Target {
-        tracing::warn!(
-            node,
-            "reaching Talos in maintenance mode without a client certificate and without verifying \
-             the node's certificate (as talosctl --insecure): there is no trust to pin yet"
-        );
+    /// Where a probe asks: the node's own address, so that the certificate checked is the one
+    /// answering there; the override with the `node` metadata when one is set.
+    fn probe_target(&self, node: &str, tls: &Arc<ClientConfig>) -> Target {
         if self.endpoint_override {
             Target {
                 addr: self.endpoint.clone(),
-                tls: self.insecure.clone(),
+                tls: tls.clone(),
                 node: Some(node.to_string()),
             }
         } else {
             Target {
                 addr: with_default_port(node),
-                tls: self.insecure.clone(),
+                tls: tls.clone(),
                 node: None,
             }
         }
+    }
+
+    /// A config for a node in maintenance mode: its certificate is not verified.
+    fn maintenance_target(&self, node: &str) -> Target {
+        tracing::warn!(
+            node,
+            "sending a Talos machine config in maintenance mode, without a client certificate and \
+             without verifying the node's certificate (as talosctl --insecure): there is no trust to pin yet"
+        );
+        self.probe_target(node, &self.insecure)
     }
 
     async fn version(&self, target: &Target) -> Result<proto::VersionResponse, CallError> {
@@ -241,7 +246,7 @@ impl TalosClient {
     }
 
     async fn probe_inner(&self, node: &str) -> Result<TalosNodeState, TalosError> {
-        let first = match self.version(&self.mtls_target(node)).await {
+        match self.version(&self.probe_target(node, &self.mtls)).await {
             Ok(resp) => match first_metadata_error(resp.messages.iter().map(|m| m.metadata.as_ref())) {
                 None => {
                     let tag = resp
@@ -250,42 +255,43 @@ impl TalosClient {
                         .and_then(|m| m.version.as_ref())
                         .map(|v| v.tag.clone())
                         .unwrap_or_default();
-                    return Ok(TalosNodeState::Configured { version: tag });
+                    Ok(TalosNodeState::Configured { version: tag })
                 }
-                Some((_, message)) if message.contains(MAINTENANCE_MESSAGE) => message,
-                Some((code, message)) => {
-                    return Err(TalosError::Api {
-                        node: node.to_string(),
-                        code,
-                        message,
-                    });
-                }
+                // A server the cluster CA signed says the node has no config yet.
+                Some((_, message)) if message.contains(MAINTENANCE_MESSAGE) => Ok(TalosNodeState::Maintenance),
+                Some((code, message)) => Err(TalosError::Api {
+                    node: node.to_string(),
+                    code,
+                    message,
+                }),
             },
-            Err(CallError::Status(s))
-                if s.code() == tonic::Code::Unimplemented && s.message().contains(MAINTENANCE_MESSAGE) =>
-            {
-                s.message().to_string()
-            }
-            Err(e) if e.is_certificate_problem() => e.to_string(),
-            Err(e) => return Err(e.into_talos(node)),
-        };
-        match self.version(&self.maintenance_target(node)).await {
-            Err(CallError::Status(s))
-                if s.code() == tonic::Code::Unimplemented && s.message().contains(MAINTENANCE_MESSAGE) =>
-            {
-                Ok(TalosNodeState::Maintenance)
-            }
-            // Talos answers Version in maintenance mode to SideroLink peers only; an answer
-            // without a client certificate still means maintenance mode.
-            Ok(_) => Ok(TalosNodeState::Maintenance),
-            Err(e) => Err(TalosError::Transport {
-                node: node.to_string(),
-                message: format!(
-                    "the node refused the talosconfig's credentials ({first}) and is not in maintenance mode either ({})",
-                    e.detail()
-                ),
-            }),
+            Err(CallError::Status(s)) if is_maintenance_answer(&s) => Ok(TalosNodeState::Maintenance),
+            Err(e) => match e.server_certificate_refused() {
+                Some(refused) => self.probe_untrusted(node, &refused).await,
+                None => Err(e.into_talos(node)),
+            },
         }
+    }
+
+    /// The node's address answered with a certificate the cluster CA does not accept: Talos's
+    /// maintenance service, or not the cluster's node at all. Only a Version request without
+    /// client certificate is sent to tell.
+    async fn probe_untrusted(&self, node: &str, refused: &rustls::Error) -> Result<TalosNodeState, TalosError> {
+        let how = match self.version(&self.probe_target(node, &self.insecure)).await {
+            Err(CallError::Status(s)) if is_maintenance_answer(&s) => return Ok(TalosNodeState::Maintenance),
+            // Talos answers Version in maintenance mode to SideroLink peers only.
+            Ok(_) => "it answers a Version request without a client certificate, which Talos's maintenance \
+                      service does not"
+                .to_string(),
+            Err(e) => format!(
+                "it does not answer as Talos's maintenance service does ({})",
+                e.detail()
+            ),
+        };
+        Err(TalosError::Untrusted {
+            node: node.to_string(),
+            message: format!("{}, and {how}", refused_certificate(refused)),
+        })
     }
 
     async fn apply_inner(
@@ -455,25 +461,6 @@ pub fn kubeconfig_from_archive(archive: &[u8]) -> Result<Vec<u8>, String> {
     Err("the archive Talos sent holds no kubeconfig".into())
 }
 
-fn base64_pem(value: &str) -> Option<String> {
-    use base64::Engine as _;
-    let bytes = base64::engine::general_purpose::STANDARD.decode(value.trim()).ok()?;
-    String::from_utf8(bytes).ok()
-}
-
-/// A PEM private key as Talos writes them: `ED25519 PRIVATE KEY` (PKCS#8), `PRIVATE KEY`,
-/// `EC PRIVATE KEY` (SEC1), `RSA PRIVATE KEY` (PKCS#1).
-fn private_key(pem: &str) -> Option<PrivateKeyDer<'static>> {
-    pem_decode(pem)
-        .into_iter()
-        .find_map(|(label, der)| match label.as_str() {
-            "ED25519 PRIVATE KEY" | "PRIVATE KEY" => Some(PrivateKeyDer::Pkcs8(der.into())),
-            "EC PRIVATE KEY" => Some(PrivateKeyDer::Sec1(der.into())),
-            "RSA PRIVATE KEY" => Some(PrivateKeyDer::Pkcs1(der.into())),
-            _ => None,
-        })
-}
-
 /// `HOST` -> `HOST:50000`; `HOST:PORT` and `[V6]:PORT` as given; a bare IPv6 address bracketed.
 fn with_default_port(endpoint: &str) -> String {
     let e = endpoint
@@ -507,10 +494,6 @@ fn host_of(addr: &str) -> &str {
     host.trim_start_matches('[').trim_end_matches(']')
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
-}
-
 // ------------------------------------------------------------------------------- calls
 
 /// Where one call goes: address, TLS configuration, and the `node` metadata.
@@ -523,10 +506,11 @@ struct Target {
 /// Why a call failed, before it becomes a [`TalosError`].
 #[derive(Debug)]
 enum CallError {
-    /// TCP or TLS failed; `certificate`: TLS failed on a certificate (either side's).
+    /// TCP or TLS failed; `refused`: our side refused the server's certificate (not signed by
+    /// the cluster CA, expired, not naming the node, a handshake signature that does not verify).
     Connect {
         message: String,
-        certificate: bool,
+        refused: Option<rustls::Error>,
     },
     Status(tonic::Status),
     /// An answer's `metadata.error`.
@@ -547,15 +531,16 @@ impl CallError {
     fn connect(target: &Target, err: &(dyn StdError + 'static)) -> CallError {
         CallError::Connect {
             message: format!("{}: {}", target.addr, error_chain(err)),
-            certificate: certificate_failure(err),
+            refused: refused_by_us(err),
         }
     }
 
-    fn is_certificate_problem(&self) -> bool {
+    /// Why our side refused the server's certificate, when it did.
+    fn server_certificate_refused(&self) -> Option<rustls::Error> {
         match self {
-            CallError::Connect { certificate, .. } => *certificate,
-            CallError::Status(s) => s.source().is_some_and(certificate_failure),
-            _ => false,
+            CallError::Connect { refused, .. } => refused.clone(),
+            CallError::Status(s) => s.source().and_then(refused_by_us),
+            _ => None,
         }
     }
 
@@ -573,6 +558,12 @@ impl CallError {
 
     fn into_talos(self, node: &str) -> TalosError {
         let node = node.to_string();
+        if let Some(refused) = self.server_certificate_refused() {
+            return TalosError::Untrusted {
+                node,
+                message: format!("{} ({})", refused_certificate(&refused), self.detail()),
+            };
+        }
         match self {
             CallError::Status(s)
                 if s.source().is_some() && matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) =>
@@ -596,23 +587,8 @@ impl CallError {
     }
 }
 
-fn error_chain(err: &(dyn StdError + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut source = err.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
-
-/// Whether a TLS handshake failed on a certificate: ours rejected theirs, or theirs ours.
-fn certificate_failure(err: &(dyn StdError + 'static)) -> bool {
-    use rustls::AlertDescription as A;
+/// The error our verifier raised against the server's certificate, if that is why TLS failed.
+fn refused_by_us(err: &(dyn StdError + 'static)) -> Option<rustls::Error> {
     let mut current = Some(err);
     while let Some(e) = current {
         let rustls_err = e.downcast_ref::<rustls::Error>().or_else(|| {
@@ -623,23 +599,33 @@ fn certificate_failure(err: &(dyn StdError + 'static)) -> bool {
         if let Some(r) = rustls_err {
             return matches!(
                 r,
-                rustls::Error::InvalidCertificate(_)
-                    | rustls::Error::NoCertificatesPresented
-                    | rustls::Error::AlertReceived(
-                        A::BadCertificate
-                            | A::CertificateRequired
-                            | A::UnknownCA
-                            | A::CertificateUnknown
-                            | A::UnsupportedCertificate
-                            | A::CertificateExpired
-                            | A::CertificateRevoked
-                            | A::AccessDenied
-                    )
-            );
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            )
+            .then(|| r.clone());
         }
         current = e.source();
     }
-    false
+    None
+}
+
+/// What our verifier held against a server's certificate, in words.
+fn refused_certificate(e: &rustls::Error) -> String {
+    let rustls::Error::InvalidCertificate(e) = e else {
+        return format!("it presented no certificate the cluster CA signed ({e})");
+    };
+    match e {
+        CertificateError::UnknownIssuer => "the cluster CA (the talosconfig's `ca`) did not sign its certificate".into(),
+        // A handshake signature, or the one on the certificate, does not verify.
+        CertificateError::BadSignature => "the cluster CA (the talosconfig's `ca`) did not sign its certificate, or it \
+                                           does not hold the key of the certificate it shows (a signature does not verify)"
+            .into(),
+        other => format!("its certificate does not verify against the cluster CA ({other})"),
+    }
+}
+
+/// Talos's maintenance service's answer to a call it does not serve.
+fn is_maintenance_answer(s: &tonic::Status) -> bool {
+    s.code() == tonic::Code::Unimplemented && s.message().contains(MAINTENANCE_MESSAGE)
 }
 
 /// TCP, then TLS, then HTTP/2: a channel for one call.
@@ -649,7 +635,7 @@ async fn connect(target: &Target) -> Result<Channel, CallError> {
         Ok(ip) => ServerName::IpAddress(ip.into()),
         Err(_) => ServerName::try_from(host.clone()).map_err(|e| CallError::Connect {
             message: format!("{}: invalid host name: {e}", target.addr),
-            certificate: false,
+            refused: None,
         })?,
     };
     let handshake = async {
@@ -666,7 +652,7 @@ async fn connect(target: &Target) -> Result<Channel, CallError> {
         .await
         .map_err(|_| CallError::Connect {
             message: format!("{}: no connection within {}s", target.addr, CONNECT_TIMEOUT.as_secs()),
-            certificate: false,
+            refused: None,
         })??;
     let uri = format!("http://{}", target.addr);
     let endpoint = Endpoint::from_shared(uri).map_err(|e| CallError::connect(target, &e))?;
@@ -681,7 +667,7 @@ fn request<T>(target: &Target, message: T) -> Result<tonic::Request<T>, CallErro
     if let Some(node) = &target.node {
         let value = node.parse().map_err(|_| CallError::Connect {
             message: format!("{node:?} cannot be sent as gRPC metadata"),
-            certificate: false,
+            refused: None,
         })?;
         req.metadata_mut().insert("node", value);
     }
@@ -728,46 +714,6 @@ impl tonic::codegen::Service<Uri> for OneConnection {
     }
 }
 
-/// Maintenance mode: any server certificate is accepted (`talosctl --insecure`); the handshake
-/// signatures are still checked.
-#[derive(Debug)]
-struct AnyServerCert(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyServerCert {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -804,6 +750,10 @@ mod tests {
         assert_eq!(err.to_string(), "the talosconfig has no context `x`");
         let broken = text.replace(key, "bm90IGEga2V5");
         let err = TalosClient::from_talosconfig(broken.as_bytes(), None).unwrap_err();
+        assert!(err.to_string().contains("`key` is not base64-encoded PEM"), "{err}");
+        let crt = v["contexts"]["lab"]["crt"].as_str().unwrap();
+        let swapped = text.replace(key, crt);
+        let err = TalosClient::from_talosconfig(swapped.as_bytes(), None).unwrap_err();
         assert!(err.to_string().contains("`key` is not a private key"), "{err}");
     }
 

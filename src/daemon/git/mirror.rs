@@ -109,21 +109,67 @@ impl Mirror {
             message,
         };
         if !path.join("HEAD").exists() {
-            std::fs::create_dir_all(&mirror.dir).map_err(|e| err(e.to_string()))?;
-            let tmp = tempfile::Builder::new()
-                .prefix(".init-")
-                .tempdir_in(&mirror.dir)
-                .map_err(|e| err(e.to_string()))?;
-            let staged = tmp.path().join("mirror.git");
-            gix::init_bare(&staged).map_err(|e| err(chain(&e)))?;
-            if let Err(e) = std::fs::rename(&staged, &path)
-                && !path.join("HEAD").exists()
-            {
-                return Err(err(e.to_string()));
-            }
+            mirror.init_empty().map_err(err)?;
         }
         mirror.open_repo()?;
         Ok(mirror)
+    }
+
+    /// Make the empty bare repository: atomically, made aside, then renamed into place.
+    fn init_empty(&self) -> Result<(), String> {
+        let path = self.path();
+        std::fs::create_dir_all(&self.dir).map_err(|e| e.to_string())?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".init-")
+            .tempdir_in(&self.dir)
+            .map_err(|e| e.to_string())?;
+        let staged = tmp.path().join("mirror.git");
+        gix::init_bare(&staged).map_err(|e| chain(&e))?;
+        if let Err(e) = std::fs::rename(&staged, &path)
+            && !path.join("HEAD").exists()
+        {
+            return Err(e.to_string());
+        }
+        Ok(())
+    }
+
+    /// Whether every ref of the mirror still leads to a commit it holds. A mirror whose
+    /// objects were lost (a disk fault, a hand-made cleanup) fails every fetch ("could not
+    /// peel reference") until it is made again.
+    pub fn is_intact(&self) -> bool {
+        let Ok(repo) = self.open_repo() else {
+            return false;
+        };
+        let Ok(platform) = repo.references() else {
+            return false;
+        };
+        let Ok(all) = platform.all() else {
+            return false;
+        };
+        all.into_iter()
+            .all(|r| r.is_ok_and(|mut r| !r.name().as_bstr().starts_with(b"refs/") || r.peel_to_commit().is_ok()))
+    }
+
+    /// Fetch, and when the fetch fails because the mirror itself is damaged, make the mirror
+    /// again from nothing and fetch once more. The second value says it was remade.
+    pub fn fetch_healing(&self, refspecs: &[String]) -> Result<(BTreeMap<String, String>, bool), GitError> {
+        match self.fetch(refspecs) {
+            Ok(refs) => Ok((refs, false)),
+            Err(e) if self.is_intact() => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, path = %self.path().display(), "the mirror is damaged: making it again");
+                let remade = std::fs::remove_dir_all(self.path())
+                    .map_err(|e| e.to_string())
+                    .and_then(|()| self.init_empty());
+                if let Err(message) = remade {
+                    return Err(GitError::Mirror {
+                        path: self.path(),
+                        message: format!("damaged, and cannot be made again: {message}"),
+                    });
+                }
+                self.fetch(refspecs).map(|refs| (refs, true))
+            }
+        }
     }
 
     /// The limit for one git command and for one fetch (default [`DEFAULT_TIMEOUT`]).
@@ -326,6 +372,68 @@ impl Mirror {
             what: format!("the files of {commit}"),
             message: e.to_string(),
         })
+    }
+
+    /// The raw commit objects of `commits` (commit ids or refs of the mirror), byte for byte as
+    /// git stores them: what a commit signature is checked against (`daemon::verify`).
+    pub fn raw_commits(&self, commits: &[String]) -> Result<Vec<Vec<u8>>, GitError> {
+        let repo = self.open_repo()?;
+        let mut out = Vec::with_capacity(commits.len());
+        for commit in commits {
+            let err = |message: String| GitError::Read {
+                url: self.shown_url(),
+                what: format!("commit {commit}"),
+                message,
+            };
+            let id = repo.rev_parse_single(commit.as_str()).map_err(|e| err(chain(&e)))?;
+            let c = id
+                .object()
+                .map_err(|e| err(chain(&e)))?
+                .peel_to_commit()
+                .map_err(|e| err(chain(&e)))?;
+            out.push(c.data.clone());
+        }
+        Ok(out)
+    }
+
+    /// The commits reachable from `head` and from none of `hidden` (as `git rev-list head
+    /// ^hidden...`), newest first, as full ids. A hidden commit the mirror does not have hides
+    /// nothing: the walk is then longer, never shorter.
+    pub fn commits_since(&self, head: &str, hidden: &[String]) -> Result<Vec<String>, GitError> {
+        let repo = self.open_repo()?;
+        let err = |message: String| GitError::Read {
+            url: self.shown_url(),
+            what: format!("the commits of {head}"),
+            message,
+        };
+        let tip = repo.rev_parse_single(head).map_err(|e| err(chain(&e)))?.detach();
+        let hidden: Vec<gix::ObjectId> = hidden
+            .iter()
+            .filter_map(|h| repo.rev_parse_single(h.as_str()).ok().map(|id| id.detach()))
+            .collect();
+        let walk = repo
+            .rev_walk([tip])
+            .with_hidden(hidden)
+            .all()
+            .map_err(|e| err(chain(&e)))?;
+        let mut out = Vec::new();
+        for info in walk {
+            out.push(info.map_err(|e| err(chain(&e)))?.id.to_string());
+        }
+        Ok(out)
+    }
+
+    /// Whether `ancestor` is in the history of `commit` (itself included). A commit the mirror
+    /// no longer has (dropped by a force-push and pruned) is in no history.
+    pub fn is_ancestor(&self, ancestor: &str, commit: &str) -> Result<bool, GitError> {
+        if ancestor == commit {
+            return Ok(true);
+        }
+        let repo = self.open_repo()?;
+        if repo.rev_parse_single(ancestor).is_err() {
+            return Ok(false);
+        }
+        Ok(self.commits_since(ancestor, &[commit.to_string()])?.is_empty())
     }
 
     /// The summary line and the author (`Name <email>`) of a commit.

@@ -6,13 +6,15 @@
 //! the secrets they name, and last the cross-file rules of `validate`. A phase runs whatever the
 //! phases before it found, so one run reports as many mistakes as it can; only a cluster.yaml that
 //! cannot be read stops the phases that need it, and a cluster that breaks its rules stops the
-//! node rules.
+//! node rules. Before all of them, a file over the size limits (`limits`) stops everything: what a
+//! repository may cost is decided before any of it is parsed.
 
 mod adrs;
 mod cluster;
 mod deviations;
 mod doc;
 mod layers;
+pub mod limits;
 mod nodes;
 mod secrets;
 
@@ -39,6 +41,9 @@ pub fn load(files: &RepoFiles, opts: &LoadOptions) -> Result<Desired, Diagnostic
         opts,
         diags: Diagnostics::default(),
     };
+    if loader.check_sizes() {
+        return Err(loader.diags.finish());
+    }
     let cluster = loader.cluster_file();
     let defaults = match &cluster {
         Some(c) => loader.cluster_defaults(c),
