@@ -83,8 +83,19 @@ struct Renderer<'a> {
     desired: &'a Desired,
     /// Computed once: every template of every node sees the same cluster.
     cluster: Value,
+}
+
+/// Why a node did not render.
+struct NodeError {
+    diag: Diagnostic,
     /// A template ran out of fuel or output: it would for the next node too, so rendering stops.
-    exhausted: std::sync::atomic::AtomicBool,
+    exhausted: bool,
+}
+
+impl From<Diagnostic> for NodeError {
+    fn from(diag: Diagnostic) -> Self {
+        NodeError { diag, exhausted: false }
+    }
 }
 
 fn template_file(d: &Desired, name: &str) -> String {
@@ -200,15 +211,10 @@ impl<'a> Renderer<'a> {
             return Err(diags);
         }
         let cluster = Value::from(minijinja::value::Serde(cluster_context(desired)));
-        Ok(Renderer {
-            env,
-            desired,
-            cluster,
-            exhausted: Default::default(),
-        })
+        Ok(Renderer { env, desired, cluster })
     }
 
-    fn render(&self, name: &str, node: &Node, node_ctx: &Value) -> Result<String, Diagnostic> {
+    fn render(&self, name: &str, node: &Node, node_ctx: &Value) -> Result<String, NodeError> {
         let ctx = minijinja::context! { cluster => self.cluster.clone(), node => node_ctx.clone() };
         let tmpl = self
             .env
@@ -216,43 +222,42 @@ impl<'a> Renderer<'a> {
             .map_err(|e| template_error(self.desired, name, &node.name, &e))?;
         let mut out = CappedOutput::default();
         let result = tmpl.render_captured_to(ctx, &mut out).map(|_| ());
-        if out.overflowed || matches!(&result, Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel) {
-            self.exhausted.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        match result {
-            Ok(()) => Ok(String::from_utf8(out.bytes).expect("minijinja writes text")),
+        let exhausted = out.overflowed || matches!(&result, Err(e) if e.kind() == minijinja::ErrorKind::OutOfFuel);
+        let diag = match result {
+            Ok(()) => return Ok(String::from_utf8(out.bytes).expect("minijinja writes text")),
             // At the template's start: minijinja replaces the error of a failed write with one
             // that has no line.
-            Err(_) if out.overflowed => Err(Diagnostic::new(
+            Err(_) if out.overflowed => Diagnostic::new(
                 Location::file_start(template_file(self.desired, name)),
                 format!(
                     "`{name}` renders more than {} MiB for node `{}`",
                     MAX_ARTIFACT_BYTES / (1024 * 1024),
                     node.name
                 ),
-            )),
-            Err(e) => Err(template_error(self.desired, name, &node.name, &e)),
-        }
+            ),
+            Err(e) => template_error(self.desired, name, &node.name, &e),
+        };
+        Err(NodeError { diag, exhausted })
     }
 
     /// Rendered YAML must parse: a template that emits broken YAML is a template error.
-    fn render_yaml(&self, name: &str, node: &Node, node_ctx: &Value) -> Result<String, Diagnostic> {
+    fn render_yaml(&self, name: &str, node: &Node, node_ctx: &Value) -> Result<String, NodeError> {
         let text = self.render(name, node, node_ctx)?;
         for doc in text.split("\n---\n") {
             if let Err(e) = crate::model::yaml::parse(doc, 0) {
-                return Err(Diagnostic::new(
+                return Err(NodeError::from(Diagnostic::new(
                     Location::file_start(template_file(self.desired, name)),
                     format!(
                         "`{name}` rendered invalid YAML for node `{}`: line {}: {}",
                         node.name, e.pos.line, e.message
                     ),
-                ));
+                )));
             }
         }
         Ok(text)
     }
 
-    fn node(&self, node: &Node) -> Result<Vec<Artifact>, Diagnostic> {
+    fn node(&self, node: &Node) -> Result<Vec<Artifact>, NodeError> {
         let mut out = Vec::new();
         let node_ctx = Value::from(minijinja::value::Serde(node_context(self.desired, node)));
         let (conf_template, conf_dir) = match node.kind {
@@ -337,10 +342,11 @@ pub fn render_all(desired: &Desired) -> Result<Vec<Artifact>, Diagnostics> {
     let mut diags = Diagnostics::default();
     // A template mistake fails every node the same way: report it once, for the first node.
     let mut seen = BTreeSet::new();
-    for node in &desired.nodes {
-        match r.node(node) {
-            Ok(a) => out.extend(a),
-            Err(d) => {
+    for (node, result) in desired.nodes.iter().zip(r.nodes(&desired.nodes)) {
+        match result {
+            Some(Ok(a)) => out.extend(a),
+            Some(Err(e)) => {
+                let d = e.diag;
                 let key = (
                     d.location.clone(),
                     d.message.replace(&format!(" node `{}`", node.name), ""),
@@ -348,13 +354,68 @@ pub fn render_all(desired: &Desired) -> Result<Vec<Artifact>, Diagnostics> {
                 if seen.insert(key) {
                     diags.push(d);
                 }
-                if r.exhausted.load(std::sync::atomic::Ordering::Relaxed) {
+                if e.exhausted {
                     break;
                 }
             }
+            // Not rendered: an earlier node exhausted a template.
+            None => break,
         }
     }
     if diags.is_empty() { Ok(out) } else { Err(diags.finish()) }
+}
+
+/// Below this many nodes one thread renders them all: starting threads would cost more.
+const NODES_PER_THREAD: usize = 64;
+
+impl Renderer<'_> {
+    /// Every node rendered, in order, on up to as many threads as the machine has cores (a
+    /// node's templates see only that node and the cluster, so nodes render independently).
+    /// A node after one whose template was exhausted is not rendered (`None`): the nodes before
+    /// it are, so the result is the same as rendering one node after the other would give.
+    fn nodes(&self, nodes: &[Node]) -> Vec<Option<Result<Vec<Artifact>, NodeError>>> {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let first_exhausted = AtomicUsize::new(usize::MAX);
+        let render = |(i, node): (usize, &Node)| {
+            if i > first_exhausted.load(Ordering::Relaxed) {
+                return None;
+            }
+            let result = self.node(node);
+            if matches!(&result, Err(e) if e.exhausted) {
+                first_exhausted.fetch_min(i, Ordering::Relaxed);
+            }
+            Some(result)
+        };
+        let threads = std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .min(nodes.len() / NODES_PER_THREAD)
+            .clamp(1, 8);
+        if threads == 1 {
+            return nodes.iter().enumerate().map(render).collect();
+        }
+        let per_thread = nodes.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let render = &render;
+            let workers: Vec<_> = nodes
+                .chunks(per_thread)
+                .enumerate()
+                .map(|(c, chunk)| {
+                    scope.spawn(move || {
+                        let first = c * per_thread;
+                        chunk
+                            .iter()
+                            .enumerate()
+                            .map(|(i, n)| render((first + i, n)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().expect("a render thread does not panic"))
+                .collect()
+        })
+    }
 }
 
 #[cfg(test)]
@@ -373,6 +434,44 @@ mod limit_tests {
         node.push_str(extra_node_lines);
         files.insert(path, node);
         render_all(&load(&files, &LoadOptions::default()).expect("valid"))
+    }
+
+    #[test]
+    fn many_nodes_render_on_threads_to_the_bytes_one_after_the_other_gives() {
+        let desired = load(&files_of(200), &LoadOptions::default()).expect("valid");
+        let r = Renderer::new(&desired).unwrap();
+        let one_by_one: Vec<Artifact> = desired
+            .nodes
+            .iter()
+            .flat_map(|n| r.node(n).unwrap_or_else(|e| panic!("{:?}", e.diag)))
+            .collect();
+        assert_eq!(render_all(&desired).unwrap(), one_by_one);
+    }
+
+    #[test]
+    fn on_threads_the_nodes_after_an_exhausted_template_are_not_rendered_and_those_before_are() {
+        let files = files_of(200);
+        let order: Vec<String> = load(&files, &LoadOptions::default())
+            .expect("valid")
+            .nodes
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        // A mistake for an early node, an endless loop for a late one, another mistake after it.
+        let (early, endless, after) = (&order[10], &order[150], &order[180]);
+        let template = format!(
+            "{{% if node.name == \"{early}\" %}}{{{{ early_mistake }}}}{{% endif %}}\n\
+             {{% if node.name == \"{endless}\" %}}{{% for i in range(100000) %}}{{% for j in range(100000) %}}\
+             {{% endfor %}}{{% endfor %}}{{% endif %}}\n\
+             {{% if node.name == \"{after}\" %}}{{{{ later_mistake }}}}{{% endif %}}\n"
+        );
+        let mut files = files;
+        files.insert("templates/k3s-config.yaml.j2", template);
+        let diags = render_all(&load(&files, &LoadOptions::default()).expect("valid")).unwrap_err();
+        let said: Vec<&str> = diags.0.iter().map(|d| d.message.as_str()).collect();
+        assert_eq!(said.len(), 2, "{said:#?}");
+        assert!(said[0].contains(&format!("node `{early}`")) && said[0].contains("early_mistake"));
+        assert!(said[1].contains(&format!("node `{endless}`")) && said[1].contains("ran out of fuel"));
     }
 
     #[test]

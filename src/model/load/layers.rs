@@ -192,19 +192,32 @@ fn deviated(devs: &[(Deviation, Location)], adr: u32, key: &str) -> bool {
 /// Merge layers (lowest first) into settings with provenance, reporting ADR conflicts and
 /// file values that contradict an accepted ADR without a recorded deviation.
 pub(crate) fn merge(layers: &[&Layer], diags: &mut Diagnostics) -> Provenance {
-    let mut merged: BTreeMap<Vec<String>, Setting> = BTreeMap::new();
+    into_provenance(merge_paths(layers, diags))
+}
+
+/// Merged settings keyed by their key paths, before the keys take their display form.
+pub(crate) type MergedPaths = BTreeMap<Vec<String>, Setting>;
+
+/// [`merge`], keyed by key path. This runs for every node of a repository with every leaf of
+/// every layer that applies to it, so it allocates only for what it keeps: a display key is
+/// made only for a message, a path only for a new key.
+pub(crate) fn merge_paths(layers: &[&Layer], diags: &mut Diagnostics) -> MergedPaths {
+    let mut merged: MergedPaths = BTreeMap::new();
     for layer in layers {
         for leaf in &layer.leaves {
-            let key = display_key(&leaf.path);
-            let entry = merged.entry(leaf.path.clone()).or_insert_with(|| Setting {
-                value: Json::Null,
-                chain: Vec::new(),
-            });
+            if !merged.contains_key(&leaf.path) {
+                let empty = Setting {
+                    value: Json::Null,
+                    chain: Vec::new(),
+                };
+                merged.insert(leaf.path.clone(), empty);
+            }
+            let entry = merged.get_mut(&leaf.path).expect("inserted above");
             let insert_at = match &layer.source {
-                Source::Adr(id) => adr_position(layers, layer, id, leaf, &key, &entry.chain, diags),
+                Source::Adr(id) => adr_position(layers, layer, id, leaf, &entry.chain, diags),
                 Source::Builtin => entry.chain.len(),
                 _ => {
-                    check_against_adrs(layer, leaf, &key, &entry.chain, diags);
+                    check_against_adrs(layer, leaf, &entry.chain, diags);
                     entry.chain.len()
                 }
             };
@@ -215,9 +228,24 @@ pub(crate) fn merge(layers: &[&Layer], diags: &mut Diagnostics) -> Provenance {
                 items: leaf.items.clone(),
             };
             entry.chain.insert(insert_at, set);
-            entry.value = entry.chain.last().expect("just pushed").value.clone();
         }
     }
+    for setting in merged.values_mut() {
+        setting.value = setting.chain.last().expect("a key has a value").value.clone();
+    }
+    merged
+}
+
+/// Merged settings as a tree of their values, the shape the typed settings are read from.
+pub(super) fn values_tree(merged: &MergedPaths) -> Json {
+    let mut root = Json::Object(serde_json::Map::new());
+    for (path, setting) in merged {
+        set_path(&mut root, path, setting.value.clone());
+    }
+    root
+}
+
+pub(crate) fn into_provenance(merged: MergedPaths) -> Provenance {
     merged.into_iter().map(|(k, v)| (display_key(&k), v)).collect()
 }
 
@@ -229,7 +257,6 @@ fn adr_position(
     layer: &Layer,
     id: &str,
     leaf: &Leaf,
-    key: &str,
     chain: &[SetBy],
     diags: &mut Diagnostics,
 ) -> usize {
@@ -253,6 +280,7 @@ fn adr_position(
     } else if prev_supersedes {
         return i;
     } else {
+        let key = display_key(&leaf.path);
         diags.push(
             Diagnostic::new(
                 leaf.location.clone(),
@@ -277,11 +305,15 @@ fn adr_position(
 }
 
 /// A file's value that differs from an accepted ADR's is a mistake unless the file records a deviation.
-fn check_against_adrs(layer: &Layer, leaf: &Leaf, key: &str, chain: &[SetBy], diags: &mut Diagnostics) {
+fn check_against_adrs(layer: &Layer, leaf: &Leaf, chain: &[SetBy], diags: &mut Diagnostics) {
     for prev in chain {
         let Source::Adr(adr_name) = &prev.source else { continue };
+        if prev.value == leaf.value {
+            continue;
+        }
         let num = adr::parse_adr_ref(adr_name).unwrap_or(0);
-        if prev.value != leaf.value && !deviated(&layer.deviations, num, key) {
+        let key = display_key(&leaf.path);
+        if !deviated(&layer.deviations, num, &key) {
             diags.push(
                 Diagnostic::new(
                     leaf.location.clone(),

@@ -4,13 +4,15 @@ use super::Loader;
 use super::adrs::Adrs;
 use super::cluster::ClusterInput;
 use super::doc::{Doc, keys, parse_doc, split, typed};
-use super::layers::{Layer, builtin_layer, deviations_with_locations, merge, settings_leaves, unflatten};
+use super::layers::{
+    Layer, MergedPaths, builtin_layer, deviations_with_locations, into_provenance, merge_paths, settings_leaves,
+    values_tree,
+};
 use crate::model::desired::*;
 use crate::model::diag::{Diagnostic, Location};
 use crate::model::files::node_stem;
 use crate::model::schema::*;
 use serde_json::Value as Json;
-use std::collections::BTreeMap;
 
 /// A node file, read: who the node is, and its own settings as a layer.
 pub(super) struct NodeInput {
@@ -138,8 +140,9 @@ impl Loader<'_> {
         let kind_layers = layers.deciding_kind(&name, &id.role, &input.layer);
         let kind = self.node_kind(&kind_layers, &name, adrs_incomplete, input)?;
         let layers = layers.applying(&name, kind, &id.role, &input.layer);
-        let mut provenance = merge(&layers, &mut self.diags);
-        let settings = self.combined_settings(&layers, &provenance, input)?;
+        let merged = merge_paths(&layers, &mut self.diags);
+        let settings = self.combined_settings(&merged, input)?;
+        let mut provenance = into_provenance(merged);
         provenance.extend(identity_provenance(input, &name));
         let address = self.node_address(input, &cluster.file.network.cidr)?;
         Some(Node {
@@ -186,18 +189,8 @@ impl Loader<'_> {
     }
 
     /// The merged values as typed settings (each layer was type-checked alone, not their combination).
-    fn combined_settings(
-        &mut self,
-        layers: &[&Layer],
-        provenance: &Provenance,
-        input: &NodeInput,
-    ) -> Option<NodeSettings> {
-        let paths: BTreeMap<String, Vec<String>> = layers
-            .iter()
-            .flat_map(|l| l.leaves.iter())
-            .map(|l| (display_key(&l.path), l.path.clone()))
-            .collect();
-        match serde_json::from_value(unflatten(provenance, &paths)) {
+    fn combined_settings(&mut self, merged: &MergedPaths, input: &NodeInput) -> Option<NodeSettings> {
+        match serde_json::from_value(values_tree(merged)) {
             Ok(s) => Some(s),
             Err(e) => {
                 self.diags.push(Diagnostic::new(
