@@ -61,6 +61,7 @@ impl RunJob {
             untrusted_changes: Vec::new(),
             history_rewritten: None,
             verification: None,
+            replica: self.settings.leader_election.as_ref().map(|l| l.identity.clone()),
         }
     }
 
