@@ -80,7 +80,7 @@ impl Leadership {
         self.role.subscribe()
     }
 
-    fn set(&self, role: Role) {
+    pub(crate) fn set(&self, role: Role) {
         self.role.send_if_modified(|r| {
             let changed = *r != role;
             *r = role;
@@ -579,5 +579,19 @@ mod tests {
         assert!(!valid_name("") && !valid_name("Driftless") && !valid_name("-a") && !valid_name("a_b"));
         let id = default_identity();
         assert!(id.ends_with(&format!("-{}", std::process::id())), "{id}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_run_is_stopped_once_its_replica_stops_leading() {
+        let l = Leadership::new("a");
+        l.set(Role::Leader);
+        let (stop, run_stop) = (AtomicBool::new(false), AtomicBool::new(false));
+        let watch = l.stop_run_unless_leading(&stop, &run_stop);
+        tokio::pin!(watch);
+        let _ = tokio::time::timeout(s(5), &mut watch).await;
+        assert!(!run_stop.load(Ordering::SeqCst), "left alone while leading");
+        l.set(Role::Follower { leader: None });
+        let _ = tokio::time::timeout(s(1), &mut watch).await;
+        assert!(run_stop.load(Ordering::SeqCst), "stopped on stepping down");
     }
 }

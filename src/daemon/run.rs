@@ -720,6 +720,17 @@ mod tests {
         reconcile_outcomes: &[Outcome],
         plan_takes: Duration,
     ) -> Harness {
+        start_with(state, flags, head, reconcile_outcomes, plan_takes, None)
+    }
+
+    fn start_with(
+        state: tempfile::TempDir,
+        flags: DaemonFlags,
+        head: &str,
+        reconcile_outcomes: &[Outcome],
+        plan_takes: Duration,
+        leadership: Option<Arc<Leadership>>,
+    ) -> Harness {
         let settings = DaemonFlags {
             repository: Some("file:///srv/homelab.git".into()),
             plan_refs: vec!["refs/pull/*/head".into()],
@@ -755,6 +766,9 @@ mod tests {
             Arc::new(Metrics::new()),
             control.stop.clone(),
         );
+        if let Some(l) = leadership {
+            daemon = daemon.with_leadership(l);
+        }
         let shutdown = control.shutdown.clone();
         let loop_ready = ready.clone();
         let task = tokio::spawn(async move {
@@ -956,5 +970,37 @@ mod tests {
         let (runs, fetches) = second.stop().await;
         assert_eq!(runs, [], "neither c1 nor the pull request is run again");
         assert_eq!(fetches, [0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_fetches_but_runs_nothing_and_starts_at_once_when_it_leads() {
+        let leadership = Leadership::new("replica-b");
+        let h = start_with(
+            tempfile::tempdir().unwrap(),
+            DaemonFlags {
+                poll_interval: Some("60s".into()),
+                drift_interval: Some("30s".into()),
+                ..DaemonFlags::default()
+            },
+            "c1",
+            &[],
+            Duration::ZERO,
+            Some(leadership.clone()),
+        );
+        h.refs.lock().unwrap().insert("refs/pull/4/head".into(), "p1".into());
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert_eq!(*h.runs.lock().unwrap(), [], "a follower neither applies, plans nor checks drift");
+        assert!(h.ready.load(Ordering::SeqCst), "a follower is ready: it fetches");
+        leadership.set(leader::Role::Leader);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let runs = h.runs.lock().unwrap().clone();
+        assert_eq!(
+            runs,
+            [run(100, RunKind::Reconcile, "c1"), run(100, RunKind::PullRequest, "p1")],
+            "the new leader polls at once, without waiting for its interval"
+        );
+        let (_, fetches) = h.stop().await;
+        // Fetches on the interval and after each drift tick, which a follower skips.
+        assert_eq!(fetches, [0, 30, 60, 90, 100]);
     }
 }
