@@ -67,11 +67,26 @@ fn two_replicas_elect_one_leader_and_the_follower_takes_over_when_it_is_killed()
     let s = Setup::new("homelab-k3s");
     let url = s.file_url();
     let (config_a, config_b) = (config(&s, "replica-a"), config(&s, "replica-b"));
-    let flags = |config: &str| vec!["--poll-interval".to_string(), "1s".into(), "--config".into(), config.into()];
+    let flags = |config: &str| {
+        vec![
+            "--poll-interval".to_string(),
+            "1s".into(),
+            "--config".into(),
+            config.into(),
+        ]
+    };
     let a_flags = flags(&config_a);
     let b_flags = flags(&config_b);
-    let a = s.start_replica("replica-a", &url, &a_flags.iter().map(String::as_str).collect::<Vec<_>>());
-    let b = s.start_replica("replica-b", &url, &b_flags.iter().map(String::as_str).collect::<Vec<_>>());
+    let a = s.start_replica(
+        "replica-a",
+        &url,
+        &a_flags.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let b = s.start_replica(
+        "replica-b",
+        &url,
+        &b_flags.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
 
     // One of them applies the seed commit; the report names it.
     let first = git(&s.work, &["rev-parse", "HEAD"]);
@@ -121,13 +136,22 @@ fn two_replicas_elect_one_leader_and_the_follower_takes_over_when_it_is_killed()
     assert!(s.conf(102).contains("memory: 6144"), "{}", s.conf(102));
     assert_eq!(follower.get("/readyz"), (200, "ready: leader".to_string()));
     assert_eq!(metric(&follower, "driftless_leader").as_deref(), Some("1"));
-    assert!(follower.log().contains("leading: this replica applies"), "{}", follower.log());
+    assert!(
+        follower.log().contains("leading: this replica applies"),
+        "{}",
+        follower.log()
+    );
 
     // Nothing applied twice: one applied report per commit, and the guests written once for
     // the seed and once for the change (the new leader found the seed already applied).
-    assert_eq!(applied_by(&s, &first), [leader_name.clone()], "{:?}", reports(&s));
-    assert_eq!(applied_by(&s, &second), [follower.name.clone()], "{:?}", reports(&s));
-    assert_eq!(config_writes(&s), writes_after_first + 1, "{:?}", s.sandbox().request_counts());
+    assert_eq!(applied_by(&s, &first), [leader_name.as_str()], "{:?}", reports(&s));
+    assert_eq!(applied_by(&s, &second), [follower.name.as_str()], "{:?}", reports(&s));
+    assert_eq!(
+        config_writes(&s),
+        writes_after_first + 1,
+        "{:?}",
+        s.sandbox().request_counts()
+    );
 
     // The Lease records the takeover.
     let lease = std::fs::read_to_string(
@@ -136,7 +160,11 @@ fn two_replicas_elect_one_leader_and_the_follower_takes_over_when_it_is_killed()
     )
     .unwrap();
     let lease: serde_json::Value = serde_json::from_str(&lease).unwrap();
-    assert_eq!(lease["object"]["spec"]["holderIdentity"], follower.name.as_str(), "{lease}");
+    assert_eq!(
+        lease["object"]["spec"]["holderIdentity"],
+        follower.name.as_str(),
+        "{lease}"
+    );
     assert_eq!(lease["object"]["spec"]["leaseTransitions"], 1, "{lease}");
     // The kubeconfig is a secret: its token is in no log.
     let token = &s.sandbox().kube.token;

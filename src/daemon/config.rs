@@ -503,25 +503,48 @@ mod tests {
 
     #[test]
     fn leader_election_is_off_unless_asked_and_its_timing_must_let_a_leader_step_down_first() {
-        assert_eq!(with_config("branch: main\n", DaemonFlags::default()).unwrap().leader_election, None);
+        assert_eq!(
+            with_config("branch: main\n", DaemonFlags::default())
+                .unwrap()
+                .leader_election,
+            None
+        );
         let yaml = "leader_election:\n  kubeconfig_file: /etc/driftless/lease.kubeconfig\n  namespace: infra\n  identity: pve1\n";
-        let l = with_config(yaml, DaemonFlags::default()).unwrap().leader_election.unwrap();
-        assert_eq!(l.kubeconfig_file, Some(PathBuf::from("/etc/driftless/lease.kubeconfig")));
-        assert_eq!((l.namespace.as_deref(), l.name.as_str(), l.identity.as_str()), (Some("infra"), "driftless", "pve1"));
+        let l = with_config(yaml, DaemonFlags::default())
+            .unwrap()
+            .leader_election
+            .unwrap();
+        assert_eq!(
+            l.kubeconfig_file,
+            Some(PathBuf::from("/etc/driftless/lease.kubeconfig"))
+        );
+        assert_eq!(
+            (l.namespace.as_deref(), l.name.as_str(), l.identity.as_str()),
+            (Some("infra"), "driftless", "pve1")
+        );
         assert_eq!(
             (l.lease_duration, l.renew_deadline, l.retry_period),
             (Duration::from_secs(15), Duration::from_secs(10), Duration::from_secs(2))
         );
-        let l = with_config("leader_election: {}\n", DaemonFlags::default()).unwrap().leader_election.unwrap();
+        let l = with_config("leader_election: {}\n", DaemonFlags::default())
+            .unwrap()
+            .leader_election
+            .unwrap();
         assert!(!l.identity.is_empty(), "an identity by default");
         for (bad, says) in [
-            ("leader_election: {lease_duration: 10s, renew_deadline: 10s}\n", "lease_duration"),
+            (
+                "leader_election: {lease_duration: 10s, renew_deadline: 10s}\n",
+                "lease_duration",
+            ),
             ("leader_election: {renew_deadline: 2s}\n", "renew_deadline"),
             ("leader_election: {name: Not_A_Name}\n", "name"),
             ("leader_election: {identity: ' '}\n", "identity"),
         ] {
             let err = with_config(bad, DaemonFlags::default()).unwrap_err();
-            assert!(matches!(&err, ConfigError::LeaderElection(m) if m.contains(says)), "{bad}: {err}");
+            assert!(
+                matches!(&err, ConfigError::LeaderElection(m) if m.contains(says)),
+                "{bad}: {err}"
+            );
         }
         assert!(matches!(
             with_config("leader_election: {kubeconfig: /x}\n", DaemonFlags::default()),

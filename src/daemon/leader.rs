@@ -48,7 +48,9 @@ pub enum LeaderError {
 pub enum Role {
     Leader,
     /// `leader`: the Lease's holder as last read, if any.
-    Follower { leader: Option<String> },
+    Follower {
+        leader: Option<String>,
+    },
 }
 
 /// The role, shared by the election loop (which sets it), the daemon loop (which starts runs
@@ -93,8 +95,10 @@ impl Leadership {
     pub async fn stop_run_unless_leading(&self, stop: &AtomicBool, run_stop: &AtomicBool) {
         let mut roles = self.subscribe();
         loop {
-            if stop.load(Ordering::SeqCst) || !self.is_leader() {
-                if !run_stop.swap(true, Ordering::SeqCst) && !stop.load(Ordering::SeqCst) {
+            let stopping = stop.load(Ordering::SeqCst);
+            if stopping || !self.is_leader() {
+                let already = run_stop.swap(true, Ordering::SeqCst);
+                if !already && !stopping {
                     tracing::warn!("no longer the leader: stopping the run between two steps");
                 }
             }
@@ -244,8 +248,8 @@ pub async fn client(settings: &LeaderElection) -> Result<(kube::Client, String),
             };
             let text = std::fs::read_to_string(path).map_err(|e| failed(e.kind().to_string()))?;
             // A YAML error may quote the file, which holds credentials: not passed on.
-            let kubeconfig = kube::config::Kubeconfig::from_yaml(&text)
-                .map_err(|_| failed("not valid kubeconfig YAML".into()))?;
+            let kubeconfig =
+                kube::config::Kubeconfig::from_yaml(&text).map_err(|_| failed("not valid kubeconfig YAML".into()))?;
             kube::Config::from_custom_kubeconfig(kubeconfig, &kube::config::KubeConfigOptions::default())
                 .await
                 .map_err(|e| failed(format!("unusable context: {}", redacted_kubeconfig_error(&e))))?
@@ -394,7 +398,10 @@ fn publish(elector: &Elector, leadership: &Leadership, metrics: &Metrics, leader
                 tracing::warn!(identity = %leadership.identity, "stepped down: the Lease could not be renewed in time")
             }
             (_, Role::Follower { leader }) => {
-                tracing::info!(leader = leader.as_deref().unwrap_or("-"), "following: another replica applies")
+                tracing::info!(
+                    leader = leader.as_deref().unwrap_or("-"),
+                    "following: another replica applies"
+                )
             }
         }
     }
@@ -489,8 +496,14 @@ mod tests {
             e.decide(Some(&held_by("a", 100, 1)), t0, wall(0)),
             Action::Follow { holder: "a".into() }
         );
-        assert!(matches!(e.decide(Some(&held_by("a", 104, 1)), t0 + s(4), wall(4)), Action::Follow { .. }));
-        assert!(matches!(e.decide(Some(&held_by("a", 104, 1)), t0 + s(18), wall(18)), Action::Follow { .. }));
+        assert!(matches!(
+            e.decide(Some(&held_by("a", 104, 1)), t0 + s(4), wall(4)),
+            Action::Follow { .. }
+        ));
+        assert!(matches!(
+            e.decide(Some(&held_by("a", 104, 1)), t0 + s(18), wall(18)),
+            Action::Follow { .. }
+        ));
         let Action::Update(spec) = e.decide(Some(&held_by("a", 104, 1)), t0 + s(19), wall(19)) else {
             panic!("takeover 15 s after the change seen at 4 s");
         };
@@ -507,15 +520,27 @@ mod tests {
         let mut at = 0;
         while at < 60 {
             let record = held_by("a", -3600 + at as i64, 1);
-            assert!(matches!(e.decide(Some(&record), t0 + s(at), wall(at as i64)), Action::Follow { .. }), "{at}");
+            assert!(
+                matches!(
+                    e.decide(Some(&record), t0 + s(at), wall(at as i64)),
+                    Action::Follow { .. }
+                ),
+                "{at}"
+            );
             at += 2;
         }
         // A replica that starts late sees a renewTime long past, yet waits a whole lease.
         let mut late = Elector::new("c", LEASE, RENEW);
         let stale = held_by("a", -3600, 1);
         assert!(matches!(late.decide(Some(&stale), t0, wall(0)), Action::Follow { .. }));
-        assert!(matches!(late.decide(Some(&stale), t0 + s(14), wall(14)), Action::Follow { .. }));
-        assert!(matches!(late.decide(Some(&stale), t0 + s(15), wall(15)), Action::Update(_)));
+        assert!(matches!(
+            late.decide(Some(&stale), t0 + s(14), wall(14)),
+            Action::Follow { .. }
+        ));
+        assert!(matches!(
+            late.decide(Some(&stale), t0 + s(15), wall(15)),
+            Action::Update(_)
+        ));
     }
 
     #[test]
@@ -543,7 +568,10 @@ mod tests {
         };
         a.wrote(&spec, t0);
         // b sees the write a moment later; then a's renewals all fail.
-        assert!(matches!(b.decide(Some(&spec), t0 + s(1), wall(1)), Action::Follow { .. }));
+        assert!(matches!(
+            b.decide(Some(&spec), t0 + s(1), wall(1)),
+            Action::Follow { .. }
+        ));
         let mut t = 1;
         let mut a_led_until = 0;
         let mut b_took_at = None;
@@ -557,7 +585,10 @@ mod tests {
             t += 1;
         }
         let b_took_at = b_took_at.expect("b takes over");
-        assert!(a_led_until < b_took_at, "a led until {a_led_until}s, b took over at {b_took_at}s");
+        assert!(
+            a_led_until < b_took_at,
+            "a led until {a_led_until}s, b took over at {b_took_at}s"
+        );
         assert!(!a.is_leader(t0 + s(b_took_at)));
     }
 

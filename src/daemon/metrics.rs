@@ -309,7 +309,10 @@ mod tests {
         );
         assert!(text.contains("driftless_api_errors_total{system=\"ssh\"} 0"), "{text}");
         assert!(!text.contains("driftless_last_applied_info{"), "{text}");
-        assert!(text.contains("\ndriftless_leader 0\n"), "not leading until told: {text}");
+        assert!(
+            text.contains("\ndriftless_leader 0\n"),
+            "not leading until told: {text}"
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 

@@ -515,7 +515,9 @@ pub async fn run_until(settings: DaemonSettings, run: RunSettings, control: Cont
         None => None,
         Some((election, client, namespace, leadership)) => {
             daemon = daemon.with_leadership(leadership.clone());
-            Some(tokio::spawn(leader::run(election, client, namespace, leadership, metrics, done)))
+            Some(tokio::spawn(leader::run(
+                election, client, namespace, leadership, metrics, done,
+            )))
         }
     };
     tracing::info!(repository = %super::git::display_url(&daemon.settings.repository), branch = %daemon.settings.branch, "daemon started");
@@ -989,7 +991,11 @@ mod tests {
         );
         h.refs.lock().unwrap().insert("refs/pull/4/head".into(), "p1".into());
         tokio::time::sleep(Duration::from_secs(100)).await;
-        assert_eq!(*h.runs.lock().unwrap(), [], "a follower neither applies, plans nor checks drift");
+        assert_eq!(
+            *h.runs.lock().unwrap(),
+            [],
+            "a follower neither applies, plans nor checks drift"
+        );
         assert!(h.ready.load(Ordering::SeqCst), "a follower is ready: it fetches");
         leadership.set(leader::Role::Leader);
         tokio::time::sleep(Duration::from_secs(1)).await;

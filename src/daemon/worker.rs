@@ -295,7 +295,11 @@ pub fn daemon_secrets(settings: &DaemonSettings, run: &RunSettings) -> Vec<Strin
         .leader_election
         .as_ref()
         .and_then(|l| l.kubeconfig_file.as_deref());
-    values.extend(read(lease_kubeconfig).map(|t| secret_parts(&t, true)).unwrap_or_default());
+    values.extend(
+        read(lease_kubeconfig)
+            .map(|t| secret_parts(&t, true))
+            .unwrap_or_default(),
+    );
     values
 }
 
