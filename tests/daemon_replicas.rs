@@ -12,7 +12,7 @@ use testkit::{git, git_try, wait_until};
 fn config(s: &Setup, identity: &str) -> String {
     let path = s.dir.path().join(format!("{identity}.yaml"));
     let yaml = format!(
-        "leader_election:\n  kubeconfig_file: {}\n  namespace: default\n  name: driftless\n  identity: {identity}\n  lease_duration: 3s\n  renew_deadline: 2s\n  retry_period: 1s\n",
+        "leader_election:\n  kubeconfig_file: {}\n  namespace: default\n  name: driftless\n  identity: {identity}\n  lease_duration: 4s\n  renew_deadline: 3s\n  retry_period: 1s\n",
         s.sandbox().kube.kubeconfig_path.display()
     );
     std::fs::write(&path, yaml).unwrap();
@@ -154,19 +154,36 @@ fn two_replicas_elect_one_leader_and_the_follower_takes_over_when_it_is_killed()
     );
 
     // The Lease records the takeover.
-    let lease = std::fs::read_to_string(
-        s.state
-            .join(".sandbox/k8s/objects/coordination.k8s.io/leases/default/driftless.json"),
-    )
-    .unwrap();
-    let lease: serde_json::Value = serde_json::from_str(&lease).unwrap();
-    assert_eq!(
-        lease["object"]["spec"]["holderIdentity"],
-        follower.name.as_str(),
-        "{lease}"
-    );
-    assert_eq!(lease["object"]["spec"]["leaseTransitions"], 1, "{lease}");
+    let spec = lease(&s);
+    assert_eq!(spec["holderIdentity"], follower.name.as_str(), "{spec}");
+    assert_eq!(spec["leaseTransitions"], 1, "{spec}");
     // The kubeconfig is a secret: its token is in no log.
     let token = &s.sandbox().kube.token;
     assert!(!follower.log().contains(token.as_str()));
+
+    // A leader that is stopped releases the Lease: the next one need not wait for it to expire.
+    let mut leader = follower;
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &leader.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    wait_until(Duration::from_secs(60), || leader.child.0.try_wait().ok().flatten())
+        .unwrap_or_else(|| panic!("the leader stops\n{}", leader.log()));
+    let spec = lease(&s);
+    assert_eq!(spec.get("holderIdentity"), None, "{spec}\n{}", leader.log());
+    assert!(
+        leader.log().contains("leader election Lease released"),
+        "{}",
+        leader.log()
+    );
+}
+
+/// The Lease's spec, as the sandbox's API server stored it.
+fn lease(s: &Setup) -> serde_json::Value {
+    let path = s
+        .state
+        .join(".sandbox/k8s/objects/coordination.k8s.io/leases/default/driftless.json");
+    let stored: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    stored["object"]["spec"].clone()
 }

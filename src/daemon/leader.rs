@@ -370,7 +370,12 @@ pub async fn run(
         }
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}
-            _ = done.changed() => {}
+            changed = done.changed() => {
+                // The daemon is gone without saying so: nothing left to lead.
+                if changed.is_err() {
+                    break;
+                }
+            }
         }
         publish(&elector, &leadership, &metrics, leader.clone());
     }
