@@ -630,4 +630,29 @@ mod tests {
         let _ = tokio::time::timeout(s(1), &mut watch).await;
         assert!(run_stop.load(Ordering::SeqCst), "stopped on stepping down");
     }
+
+    #[tokio::test]
+    async fn a_kubeconfig_that_cannot_be_used_is_named_never_quoted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("lease.kubeconfig");
+        std::fs::write(&path, "users:\n- name: x\n  user: {token: s3cr3t-t0ken-value\n").unwrap();
+        let settings = LeaderElection {
+            kubeconfig_file: Some(path.clone()),
+            namespace: None,
+            name: "driftless".into(),
+            identity: "a".into(),
+            lease_duration: s(15),
+            renew_deadline: s(10),
+            retry_period: s(2),
+        };
+        let err = client(&settings).await.err().expect("refused").to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        assert!(!err.contains("s3cr3t"), "{err}");
+        let missing = LeaderElection {
+            kubeconfig_file: Some(dir.path().join("nope")),
+            ..settings
+        };
+        let err = client(&missing).await.err().expect("refused").to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
 }
