@@ -219,6 +219,7 @@ fn report(git_ref: &str, revision: &str, outcome: Outcome) -> StatusReport {
         untrusted_changes: Vec::new(),
         history_rewritten: None,
         verification: None,
+        replica: None,
     }
 }
 

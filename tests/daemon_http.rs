@@ -52,6 +52,7 @@ impl TestServer {
             ready: ready.clone(),
             webhook_secret: secret.map(<[u8]>::to_vec),
             trigger: tx,
+            leadership: None,
         };
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(server::serve_with_limits(listener, state, limits, async move {

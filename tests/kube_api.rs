@@ -1482,3 +1482,59 @@ async fn kubectl_gets_applies_labels_and_deletes() {
 fn serde_yaml_text(v: &Value) -> String {
     format!("{v}\n")
 }
+
+/// Leader election rests on this: one write wins a race, the others get 409, as from
+/// kube-apiserver.
+#[tokio::test]
+async fn leases_are_written_with_optimistic_concurrency() {
+    use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+    let state = tempfile::tempdir().unwrap();
+    let _api = start(state.path()).await;
+    let client = kube_client(state.path()).await;
+    let leases: Api<Lease> = Api::namespaced(client, "default");
+    let lease = |holder: &str| Lease {
+        metadata: kube::api::ObjectMeta {
+            name: Some("driftless".into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(15),
+            ..LeaseSpec::default()
+        }),
+    };
+
+    let created = leases.create(&PostParams::default(), &lease("a")).await.unwrap();
+    let status = api_error(leases.create(&PostParams::default(), &lease("b")).await.unwrap_err());
+    assert_eq!((status.code, status.reason.as_str()), (409, "AlreadyExists"));
+
+    // Two replicas replace the lease they both read: one wins, the other is refused.
+    let read = leases.get("driftless").await.unwrap();
+    assert_eq!(read.metadata.resource_version, created.metadata.resource_version);
+    let mut by_b = read.clone();
+    by_b.spec.as_mut().unwrap().holder_identity = Some("b".into());
+    let mut by_c = read.clone();
+    by_c.spec.as_mut().unwrap().holder_identity = Some("c".into());
+    let pp = PostParams::default();
+    let (b, c) = tokio::join!(
+        leases.replace("driftless", &pp, &by_b),
+        leases.replace("driftless", &pp, &by_c)
+    );
+    let (won, lost) = match (b, c) {
+        (Ok(w), Err(l)) | (Err(l), Ok(w)) => (w, l),
+        (b, c) => panic!("exactly one write wins: {b:?} {c:?}"),
+    };
+    let status = api_error(lost);
+    assert_eq!((status.code, status.reason.as_str()), (409, "Conflict"));
+    assert_ne!(won.metadata.resource_version, read.metadata.resource_version);
+    let now = leases.get("driftless").await.unwrap();
+    assert_eq!(now.spec.unwrap().holder_identity, won.spec.unwrap().holder_identity);
+
+    // A stale resourceVersion stays stale; the current one writes.
+    let status = api_error(leases.replace("driftless", &pp, &by_b).await.unwrap_err());
+    assert_eq!(status.code, 409);
+    let mut fresh = leases.get("driftless").await.unwrap();
+    fresh.spec.as_mut().unwrap().holder_identity = Some("d".into());
+    let written = leases.replace("driftless", &pp, &fresh).await.unwrap();
+    assert_eq!(written.spec.unwrap().holder_identity.as_deref(), Some("d"));
+}

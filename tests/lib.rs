@@ -9,6 +9,7 @@ mod cli;
 mod daemon;
 mod daemon_git;
 mod daemon_http;
+mod daemon_replicas;
 mod doctor;
 mod e2e_cluster;
 mod e2e_proxmox;

@@ -34,6 +34,28 @@ pub struct DaemonFile {
     pub verify: Option<VerifyFile>,
     /// What the repository may not set (daemon::policy).
     pub policy: Option<Policy>,
+    /// One leader among replicas (daemon::leader); absent: a single replica that always leads.
+    pub leader_election: Option<LeaderElectionFile>,
+}
+
+/// `leader_election:`: replicas elect one leader through a Kubernetes Lease.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaderElectionFile {
+    /// The cluster holding the Lease; absent: the pod's service account (in-cluster).
+    pub kubeconfig_file: Option<PathBuf>,
+    /// [default: the kubeconfig context's namespace, in-cluster the pod's]
+    pub namespace: Option<String>,
+    /// The Lease's name [default: driftless].
+    pub name: Option<String>,
+    /// This replica's name in the Lease [default: hostname-pid].
+    pub identity: Option<String>,
+    /// How long a lease not seen renewed stays another replica's [default: 15s].
+    pub lease_duration: Option<String>,
+    /// How long the leader keeps leading without a successful renewal [default: 10s].
+    pub renew_deadline: Option<String>,
+    /// How often the lease is read and renewed or tried [default: 2s].
+    pub retry_period: Option<String>,
 }
 
 /// `verify:`: apply only commits signed by these keys.
@@ -148,6 +170,22 @@ pub struct DaemonSettings {
     /// silent (the quickstart prints the status reports instead).
     #[serde(default)]
     pub log_format: Option<crate::settings::LogFormat>,
+    /// One leader among replicas: `None` runs alone, always leading.
+    #[serde(default)]
+    pub leader_election: Option<LeaderElection>,
+}
+
+/// The resolved `leader_election:`; the timing follows client-go's leaderelection.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LeaderElection {
+    pub kubeconfig_file: Option<PathBuf>,
+    /// `None`: the client's default namespace.
+    pub namespace: Option<String>,
+    pub name: String,
+    pub identity: String,
+    pub lease_duration: Duration,
+    pub renew_deadline: Duration,
+    pub retry_period: Duration,
 }
 
 /// What one run may take before it is stopped.
@@ -198,6 +236,8 @@ pub enum ConfigError {
         "verify: names no key: give `allowed_signers:` or `openpgp_keys:` (--verify-allowed-signers, --verify-openpgp-keys)"
     )]
     VerifyWithoutKeys,
+    #[error("leader_election: {0}")]
+    LeaderElection(String),
 }
 
 fn duration(s: &str) -> Result<Duration, ConfigError> {
@@ -282,6 +322,7 @@ impl DaemonFlags {
         let verify = self.verify_settings(file.verify)?;
         let policy = file.policy.unwrap_or_default();
         policy.check().map_err(ConfigError::Policy)?;
+        let leader_election = file.leader_election.map(leader_election).transpose()?;
         Ok(DaemonSettings {
             repository,
             branch,
@@ -315,6 +356,7 @@ impl DaemonFlags {
             verify,
             policy,
             log_format: None,
+            leader_election,
         })
     }
 
@@ -347,6 +389,54 @@ impl DaemonFlags {
         }
         Ok(Some(settings))
     }
+}
+
+/// `leader_election:` with its defaults, checked as client-go checks its timing: a leader must
+/// give up before another replica may take over (renew_deadline < lease_duration), and must be
+/// able to try more than once before that (retry_period < renew_deadline).
+fn leader_election(file: LeaderElectionFile) -> Result<LeaderElection, ConfigError> {
+    let time = |key: &Option<String>, default: u64| {
+        key.as_deref()
+            .map(duration)
+            .transpose()
+            .map(|d| d.unwrap_or(Duration::from_secs(default)))
+    };
+    let lease_duration = time(&file.lease_duration, 15)?;
+    let renew_deadline = time(&file.renew_deadline, 10)?;
+    let retry_period = time(&file.retry_period, 2)?;
+    let problem = |m: &str| Err(ConfigError::LeaderElection(m.into()));
+    if retry_period.is_zero() {
+        return problem("retry_period must be at least 1s");
+    }
+    if renew_deadline <= retry_period {
+        return problem("renew_deadline must be longer than retry_period");
+    }
+    if lease_duration <= renew_deadline {
+        return problem("lease_duration must be longer than renew_deadline");
+    }
+    let name = file.name.unwrap_or_else(|| "driftless".into());
+    if !crate::daemon::leader::valid_name(&name) {
+        return problem("name must be a Kubernetes object name (lower-case letters, digits, '-' and '.')");
+    }
+    if let Some(ns) = &file.namespace
+        && !crate::daemon::leader::valid_name(ns)
+    {
+        return problem("namespace must be a Kubernetes namespace name");
+    }
+    let identity = match file.identity {
+        Some(i) if i.trim().is_empty() => return problem("identity must not be empty"),
+        Some(i) => i,
+        None => crate::daemon::leader::default_identity(),
+    };
+    Ok(LeaderElection {
+        kubeconfig_file: file.kubeconfig_file,
+        namespace: file.namespace,
+        name,
+        identity,
+        lease_duration,
+        renew_deadline,
+        retry_period,
+    })
 }
 
 #[cfg(test)]
@@ -407,6 +497,57 @@ mod tests {
         ));
         assert!(matches!(
             with_config("verify:\n  allowed_signer: /a\n", DaemonFlags::default()),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn leader_election_is_off_unless_asked_and_its_timing_must_let_a_leader_step_down_first() {
+        assert_eq!(
+            with_config("branch: main\n", DaemonFlags::default())
+                .unwrap()
+                .leader_election,
+            None
+        );
+        let yaml = "leader_election:\n  kubeconfig_file: /etc/driftless/lease.kubeconfig\n  namespace: infra\n  identity: pve1\n";
+        let l = with_config(yaml, DaemonFlags::default())
+            .unwrap()
+            .leader_election
+            .unwrap();
+        assert_eq!(
+            l.kubeconfig_file,
+            Some(PathBuf::from("/etc/driftless/lease.kubeconfig"))
+        );
+        assert_eq!(
+            (l.namespace.as_deref(), l.name.as_str(), l.identity.as_str()),
+            (Some("infra"), "driftless", "pve1")
+        );
+        assert_eq!(
+            (l.lease_duration, l.renew_deadline, l.retry_period),
+            (Duration::from_secs(15), Duration::from_secs(10), Duration::from_secs(2))
+        );
+        let l = with_config("leader_election: {}\n", DaemonFlags::default())
+            .unwrap()
+            .leader_election
+            .unwrap();
+        assert!(!l.identity.is_empty(), "an identity by default");
+        for (bad, says) in [
+            (
+                "leader_election: {lease_duration: 10s, renew_deadline: 10s}\n",
+                "lease_duration",
+            ),
+            ("leader_election: {renew_deadline: 2s}\n", "renew_deadline"),
+            ("leader_election: {name: Not_A_Name}\n", "name"),
+            ("leader_election: {identity: ' '}\n", "identity"),
+        ] {
+            let err = with_config(bad, DaemonFlags::default()).unwrap_err();
+            assert!(
+                matches!(&err, ConfigError::LeaderElection(m) if m.contains(says)),
+                "{bad}: {err}"
+            );
+        }
+        assert!(matches!(
+            with_config("leader_election: {kubeconfig: /x}\n", DaemonFlags::default()),
             Err(ConfigError::Parse { .. })
         ));
     }

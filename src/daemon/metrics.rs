@@ -8,6 +8,7 @@
 //! | `driftless_last_applied_info` | gauge (always 1) | `revision` |
 //! | `driftless_api_errors_total` | counter | `system` (proxmox, ssh, kubernetes, talos, git, secrets, repository) |
 //! | `driftless_last_reconcile_timestamp_seconds` | gauge | |
+//! | `driftless_leader` | gauge (1 leader, 0 follower) | |
 //!
 //! Every metric is an atomic behind an `Arc` inside prometheus-client, so recording takes `&self`
 //! from any thread; the one compound update (switching the applied revision) holds a mutex.
@@ -127,6 +128,7 @@ pub struct Metrics {
     last_applied_revision: Mutex<Option<String>>,
     api_errors: Family<SystemLabels, Counter>,
     last_reconcile: Gauge<f64, AtomicU64>,
+    leader: Gauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -182,6 +184,12 @@ impl Metrics {
             Unit::Seconds,
             last_reconcile.clone(),
         );
+        let leader = Gauge::default();
+        registry.register(
+            "driftless_leader",
+            "1 while this replica is the leader (the one that applies), 0 while it follows",
+            leader.clone(),
+        );
 
         // Known label combinations start at zero, so rates and alerts work before the first event.
         for kind in ReconcileKind::ALL {
@@ -202,6 +210,7 @@ impl Metrics {
             last_applied_revision: Mutex::new(None),
             api_errors,
             last_reconcile,
+            leader,
         }
     }
 
@@ -253,6 +262,11 @@ impl Metrics {
             .clone()
     }
 
+    /// Whether this replica leads (a daemon without leader election always does).
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
     /// Counts a failed call to `system`.
     pub fn record_api_error(&self, system: System) {
         self.api_errors.get_or_create(&SystemLabels { system }).inc();
@@ -285,6 +299,7 @@ mod tests {
             "# TYPE driftless_last_applied_info gauge",
             "# TYPE driftless_api_errors counter",
             "# TYPE driftless_last_reconcile_timestamp_seconds gauge",
+            "# TYPE driftless_leader gauge",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }
@@ -294,6 +309,10 @@ mod tests {
         );
         assert!(text.contains("driftless_api_errors_total{system=\"ssh\"} 0"), "{text}");
         assert!(!text.contains("driftless_last_applied_info{"), "{text}");
+        assert!(
+            text.contains("\ndriftless_leader 0\n"),
+            "not leading until told: {text}"
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 

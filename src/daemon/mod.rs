@@ -2,6 +2,7 @@ pub mod config;
 pub(crate) mod decide;
 pub mod forge;
 pub mod git;
+pub mod leader;
 pub mod memory;
 pub mod metrics;
 pub(crate) mod policy;

@@ -8,6 +8,7 @@
 use super::config::DaemonSettings;
 use super::decide::{self, Retry, Revisions};
 use super::git::{Mirror, glob_match};
+use super::leader::{self, Leadership};
 use super::metrics::{self, Metrics, ReconcileKind};
 use super::server::{self, ServerState, Trigger};
 use super::status::{Outcome, RunKind};
@@ -170,6 +171,8 @@ pub struct Daemon<B: Backend> {
     metrics: Arc<Metrics>,
     stop: Arc<AtomicBool>,
     memory: Memory,
+    /// With leader election: runs start only while this replica leads.
+    leadership: Option<Arc<Leadership>>,
 }
 
 /// The branch's full ref name.
@@ -200,7 +203,19 @@ impl<B: Backend> Daemon<B> {
                 kept,
                 ..Memory::default()
             },
+            leadership: None,
         }
+    }
+
+    /// One replica among several: fetch always, but reconcile, plan, check drift and push
+    /// reports only while `leadership` says this one leads.
+    pub fn with_leadership(mut self, leadership: Arc<Leadership>) -> Self {
+        self.leadership = Some(leadership);
+        self
+    }
+
+    fn leading(&self) -> bool {
+        self.leadership.as_ref().is_none_or(|l| l.is_leader())
     }
 
     fn job(&self, git_ref: &str, commit: &str, kind: RunKind) -> RunJob {
@@ -218,7 +233,18 @@ impl<B: Backend> Daemon<B> {
     async fn run_revision(&mut self, git_ref: &str, commit: &str, kind: RunKind) {
         let clock = Instant::now();
         let job = self.job(git_ref, commit, kind);
-        let result = self.backend.run(&job, &self.stop).await;
+        let result = match self.leadership.clone() {
+            None => self.backend.run(&job, &self.stop).await,
+            // A replica that stops leading stops its run between two steps: the next leader
+            // must not apply beside it.
+            Some(l) => {
+                let run_stop = AtomicBool::new(false);
+                tokio::select! {
+                    r = self.backend.run(&job, &run_stop) => r,
+                    () = l.stop_run_unless_leading(&self.stop, &run_stop) => unreachable!("never completes"),
+                }
+            }
+        };
         record(&self.metrics, kind, &result, clock.elapsed());
         if let Some(schedule) = &result.schedule {
             self.memory.schedule = Some(schedule.clone());
@@ -261,6 +287,10 @@ impl<B: Backend> Daemon<B> {
             }
         };
         ready.store(true, Ordering::Release);
+        if !self.leading() {
+            // A follower keeps its mirror warm; the leader runs, plans and reports.
+            return;
+        }
         self.backend.flush_reports().await;
         let watched = branch_ref(&self.settings.branch);
         if let Some(commit) = refs.get(&watched).cloned() {
@@ -298,6 +328,9 @@ impl<B: Backend> Daemon<B> {
     }
 
     async fn drift(&mut self) {
+        if !self.leading() {
+            return;
+        }
         let revisions = &self.memory.kept.revisions;
         let Some(commit) = revisions
             .last_applied
@@ -426,6 +459,18 @@ pub async fn run_until(settings: DaemonSettings, run: RunSettings, control: Cont
         super::verify::Policy::load(verify)?;
     }
     let metrics = Arc::new(Metrics::new());
+    // With leader election, checked at start too: a kubeconfig that cannot be read is an error
+    // now, not a replica that follows for ever.
+    let election = match &settings.leader_election {
+        None => {
+            metrics.set_leader(true);
+            None
+        }
+        Some(election) => {
+            let (client, namespace) = leader::client(election).await?;
+            Some((election.clone(), client, namespace, Leadership::new(&election.identity)))
+        }
+    };
     let ready = Arc::new(AtomicBool::new(false));
     let (stop, shutdown) = (control.stop.clone(), control.shutdown.clone());
     let (trigger_tx, mut trigger_rx) = mpsc::channel::<Trigger>(1);
@@ -447,6 +492,7 @@ pub async fn run_until(settings: DaemonSettings, run: RunSettings, control: Cont
         ready: ready.clone(),
         webhook_secret,
         trigger: trigger_tx,
+        leadership: election.as_ref().map(|(.., l)| l.clone()),
     };
     let server_shutdown = shutdown.clone();
     let server = tokio::spawn(async move {
@@ -461,9 +507,25 @@ pub async fn run_until(settings: DaemonSettings, run: RunSettings, control: Cont
         mirror: Arc::new(mirror),
         settings: settings.clone(),
     };
-    let mut daemon = Daemon::new(settings, run, backend, metrics, stop.clone());
+    let mut daemon = Daemon::new(settings, run, backend, metrics.clone(), stop.clone());
+    // The election runs until the loop below has ended (its last run over), then releases the
+    // Lease.
+    let (loop_done, done) = tokio::sync::watch::channel(false);
+    let election = match election {
+        None => None,
+        Some((election, client, namespace, leadership)) => {
+            daemon = daemon.with_leadership(leadership.clone());
+            Some(tokio::spawn(leader::run(
+                election, client, namespace, leadership, metrics, done,
+            )))
+        }
+    };
     tracing::info!(repository = %super::git::display_url(&daemon.settings.repository), branch = %daemon.settings.branch, "daemon started");
     daemon.run_loop(&ready, &mut trigger_rx, &mut watch_rx, &shutdown).await;
+    let _ = loop_done.send(true);
+    if let Some(election) = election {
+        let _ = election.await;
+    }
     shutdown.notify_waiters();
     let _ = server.await;
     tracing::info!("daemon stopped");
@@ -482,6 +544,7 @@ impl<B: Backend> Daemon<B> {
     ) {
         let mut drift_at: Option<Instant> = None;
         let (plans, plan_task) = plan_lane(self.backend.clone(), self.metrics.clone(), self.stop.clone());
+        let mut roles = self.leadership.as_ref().map(|l| l.subscribe());
         loop {
             self.poll(ready, &plans).await;
             if self.stop.load(Ordering::SeqCst) {
@@ -504,8 +567,16 @@ impl<B: Backend> Daemon<B> {
                     None => std::future::pending().await,
                 }
             };
+            // A replica that starts leading polls at once: it may have a commit to apply.
+            let role_changed = async {
+                match roles.as_mut() {
+                    Some(r) => r.changed().await.is_ok(),
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep_until(poll_at) => {}
+                true = role_changed => {}
                 Some(t) = triggers.recv() => tracing::info!(trigger = ?t, "webhook: fetching now"),
                 Some(()) = local_changes.recv() => tracing::info!("local repository changed: fetching now"),
                 _ = drift_sleep => {
@@ -651,6 +722,17 @@ mod tests {
         reconcile_outcomes: &[Outcome],
         plan_takes: Duration,
     ) -> Harness {
+        start_with(state, flags, head, reconcile_outcomes, plan_takes, None)
+    }
+
+    fn start_with(
+        state: tempfile::TempDir,
+        flags: DaemonFlags,
+        head: &str,
+        reconcile_outcomes: &[Outcome],
+        plan_takes: Duration,
+        leadership: Option<Arc<Leadership>>,
+    ) -> Harness {
         let settings = DaemonFlags {
             repository: Some("file:///srv/homelab.git".into()),
             plan_refs: vec!["refs/pull/*/head".into()],
@@ -686,6 +768,9 @@ mod tests {
             Arc::new(Metrics::new()),
             control.stop.clone(),
         );
+        if let Some(l) = leadership {
+            daemon = daemon.with_leadership(l);
+        }
         let shutdown = control.shutdown.clone();
         let loop_ready = ready.clone();
         let task = tokio::spawn(async move {
@@ -887,5 +972,41 @@ mod tests {
         let (runs, fetches) = second.stop().await;
         assert_eq!(runs, [], "neither c1 nor the pull request is run again");
         assert_eq!(fetches, [0]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_fetches_but_runs_nothing_and_starts_at_once_when_it_leads() {
+        let leadership = Leadership::new("replica-b");
+        let h = start_with(
+            tempfile::tempdir().unwrap(),
+            DaemonFlags {
+                poll_interval: Some("60s".into()),
+                drift_interval: Some("30s".into()),
+                ..DaemonFlags::default()
+            },
+            "c1",
+            &[],
+            Duration::ZERO,
+            Some(leadership.clone()),
+        );
+        h.refs.lock().unwrap().insert("refs/pull/4/head".into(), "p1".into());
+        tokio::time::sleep(Duration::from_secs(100)).await;
+        assert_eq!(
+            *h.runs.lock().unwrap(),
+            [],
+            "a follower neither applies, plans nor checks drift"
+        );
+        assert!(h.ready.load(Ordering::SeqCst), "a follower is ready: it fetches");
+        leadership.set(leader::Role::Leader);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let runs = h.runs.lock().unwrap().clone();
+        assert_eq!(
+            runs,
+            [run(100, RunKind::Reconcile, "c1"), run(100, RunKind::PullRequest, "p1")],
+            "the new leader polls at once, without waiting for its interval"
+        );
+        let (_, fetches) = h.stop().await;
+        // Fetches on the interval and after each drift tick, which a follower skips.
+        assert_eq!(fetches, [0, 30, 60, 90, 100]);
     }
 }

@@ -2,7 +2,9 @@
 //!
 //! - `GET /healthz`: 200 `ok` while the process serves.
 //! - `GET /readyz`: 200 while `ready` is set (the last fetch succeeded), 503 before the first
-//!   one and while fetches fail.
+//!   one and while fetches fail. With leader election the body says the role (`ready: leader`,
+//!   `ready: follower, leader NAME`): a follower is ready too, since it is ready to take over,
+//!   and a Deployment's rolling update waits for its new pods to be ready.
 //! - `GET /metrics`: OpenMetrics text.
 //! - `POST /webhook`: 404 when no secret is configured (webhooks off); 401 when the signature is
 //!   missing or wrong, and nothing is triggered; 202 when verified, with a [`Trigger`] sent
@@ -39,6 +41,7 @@ use hyper_util::service::TowerToHyperService;
 use tokio::sync::{Notify, mpsc, watch};
 use tokio::time::Instant;
 
+use super::leader::{Leadership, Role};
 use super::metrics::Metrics;
 use super::webhook::{self, Deliveries, Forge};
 
@@ -104,6 +107,8 @@ pub struct ServerState {
     /// Where verified webhooks go; a small bounded channel (capacity 1 is enough: one pending
     /// trigger already means "poll soon").
     pub trigger: mpsc::Sender<Trigger>,
+    /// The election's role; `None` without leader election.
+    pub leadership: Option<Arc<Leadership>>,
 }
 
 impl fmt::Debug for ServerState {
@@ -371,7 +376,13 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(shared): State<Arc<Shared>>) -> Response {
     if shared.state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready").into_response()
+        let body = match shared.state.leadership.as_ref().map(|l| l.role()) {
+            None => "ready".to_string(),
+            Some(Role::Leader) => "ready: leader".to_string(),
+            Some(Role::Follower { leader: None }) => "ready: follower".to_string(),
+            Some(Role::Follower { leader: Some(l) }) => format!("ready: follower, leader {l}"),
+        };
+        (StatusCode::OK, body).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,

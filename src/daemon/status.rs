@@ -123,6 +123,9 @@ pub struct StatusReport {
     pub history_rewritten: Option<String>,
     /// The commit signature check, when `verify:` is on.
     pub verification: Option<Verification>,
+    /// The replica that ran it, with leader election (`leader_election.identity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// The counts a person (or `driftless status`) wants at a glance.
@@ -342,6 +345,9 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
     let _ = writeln!(out, "| outcome | **{}** |", r.outcome.as_str());
     let _ = writeln!(out, "| started | {} |", md::text(&r.started));
     let _ = writeln!(out, "| finished | {} |", md::text(&r.finished));
+    if let Some(replica) = &r.replica {
+        let _ = writeln!(out, "| replica | {} |", md::code(replica));
+    }
     if let Some(rev) = &r.last_attempted_revision {
         let _ = writeln!(out, "| last attempted revision | {} |", md::code(rev));
     }
@@ -584,6 +590,7 @@ mod tests {
             untrusted_changes: Vec::new(),
             history_rewritten: None,
             verification: None,
+            replica: None,
         }
     }
 

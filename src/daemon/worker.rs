@@ -61,6 +61,7 @@ impl RunJob {
             untrusted_changes: Vec::new(),
             history_rewritten: None,
             verification: None,
+            replica: self.settings.leader_election.as_ref().map(|l| l.identity.clone()),
         }
     }
 
@@ -289,6 +290,16 @@ pub fn daemon_secrets(settings: &DaemonSettings, run: &RunSettings) -> Vec<Strin
                 .unwrap_or_default(),
         );
     }
+    // The leader election's kubeconfig, the same way.
+    let lease_kubeconfig = settings
+        .leader_election
+        .as_ref()
+        .and_then(|l| l.kubeconfig_file.as_deref());
+    values.extend(
+        read(lease_kubeconfig)
+            .map(|t| secret_parts(&t, true))
+            .unwrap_or_default(),
+    );
     values
 }
 

@@ -119,13 +119,25 @@ impl Setup {
 
     /// Start `driftless daemon` against `url` with extra flags.
     pub fn start_daemon(&mut self, url: &str, extra: &[&str]) {
-        let exe = crate::driftless_bin();
         let log = std::fs::File::create(&self.daemon_log).unwrap();
+        let mut cmd = self.daemon_command(url, &self.dir.path().join("daemon-state"), self.listen, extra);
+        cmd.stdout(log.try_clone().unwrap()).stderr(log);
+        self.daemon = Some(Killed(cmd.spawn().expect("daemon starts")));
+        let port = self.listen;
+        wait_until(Duration::from_secs(20), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+        })
+        .unwrap_or_else(|| panic!("the daemon listens\n{}", self.log()));
+    }
+
+    /// `driftless daemon` against `url` and the sandbox, with its state in `state_dir`.
+    fn daemon_command(&self, url: &str, state_dir: &Path, listen: u16, extra: &[&str]) -> Command {
+        let exe = crate::driftless_bin();
         let s = self.sandbox();
         let mut cmd = Command::new(exe);
         cmd.args(["daemon", "--repository", url, "--state-dir"])
-            .arg(self.dir.path().join("daemon-state"))
-            .args(["--listen", &format!("127.0.0.1:{}", self.listen)])
+            .arg(state_dir)
+            .args(["--listen", &format!("127.0.0.1:{listen}")])
             .args(extra)
             .env("DRIFTLESS_PROXMOX_TOKEN_FILE", &self.token_file)
             .env("DRIFTLESS_PVE_ROOT", &self.state)
@@ -139,19 +151,34 @@ impl Setup {
             .env("DRIFTLESS_TALOS_ENDPOINT", &s.talos.endpoint)
             .env("DRIFTLESS_LOG", "info,driftless=debug,notify=warn")
             .env("DRIFTLESS_SECRETS_DIR", self.dir.path().join("secrets"))
-            .env("GIT_CONFIG_GLOBAL", "/dev/null")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+            .env("GIT_CONFIG_GLOBAL", "/dev/null");
         if !self.proxmox_from_repository {
             cmd.env("DRIFTLESS_PROXMOX_URL", &s.url)
                 .env("DRIFTLESS_PROXMOX_FINGERPRINT", &s.fingerprint);
         }
-        self.daemon = Some(Killed(cmd.spawn().expect("daemon starts")));
-        let port = self.listen;
+        cmd
+    }
+
+    /// One more daemon against `url`, as a replica with its own state, port and log:
+    /// `name` names its files.
+    pub fn start_replica(&self, name: &str, url: &str, extra: &[&str]) -> Replica {
+        let log = self.dir.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let listen = free_port();
+        let state = self.dir.path().join(format!("{name}-state"));
+        let mut cmd = self.daemon_command(url, &state, listen, extra);
+        cmd.stdout(file.try_clone().unwrap()).stderr(file);
+        let replica = Replica {
+            name: name.to_string(),
+            child: Killed(cmd.spawn().expect("daemon starts")),
+            listen,
+            log,
+        };
         wait_until(Duration::from_secs(20), || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
+            std::net::TcpStream::connect(("127.0.0.1", listen)).ok()
         })
-        .unwrap_or_else(|| panic!("the daemon listens\n{}", self.log()));
+        .unwrap_or_else(|| panic!("the replica {name} listens\n{}", replica.log()));
+        replica
     }
 
     pub fn log(&self) -> String {
@@ -233,6 +260,55 @@ impl Drop for Setup {
             self.rt.block_on(s.shutdown());
         }
     }
+}
+
+/// A daemon started by [`Setup::start_replica`]; killed when dropped.
+pub struct Replica {
+    pub name: String,
+    pub child: Killed,
+    pub listen: u16,
+    pub log: PathBuf,
+}
+
+impl Replica {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.0.id()
+    }
+
+    /// `GET path` on the replica's HTTP server: the status code and the body.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.listen, path)
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback: the status code and the body (0 and empty when the
+/// server does not answer).
+pub fn http_get(port: u16, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    if stream.write_all(request.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    let code = answer
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
 }
 
 /// The worker-2 change used by several tests: 6 GiB of memory, a recorded deviation.
