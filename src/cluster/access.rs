@@ -541,6 +541,13 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                 maintenance, config, ..
             } => self.talos_apply(node, config, *maintenance, log).await,
             Action::TalosBootstrap => self.talos_bootstrap(node, log).await,
+            Action::TalosUpgrade {
+                refused: Some(why), ..
+            }
+            | Action::KubernetesUpgrade { refused: why, .. } => {
+                Err(ClusterError::Config(format!("{}: {why}", node.name)))
+            }
+            Action::TalosUpgrade { to, image, .. } => self.talos_upgrade(node, to, image, log).await,
             Action::NodeMetadata { .. } => self.node_metadata(node, log).await,
             _ => Err(ClusterError::Config("not a cluster step".into())),
         }
@@ -779,6 +786,59 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         self.write_secret_file(KUBECONFIG_FILE, &kubeconfig)?;
         log.push(format!("kubeconfig saved to {}", self.kubeconfig_path().display()));
         self.gate(&node.name, log).await
+    }
+
+    /// `talosctl upgrade` one node: ask again which version runs (the plan may be older), send
+    /// Upgrade with the installer image, then wait, within the gate timeout, until the node
+    /// answers over mTLS with the new version (it is unreachable while it reboots), and
+    /// until it is Ready again.
+    async fn talos_upgrade(&self, node: &Node, to: &str, image: &str, log: &mut Vec<String>) -> Result<(), ClusterError> {
+        let client = self.talos(true)?;
+        let ip = node.ip().to_string();
+        let from = match client.probe(&ip).await.map_err(|e| ClusterError::talos(node, e))? {
+            TalosNodeState::Configured { version } => version,
+            TalosNodeState::Maintenance => {
+                return Err(ClusterError::talos_failed(format!(
+                    "{}: answers in maintenance mode, not as the configured node to upgrade",
+                    node.name
+                )));
+            }
+        };
+        if from == to {
+            log.push(format!("Talos {to} runs already"));
+        } else {
+            let ack = client.upgrade(&ip, image).await.map_err(|e| ClusterError::talos(node, e))?;
+            log.push(format!("upgrade {from} -> {to} with {image} accepted ({})", ack.trim()));
+            let started = tokio::time::Instant::now();
+            let deadline = started + self.settings.gate_timeout;
+            let mut last;
+            loop {
+                tokio::time::sleep(self.settings.gate_interval).await;
+                last = match client.probe(&ip).await {
+                    Ok(TalosNodeState::Configured { version }) if version == to => break,
+                    Ok(TalosNodeState::Configured { version }) => format!("it still runs {version}"),
+                    Ok(TalosNodeState::Maintenance) => "it answers in maintenance mode".to_string(),
+                    Err(e) if e.retryable() => format!("rebooting: {e}"),
+                    Err(e) => return Err(ClusterError::talos(node, e)),
+                };
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ClusterError::talos_failed(format!(
+                        "{}: Talos did not come back with {to} within {} s ({last}); the wave stops here",
+                        node.name,
+                        self.settings.gate_timeout.as_secs()
+                    )));
+                }
+            }
+            log.push(format!(
+                "{} runs Talos {to} ({} ms)",
+                node.name,
+                started.elapsed().as_millis()
+            ));
+        }
+        if self.kubeconfig_path().exists() {
+            self.gate(&node.name, log).await?;
+        }
+        Ok(())
     }
 
     async fn node_metadata(&self, node: &Node, log: &mut Vec<String>) -> Result<(), ClusterError> {
