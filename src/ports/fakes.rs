@@ -674,6 +674,14 @@ impl FakeKube {
         s.ready_after.insert(name.to_string(), looks);
     }
 
+    /// The kubelet version `name` reports.
+    pub fn set_kubelet_version(&self, name: &str, version: &str) {
+        let mut s = self.state.lock().unwrap();
+        if let Some(node) = s.nodes.iter_mut().find(|n| n.name == name) {
+            node.kubelet_version = version.to_string();
+        }
+    }
+
     pub fn set_readyz_failing(&self, why: Option<&str>) {
         self.state.lock().unwrap().readyz = why.map(str::to_string);
     }
@@ -747,6 +755,8 @@ pub struct FakeTalos {
     rebooting: Arc<Mutex<BTreeMap<String, u32>>>,
     /// Nodes whose upgrade is acknowledged but which come back with their old version.
     stuck: Arc<Mutex<BTreeSet<String>>>,
+    /// Nodes sent an upgrade while another node was still rebooting.
+    pub overlapping: Arc<Mutex<Vec<String>>>,
 }
 
 impl FakeTalos {
@@ -849,6 +859,9 @@ impl TalosApi for FakeTalos {
             return Err(e);
         }
         self.upgrades.lock().unwrap().push((node.to_string(), image.to_string()));
+        if self.rebooting.lock().unwrap().values().any(|left| *left > 0) {
+            self.overlapping.lock().unwrap().push(node.to_string());
+        }
         if !self.stuck.lock().unwrap().contains(node)
             && let Some((_, tag)) = image.rsplit_once(':')
         {
