@@ -256,7 +256,12 @@ fn a_talos_version_bump_upgrades_the_nodes_one_at_a_time_control_plane_first_eac
         .filter(|s| s["action"] == "talos_upgrade")
         .collect();
     let order: Vec<&str> = upgrades.iter().map(|s| s["node"].as_str().unwrap()).collect();
-    assert_eq!(order, ["talos-cp-1", "talos-worker-1", "talos-worker-2"], "{:?}", verbs(&plan));
+    assert_eq!(
+        order,
+        ["talos-cp-1", "talos-worker-1", "talos-worker-2"],
+        "{:?}",
+        verbs(&plan)
+    );
     for step in &upgrades {
         assert_eq!(step["from"], "v1.13.9");
         assert_eq!(step["to"], "v1.13.10");
@@ -274,7 +279,8 @@ fn a_talos_version_bump_upgrades_the_nodes_one_at_a_time_control_plane_first_eac
     }
     let text = env.run(&["plan"], &[]);
     assert!(
-        text.stdout.contains("talos v1.13.9 -> v1.13.10 (set by cluster.yaml:4)"),
+        text.stdout
+            .contains("talos v1.13.9 -> v1.13.10 (set by cluster.yaml:4)"),
         "{}",
         text.stdout
     );

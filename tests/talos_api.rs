@@ -589,7 +589,10 @@ async fn upgrade_checks_the_installer_reference_reboots_the_node_and_keeps_its_c
         "a refused upgrade changes nothing"
     );
 
-    let ack = talos.upgrade(CP, "ghcr.io/siderolabs/installer:v1.13.10").await.unwrap();
+    let ack = talos
+        .upgrade(CP, "ghcr.io/siderolabs/installer:v1.13.10")
+        .await
+        .unwrap();
     assert_eq!(ack, "Upgrade request received");
     // Unreachable while it reboots (a retryable answer), then the new version.
     let mut tries = 0;
@@ -609,7 +612,11 @@ async fn upgrade_checks_the_installer_reference_reboots_the_node_and_keeps_its_c
     let records = talos_api::upgrades(&sandbox.state);
     assert_eq!(records.len(), 1);
     assert_eq!(
-        (records[0].node.as_str(), records[0].from.as_str(), records[0].to.as_str()),
+        (
+            records[0].node.as_str(),
+            records[0].from.as_str(),
+            records[0].to.as_str()
+        ),
         (CP, "v1.13.9", "v1.13.10")
     );
     // The config is kept: the same one again is no change.

@@ -541,10 +541,7 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                 maintenance, config, ..
             } => self.talos_apply(node, config, *maintenance, log).await,
             Action::TalosBootstrap => self.talos_bootstrap(node, log).await,
-            Action::TalosUpgrade {
-                refused: Some(why), ..
-            }
-            | Action::KubernetesUpgrade { refused: why, .. } => {
+            Action::TalosUpgrade { refused: Some(why), .. } | Action::KubernetesUpgrade { refused: why, .. } => {
                 Err(ClusterError::Config(format!("{}: {why}", node.name)))
             }
             Action::TalosUpgrade { to, image, .. } => self.talos_upgrade(node, to, image, log).await,
@@ -792,7 +789,13 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
     /// Upgrade with the installer image, then wait, within the gate timeout, until the node
     /// answers over mTLS with the new version (it is unreachable while it reboots), and
     /// until it is Ready again.
-    async fn talos_upgrade(&self, node: &Node, to: &str, image: &str, log: &mut Vec<String>) -> Result<(), ClusterError> {
+    async fn talos_upgrade(
+        &self,
+        node: &Node,
+        to: &str,
+        image: &str,
+        log: &mut Vec<String>,
+    ) -> Result<(), ClusterError> {
         let client = self.talos(true)?;
         let ip = node.ip().to_string();
         let from = match client.probe(&ip).await.map_err(|e| ClusterError::talos(node, e))? {
@@ -807,7 +810,10 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         if from == to {
             log.push(format!("Talos {to} runs already"));
         } else {
-            let ack = client.upgrade(&ip, image).await.map_err(|e| ClusterError::talos(node, e))?;
+            let ack = client
+                .upgrade(&ip, image)
+                .await
+                .map_err(|e| ClusterError::talos(node, e))?;
             log.push(format!("upgrade {from} -> {to} with {image} accepted ({})", ack.trim()));
             let started = tokio::time::Instant::now();
             let deadline = started + self.settings.gate_timeout;
@@ -1405,19 +1411,29 @@ mod tests {
 
     /// The Talos lab with cluster.yaml saying `version` and `kubernetes`; every node runs
     /// Talos v1.13.9 and is Ready with kubelet v1.34.1; a kubeconfig exists.
-    fn upgrade_lab(version: &str, kubernetes: &str) -> (Desired, Vec<Artifact>, tempfile::TempDir, Observed, FakeCluster) {
+    fn upgrade_lab(
+        version: &str,
+        kubernetes: &str,
+    ) -> (Desired, Vec<Artifact>, tempfile::TempDir, Observed, FakeCluster) {
         let (_, _, secrets, guests) = talos_lab();
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/homelab-talos");
         let mut files = crate::source::read_dir(&dir).unwrap();
         let text = String::from_utf8(files.files["cluster.yaml"].clone()).unwrap();
         let text = text
             .replace("version: v1.13.9", &format!("version: {version}"))
-            .replace("kubernetes_version: v1.34.1", &format!("kubernetes_version: {kubernetes}"));
+            .replace(
+                "kubernetes_version: v1.34.1",
+                &format!("kubernetes_version: {kubernetes}"),
+            );
         files.insert("cluster.yaml".to_string(), text);
         let (desired, artifacts) = crate::test_repo::load_files(&files);
         std::fs::write(secrets.path().join(KUBECONFIG_FILE), "apiVersion: v1\n").unwrap();
         let cluster = FakeCluster::default();
-        for (ip, name) in [(CP, "talos-cp-1"), (WORKER_1, "talos-worker-1"), (WORKER_2, "talos-worker-2")] {
+        for (ip, name) in [
+            (CP, "talos-cp-1"),
+            (WORKER_1, "talos-worker-1"),
+            (WORKER_2, "talos-worker-2"),
+        ] {
             cluster.talos.configure_version(ip, "v1.13.9");
             cluster.kube.ready_node(name);
             cluster.kube.set_kubelet_version(name, "v1.34.1");
@@ -1443,7 +1459,14 @@ mod tests {
     }
 
     fn upgraded(cluster: &FakeCluster) -> Vec<String> {
-        cluster.talos.upgrades.lock().unwrap().iter().map(|(n, _)| n.clone()).collect()
+        cluster
+            .talos
+            .upgrades
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     #[tokio::test(start_paused = true)]
@@ -1486,14 +1509,24 @@ mod tests {
         );
         for outcome in report.done.iter().filter(|o| o.action == "upgrade talos") {
             // Back with the new version, then Ready: the gate, in that order.
-            let back = outcome.log.iter().position(|l| l.ends_with("runs Talos v1.13.10 (1500 ms)"));
+            let back = outcome
+                .log
+                .iter()
+                .position(|l| l.ends_with("runs Talos v1.13.10 (1500 ms)"));
             let ready = outcome.log.iter().position(|l| l.contains("Ready, API ready"));
-            assert!(matches!((back, ready), (Some(b), Some(r)) if b < r), "{:?}", outcome.log);
+            assert!(
+                matches!((back, ready), (Some(b), Some(r)) if b < r),
+                "{:?}",
+                outcome.log
+            );
         }
         // The nodes run it now: nothing more to upgrade.
         let plan = talos_plan(&access, &guests, vec![]).await;
         assert!(
-            !plan.steps.iter().any(|s| matches!(s.action, Action::TalosUpgrade { .. })),
+            !plan
+                .steps
+                .iter()
+                .any(|s| matches!(s.action, Action::TalosUpgrade { .. })),
             "{plan:#?}"
         );
     }
@@ -1526,7 +1559,10 @@ mod tests {
             )
         );
         assert!(
-            report.not_done.iter().any(|s| s.starts_with("upgrade talos talos-worker-2")),
+            report
+                .not_done
+                .iter()
+                .any(|s| s.starts_with("upgrade talos talos-worker-2")),
             "{:?}",
             report.not_done
         );
@@ -1573,7 +1609,11 @@ mod tests {
         let failed = report.done.iter().find(|o| !o.ok).unwrap();
         assert_eq!(failed.action, "upgrade talos");
         assert!(
-            failed.error.as_deref().unwrap().contains("Talos upgrades one minor release at a time"),
+            failed
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("Talos upgrades one minor release at a time"),
             "{failed:?}"
         );
         assert!(upgraded(&cluster).is_empty());

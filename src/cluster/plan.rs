@@ -563,7 +563,11 @@ pub fn merge(desired: &Desired, artifacts: &[Artifact], observed: &ClusterObserv
                 }
             }
             Distribution::Talos => {
-                if desired.control_plane().next().is_some_and(|first| first.name == node.name) {
+                if desired
+                    .control_plane()
+                    .next()
+                    .is_some_and(|first| first.name == node.name)
+                {
                     steps.extend(kubernetes_upgrade_step(desired, node, observed));
                 }
                 if maintenance_apply_allowed(node)
@@ -953,7 +957,10 @@ mod tests {
         let text = String::from_utf8(files.files["cluster.yaml"].clone()).unwrap();
         let text = text
             .replace("version: v1.13.9", &format!("version: {version}"))
-            .replace("kubernetes_version: v1.34.1", &format!("kubernetes_version: {kubernetes}"));
+            .replace(
+                "kubernetes_version: v1.34.1",
+                &format!("kubernetes_version: {kubernetes}"),
+            );
         files.insert("cluster.yaml".to_string(), text);
         let desired = load(&files, &LoadOptions::default()).unwrap();
         let artifacts = render_all(&desired).unwrap();
@@ -1042,7 +1049,10 @@ mod tests {
         let deps = crate::plan::schedule::dependencies(&p.steps, &control_plane);
         assert_eq!(deps, [vec![], vec![0], vec![0, 1]]);
         let text = crate::plan::display::text(&p, crate::plan::display::Wording::Plan, false);
-        assert!(text.contains("talos v1.13.9 -> v1.13.10 (set by cluster.yaml:4)"), "{text}");
+        assert!(
+            text.contains("talos v1.13.9 -> v1.13.10 (set by cluster.yaml:4)"),
+            "{text}"
+        );
         assert!(text.contains("(disruptive)"), "{text}");
 
         // The rendered install image follows the version, so the config sent after the
@@ -1070,14 +1080,23 @@ mod tests {
 
         let p = plan_from("v1.13.9", "v1.12.4");
         let refused = upgrade_of(&p.steps[0]).3.expect("refused");
-        assert!(refused.starts_with("Talos does not downgrade across minor releases"), "{refused}");
+        assert!(
+            refused.starts_with("Talos does not downgrade across minor releases"),
+            "{refused}"
+        );
 
         let p = plan_from("v1.12.4", "v1.14.0");
         assert_eq!(p.steps[0].action.verb(), "upgrade talos");
         let refused = upgrade_of(&p.steps[0]).3.expect("refused");
-        assert!(refused.contains("set `version` to the latest v1.13.x first"), "{refused}");
+        assert!(
+            refused.contains("set `version` to the latest v1.13.x first"),
+            "{refused}"
+        );
         let text = crate::plan::display::text(&p, crate::plan::display::Wording::Plan, false);
-        assert!(text.contains("refused: Talos upgrades one minor release at a time"), "{text}");
+        assert!(
+            text.contains("refused: Talos upgrades one minor release at a time"),
+            "{text}"
+        );
 
         assert_eq!(talos_upgrade_refusal("v1.13.9", "v1.14.0"), None);
     }

@@ -106,7 +106,10 @@ fn cluster_lines(a: &Action) -> Vec<String> {
             provenance,
             ..
         } => {
-            let set_by = provenance.as_ref().map(|p| format!(" (set by {p})")).unwrap_or_default();
+            let set_by = provenance
+                .as_ref()
+                .map(|p| format!(" (set by {p})"))
+                .unwrap_or_default();
             let mut v = vec![format!("talos {from} -> {to}{set_by}")];
             match refused {
                 Some(why) => v.push(format!("refused: {why}")),
@@ -122,8 +125,14 @@ fn cluster_lines(a: &Action) -> Vec<String> {
             refused,
             provenance,
         } => {
-            let set_by = provenance.as_ref().map(|p| format!(" (set by {p})")).unwrap_or_default();
-            vec![format!("kubernetes {from} -> {to}{set_by}"), format!("refused: {refused}")]
+            let set_by = provenance
+                .as_ref()
+                .map(|p| format!(" (set by {p})"))
+                .unwrap_or_default();
+            vec![
+                format!("kubernetes {from} -> {to}{set_by}"),
+                format!("refused: {refused}"),
+            ]
         }
         _ => Vec::new(),
     }

@@ -768,7 +768,10 @@ impl FakeTalos {
     /// The node at `addr` is configured and runs Talos `version`.
     pub fn configure_version(&self, addr: &str, version: &str) {
         self.configure(addr);
-        self.versions.lock().unwrap().insert(addr.to_string(), version.to_string());
+        self.versions
+            .lock()
+            .unwrap()
+            .insert(addr.to_string(), version.to_string());
     }
 
     /// An upgrade of `addr` is acknowledged, but the node comes back with its old version.
@@ -858,7 +861,10 @@ impl TalosApi for FakeTalos {
         if let Some(e) = self.untrusted(node) {
             return Err(e);
         }
-        self.upgrades.lock().unwrap().push((node.to_string(), image.to_string()));
+        self.upgrades
+            .lock()
+            .unwrap()
+            .push((node.to_string(), image.to_string()));
         if self.rebooting.lock().unwrap().values().any(|left| *left > 0) {
             self.overlapping.lock().unwrap().push(node.to_string());
         }

@@ -468,10 +468,16 @@ fn installer_version(image: &str) -> Result<String, String> {
     if !repository_ok {
         return Err(format!("`{repository}` is not an image repository"));
     }
-    let core = tag.strip_prefix('v').ok_or_else(|| format!("tag `{tag}` is not vX.Y.Z"))?;
+    let core = tag
+        .strip_prefix('v')
+        .ok_or_else(|| format!("tag `{tag}` is not vX.Y.Z"))?;
     let core = core.split(['-', '+']).next().unwrap_or_default();
     let parts: Vec<&str> = core.split('.').collect();
-    if parts.len() != 3 || parts.iter().any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+    if parts.len() != 3
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
+    {
         return Err(format!("tag `{tag}` is not vX.Y.Z"));
     }
     Ok(tag.to_string())
@@ -680,7 +686,10 @@ impl Sim {
             messages: vec![proto::Version {
                 metadata: self.metadata(&caller.node, Some(&config)),
                 version: Some(proto::VersionInfo {
-                    tag: self.meta(&caller.node).talos_version.unwrap_or_else(|| config.talos_version()),
+                    tag: self
+                        .meta(&caller.node)
+                        .talos_version
+                        .unwrap_or_else(|| config.talos_version()),
                     sha,
                     built: String::new(),
                     go_version: "go1.25 (driftless sandbox)".into(),
@@ -926,9 +935,8 @@ impl Sim {
             return Err(Status::unimplemented(MAINTENANCE_MESSAGE));
         };
         self.authorize(&caller, &config, true)?;
-        let to = installer_version(&req.image).map_err(|e| {
-            Status::invalid_argument(format!("error validating installer image {:?}: {e}", req.image))
-        })?;
+        let to = installer_version(&req.image)
+            .map_err(|e| Status::invalid_argument(format!("error validating installer image {:?}: {e}", req.image)))?;
         let now = cluster_state::now_ms();
         let back = now + u64::try_from(UPGRADE_REBOOT.as_millis()).unwrap_or(u64::MAX);
         let overlapping: Vec<String> = self
