@@ -814,7 +814,16 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                 .upgrade(&ip, image)
                 .await
                 .map_err(|e| ClusterError::talos(node, e))?;
-            log.push(format!("upgrade {from} -> {to} with {image} accepted ({})", ack.trim()));
+            // The node's own words, bounded: what a node answers is not trusted.
+            let ack: String = ack
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .chars()
+                .take(200)
+                .collect();
+            log.push(format!("upgrade {from} -> {to} with {image} accepted ({ack})"));
             let started = tokio::time::Instant::now();
             let deadline = started + self.settings.gate_timeout;
             let mut last;
