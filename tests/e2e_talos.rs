@@ -5,7 +5,9 @@
 //! go over mTLS with the talosconfig made from the secrets bundle, Talos's own dry-run diff in
 //! the plan. The sandbox's Talos API validates every config it is sent against the official
 //! schema. An impostor taking the nodes' address (`talos_api::serve_impostor`) is sent no
-//! config: the plan or the apply stops, naming the node.
+//! config: the plan or the apply stops, naming the node. A change of `version` upgrades the
+//! nodes through Talos's Upgrade call, one at a time, control plane first, each waited for (the
+//! sandbox reboots it); a change of `kubernetes_version` is refused before anything is sent.
 
 use driftless_sandbox::talos_api::{self, ImpostorKind};
 use testkit::cluster_env;
@@ -310,4 +312,42 @@ fn a_talos_version_bump_upgrades_the_nodes_one_at_a_time_control_plane_first_eac
 
     // Converged: nothing to upgrade, and the configs already name the installer that runs.
     assert_eq!(verbs(&env.plan_json()), Vec::<String>::new());
+}
+
+#[test]
+fn a_kubernetes_version_bump_on_talos_is_refused_in_the_plan_and_the_apply_sends_nothing() {
+    let env = Env::new("homelab-talos");
+    env.apply();
+    let cluster_yaml = env.repo.path().join("cluster.yaml");
+    let text = std::fs::read_to_string(&cluster_yaml).unwrap();
+    std::fs::write(
+        &cluster_yaml,
+        text.replace("kubernetes_version: v1.34.1\n", "kubernetes_version: v1.35.0\n"),
+    )
+    .unwrap();
+
+    let plan = env.plan_json();
+    let all = verbs(&plan);
+    assert_eq!(all[0], "kubernetes_upgrade talos-cp-1", "{all:?}");
+    let step = &plan["steps"][0];
+    assert_eq!(
+        (step["from"].as_str(), step["to"].as_str()),
+        (Some("v1.34.1"), Some("v1.35.0"))
+    );
+    assert_eq!(step["provenance"], "cluster.yaml:5");
+    let refused = step["refused"].as_str().unwrap();
+    assert!(refused.contains("run `talosctl upgrade-k8s --to 1.35.0`"), "{refused}");
+    assert!(refused.contains("driftless does not do this yet"), "{refused}");
+
+    let r = env.run(&["apply"], &["--auto-approve"]);
+    assert_ne!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let output = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        output.contains("talos-cp-1: kubernetes_version change from v1.34.1 to v1.35.0 on Talos"),
+        "{output}"
+    );
+    assert!(!output.contains("config applied"), "{output}");
+    for node in ["talos-cp-1", "talos-worker-1", "talos-worker-2"] {
+        assert_eq!(env.node(node).kubelet_version, "v1.34.1", "{node}");
+    }
 }
