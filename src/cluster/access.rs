@@ -480,7 +480,9 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                     // An address that answers with a certificate the cluster CA did not sign, and
                     // not as Talos's maintenance service: the plan stops here, naming the node.
                     let state = client.probe(&ip).await.map_err(|e| ClusterError::talos(node, e))?;
-                    let dry_run = if matches!(state, TalosNodeState::Configured { .. }) {
+                    let dry_run = if matches!(&state, TalosNodeState::Configured { version }
+                        if !super::plan::dry_run_waits_for_upgrade(version, &self.desired.cluster.version))
+                    {
                         let (filled, bundle) = self.filled_talos_config(config)?;
                         let mut r = client
                             .apply_configuration(&ip, filled.as_bytes(), self.apply_mode()?, true, false)
@@ -1627,5 +1629,37 @@ mod tests {
         );
         assert!(upgraded(&cluster).is_empty());
         assert!(cluster.talos.applied.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_on_another_minor_release_is_not_asked_for_a_dry_run_of_the_new_release_config() {
+        let (desired, artifacts, secrets, guests, cluster) = upgrade_lab("v1.14.0", "v1.34.1");
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        let (_, _, diff) = talos_apply_of(&plan, "talos-cp-1");
+        assert!(
+            diff.starts_with("no dry run: the config is for Talos v1.14.0"),
+            "{diff}"
+        );
+        // A patch release apart, the dry run is Talos's as always.
+        let (desired, artifacts, secrets, guests, cluster) = upgrade_lab("v1.13.10", "v1.34.1");
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        let (_, _, diff) = talos_apply_of(&plan, "talos-cp-1");
+        assert_eq!(diff, "", "the fake's dry run answers with no details");
     }
 }

@@ -258,9 +258,18 @@ fn talos_steps(
     };
     match observed {
         Some(NodeObserved::Talos {
-            state: TalosNodeState::Configured { .. },
+            state: TalosNodeState::Configured { version: running },
             dry_run,
         }) => {
+            let no_dry_run = if dry_run_waits_for_upgrade(running, &desired.cluster.version) {
+                format!(
+                    "no dry run: the config is for Talos {}, which the node runs only after its upgrade \
+                     (Talos {running} may not read it)",
+                    desired.cluster.version
+                )
+            } else {
+                "(Talos gave no dry-run answer)".to_string()
+            };
             let changed = match dry_run {
                 Some(r) => !r.mode_details.contains("No changes"),
                 None => true,
@@ -276,7 +285,7 @@ fn talos_steps(
                         diff: dry_run
                             .as_ref()
                             .map(|r| r.mode_details.trim_end().to_string())
-                            .unwrap_or_else(|| "(Talos gave no dry-run answer)".into()),
+                            .unwrap_or(no_dry_run),
                         config: config.to_string(),
                     },
                 ));
@@ -318,6 +327,13 @@ fn release(version: &str) -> Option<(u64, u64, u64)> {
     let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
     let triple = (parts.next()??, parts.next()??, parts.next()??);
     parts.next().is_none().then_some(triple)
+}
+
+/// A node running another minor release than `wanted` is not asked for a dry run of the
+/// rendered config: it is rendered for `wanted` (v1.14 changed the documents), and goes to
+/// the node after its upgrade.
+pub fn dry_run_waits_for_upgrade(running: &str, wanted: &str) -> bool {
+    matches!((release(running), release(wanted)), (Some(r), Some(w)) if (r.0, r.1) != (w.0, w.1))
 }
 
 /// Why driftless does not take a node's Talos from `from` to `to`, if it does not: Talos
@@ -1099,6 +1115,30 @@ mod tests {
         );
 
         assert_eq!(talos_upgrade_refusal("v1.13.9", "v1.14.0"), None);
+
+        // A minor upgrade: the node's config follows its upgrade, with no dry run of a config
+        // its release may not read.
+        let (desired, artifacts) = talos_example_at("v1.14.0", "v1.34.1");
+        let mut cluster = talos_running(&desired, "v1.13.9", "v1.34.1");
+        for seen in cluster.nodes.values_mut() {
+            if let NodeObserved::Talos { dry_run, .. } = seen {
+                *dry_run = None;
+            }
+        }
+        let p = cluster_plan(&desired, &artifacts, &cluster);
+        assert_eq!(
+            verbs(&p)[..2],
+            ["upgrade talos talos-cp-1", "apply talos config talos-cp-1"]
+        );
+        let Action::TalosApply { diff, .. } = &p.steps[1].action else {
+            panic!()
+        };
+        assert!(
+            diff.starts_with("no dry run: the config is for Talos v1.14.0, which the node runs only after its upgrade"),
+            "{diff}"
+        );
+        assert!(dry_run_waits_for_upgrade("v1.13.9", "v1.14.0"));
+        assert!(!dry_run_waits_for_upgrade("v1.13.9", "v1.13.10"));
     }
 
     #[test]
