@@ -351,3 +351,27 @@ fn a_kubernetes_version_bump_on_talos_is_refused_in_the_plan_and_the_apply_sends
         assert_eq!(env.node(node).kubelet_version, "v1.34.1", "{node}");
     }
 }
+
+#[test]
+fn a_minor_talos_upgrade_sends_the_new_release_config_after_the_upgrade_and_converges() {
+    let env = Env::new("homelab-talos");
+    env.apply();
+    let cluster_yaml = env.repo.path().join("cluster.yaml");
+    let text = std::fs::read_to_string(&cluster_yaml).unwrap();
+    std::fs::write(&cluster_yaml, text.replace("version: v1.13.9\n", "version: v1.14.0\n")).unwrap();
+    let plan = env.plan_json();
+    for step in plan["steps"].as_array().unwrap() {
+        if step["action"] == "talos_apply" {
+            let diff = step["diff"].as_str().unwrap();
+            assert!(
+                diff.starts_with("no dry run: the config is for Talos v1.14.0"),
+                "{diff}"
+            );
+        }
+    }
+    env.apply();
+    let records = talos_api::upgrades(env.state.path());
+    assert_eq!(records.len(), 3);
+    assert!(records.iter().all(|r| r.to == "v1.14.0" && r.overlapping.is_empty()));
+    assert_eq!(verbs(&env.plan_json()), Vec::<String>::new());
+}
