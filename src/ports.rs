@@ -642,4 +642,8 @@ pub trait TalosApi: Send + Sync {
     fn bootstrap(&self, node: &str) -> impl Future<Output = Result<bool, TalosError>> + Send;
     /// The admin kubeconfig (`talosctl kubeconfig`).
     fn kubeconfig(&self, node: &str) -> impl Future<Output = Result<Vec<u8>, TalosError>> + Send;
+    /// Upgrade Talos to the installer `image` (`talosctl upgrade --image`): Talos answers with
+    /// its acknowledgement, then installs and reboots; [`probe`](TalosApi::probe) tells when
+    /// the node is back and which version it runs.
+    fn upgrade(&self, node: &str, image: &str) -> impl Future<Output = Result<String, TalosError>> + Send;
 }

@@ -5,7 +5,9 @@
 //! go over mTLS with the talosconfig made from the secrets bundle, Talos's own dry-run diff in
 //! the plan. The sandbox's Talos API validates every config it is sent against the official
 //! schema. An impostor taking the nodes' address (`talos_api::serve_impostor`) is sent no
-//! config: the plan or the apply stops, naming the node.
+//! config: the plan or the apply stops, naming the node. A change of `version` upgrades the
+//! nodes through Talos's Upgrade call, one at a time, control plane first, each waited for (the
+//! sandbox reboots it); a change of `kubernetes_version` is refused before anything is sent.
 
 use driftless_sandbox::talos_api::{self, ImpostorKind};
 use testkit::cluster_env;
@@ -234,4 +236,142 @@ fn an_impostor_at_the_nodes_address_is_sent_no_config_and_the_run_stops_naming_t
     for secret in bundle_secrets() {
         assert!(!printed.contains(&secret), "a secret of the bundle was printed");
     }
+}
+
+#[test]
+fn a_talos_version_bump_upgrades_the_nodes_one_at_a_time_control_plane_first_each_gated() {
+    let env = Env::new("homelab-talos");
+    env.apply();
+
+    let cluster_yaml = env.repo.path().join("cluster.yaml");
+    let text = std::fs::read_to_string(&cluster_yaml).unwrap();
+    assert!(text.contains("version: v1.13.9\n"));
+    std::fs::write(&cluster_yaml, text.replace("version: v1.13.9\n", "version: v1.13.10\n")).unwrap();
+
+    // The plan: each node's upgrade, control plane first, before its config (whose install
+    // image now names v1.13.10).
+    let plan = env.plan_json();
+    let upgrades: Vec<&serde_json::Value> = plan["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["action"] == "talos_upgrade")
+        .collect();
+    let order: Vec<&str> = upgrades.iter().map(|s| s["node"].as_str().unwrap()).collect();
+    assert_eq!(
+        order,
+        ["talos-cp-1", "talos-worker-1", "talos-worker-2"],
+        "{:?}",
+        verbs(&plan)
+    );
+    for step in &upgrades {
+        assert_eq!(step["from"], "v1.13.9");
+        assert_eq!(step["to"], "v1.13.10");
+        assert_eq!(step["image"], "ghcr.io/siderolabs/installer:v1.13.10");
+        assert_eq!(step["provenance"], "cluster.yaml:4");
+        assert_eq!(step["disruptive"], true);
+        assert!(step.get("refused").is_none(), "{step}");
+    }
+    let all = verbs(&plan);
+    for node in order {
+        let upgrade = all.iter().position(|v| *v == format!("talos_upgrade {node}")).unwrap();
+        if let Some(apply) = all.iter().position(|v| *v == format!("talos_apply {node}")) {
+            assert!(upgrade < apply, "{all:?}");
+        }
+    }
+    let text = env.run(&["plan"], &[]);
+    assert!(
+        text.stdout
+            .contains("talos v1.13.9 -> v1.13.10 (set by cluster.yaml:4)"),
+        "{}",
+        text.stdout
+    );
+
+    let r = env.apply();
+    for node in ["talos-cp-1", "talos-worker-1", "talos-worker-2"] {
+        assert!(
+            r.stderr.contains(&format!("{node} runs Talos v1.13.10")),
+            "{node}: {}",
+            r.stderr
+        );
+    }
+    // The sandbox saw one upgrade per node, in order, each sent after the one before was back.
+    let records = talos_api::upgrades(env.state.path());
+    let nodes: Vec<&str> = records.iter().map(|r| r.node.as_str()).collect();
+    assert_eq!(nodes, ["10.0.0.10", "10.0.0.21", "10.0.0.22"]);
+    for (i, record) in records.iter().enumerate() {
+        assert_eq!((record.from.as_str(), record.to.as_str()), ("v1.13.9", "v1.13.10"));
+        assert!(record.overlapping.is_empty(), "{record:?}");
+        if i > 0 {
+            assert!(record.at_ms >= records[i - 1].back_ms, "{records:?}");
+        }
+    }
+    for node in ["talos-cp-1", "talos-worker-1", "talos-worker-2"] {
+        assert!(env.node(node).kubelet_running, "{node}");
+    }
+
+    // Converged: nothing to upgrade, and the configs already name the installer that runs.
+    assert_eq!(verbs(&env.plan_json()), Vec::<String>::new());
+}
+
+#[test]
+fn a_kubernetes_version_bump_on_talos_is_refused_in_the_plan_and_the_apply_sends_nothing() {
+    let env = Env::new("homelab-talos");
+    env.apply();
+    let cluster_yaml = env.repo.path().join("cluster.yaml");
+    let text = std::fs::read_to_string(&cluster_yaml).unwrap();
+    std::fs::write(
+        &cluster_yaml,
+        text.replace("kubernetes_version: v1.34.1\n", "kubernetes_version: v1.35.0\n"),
+    )
+    .unwrap();
+
+    let plan = env.plan_json();
+    let all = verbs(&plan);
+    assert_eq!(all[0], "kubernetes_upgrade talos-cp-1", "{all:?}");
+    let step = &plan["steps"][0];
+    assert_eq!(
+        (step["from"].as_str(), step["to"].as_str()),
+        (Some("v1.34.1"), Some("v1.35.0"))
+    );
+    assert_eq!(step["provenance"], "cluster.yaml:5");
+    let refused = step["refused"].as_str().unwrap();
+    assert!(refused.contains("run `talosctl upgrade-k8s --to 1.35.0`"), "{refused}");
+    assert!(refused.contains("driftless does not do this yet"), "{refused}");
+
+    let r = env.run(&["apply"], &["--auto-approve"]);
+    assert_ne!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let output = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        output.contains("talos-cp-1: kubernetes_version change from v1.34.1 to v1.35.0 on Talos"),
+        "{output}"
+    );
+    assert!(!output.contains("config applied"), "{output}");
+    for node in ["talos-cp-1", "talos-worker-1", "talos-worker-2"] {
+        assert_eq!(env.node(node).kubelet_version, "v1.34.1", "{node}");
+    }
+}
+
+#[test]
+fn a_minor_talos_upgrade_sends_the_new_release_config_after_the_upgrade_and_converges() {
+    let env = Env::new("homelab-talos");
+    env.apply();
+    let cluster_yaml = env.repo.path().join("cluster.yaml");
+    let text = std::fs::read_to_string(&cluster_yaml).unwrap();
+    std::fs::write(&cluster_yaml, text.replace("version: v1.13.9\n", "version: v1.14.0\n")).unwrap();
+    let plan = env.plan_json();
+    for step in plan["steps"].as_array().unwrap() {
+        if step["action"] == "talos_apply" {
+            let diff = step["diff"].as_str().unwrap();
+            assert!(
+                diff.starts_with("no dry run: the config is for Talos v1.14.0"),
+                "{diff}"
+            );
+        }
+    }
+    env.apply();
+    let records = talos_api::upgrades(env.state.path());
+    assert_eq!(records.len(), 3);
+    assert!(records.iter().all(|r| r.to == "v1.14.0" && r.overlapping.is_empty()));
+    assert_eq!(verbs(&env.plan_json()), Vec::<String>::new());
 }

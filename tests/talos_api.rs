@@ -551,6 +551,82 @@ async fn staged_and_try_modes() {
     sandbox.api.shutdown().await;
 }
 
+#[tokio::test]
+async fn upgrade_checks_the_installer_reference_reboots_the_node_and_keeps_its_config() {
+    let sandbox = sandbox().await;
+    let bundle = TalosSecrets::generate();
+    let talos = client(&bundle, &sandbox);
+    let rendered = render(&example());
+    let config = filled(&rendered, "talos-cp-1", &bundle);
+    talos
+        .apply_configuration(CP, config.as_bytes(), TalosApplyMode::Auto, false, true)
+        .await
+        .unwrap();
+    // A node in maintenance mode has no installed Talos to upgrade.
+    let err = talos
+        .upgrade(WORKER, "ghcr.io/siderolabs/installer:v1.13.10")
+        .await
+        .unwrap_err();
+    assert_eq!(api_code(&err), "Unimplemented", "{err}");
+
+    let digest = format!("ghcr.io/siderolabs/installer@sha256:{}", "a".repeat(64));
+    for bad in [
+        "installer:v1.13.10",
+        "ghcr.io/siderolabs/installer",
+        "ghcr.io/siderolabs/installer:latest",
+        "ghcr.io/Siderolabs/installer:v1.13.10",
+        digest.as_str(),
+    ] {
+        let err = talos.upgrade(CP, bad).await.unwrap_err();
+        assert_eq!(api_code(&err), "InvalidArgument", "{bad}: {err}");
+        assert!(err.to_string().contains("error validating installer image"), "{err}");
+    }
+    assert_eq!(
+        talos.probe(CP).await.unwrap(),
+        TalosNodeState::Configured {
+            version: "v1.13.9".into()
+        },
+        "a refused upgrade changes nothing"
+    );
+
+    let ack = talos
+        .upgrade(CP, "ghcr.io/siderolabs/installer:v1.13.10")
+        .await
+        .unwrap();
+    assert_eq!(ack, "Upgrade request received");
+    // Unreachable while it reboots (a retryable answer), then the new version.
+    let mut tries = 0;
+    loop {
+        match talos.probe(CP).await {
+            Ok(TalosNodeState::Configured { version }) if version == "v1.13.10" => break,
+            Err(e) => {
+                assert_eq!(api_code(&e), "Unavailable", "{e}");
+                assert!(e.retryable());
+            }
+            other => panic!("{other:?}"),
+        }
+        tries += 1;
+        assert!(tries < 600, "the node never came back");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let records = talos_api::upgrades(&sandbox.state);
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (
+            records[0].node.as_str(),
+            records[0].from.as_str(),
+            records[0].to.as_str()
+        ),
+        (CP, "v1.13.9", "v1.13.10")
+    );
+    // The config is kept: the same one again is no change.
+    let dry = talos
+        .apply_configuration(CP, config.as_bytes(), TalosApplyMode::Auto, true, false)
+        .await
+        .unwrap();
+    assert!(dry.mode_details.ends_with("No changes."), "{}", dry.mode_details);
+}
+
 /// A bundle made of what real `talosctl gen config` output holds (tests/fixtures/talos: public
 /// test secrets, keys Go wrote), as `talosctl gen secrets --from-controlplane-config` would.
 fn bundle_from_talosctl_output() -> TalosSecrets {

@@ -609,8 +609,10 @@ fn labels_taints_image_and_search_domain_reach_the_config() {
             let expected = if cp {
                 format!("ghcr.io/siderolabs/installer:{version}")
             } else {
-                "factory.talos.dev/installer/376567988ad370138ad8b2698212367b8edcb69b5fd68c80be1f2ec7d603b4ba:v1.13.9"
-                    .to_string()
+                // The factory image keeps its schematic; its tag follows `version`.
+                format!(
+                    "factory.talos.dev/installer/376567988ad370138ad8b2698212367b8edcb69b5fd68c80be1f2ec7d603b4ba:{version}"
+                )
             };
             assert_eq!(image, expected.as_str(), "{ctx}");
         }

@@ -480,7 +480,9 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                     // An address that answers with a certificate the cluster CA did not sign, and
                     // not as Talos's maintenance service: the plan stops here, naming the node.
                     let state = client.probe(&ip).await.map_err(|e| ClusterError::talos(node, e))?;
-                    let dry_run = if matches!(state, TalosNodeState::Configured { .. }) {
+                    let dry_run = if matches!(&state, TalosNodeState::Configured { version }
+                        if !super::plan::dry_run_waits_for_upgrade(version, &self.desired.cluster.version))
+                    {
                         let (filled, bundle) = self.filled_talos_config(config)?;
                         let mut r = client
                             .apply_configuration(&ip, filled.as_bytes(), self.apply_mode()?, true, false)
@@ -541,6 +543,10 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
                 maintenance, config, ..
             } => self.talos_apply(node, config, *maintenance, log).await,
             Action::TalosBootstrap => self.talos_bootstrap(node, log).await,
+            Action::TalosUpgrade { refused: Some(why), .. } | Action::KubernetesUpgrade { refused: why, .. } => {
+                Err(ClusterError::Config(format!("{}: {why}", node.name)))
+            }
+            Action::TalosUpgrade { to, image, .. } => self.talos_upgrade(node, to, image, log).await,
             Action::NodeMetadata { .. } => self.node_metadata(node, log).await,
             _ => Err(ClusterError::Config("not a cluster step".into())),
         }
@@ -779,6 +785,77 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         self.write_secret_file(KUBECONFIG_FILE, &kubeconfig)?;
         log.push(format!("kubeconfig saved to {}", self.kubeconfig_path().display()));
         self.gate(&node.name, log).await
+    }
+
+    /// `talosctl upgrade` one node: ask again which version runs (the plan may be older), send
+    /// Upgrade with the installer image, then wait, within the gate timeout, until the node
+    /// answers over mTLS with the new version (it is unreachable while it reboots), and
+    /// until it is Ready again.
+    async fn talos_upgrade(
+        &self,
+        node: &Node,
+        to: &str,
+        image: &str,
+        log: &mut Vec<String>,
+    ) -> Result<(), ClusterError> {
+        let client = self.talos(true)?;
+        let ip = node.ip().to_string();
+        let from = match client.probe(&ip).await.map_err(|e| ClusterError::talos(node, e))? {
+            TalosNodeState::Configured { version } => version,
+            TalosNodeState::Maintenance => {
+                return Err(ClusterError::talos_failed(format!(
+                    "{}: answers in maintenance mode, not as the configured node to upgrade",
+                    node.name
+                )));
+            }
+        };
+        if from == to {
+            log.push(format!("Talos {to} runs already"));
+        } else {
+            let ack = client
+                .upgrade(&ip, image)
+                .await
+                .map_err(|e| ClusterError::talos(node, e))?;
+            // The node's own words, bounded: what a node answers is not trusted.
+            let ack: String = ack
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .chars()
+                .take(200)
+                .collect();
+            log.push(format!("upgrade {from} -> {to} with {image} accepted ({ack})"));
+            let started = tokio::time::Instant::now();
+            let deadline = started + self.settings.gate_timeout;
+            let mut last;
+            loop {
+                tokio::time::sleep(self.settings.gate_interval).await;
+                last = match client.probe(&ip).await {
+                    Ok(TalosNodeState::Configured { version }) if version == to => break,
+                    Ok(TalosNodeState::Configured { version }) => format!("it still runs {version}"),
+                    Ok(TalosNodeState::Maintenance) => "it answers in maintenance mode".to_string(),
+                    Err(e) if e.retryable() => format!("rebooting: {e}"),
+                    Err(e) => return Err(ClusterError::talos(node, e)),
+                };
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(ClusterError::talos_failed(format!(
+                        "{}: Talos did not come back with {to} within {} s ({last}); the wave stops here",
+                        node.name,
+                        self.settings.gate_timeout.as_secs()
+                    )));
+                }
+            }
+            log.push(format!(
+                "{} runs Talos {to} ({} ms)",
+                node.name,
+                started.elapsed().as_millis()
+            ));
+        }
+        if self.kubeconfig_path().exists() {
+            self.gate(&node.name, log).await?;
+        }
+        Ok(())
     }
 
     async fn node_metadata(&self, node: &Node, log: &mut Vec<String>) -> Result<(), ClusterError> {
@@ -1339,5 +1416,250 @@ mod tests {
             "{}",
             notice.message
         );
+    }
+
+    // ---- Talos upgrades ----
+
+    /// The Talos lab with cluster.yaml saying `version` and `kubernetes`; every node runs
+    /// Talos v1.13.9 and is Ready with kubelet v1.34.1; a kubeconfig exists.
+    fn upgrade_lab(
+        version: &str,
+        kubernetes: &str,
+    ) -> (Desired, Vec<Artifact>, tempfile::TempDir, Observed, FakeCluster) {
+        let (_, _, secrets, guests) = talos_lab();
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/homelab-talos");
+        let mut files = crate::source::read_dir(&dir).unwrap();
+        let text = String::from_utf8(files.files["cluster.yaml"].clone()).unwrap();
+        let text = text
+            .replace("version: v1.13.9", &format!("version: {version}"))
+            .replace(
+                "kubernetes_version: v1.34.1",
+                &format!("kubernetes_version: {kubernetes}"),
+            );
+        files.insert("cluster.yaml".to_string(), text);
+        let (desired, artifacts) = crate::test_repo::load_files(&files);
+        std::fs::write(secrets.path().join(KUBECONFIG_FILE), "apiVersion: v1\n").unwrap();
+        let cluster = FakeCluster::default();
+        for (ip, name) in [
+            (CP, "talos-cp-1"),
+            (WORKER_1, "talos-worker-1"),
+            (WORKER_2, "talos-worker-2"),
+        ] {
+            cluster.talos.configure_version(ip, "v1.13.9");
+            cluster.kube.ready_node(name);
+            cluster.kube.set_kubelet_version(name, "v1.34.1");
+        }
+        (desired, artifacts, secrets, guests, cluster)
+    }
+
+    fn applier<'a>(
+        proxmox: &'a crate::ports::fakes::FakeProxmox,
+        host: &'a crate::settings::HostShellSettings,
+        cluster: &'a dyn ClusterSteps,
+        desired: &Desired,
+    ) -> crate::apply::Applier<'a, crate::ports::fakes::FakeProxmox, crate::ports::fakes::FakeHostShell> {
+        crate::apply::Applier {
+            proxmox,
+            shell: None,
+            host,
+            stop: None,
+            cluster: Some(cluster),
+            parallelism: 8,
+            control_plane: desired.control_plane().map(|n| n.name.clone()).collect(),
+        }
+    }
+
+    fn upgraded(cluster: &FakeCluster) -> Vec<String> {
+        cluster
+            .talos
+            .upgrades
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn talos_upgrades_run_control_plane_first_one_at_a_time_each_gated_on_version_and_ready() {
+        let (desired, artifacts, secrets, guests, cluster) = upgrade_lab("v1.13.10", "v1.34.1");
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        let upgrades: Vec<&str> = plan
+            .steps
+            .iter()
+            .filter(|s| matches!(s.action, Action::TalosUpgrade { .. }))
+            .map(|s| s.node.as_str())
+            .collect();
+        assert_eq!(upgrades, ["talos-cp-1", "talos-worker-1", "talos-worker-2"]);
+
+        let proxmox = crate::ports::fakes::FakeProxmox::new();
+        let host = RunSettings::default().host;
+        let report = applier(&proxmox, &host, &access, &desired).apply(&plan, &mut ()).await;
+        assert!(report.ok(), "{report:#?}");
+        assert_eq!(upgraded(&cluster), [CP, WORKER_1, WORKER_2]);
+        assert!(
+            cluster
+                .talos
+                .upgrades
+                .lock()
+                .unwrap()
+                .iter()
+                .all(|(_, image)| image == "ghcr.io/siderolabs/installer:v1.13.10")
+        );
+        assert!(
+            cluster.talos.overlapping.lock().unwrap().is_empty(),
+            "a node was upgraded while another rebooted"
+        );
+        for outcome in report.done.iter().filter(|o| o.action == "upgrade talos") {
+            // Back with the new version, then Ready: the gate, in that order.
+            let back = outcome
+                .log
+                .iter()
+                .position(|l| l.ends_with("runs Talos v1.13.10 (1500 ms)"));
+            let ready = outcome.log.iter().position(|l| l.contains("Ready, API ready"));
+            assert!(
+                matches!((back, ready), (Some(b), Some(r)) if b < r),
+                "{:?}",
+                outcome.log
+            );
+        }
+        // The nodes run it now: nothing more to upgrade.
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        assert!(
+            !plan
+                .steps
+                .iter()
+                .any(|s| matches!(s.action, Action::TalosUpgrade { .. })),
+            "{plan:#?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_does_not_come_back_with_the_new_version_stops_the_upgrades_after_it() {
+        let (desired, artifacts, secrets, guests, cluster) = upgrade_lab("v1.13.10", "v1.34.1");
+        cluster.talos.stuck(WORKER_1);
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        let proxmox = crate::ports::fakes::FakeProxmox::new();
+        let host = RunSettings::default().host;
+        let report = applier(&proxmox, &host, &access, &desired).apply(&plan, &mut ()).await;
+        assert!(!report.ok());
+        assert_eq!(upgraded(&cluster), [CP, WORKER_1], "talos-worker-2 was not touched");
+        let failed = report.done.iter().find(|o| !o.ok).unwrap();
+        assert_eq!(failed.node, "talos-worker-1");
+        assert_eq!(
+            failed.error.as_deref(),
+            Some(
+                "talos-worker-1: Talos did not come back with v1.13.10 within 5 s (it still runs v1.13.9); \
+                 the wave stops here"
+            )
+        );
+        assert!(
+            report
+                .not_done
+                .iter()
+                .any(|s| s.starts_with("upgrade talos talos-worker-2")),
+            "{:?}",
+            report.not_done
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_version_changes_fail_before_anything_is_sent() {
+        // kubernetes_version changed: the first cluster step refuses, no config goes out.
+        let (desired, artifacts, secrets, guests, cluster) = upgrade_lab("v1.13.9", "v1.35.0");
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        let proxmox = crate::ports::fakes::FakeProxmox::new();
+        let host = RunSettings::default().host;
+        let report = applier(&proxmox, &host, &access, &desired).apply(&plan, &mut ()).await;
+        assert!(!report.ok());
+        assert_eq!(report.done.len(), 1, "{report:#?}");
+        let error = report.done[0].error.as_deref().unwrap();
+        assert!(
+            error.starts_with("talos-cp-1: kubernetes_version change from v1.34.1 to v1.35.0 on Talos: run `talosctl upgrade-k8s --to 1.35.0`"),
+            "{error}"
+        );
+        assert!(cluster.talos.applied.lock().unwrap().is_empty(), "a config was sent");
+
+        // A skipped minor release: refused at the control plane, no upgrade sent anywhere.
+        let (desired, artifacts, secrets, guests, cluster) = upgrade_lab("v1.15.0", "v1.34.1");
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        let report = applier(&proxmox, &host, &access, &desired).apply(&plan, &mut ()).await;
+        assert!(!report.ok());
+        let failed = report.done.iter().find(|o| !o.ok).unwrap();
+        assert_eq!(failed.action, "upgrade talos");
+        assert!(
+            failed
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("Talos upgrades one minor release at a time"),
+            "{failed:?}"
+        );
+        assert!(upgraded(&cluster).is_empty());
+        assert!(cluster.talos.applied.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_on_another_minor_release_is_not_asked_for_a_dry_run_of_the_new_release_config() {
+        let (desired, artifacts, secrets, guests, cluster) = upgrade_lab("v1.14.0", "v1.34.1");
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        let (_, _, diff) = talos_apply_of(&plan, "talos-cp-1");
+        assert!(
+            diff.starts_with("no dry run: the config is for Talos v1.14.0"),
+            "{diff}"
+        );
+        // A patch release apart, the dry run is Talos's as always.
+        let (desired, artifacts, secrets, guests, cluster) = upgrade_lab("v1.13.10", "v1.34.1");
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let plan = talos_plan(&access, &guests, vec![]).await;
+        let (_, _, diff) = talos_apply_of(&plan, "talos-cp-1");
+        assert_eq!(diff, "", "the fake's dry run answers with no details");
     }
 }

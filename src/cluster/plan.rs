@@ -242,6 +242,8 @@ fn talos_steps(
     let mut steps = Vec::new();
     let member = cluster.kube_nodes.iter().any(|k| k.name == node.name && k.ready);
     let marked = maintenance_apply_allowed(node);
+    // Before the config: a config of the new release may not load on the old one.
+    steps.extend(talos_upgrade_step(desired, node, observed));
     let apply = |maintenance: bool, diff: String| {
         step(
             node,
@@ -256,9 +258,18 @@ fn talos_steps(
     };
     match observed {
         Some(NodeObserved::Talos {
-            state: TalosNodeState::Configured { .. },
+            state: TalosNodeState::Configured { version: running },
             dry_run,
         }) => {
+            let no_dry_run = if dry_run_waits_for_upgrade(running, &desired.cluster.version) {
+                format!(
+                    "no dry run: the config is for Talos {}, which the node runs only after its upgrade \
+                     (Talos {running} may not read it)",
+                    desired.cluster.version
+                )
+            } else {
+                "(Talos gave no dry-run answer)".to_string()
+            };
             let changed = match dry_run {
                 Some(r) => !r.mode_details.contains("No changes"),
                 None => true,
@@ -274,7 +285,7 @@ fn talos_steps(
                         diff: dry_run
                             .as_ref()
                             .map(|r| r.mode_details.trim_end().to_string())
-                            .unwrap_or_else(|| "(Talos gave no dry-run answer)".into()),
+                            .unwrap_or(no_dry_run),
                         config: config.to_string(),
                     },
                 ));
@@ -307,6 +318,125 @@ fn talos_steps(
         steps.push(step(node, false, Action::TalosBootstrap));
     }
     steps
+}
+
+/// `vMAJOR.MINOR.PATCH` as numbers; a pre-release or build suffix is left out.
+fn release(version: &str) -> Option<(u64, u64, u64)> {
+    let core = version.strip_prefix('v').unwrap_or(version);
+    let core = core.split(['-', '+']).next()?;
+    let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+    let triple = (parts.next()??, parts.next()??, parts.next()??);
+    parts.next().is_none().then_some(triple)
+}
+
+/// A node running another minor release than `wanted` is not asked for a dry run of the
+/// rendered config: it is rendered for `wanted` (v1.14 changed the documents), and goes to
+/// the node after its upgrade.
+pub fn dry_run_waits_for_upgrade(running: &str, wanted: &str) -> bool {
+    matches!((release(running), release(wanted)), (Some(r), Some(w)) if (r.0, r.1) != (w.0, w.1))
+}
+
+/// Why driftless does not take a node's Talos from `from` to `to`, if it does not: Talos
+/// upgrades one minor release at a time and does not go back across a minor release (etcd
+/// and the machine config only move forward). A patch downgrade is planned, and named so.
+pub fn talos_upgrade_refusal(from: &str, to: &str) -> Option<String> {
+    let (Some(old), Some(new)) = (release(from), release(to)) else {
+        return Some(format!(
+            "`{from}` -> `{to}`: driftless compares Talos versions as vMAJOR.MINOR.PATCH and cannot order these"
+        ));
+    };
+    if (new.0, new.1) < (old.0, old.1) {
+        return Some(format!(
+            "Talos does not downgrade across minor releases ({from} -> {to}): set `version` back to {from}, or \
+             reinstall the node with {to} (delete its VM and apply)"
+        ));
+    }
+    if new.0 != old.0 || new.1 > old.1 + 1 {
+        return Some(format!(
+            "Talos upgrades one minor release at a time ({from} -> {to} skips one): set `version` to the latest \
+             v{}.{}.x first, apply, then {to}",
+            old.0,
+            old.1 + 1
+        ));
+    }
+    None
+}
+
+/// The Talos upgrade of a configured node whose running version is not cluster.yaml's
+/// `version`: disruptive (the node reboots), so one at a time, control plane first.
+fn talos_upgrade_step(desired: &Desired, node: &Node, observed: Option<&NodeObserved>) -> Option<Step> {
+    let Some(NodeObserved::Talos {
+        state: TalosNodeState::Configured { version: from },
+        ..
+    }) = observed
+    else {
+        return None;
+    };
+    let to = &desired.cluster.version;
+    if from == to {
+        return None;
+    }
+    let downgrade = matches!((release(from), release(to)), (Some(old), Some(new)) if new < old);
+    Some(step(
+        node,
+        true,
+        Action::TalosUpgrade {
+            from: from.clone(),
+            to: to.clone(),
+            image: node.talos_installer_image(to),
+            downgrade,
+            refused: talos_upgrade_refusal(from, to),
+            provenance: desired
+                .cluster
+                .provenance
+                .get("version")
+                .map(crate::model::Setting::cite_with_adr),
+        },
+    ))
+}
+
+/// Why a change of `kubernetes_version` on a running Talos cluster is not applied, and what
+/// to run instead.
+pub fn kubernetes_upgrade_refusal(from: &str, to: &str) -> String {
+    format!(
+        "kubernetes_version change from {from} to {to} on Talos: run `talosctl upgrade-k8s --to {}` against the \
+         control plane (it rolls the API server, controller manager, scheduler, kube-proxy and every kubelet in \
+         order and updates the bootstrap manifests); driftless does not do this yet. Its machine configs carry \
+         the Kubernetes images, so no cluster step runs until the cluster runs {to}",
+        to.strip_prefix('v').unwrap_or(to)
+    )
+}
+
+/// A refused step, first among the cluster steps, when the Kubernetes API reports kubelets of
+/// the cluster's nodes at another version than `kubernetes_version`.
+fn kubernetes_upgrade_step(desired: &Desired, first: &Node, cluster: &ClusterObserved) -> Option<Step> {
+    let to = desired.cluster.kubernetes_version.as_ref()?;
+    let bare = |v: &str| v.strip_prefix('v').unwrap_or(v).to_string();
+    let running: BTreeSet<&str> = cluster
+        .kube_nodes
+        .iter()
+        .filter(|k| desired.node(&k.name).is_some() && !k.kubelet_version.is_empty())
+        .map(|k| k.kubelet_version.as_str())
+        .filter(|v| bare(v) != bare(to))
+        .collect();
+    if running.is_empty() {
+        return None;
+    }
+    let from = running.into_iter().collect::<Vec<_>>().join(", ");
+    Some(step(
+        first,
+        false,
+        Action::KubernetesUpgrade {
+            refused: kubernetes_upgrade_refusal(&from, to),
+            from,
+            to: to.clone(),
+            provenance: desired
+                .cluster
+                .provenance
+                .get("kubernetes_version")
+                .map(crate::model::Setting::cite_with_adr),
+        },
+    ))
 }
 
 /// Labels and taints of a K3s node through the Kubernetes API. Only keys driftless manages
@@ -449,20 +579,12 @@ pub fn merge(desired: &Desired, artifacts: &[Artifact], observed: &ClusterObserv
                 }
             }
             Distribution::Talos => {
-                if let Some(NodeObserved::Talos {
-                    state: TalosNodeState::Configured { version },
-                    ..
-                }) = seen
-                    && version != &desired.cluster.version
+                if desired
+                    .control_plane()
+                    .next()
+                    .is_some_and(|first| first.name == node.name)
                 {
-                    plan.notices.push(crate::plan::Notice {
-                        node: node.name.clone(),
-                        vmid: node.vmid,
-                        message: format!(
-                            "Talos {version} runs, cluster.yaml says {}: driftless does not upgrade Talos itself (talosctl upgrade)",
-                            desired.cluster.version
-                        ),
-                    });
+                    steps.extend(kubernetes_upgrade_step(desired, node, observed));
                 }
                 if maintenance_apply_allowed(node)
                     && matches!(
@@ -707,12 +829,15 @@ mod tests {
         }
         let p = full_plan(&desired, &artifacts, &cluster);
         let cluster_steps: Vec<_> = p.steps.iter().filter(|s| s.action.is_cluster()).collect();
-        assert_eq!(cluster_steps.len(), 1, "{:?}", verbs(&p));
-        // An older Talos is said out loud, not upgraded behind the operator's back.
-        assert_eq!(p.notices.len(), 1, "{:?}", p.notices);
-        assert_eq!(p.notices[0].node, "talos-worker-1");
-        assert!(p.notices[0].message.contains("Talos v1.13.8 runs"));
-        match &cluster_steps[0].action {
+        // The node on an older Talos is upgraded to cluster.yaml's version; the others' dry
+        // runs decide their steps.
+        let cluster_verbs: Vec<_> = verbs(&p).into_iter().filter(|v| !v.starts_with("create")).collect();
+        assert_eq!(
+            cluster_verbs,
+            ["upgrade talos talos-worker-1", "apply talos config talos-worker-2"]
+        );
+        assert!(p.notices.is_empty(), "{:?}", p.notices);
+        match &cluster_steps[1].action {
             Action::TalosApply { diff, maintenance, .. } => {
                 assert!(!maintenance);
                 assert!(diff.contains("+ tier: storage"));
@@ -839,5 +964,222 @@ mod tests {
         assert_eq!(p.notices.len(), 1, "{:?}", p.notices);
         assert_eq!(p.notices[0].node, "talos-cp-1");
         assert!(p.notices[0].message.contains("remove it"), "{}", p.notices[0].message);
+    }
+
+    /// examples/homelab-talos with cluster.yaml's `version` (and `kubernetes_version`) set.
+    fn talos_example_at(version: &str, kubernetes: &str) -> (Desired, Vec<Artifact>) {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/homelab-talos");
+        let mut files = crate::source::read_dir(&dir).unwrap();
+        let text = String::from_utf8(files.files["cluster.yaml"].clone()).unwrap();
+        let text = text
+            .replace("version: v1.13.9", &format!("version: {version}"))
+            .replace(
+                "kubernetes_version: v1.34.1",
+                &format!("kubernetes_version: {kubernetes}"),
+            );
+        files.insert("cluster.yaml".to_string(), text);
+        let desired = load(&files, &LoadOptions::default()).unwrap();
+        let artifacts = render_all(&desired).unwrap();
+        (desired, artifacts)
+    }
+
+    /// The cluster steps for running guests (Proxmox has nothing to change).
+    fn cluster_plan(desired: &Desired, artifacts: &[Artifact], cluster: &ClusterObserved) -> Plan {
+        let empty = Plan {
+            cluster: desired.cluster.name.clone(),
+            steps: vec![],
+            conflicts: vec![],
+            orphans: vec![],
+            notices: vec![],
+        };
+        merge(desired, artifacts, cluster, empty)
+    }
+
+    /// Every node of the Talos example configured at `version`, its dry run unchanged, Ready
+    /// in Kubernetes with kubelet `kubelet`.
+    fn talos_running(desired: &Desired, version: &str, kubelet: &str) -> ClusterObserved {
+        let mut cluster = ClusterObserved {
+            kubeconfig: true,
+            ..ClusterObserved::default()
+        };
+        for node in &desired.nodes {
+            cluster.nodes.insert(
+                node.name.clone(),
+                NodeObserved::Talos {
+                    state: TalosNodeState::Configured {
+                        version: version.into(),
+                    },
+                    dry_run: Some(TalosApplyResult {
+                        mode: "no_reboot".into(),
+                        mode_details: "No changes.".into(),
+                        warnings: vec![],
+                    }),
+                },
+            );
+            cluster.kube_nodes.push(KubeNode {
+                name: node.name.clone(),
+                ready: true,
+                kubelet_version: kubelet.into(),
+                ..KubeNode::default()
+            });
+        }
+        cluster
+    }
+
+    fn upgrade_of(step: &Step) -> (&str, &str, &str, Option<&str>, Option<&str>) {
+        match &step.action {
+            Action::TalosUpgrade {
+                from,
+                to,
+                image,
+                refused,
+                provenance,
+                ..
+            } => (from, to, image, refused.as_deref(), provenance.as_deref()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_talos_version_bump_upgrades_node_by_node_control_plane_first_one_at_a_time() {
+        let (desired, artifacts) = talos_example_at("v1.13.10", "v1.34.1");
+        let p = cluster_plan(&desired, &artifacts, &talos_running(&desired, "v1.13.9", "v1.34.1"));
+        assert_eq!(
+            verbs(&p),
+            [
+                "upgrade talos talos-cp-1",
+                "upgrade talos talos-worker-1",
+                "upgrade talos talos-worker-2"
+            ]
+        );
+        for step in &p.steps {
+            assert!(step.disruptive, "{step:?}");
+            let (from, to, image, refused, provenance) = upgrade_of(step);
+            assert_eq!((from, to), ("v1.13.9", "v1.13.10"));
+            assert_eq!(image, "ghcr.io/siderolabs/installer:v1.13.10");
+            assert_eq!(refused, None);
+            assert_eq!(provenance, Some("cluster.yaml:4"));
+        }
+        // Each waits for every upgrade before it: never two nodes rebooting at once.
+        let control_plane = desired.control_plane().map(|n| n.name.clone()).collect();
+        let deps = crate::plan::schedule::dependencies(&p.steps, &control_plane);
+        assert_eq!(deps, [vec![], vec![0], vec![0, 1]]);
+        let text = crate::plan::display::text(&p, crate::plan::display::Wording::Plan, false);
+        assert!(
+            text.contains("talos v1.13.9 -> v1.13.10 (set by cluster.yaml:4)"),
+            "{text}"
+        );
+        assert!(text.contains("(disruptive)"), "{text}");
+
+        // The rendered install image follows the version, so the config sent after the
+        // upgrade names what the node runs.
+        let cp = artifacts
+            .iter()
+            .find(|a| a.node == "talos-cp-1" && a.kind == ArtifactKind::TalosConfig)
+            .unwrap();
+        assert!(cp.content.contains("ghcr.io/siderolabs/installer:v1.13.10"));
+
+        // Once every node runs it, no step.
+        let p = cluster_plan(&desired, &artifacts, &talos_running(&desired, "v1.13.10", "v1.34.1"));
+        assert_eq!(verbs(&p), Vec::<String>::new());
+    }
+
+    #[test]
+    fn talos_downgrades_are_named_and_refused_across_minor_releases_as_are_skipped_minors() {
+        let plan_from = |running: &str, wanted: &str| {
+            let (desired, artifacts) = talos_example_at(wanted, "v1.34.1");
+            cluster_plan(&desired, &artifacts, &talos_running(&desired, running, "v1.34.1"))
+        };
+        let p = plan_from("v1.13.9", "v1.13.8");
+        assert_eq!(p.steps[0].action.verb(), "downgrade talos");
+        assert_eq!(upgrade_of(&p.steps[0]).3, None, "a patch downgrade is done");
+
+        let p = plan_from("v1.13.9", "v1.12.4");
+        let refused = upgrade_of(&p.steps[0]).3.expect("refused");
+        assert!(
+            refused.starts_with("Talos does not downgrade across minor releases"),
+            "{refused}"
+        );
+
+        let p = plan_from("v1.12.4", "v1.14.0");
+        assert_eq!(p.steps[0].action.verb(), "upgrade talos");
+        let refused = upgrade_of(&p.steps[0]).3.expect("refused");
+        assert!(
+            refused.contains("set `version` to the latest v1.13.x first"),
+            "{refused}"
+        );
+        let text = crate::plan::display::text(&p, crate::plan::display::Wording::Plan, false);
+        assert!(
+            text.contains("refused: Talos upgrades one minor release at a time"),
+            "{text}"
+        );
+
+        assert_eq!(talos_upgrade_refusal("v1.13.9", "v1.14.0"), None);
+
+        // A minor upgrade: the node's config follows its upgrade, with no dry run of a config
+        // its release may not read.
+        let (desired, artifacts) = talos_example_at("v1.14.0", "v1.34.1");
+        let mut cluster = talos_running(&desired, "v1.13.9", "v1.34.1");
+        for seen in cluster.nodes.values_mut() {
+            if let NodeObserved::Talos { dry_run, .. } = seen {
+                *dry_run = None;
+            }
+        }
+        let p = cluster_plan(&desired, &artifacts, &cluster);
+        assert_eq!(
+            verbs(&p)[..2],
+            ["upgrade talos talos-cp-1", "apply talos config talos-cp-1"]
+        );
+        let Action::TalosApply { diff, .. } = &p.steps[1].action else {
+            panic!()
+        };
+        assert!(
+            diff.starts_with("no dry run: the config is for Talos v1.14.0, which the node runs only after its upgrade"),
+            "{diff}"
+        );
+        assert!(dry_run_waits_for_upgrade("v1.13.9", "v1.14.0"));
+        assert!(!dry_run_waits_for_upgrade("v1.13.9", "v1.13.10"));
+    }
+
+    #[test]
+    fn a_kubernetes_version_change_on_talos_is_refused_before_any_cluster_step() {
+        let (desired, artifacts) = talos_example_at("v1.13.9", "v1.35.0");
+        let mut cluster = talos_running(&desired, "v1.13.9", "v1.34.1");
+        // Talos's dry run shows the new kubelet image in the worker's config.
+        if let Some(NodeObserved::Talos { dry_run: Some(r), .. }) = cluster.nodes.get_mut("talos-worker-1") {
+            r.mode_details = "Config diff:\n-    image: kubelet:v1.34.1\n+    image: kubelet:v1.35.0".into();
+        }
+        let p = cluster_plan(&desired, &artifacts, &cluster);
+        assert_eq!(
+            verbs(&p),
+            ["upgrade kubernetes talos-cp-1", "apply talos config talos-worker-1"]
+        );
+        let first = p.steps.iter().position(|s| s.action.is_cluster()).unwrap();
+        assert_eq!(p.steps[first].node, "talos-cp-1");
+        let Action::KubernetesUpgrade {
+            from,
+            to,
+            refused,
+            provenance,
+        } = &p.steps[first].action
+        else {
+            panic!("{:?}", verbs(&p))
+        };
+        assert_eq!((from.as_str(), to.as_str()), ("v1.34.1", "v1.35.0"));
+        assert_eq!(provenance.as_deref(), Some("cluster.yaml:5"));
+        assert!(refused.contains("run `talosctl upgrade-k8s --to 1.35.0`"), "{refused}");
+        assert!(refused.contains("driftless does not do this yet"), "{refused}");
+        // Every later cluster step waits for it, so its failure stops them all.
+        let control_plane = desired.control_plane().map(|n| n.name.clone()).collect();
+        let deps = crate::plan::schedule::dependencies(&p.steps, &control_plane);
+        for (i, step) in p.steps.iter().enumerate().skip(first + 1) {
+            if step.action.is_cluster() {
+                assert!(deps[i].contains(&first), "{} waits not: {:?}", verbs(&p)[i], deps[i]);
+            }
+        }
+        // The same version as the kubelets report: nothing to refuse.
+        let (desired, artifacts) = talos_example_at("v1.13.9", "v1.34.1");
+        let p = cluster_plan(&desired, &artifacts, &talos_running(&desired, "v1.13.9", "v1.34.1"));
+        assert!(p.steps.is_empty(), "{:?}", verbs(&p));
     }
 }

@@ -118,6 +118,34 @@ impl Node {
     pub fn ip(&self) -> IpAddr {
         self.address.addr()
     }
+
+    /// The Talos installer image of this node for Talos `version`: what the machine config's
+    /// install image says and what an upgrade installs, so the two never disagree.
+    pub fn talos_installer_image(&self, version: &str) -> String {
+        talos_installer_image(
+            self.settings.talos.as_ref().and_then(|t| t.install_image.as_deref()),
+            version,
+        )
+    }
+}
+
+/// Talos's installer for `version`: `ghcr.io/siderolabs/installer:VERSION`, or the node's
+/// `talos.install_image` with its tag set to `version` (a factory image keeps its schematic and
+/// follows `version`). An image pinned by digest (`@sha256:...`) is used as it is: a digest
+/// names one version, so it changes with `version` by hand.
+pub fn talos_installer_image(install_image: Option<&str>, version: &str) -> String {
+    let Some(image) = install_image else {
+        return format!("ghcr.io/siderolabs/installer:{version}");
+    };
+    if image.contains('@') {
+        return image.to_string();
+    }
+    let name_end = image.rfind('/').map_or(0, |i| i + 1);
+    let repository = match image[name_end..].rfind(':') {
+        Some(colon) => &image[..name_end + colon],
+        None => image,
+    };
+    format!("{repository}:{version}")
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -171,4 +199,28 @@ pub fn display_key(path: &[String]) -> String {
         })
         .collect::<Vec<_>>()
         .join(".")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::talos_installer_image;
+
+    #[test]
+    fn the_installer_image_follows_the_talos_version() {
+        assert_eq!(
+            talos_installer_image(None, "v1.13.10"),
+            "ghcr.io/siderolabs/installer:v1.13.10"
+        );
+        assert_eq!(
+            talos_installer_image(Some("factory.talos.dev/installer/abc123:v1.13.9"), "v1.13.10"),
+            "factory.talos.dev/installer/abc123:v1.13.10"
+        );
+        assert_eq!(
+            talos_installer_image(Some("registry.home.arpa:5000/talos/installer"), "v1.14.0"),
+            "registry.home.arpa:5000/talos/installer:v1.14.0",
+            "a registry port is not a tag"
+        );
+        let pinned = format!("ghcr.io/siderolabs/installer@sha256:{}", "a".repeat(64));
+        assert_eq!(talos_installer_image(Some(&pinned), "v1.14.0"), pinned);
+    }
 }

@@ -56,6 +56,7 @@ fn symbol(a: &Action) -> &'static str {
         Action::K3sInstall { .. } | Action::K3sConfigure { .. } | Action::TalosApply { .. } => "~",
         Action::NodeMetadata { .. } => "~",
         Action::TalosBootstrap => "+",
+        Action::TalosUpgrade { .. } | Action::KubernetesUpgrade { .. } => "~",
     }
 }
 
@@ -97,6 +98,42 @@ fn cluster_lines(a: &Action) -> Vec<String> {
             v
         }
         Action::TalosBootstrap => vec!["bootstrap etcd (once), then fetch the kubeconfig".into()],
+        Action::TalosUpgrade {
+            from,
+            to,
+            image,
+            refused,
+            provenance,
+            ..
+        } => {
+            let set_by = provenance
+                .as_ref()
+                .map(|p| format!(" (set by {p})"))
+                .unwrap_or_default();
+            let mut v = vec![format!("talos {from} -> {to}{set_by}")];
+            match refused {
+                Some(why) => v.push(format!("refused: {why}")),
+                None => v.push(format!(
+                    "installer {image}; the node reboots, then must answer with {to} and be Ready"
+                )),
+            }
+            v
+        }
+        Action::KubernetesUpgrade {
+            from,
+            to,
+            refused,
+            provenance,
+        } => {
+            let set_by = provenance
+                .as_ref()
+                .map(|p| format!(" (set by {p})"))
+                .unwrap_or_default();
+            vec![
+                format!("kubernetes {from} -> {to}{set_by}"),
+                format!("refused: {refused}"),
+            ]
+        }
         _ => Vec::new(),
     }
 }

@@ -111,6 +111,32 @@ pub enum Action {
     },
     /// Bootstrap etcd on the first control plane node, then fetch the kubeconfig.
     TalosBootstrap,
+    /// Take the node's Talos from `from` to `to` (cluster.yaml `version`) with Talos's Upgrade
+    /// call and the installer `image`; the node reboots, and must answer with `to` and be Ready
+    /// before the next step. `refused`: why driftless does not do it (the step fails at once,
+    /// before anything is sent).
+    TalosUpgrade {
+        from: String,
+        to: String,
+        image: String,
+        /// `to` is older than `from` (within one minor release; across minors it is refused).
+        downgrade: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        refused: Option<String>,
+        /// Where `version` was set: `cluster.yaml:4`, or an ADR.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        provenance: Option<String>,
+    },
+    /// A change of `kubernetes_version` on a running Talos cluster. driftless does not do it
+    /// (yet): the step fails before any other cluster step runs, saying what to run instead, so
+    /// no machine config carrying the new Kubernetes images goes out half way.
+    KubernetesUpgrade {
+        from: String,
+        to: String,
+        refused: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        provenance: Option<String>,
+    },
     /// Labels and taints declared in the node file, through the Kubernetes API.
     NodeMetadata {
         changes: Vec<Change>,
@@ -132,6 +158,9 @@ impl Action {
             Action::K3sConfigure { .. } => "configure k3s",
             Action::TalosApply { .. } => "apply talos config",
             Action::TalosBootstrap => "bootstrap talos",
+            Action::TalosUpgrade { downgrade: true, .. } => "downgrade talos",
+            Action::TalosUpgrade { .. } => "upgrade talos",
+            Action::KubernetesUpgrade { .. } => "upgrade kubernetes",
             Action::NodeMetadata { .. } => "label",
         }
     }
@@ -144,6 +173,8 @@ impl Action {
                 | Action::K3sConfigure { .. }
                 | Action::TalosApply { .. }
                 | Action::TalosBootstrap
+                | Action::TalosUpgrade { .. }
+                | Action::KubernetesUpgrade { .. }
                 | Action::NodeMetadata { .. }
         )
     }

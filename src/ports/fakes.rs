@@ -674,6 +674,14 @@ impl FakeKube {
         s.ready_after.insert(name.to_string(), looks);
     }
 
+    /// The kubelet version `name` reports.
+    pub fn set_kubelet_version(&self, name: &str, version: &str) {
+        let mut s = self.state.lock().unwrap();
+        if let Some(node) = s.nodes.iter_mut().find(|n| n.name == name) {
+            node.kubelet_version = version.to_string();
+        }
+    }
+
     pub fn set_readyz_failing(&self, why: Option<&str>) {
         self.state.lock().unwrap().readyz = why.map(str::to_string);
     }
@@ -739,12 +747,36 @@ pub struct FakeTalos {
     pub applied: Arc<Mutex<Vec<(String, bool)>>>,
     configured: Arc<Mutex<BTreeMap<String, bool>>>,
     impostors: Arc<Mutex<BTreeSet<String>>>,
+    /// Every upgrade asked for: (node address, installer image).
+    pub upgrades: Arc<Mutex<Vec<(String, String)>>>,
+    /// The Talos version per node address (`v1.13.9` when not set).
+    versions: Arc<Mutex<BTreeMap<String, String>>>,
+    /// Per node, how many more probes find it rebooting (unreachable).
+    rebooting: Arc<Mutex<BTreeMap<String, u32>>>,
+    /// Nodes whose upgrade is acknowledged but which come back with their old version.
+    stuck: Arc<Mutex<BTreeSet<String>>>,
+    /// Nodes sent an upgrade while another node was still rebooting.
+    pub overlapping: Arc<Mutex<Vec<String>>>,
 }
 
 impl FakeTalos {
     /// The node at `addr` runs a config of the cluster (answers over mTLS).
     pub fn configure(&self, addr: &str) {
         self.configured.lock().unwrap().insert(addr.to_string(), true);
+    }
+
+    /// The node at `addr` is configured and runs Talos `version`.
+    pub fn configure_version(&self, addr: &str, version: &str) {
+        self.configure(addr);
+        self.versions
+            .lock()
+            .unwrap()
+            .insert(addr.to_string(), version.to_string());
+    }
+
+    /// An upgrade of `addr` is acknowledged, but the node comes back with its old version.
+    pub fn stuck(&self, addr: &str) {
+        self.stuck.lock().unwrap().insert(addr.to_string());
     }
 
     /// Something that is not the cluster's node answers at `addr`.
@@ -771,9 +803,22 @@ impl TalosApi for FakeTalos {
         if let Some(e) = self.untrusted(node) {
             return Err(e);
         }
+        if let Some(left) = self.rebooting.lock().unwrap().get_mut(node).filter(|left| **left > 0) {
+            *left -= 1;
+            return Err(TalosError::Transport {
+                node: node.to_string(),
+                message: "connection refused (rebooting)".into(),
+            });
+        }
         Ok(if self.configured.lock().unwrap().contains_key(node) {
             TalosNodeState::Configured {
-                version: "v1.13.9".into(),
+                version: self
+                    .versions
+                    .lock()
+                    .unwrap()
+                    .get(node)
+                    .cloned()
+                    .unwrap_or_else(|| "v1.13.9".into()),
             }
         } else {
             TalosNodeState::Maintenance
@@ -808,6 +853,28 @@ impl TalosApi for FakeTalos {
     async fn kubeconfig(&self, node: &str) -> Result<Vec<u8>, TalosError> {
         self.untrusted(node)
             .map_or(Ok(b"apiVersion: v1\nkind: Config\n".to_vec()), Err)
+    }
+
+    /// Acknowledged; the node is unreachable for the next 2 probes, then runs the image's tag
+    /// (its old version when [`stuck`](FakeTalos::stuck)).
+    async fn upgrade(&self, node: &str, image: &str) -> Result<String, TalosError> {
+        if let Some(e) = self.untrusted(node) {
+            return Err(e);
+        }
+        self.upgrades
+            .lock()
+            .unwrap()
+            .push((node.to_string(), image.to_string()));
+        if self.rebooting.lock().unwrap().values().any(|left| *left > 0) {
+            self.overlapping.lock().unwrap().push(node.to_string());
+        }
+        if !self.stuck.lock().unwrap().contains(node)
+            && let Some((_, tag)) = image.rsplit_once(':')
+        {
+            self.versions.lock().unwrap().insert(node.to_string(), tag.to_string());
+        }
+        self.rebooting.lock().unwrap().insert(node.to_string(), 2);
+        Ok("Upgrade request received".into())
     }
 }
 

@@ -231,6 +231,11 @@ pub fn node_context(d: &Desired, n: &Node) -> NodeContext {
             .as_ref()
             .and_then(|t| t.install_disk.clone())
             .unwrap_or_else(|| "/dev/sda".into()),
-        talos_install_image: s.talos.as_ref().and_then(|t| t.install_image.clone()),
+        // Set, its tag follows cluster.yaml's `version`, as the image an upgrade installs.
+        talos_install_image: s
+            .talos
+            .as_ref()
+            .and_then(|t| t.install_image.as_deref())
+            .map(|_| n.talos_installer_image(&d.cluster.version)),
     }
 }

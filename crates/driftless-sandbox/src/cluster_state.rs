@@ -42,6 +42,25 @@ pub struct SimNode {
     pub labels: BTreeMap<String, String>,
     pub annotations: BTreeMap<String, String>,
     pub taints: Vec<Taint>,
+    /// Unix milliseconds until which the machine reboots (a Talos upgrade): its kubelet is
+    /// down until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebooting_until_ms: Option<u64>,
+}
+
+impl SimNode {
+    /// The machine is rebooting now.
+    pub fn rebooting(&self) -> bool {
+        self.rebooting_until_ms.is_some_and(|until| now_ms() < until)
+    }
+}
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or_default()
 }
 
 pub fn dir(state_dir: &Path) -> PathBuf {

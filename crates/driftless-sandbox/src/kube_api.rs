@@ -636,7 +636,7 @@ fn readiness(node: &SimNode, store: Option<&Store>, never: &[String], no_network
         (Some(vmid), Some(store)) => store.is_running(vmid),
         _ => true,
     };
-    if !node.kubelet_running || !guest_running {
+    if !node.kubelet_running || !guest_running || node.rebooting() {
         Readiness::Stopped
     } else if no_network || never.iter().any(|n| n == &node.name) {
         Readiness::NotReady

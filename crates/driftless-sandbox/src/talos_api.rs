@@ -25,6 +25,11 @@
 //!   [`SimNode`](cluster_state::SimNode) (name, address, kubelet version, role, labels, taints), whose kubelet runs
 //!   once the control plane is bootstrapped; its `cluster.network.cni.name` is recorded as the
 //!   cluster's CNI (`cluster_state::set_builtin_cni`).
+//! * Upgrade on a configured node: the image must be a reference with a `vX.Y.Z` tag (the
+//!   version the node then runs; its config is kept). The answer comes at once; then the node
+//!   reboots for [`UPGRADE_REBOOT`]: every call to it answers Unavailable and its kubelet is
+//!   down; after that Version reports the new tag. Each upgrade is recorded in
+//!   `upgrades.jsonl` ([`upgrades`]) with the nodes that were rebooting when it was sent.
 //! * Bootstrap on a configured control plane: the first call succeeds and starts the kubelets,
 //!   later ones answer AlreadyExists "etcd data directory is not empty" (machined's words).
 //!   Kubeconfig streams a gzipped tar holding `kubeconfig` (the simulated Kubernetes API's admin
@@ -82,6 +87,8 @@ use driftless::ports::Taint;
 pub const MAINTENANCE_MESSAGE: &str = "API is not implemented in maintenance mode";
 /// The Talos version a node reports when its config names no installer tag.
 const DEFAULT_TALOS_VERSION: &str = "v1.13.9";
+/// How long a node is down after an Upgrade.
+pub const UPGRADE_REBOOT: Duration = Duration::from_millis(1500);
 /// Talos's `constants.ConfigTryTimeout`.
 const DEFAULT_TRY_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -336,6 +343,10 @@ impl tonic::codegen::Service<http::Request<tonic::body::Body>> for MachineServic
                 let mut grpc = Grpc::new(ProstCodec::<proto::BootstrapResponse, proto::BootstrapRequest>::default());
                 Ok(grpc.unary(Unary(move |r| sim.bootstrap(r)), req).await)
             }),
+            proto::UPGRADE => Box::pin(async move {
+                let mut grpc = Grpc::new(ProstCodec::<proto::UpgradeResponse, proto::UpgradeRequest>::default());
+                Ok(grpc.unary(Unary(move |r| sim.upgrade(r)), req).await)
+            }),
             proto::KUBECONFIG => Box::pin(async move {
                 let mut grpc = Grpc::new(ProstCodec::<proto::Data, proto::Empty>::default());
                 Ok(grpc.server_streaming(Streaming(move |r| sim.kubeconfig(r)), req).await)
@@ -407,6 +418,69 @@ struct NodeMeta {
     /// The SimNode name the running config registered.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     registered_as: Option<String>,
+    /// The Talos version installed: the first config's installer tag, then each upgrade's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    talos_version: Option<String>,
+    /// Unix milliseconds until which the node reboots after an upgrade.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    rebooting_until_ms: Option<u64>,
+}
+
+/// One Upgrade the sandbox took, as `upgrades.jsonl` keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpgradeRecord {
+    /// The node's address.
+    pub node: String,
+    pub image: String,
+    pub from: String,
+    pub to: String,
+    /// Unix milliseconds: when the request came, when the node was back.
+    pub at_ms: u64,
+    pub back_ms: u64,
+    /// Nodes still rebooting when this upgrade was sent.
+    pub overlapping: Vec<String>,
+}
+
+/// Every upgrade the sandbox in `state_dir` took, in order.
+pub fn upgrades(state_dir: &Path) -> Vec<UpgradeRecord> {
+    std::fs::read_to_string(talos_dir(state_dir).join("upgrades.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// `REPOSITORY:vX.Y.Z`, as an installer reference the sandbox can tell the version of.
+fn installer_version(image: &str) -> Result<String, String> {
+    if image.contains('@') {
+        return Err("the sandbox reads the version from the tag; a reference by digest has none".into());
+    }
+    let name_end = image.rfind('/').map_or(0, |i| i + 1);
+    let (repository, tag) = match image[name_end..].rfind(':') {
+        Some(colon) => (&image[..name_end + colon], &image[name_end + colon + 1..]),
+        None => return Err("no tag".into()),
+    };
+    let repository_ok = repository.contains('/')
+        && !repository.starts_with(['/', '.', '-'])
+        && repository
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "./:_-".contains(c));
+    if !repository_ok {
+        return Err(format!("`{repository}` is not an image repository"));
+    }
+    let core = tag
+        .strip_prefix('v')
+        .ok_or_else(|| format!("tag `{tag}` is not vX.Y.Z"))?;
+    let core = core.split(['-', '+']).next().unwrap_or_default();
+    let parts: Vec<&str> = core.split('.').collect();
+    if parts.len() != 3
+        || parts
+            .iter()
+            .any(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(format!("tag `{tag}` is not vX.Y.Z"));
+    }
+    Ok(tag.to_string())
 }
 
 /// Who asked: the target node and the client certificate chain, if any.
@@ -516,6 +590,16 @@ impl Sim {
         }
     }
 
+    /// A node rebooting after an upgrade answers nothing.
+    fn up(&self, node: &str) -> Result<(), Status> {
+        match self.meta(node).rebooting_until_ms {
+            Some(until) if cluster_state::now_ms() < until => Err(Status::unavailable(format!(
+                "{node} is rebooting (upgrade): connection refused"
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Every configured node's address.
     fn configured_nodes(&self) -> Vec<String> {
         let Ok(entries) = std::fs::read_dir(talos_dir(&self.state_dir).join("nodes")) else {
@@ -592,6 +676,7 @@ impl Sim {
     fn version(&self, req: tonic::Request<proto::Empty>) -> Result<proto::VersionResponse, Status> {
         let caller = caller(&req)?;
         let _guard = self.locked();
+        self.up(&caller.node)?;
         let Some(config) = self.running(&caller.node)? else {
             return Err(Status::unimplemented(MAINTENANCE_MESSAGE));
         };
@@ -601,7 +686,10 @@ impl Sim {
             messages: vec![proto::Version {
                 metadata: self.metadata(&caller.node, Some(&config)),
                 version: Some(proto::VersionInfo {
-                    tag: config.talos_version(),
+                    tag: self
+                        .meta(&caller.node)
+                        .talos_version
+                        .unwrap_or_else(|| config.talos_version()),
                     sha,
                     built: String::new(),
                     go_version: "go1.25 (driftless sandbox)".into(),
@@ -625,6 +713,7 @@ impl Sim {
         let mode = ApplyMode::try_from(req.mode)
             .map_err(|_| Status::invalid_argument(format!("unknown mode {}", req.mode)))?;
         let _guard = self.locked();
+        self.up(&caller.node)?;
         let running = self.running(&caller.node)?;
         if let Some(config) = &running {
             self.authorize(&caller, config, true)?;
@@ -746,6 +835,11 @@ impl Sim {
         let mut meta = self.meta(node);
         meta.address = node.to_string();
         meta.try_deadline = try_deadline;
+        if old.is_none() {
+            // Installed from maintenance mode: the installer the config names. Later configs
+            // do not change what is installed; an upgrade does.
+            meta.talos_version = Some(new.talos_version());
+        }
         self.write_meta(node, &meta)?;
         if new.is_control_plane() && new.ca_key_pem().is_some() {
             Self::write(&talos_dir(&self.state_dir).join("ca-node"), node.as_bytes())?;
@@ -832,9 +926,65 @@ impl Sim {
         }
     }
 
+    fn upgrade(&self, req: tonic::Request<proto::UpgradeRequest>) -> Result<proto::UpgradeResponse, Status> {
+        let caller = caller(&req)?;
+        let req = req.into_inner();
+        let _guard = self.locked();
+        self.up(&caller.node)?;
+        let Some(config) = self.running(&caller.node)? else {
+            return Err(Status::unimplemented(MAINTENANCE_MESSAGE));
+        };
+        self.authorize(&caller, &config, true)?;
+        let to = installer_version(&req.image)
+            .map_err(|e| Status::invalid_argument(format!("error validating installer image {:?}: {e}", req.image)))?;
+        let now = cluster_state::now_ms();
+        let back = now + u64::try_from(UPGRADE_REBOOT.as_millis()).unwrap_or(u64::MAX);
+        let overlapping: Vec<String> = self
+            .configured_nodes()
+            .into_iter()
+            .filter(|n| *n != caller.node && self.meta(n).rebooting_until_ms.is_some_and(|until| now < until))
+            .collect();
+        let mut meta = self.meta(&caller.node);
+        let from = meta.talos_version.clone().unwrap_or_else(|| config.talos_version());
+        meta.talos_version = Some(to.clone());
+        meta.rebooting_until_ms = Some(back);
+        self.write_meta(&caller.node, &meta)?;
+        // The kubelet goes down with the machine; the config is kept.
+        if let Some(mut sim) = meta
+            .registered_as
+            .as_ref()
+            .and_then(|n| cluster_state::read_node(&self.state_dir, n))
+        {
+            sim.rebooting_until_ms = Some(back);
+            cluster_state::write_node(&self.state_dir, &sim).map_err(|e| io_status(&self.state_dir, e))?;
+        }
+        let record = UpgradeRecord {
+            node: caller.node.clone(),
+            image: req.image.clone(),
+            from,
+            to,
+            at_ms: now,
+            back_ms: back,
+            overlapping,
+        };
+        let log = talos_dir(&self.state_dir).join("upgrades.jsonl");
+        let mut text = Self::read_text(&log).unwrap_or_default();
+        text.push_str(&serde_json::to_string(&record).map_err(|e| Status::internal(e.to_string()))?);
+        text.push('\n');
+        Self::write(&log, text.as_bytes())?;
+        Ok(proto::UpgradeResponse {
+            messages: vec![proto::Upgrade {
+                metadata: self.metadata(&caller.node, Some(&config)),
+                ack: "Upgrade request received".into(),
+                actor_id: format!("{:016x}", crate::store::splitmix64(self.seed ^ now)),
+            }],
+        })
+    }
+
     fn bootstrap(&self, req: tonic::Request<proto::BootstrapRequest>) -> Result<proto::BootstrapResponse, Status> {
         let caller = caller(&req)?;
         let _guard = self.locked();
+        self.up(&caller.node)?;
         let Some(config) = self.running(&caller.node)? else {
             return Err(Status::unimplemented(MAINTENANCE_MESSAGE));
         };
@@ -867,6 +1017,7 @@ impl Sim {
     fn kubeconfig(&self, req: tonic::Request<proto::Empty>) -> Result<Vec<proto::Data>, Status> {
         let caller = caller(&req)?;
         let _guard = self.locked();
+        self.up(&caller.node)?;
         let Some(config) = self.running(&caller.node)? else {
             return Err(Status::unimplemented(MAINTENANCE_MESSAGE));
         };
@@ -1210,11 +1361,21 @@ impl Config {
     }
 
     /// What decides whether a change needs a reboot here: the install settings.
+    /// The installer image is not among them: Talos reads it only at an upgrade.
     fn install(&self) -> (Option<Value>, Option<Value>) {
-        (
-            self.v1alpha1().and_then(|d| d.pointer("/machine/install")).cloned(),
-            self.doc("UnattendedInstall").cloned(),
-        )
+        let mut machine = self.v1alpha1().and_then(|d| d.pointer("/machine/install")).cloned();
+        if let Some(m) = machine.as_mut().and_then(Value::as_object_mut) {
+            m.remove("image");
+        }
+        let mut unattended = self.doc("UnattendedInstall").cloned();
+        if let Some(i) = unattended
+            .as_mut()
+            .and_then(|u| u.get_mut("installer"))
+            .and_then(Value::as_object_mut)
+        {
+            i.remove("image");
+        }
+        (machine, unattended)
     }
 
     /// `(major, minor)` of the Talos the config installs.

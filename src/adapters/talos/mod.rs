@@ -349,6 +349,25 @@ impl TalosClient {
         }
     }
 
+    /// `talosctl upgrade --image IMAGE` without `--wait`: Talos acknowledges, then pulls the
+    /// installer, installs it and reboots; the caller watches Version for the new tag.
+    async fn upgrade_inner(&self, node: &str, image: &str) -> Result<String, CallError> {
+        let target = self.mtls_target(node);
+        let channel = connect(&target).await?;
+        let request = proto::UpgradeRequest {
+            image: image.to_string(),
+            preserve: false,
+            stage: false,
+            force: false,
+            reboot_mode: 0,
+        };
+        let resp: proto::UpgradeResponse = unary(channel, &target, proto::UPGRADE, request).await?;
+        if let Some((code, message)) = first_metadata_error(resp.messages.iter().map(|m| m.metadata.as_ref())) {
+            return Err(CallError::Metadata { code, message });
+        }
+        Ok(resp.messages.into_iter().next().map(|m| m.ack).unwrap_or_default())
+    }
+
     async fn kubeconfig_inner(&self, node: &str) -> Result<Vec<u8>, CallError> {
         let target = self.mtls_target(node);
         let channel = connect(&target).await?;
@@ -408,6 +427,10 @@ impl TalosApi for TalosClient {
 
     async fn kubeconfig(&self, node: &str) -> Result<Vec<u8>, TalosError> {
         self.kubeconfig_inner(node).await.map_err(|e| e.into_talos(node))
+    }
+
+    async fn upgrade(&self, node: &str, image: &str) -> Result<String, TalosError> {
+        self.upgrade_inner(node, image).await.map_err(|e| e.into_talos(node))
     }
 }
 

@@ -28,7 +28,13 @@
 //! machine.VersionInfo       { string tag = 1; string sha = 2; string built = 3;
 //!                             string go_version = 4; string os = 5; string arch = 6; }
 //! machine.PlatformInfo      { string name = 1; string mode = 2; }
+//! machine.UpgradeRequest    { enum RebootMode { DEFAULT = 0; POWERCYCLE = 1; }
+//!                             string image = 1; bool preserve = 2; bool stage = 3; bool force = 4;
+//!                             RebootMode reboot_mode = 5; }
+//! machine.Upgrade           { common.Metadata metadata = 1; string ack = 2; string actor_id = 3; }
+//! machine.UpgradeResponse   { repeated Upgrade messages = 1; }
 //! rpc Version(google.protobuf.Empty) returns (VersionResponse);
+//! rpc Upgrade(UpgradeRequest) returns (UpgradeResponse);   // answers, then installs and reboots
 //! rpc Kubeconfig(google.protobuf.Empty) returns (stream common.Data);   // a .tar.gz holding `kubeconfig`
 //! ```
 //!
@@ -43,6 +49,7 @@ pub const APPLY_CONFIGURATION: &str = "/machine.MachineService/ApplyConfiguratio
 pub const BOOTSTRAP: &str = "/machine.MachineService/Bootstrap";
 pub const KUBECONFIG: &str = "/machine.MachineService/Kubeconfig";
 pub const VERSION: &str = "/machine.MachineService/Version";
+pub const UPGRADE: &str = "/machine.MachineService/Upgrade";
 
 /// `google.protobuf.Empty`.
 #[derive(Clone, PartialEq, ::prost::Message)]
@@ -226,6 +233,38 @@ pub struct VersionResponse {
     pub messages: ::prost::alloc::vec::Vec<Version>,
 }
 
+/// `machine.UpgradeRequest` (`reboot_mode` 0, DEFAULT: a kexec or reboot as Talos chooses).
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct UpgradeRequest {
+    #[prost(string, tag = "1")]
+    pub image: ::prost::alloc::string::String,
+    #[prost(bool, tag = "2")]
+    pub preserve: bool,
+    #[prost(bool, tag = "3")]
+    pub stage: bool,
+    #[prost(bool, tag = "4")]
+    pub force: bool,
+    #[prost(int32, tag = "5")]
+    pub reboot_mode: i32,
+}
+
+/// `machine.Upgrade`: one node's acknowledgement; the upgrade itself runs after it.
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct Upgrade {
+    #[prost(message, optional, tag = "1")]
+    pub metadata: ::core::option::Option<Metadata>,
+    #[prost(string, tag = "2")]
+    pub ack: ::prost::alloc::string::String,
+    #[prost(string, tag = "3")]
+    pub actor_id: ::prost::alloc::string::String,
+}
+
+#[derive(Clone, PartialEq, ::prost::Message)]
+pub struct UpgradeResponse {
+    #[prost(message, repeated, tag = "1")]
+    pub messages: ::prost::alloc::vec::Vec<Upgrade>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +299,15 @@ mod tests {
                 0x0a, 0x03, 0x0a, 0x01, b'n', 0x12, 0x01, b'w', 0x18, 0x03, 0x22, 0x01, b'd'
             ]
         );
+        let upgrade = UpgradeRequest {
+            image: "i".into(),
+            preserve: false,
+            stage: false,
+            force: true,
+            reboot_mode: 1,
+        };
+        // image = 1, force = 4 (varint 1), reboot_mode = 5 (varint 1); false fields are not sent.
+        assert_eq!(upgrade.encode_to_vec(), [0x0a, 0x01, b'i', 0x20, 0x01, 0x28, 0x01]);
         let debug = format!("{req:?}");
         assert!(debug.contains("<1 bytes>") && debug.contains("no-reboot"), "{debug}");
     }
