@@ -44,3 +44,4 @@ pub mod settings;
 pub mod source;
 #[cfg(test)]
 mod test_repo;
+mod threads;

@@ -189,16 +189,20 @@ impl Desired {
 
 /// How a key path is shown to people: `lxc.features.nesting`, `labels."node-role.kubernetes.io/worker"`.
 pub fn display_key(path: &[String]) -> String {
-    path.iter()
-        .map(|s| {
-            if s.contains(['.', '/', ' ', ':']) {
-                format!("\"{s}\"")
-            } else {
-                s.clone()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(".")
+    let mut key = String::with_capacity(path.iter().map(|s| s.len() + 3).sum());
+    for (i, s) in path.iter().enumerate() {
+        if i > 0 {
+            key.push('.');
+        }
+        if s.contains(['.', '/', ' ', ':']) {
+            key.push('"');
+            key.push_str(s);
+            key.push('"');
+        } else {
+            key.push_str(s);
+        }
+    }
+    key
 }
 
 #[cfg(test)]

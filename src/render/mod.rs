@@ -365,18 +365,18 @@ pub fn render_all(desired: &Desired) -> Result<Vec<Artifact>, Diagnostics> {
     if diags.is_empty() { Ok(out) } else { Err(diags.finish()) }
 }
 
-/// Below this many nodes one thread renders them all: starting threads would cost more.
+/// Nodes per thread, at least, before rendering is spread over cores.
 const NODES_PER_THREAD: usize = 64;
 
 impl Renderer<'_> {
-    /// Every node rendered, in order, on up to as many threads as the machine has cores (a
-    /// node's templates see only that node and the cluster, so nodes render independently).
-    /// A node after one whose template was exhausted is not rendered (`None`): the nodes before
-    /// it are, so the result is the same as rendering one node after the other would give.
+    /// Every node rendered, in order, on the machine's cores (a node's templates see only that
+    /// node and the cluster). A node after one whose template was exhausted is not rendered
+    /// (`None`); every node before it is, so the result is what rendering one node after the
+    /// other gives.
     fn nodes(&self, nodes: &[Node]) -> Vec<Option<Result<Vec<Artifact>, NodeError>>> {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let first_exhausted = AtomicUsize::new(usize::MAX);
-        let render = |(i, node): (usize, &Node)| {
+        crate::threads::map_in_order(nodes, NODES_PER_THREAD, |i, node| {
             if i > first_exhausted.load(Ordering::Relaxed) {
                 return None;
             }
@@ -385,35 +385,6 @@ impl Renderer<'_> {
                 first_exhausted.fetch_min(i, Ordering::Relaxed);
             }
             Some(result)
-        };
-        let threads = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
-            .min(nodes.len() / NODES_PER_THREAD)
-            .clamp(1, 8);
-        if threads == 1 {
-            return nodes.iter().enumerate().map(render).collect();
-        }
-        let per_thread = nodes.len().div_ceil(threads);
-        std::thread::scope(|scope| {
-            let render = &render;
-            let workers: Vec<_> = nodes
-                .chunks(per_thread)
-                .enumerate()
-                .map(|(c, chunk)| {
-                    scope.spawn(move || {
-                        let first = c * per_thread;
-                        chunk
-                            .iter()
-                            .enumerate()
-                            .map(|(i, n)| render((first + i, n)))
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                .flat_map(|w| w.join().expect("a render thread does not panic"))
-                .collect()
         })
     }
 }

@@ -14,6 +14,9 @@ use crate::model::files::node_stem;
 use crate::model::schema::*;
 use serde_json::Value as Json;
 
+/// Node files per thread, at least, before reading and resolving them is spread over cores.
+const NODES_PER_THREAD: usize = 64;
+
 /// A node file, read: who the node is, and its own settings as a layer.
 pub(super) struct NodeInput {
     pub doc: Doc,
@@ -72,11 +75,27 @@ impl NodeLayers<'_> {
 impl Loader<'_> {
     /// Every node file that parses, split into identity (vmid, role, ...) and settings.
     pub(super) fn node_inputs(&mut self) -> Vec<NodeInput> {
-        let files = self.files;
-        files
-            .node_files()
-            .filter_map(|(file, bytes)| self.node_input(file, bytes))
+        let files: Vec<(&str, &[u8])> = self.files.node_files().collect();
+        let read = crate::threads::map_in_order(&files, NODES_PER_THREAD, |_, (file, bytes)| {
+            let mut one = self.for_one_node();
+            (one.node_input(file, bytes), one.diags)
+        });
+        read.into_iter()
+            .filter_map(|(input, diags)| {
+                self.diags.extend(diags);
+                input
+            })
             .collect()
+    }
+
+    /// A loader of its own for one node's phase on another thread; its problems are added to
+    /// this one's in the nodes' order afterwards.
+    fn for_one_node(&self) -> Loader<'_> {
+        Loader {
+            files: self.files,
+            opts: self.opts,
+            diags: Default::default(),
+        }
     }
 
     fn node_input(&mut self, file: &str, bytes: &[u8]) -> Option<NodeInput> {
@@ -117,10 +136,17 @@ impl Loader<'_> {
             adrs: &adrs.node_layers,
             defaults,
         };
-        inputs
-            .iter()
-            .filter(|n| n.settings_ok)
-            .filter_map(|input| self.resolve_node(&layers, adrs.incomplete, cluster, input))
+        let inputs: Vec<&NodeInput> = inputs.iter().filter(|n| n.settings_ok).collect();
+        let resolved = crate::threads::map_in_order(&inputs, NODES_PER_THREAD, |_, input| {
+            let mut one = self.for_one_node();
+            (one.resolve_node(&layers, adrs.incomplete, cluster, input), one.diags)
+        });
+        resolved
+            .into_iter()
+            .filter_map(|(node, diags)| {
+                self.diags.extend(diags);
+                node
+            })
             .collect()
     }
 
