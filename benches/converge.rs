@@ -163,12 +163,34 @@ fn main() {
         pct(rest);
     }
 
+    // `cargo bench --bench converge -- --plan-only`: only the no-change plans (seconds, not minutes).
+    let plan_only = args.iter().any(|a| a == "--plan-only");
     let realistic = TaskDurations::realistic();
     // One new guest waits for its create, then its start: nothing else it does is a task.
     let chain = realistic.create + realistic.start;
     let repo = repository(GUESTS);
     let one = repository(1);
 
+    let mut noop_sandboxes = Vec::new();
+    if plan_only {
+        let sb = Sandbox::start(TaskDurations::default());
+        sb.converge(repo.path(), 8);
+        noop_sandboxes.push((GUESTS, sb));
+    } else {
+        converge_tables(realistic, chain, &repo, &one, &mut noop_sandboxes);
+    }
+    noop_plans(&repo, noop_sandboxes);
+}
+
+/// The converge tables: realistic tasks at parallelism 1 and 8 next to the limit, then
+/// instant tasks; one converged sandbox of the instant runs is kept for the no-change plan.
+fn converge_tables(
+    realistic: TaskDurations,
+    chain: Duration,
+    repo: &tempfile::TempDir,
+    one: &tempfile::TempDir,
+    noop_sandboxes: &mut Vec<(usize, Sandbox)>,
+) {
     println!(
         "converge of {GUESTS} LXC guests from empty against the sandbox Proxmox (whole `driftless apply` process)"
     );
@@ -200,7 +222,6 @@ fn main() {
             sb.handle().knobs().most_tasks_at_once()
         );
     }
-    let mut noop_sandboxes = Vec::new();
     for parallelism in [1, 8] {
         let mut times = Vec::new();
         for run in 0..3 {
@@ -219,6 +240,10 @@ fn main() {
         );
     }
 
+}
+
+/// No-change plans of the converged sandboxes, and of 200 guests.
+fn noop_plans(repo: &tempfile::TempDir, mut noop_sandboxes: Vec<(usize, Sandbox)>) {
     println!();
     println!("| no-change plan | whole process | API requests |");
     println!("|---|---|---|");
