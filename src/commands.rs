@@ -327,6 +327,8 @@ fn apply_cmd(desired: &Desired, artifacts: &[Artifact], args: &ApplyArgs, out: O
     let connection = connect(desired, &settings)?;
     let run = Reconcile::connected(desired, desired, artifacts, &connection);
     let rt = runtime()?;
+    // Held until this function returns: the plan and its apply, one run at a time.
+    let _lock = rt.block_on(run.lock(&driftless::reconcile::lock_holder("apply")))?;
     let plan = rt.block_on(run.plan())?;
     if out != OutputFormat::Json {
         print_plan(&plan, out, Wording::Plan)?;

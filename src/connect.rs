@@ -49,6 +49,17 @@ impl HostShell for AnyHostShell {
             AnyHostShell::Local(s) => s.write_file_if_unchanged(pve_node, path, contents, expected_sha1).await,
         }
     }
+    async fn hold(
+        &self,
+        pve_node: &str,
+        argv: &[String],
+        within: std::time::Duration,
+    ) -> Result<crate::ports::Held, ShellError> {
+        match self {
+            AnyHostShell::Ssh(s) => s.hold(pve_node, argv, within).await,
+            AnyHostShell::Local(s) => s.hold(pve_node, argv, within).await,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -56,3 +56,107 @@ fn a_health_gate_that_failed_is_planned_again_until_the_node_is_ready() {
     assert_eq!(verbs(&env.plan_json()), Vec::<String>::new());
     env.run(&["health"], &[]).expect_code(0, "health");
 }
+
+/// `driftless --repo REPO apply --auto-approve ARGS... <env's connection flags>`, started in
+/// the background with its stderr (the progress lines) piped.
+fn spawn_apply(env: &Env, extra: &[&str]) -> std::process::Child {
+    testkit::command()
+        .arg("--repo")
+        .arg(env.repo.path())
+        .args(["apply", "--auto-approve"])
+        .args(extra)
+        .args(env.args())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Read `child`'s stderr line by line until a line contains `needle`; the lines read.
+fn wait_for_line(
+    child: &mut std::process::Child,
+    needle: &str,
+) -> (Vec<String>, std::io::BufReader<std::process::ChildStderr>) {
+    use std::io::BufRead;
+    let mut reader = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap() == 0 {
+            panic!("the apply ended before `{needle}`:\n{}", seen.join(""));
+        }
+        let found = line.contains(needle);
+        seen.push(line);
+        if found {
+            return (seen, reader);
+        }
+    }
+}
+
+/// The guest config files under the sandbox's /etc/pve, by vmid. Panics on a file that is
+/// empty, on a temporary file left beside them, or on a vmid that has two files.
+fn guest_configs(env: &Env) -> Vec<u32> {
+    let mut vmids = Vec::new();
+    let nodes = env.state.path().join("nodes");
+    for node in std::fs::read_dir(&nodes).unwrap() {
+        for kind in ["lxc", "qemu-server"] {
+            let Ok(dir) = std::fs::read_dir(node.as_ref().unwrap().path().join(kind)) else {
+                continue;
+            };
+            for file in dir {
+                let path = file.unwrap().path();
+                let name = path.file_name().unwrap().to_string_lossy().into_owned();
+                let vmid: u32 = name
+                    .strip_suffix(".conf")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("a file that is not a guest config was left: {}", path.display()));
+                let text = std::fs::read_to_string(&path).unwrap();
+                assert!(
+                    text.contains("hostname:") || text.contains("name:"),
+                    "{} is cut short: {text:?}",
+                    path.display()
+                );
+                vmids.push(vmid);
+            }
+        }
+    }
+    vmids.sort();
+    let mut unique = vmids.clone();
+    unique.dedup();
+    assert_eq!(unique, vmids, "a guest was made twice");
+    vmids
+}
+
+#[test]
+fn two_applies_at_once_run_one_after_the_other_and_a_second_that_cannot_wait_names_the_first() {
+    let env = Env::new("homelab-k3s");
+    let mut first = spawn_apply(&env, &[]);
+    let (_, rest) = wait_for_line(&mut first, "start  create k3s-master");
+
+    // Over the real sshd: the lock is held on the "Proxmox host" for the first apply's length.
+    let refused = env.run(&["apply"], &["--auto-approve", "--lock-wait", "1s"]);
+    assert_eq!(refused.code, 1, "{}\n{}", refused.stdout, refused.stderr);
+    assert!(
+        refused
+            .stderr
+            .contains("cannot take the run lock: another driftless run holds")
+            && refused.stderr.contains("driftless apply by"),
+        "{}",
+        refused.stderr
+    );
+    assert!(
+        !refused.stdout.contains("create k3s-master"),
+        "it planned nothing: {}",
+        refused.stdout
+    );
+
+    // A second apply that may wait does, then plans what the first left: nothing.
+    let waited = env.run(&["apply"], &["--auto-approve", "--lock-wait", "120s"]);
+    let status = first.wait().unwrap();
+    drop(rest);
+    assert!(status.success(), "the first apply");
+    assert_eq!(waited.code, 0, "{}\n{}", waited.stdout, waited.stderr);
+    assert!(waited.stdout.contains("Nothing to apply."), "{}", waited.stdout);
+    assert_eq!(plan_code(&env), 0);
+    assert_eq!(guest_configs(&env), [100, 101, 102]);
+}

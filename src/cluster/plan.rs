@@ -662,7 +662,11 @@ mod tests {
         assert!(r[0].1.contains("pending since its config changed"), "{r:?}");
 
         let mut unready = cluster.clone();
-        let k = unready.kube_nodes.iter_mut().find(|k| k.name == "k3s-worker-2").unwrap();
+        let k = unready
+            .kube_nodes
+            .iter_mut()
+            .find(|k| k.name == "k3s-worker-2")
+            .unwrap();
         k.ready = false;
         k.not_ready_reason = Some("container runtime network not ready".into());
         let r = restart_of(&unready);

@@ -797,6 +797,29 @@ impl Worker {
             }
         };
         let run = Reconcile::connected(desired, trusted, artifacts, &connection);
+        // A run that may apply holds the cluster's run lock from its plan to its last step.
+        let policy_applies = decide::applies(
+            kind,
+            decide::Policy {
+                suspend: trusted.cluster.reconcile.suspend,
+                auto_correct: self
+                    .settings
+                    .auto_correct
+                    .unwrap_or(trusted.cluster.reconcile.auto_correct),
+            },
+        );
+        let _lock = if policy_applies {
+            match run.lock(&crate::reconcile::lock_holder("daemon")).await {
+                Ok(lock) => lock,
+                Err(e) => {
+                    self.api_error(e.system());
+                    report.errors.push(e.to_string());
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         let plan = match run.plan().await {
             Ok(p) => p,
             Err(e) => {
