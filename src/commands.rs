@@ -420,6 +420,13 @@ fn report_apply(plan: &Plan, report: &ApplyReport, out: OutputFormat) -> Result<
         if report.stopped {
             println!("Stopped between two steps, as asked.");
         }
+        if report.api_retries > 0 {
+            println!(
+                "The Proxmox API did not answer as it should {} time{}: those calls were retried.",
+                report.api_retries,
+                if report.api_retries == 1 { "" } else { "s" }
+            );
+        }
         if !report.not_done.is_empty() {
             println!("Not done: {}", report.not_done.join("; "));
         }

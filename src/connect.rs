@@ -163,7 +163,8 @@ pub fn proxmox_client(settings: &RunSettings, cluster: &Cluster) -> Result<Proxm
         Some(u) => vec![u.clone()],
         None => cluster.proxmox.api.to_vec(),
     };
-    let options = ClientOptions::new(endpoints, token(settings, cluster)?, trust(settings, cluster)?);
+    let mut options = ClientOptions::new(endpoints, token(settings, cluster)?, trust(settings, cluster)?);
+    options.retry_for = settings.api_retry;
     ProxmoxClient::new(options).map_err(|e| ConnectError::Client(e.to_string()))
 }
 

@@ -212,6 +212,10 @@ impl ProxmoxError {
 /// The Proxmox VE API, the calls driftless makes. Implemented over HTTPS by
 /// `adapters::proxmox::ProxmoxClient`.
 pub trait ProxmoxApi: Send + Sync {
+    /// Calls retried so far because the API did not answer or answered 5xx (reports say so).
+    fn retries(&self) -> u64 {
+        0
+    }
     fn list_guests(&self) -> impl Future<Output = Result<Vec<GuestSummary>, ProxmoxError>> + Send;
     fn read_config(
         &self,

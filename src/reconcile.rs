@@ -205,7 +205,10 @@ impl<'a, P: ProxmoxApi, H: HostShell, C: ClusterConnector> Reconcile<'a, P, H, C
             parallelism: self.parallelism,
             control_plane: self.desired.control_plane().map(|n| n.name.clone()).collect(),
         };
-        applier.apply(plan, progress).await
+        let retried_before = self.proxmox.retries();
+        let mut report = applier.apply(plan, progress).await;
+        report.api_retries = self.proxmox.retries().saturating_sub(retried_before);
+        report
     }
 
     /// The cluster health view (`driftless health`).

@@ -160,3 +160,89 @@ fn two_applies_at_once_run_one_after_the_other_and_a_second_that_cannot_wait_nam
     assert_eq!(plan_code(&env), 0);
     assert_eq!(guest_configs(&env), [100, 101, 102]);
 }
+
+/// An apply of the Proxmox layer alone (`--guests-only`) with one step at a time, under the
+/// sandbox's fault knobs; then applies until the plan is empty, at most `bound` in all.
+/// Returns how many applies it took.
+fn converge_guests(env: &Env, bound: usize) -> usize {
+    for n in 1..=bound {
+        let r = env.run(&["apply"], &["--auto-approve", "--guests-only"]);
+        if r.code == 0 {
+            let plan = env.run(&["plan"], &["--guests-only", "--detailed-exitcode"]);
+            if plan.code == 0 {
+                return n;
+            }
+        } else {
+            // A failed attempt says what it did and did not do.
+            assert!(
+                r.stdout.contains("Applied ") || r.stderr.contains("error"),
+                "{}\n{}",
+                r.stdout,
+                r.stderr
+            );
+        }
+    }
+    panic!("not converged after {bound} applies");
+}
+
+#[test]
+fn an_api_answering_5xx_to_30_or_60_percent_of_requests_converges_without_a_duplicate_guest() {
+    // Reads are retried; a create or update answered 5xx is not (it may have taken effect):
+    // it stops that apply, and the next one re-plans from what is there.
+    for (rate, bound) in [(0.3, 12), (0.6, 40)] {
+        let env = Env::new("homelab-k3s");
+        env.sandbox().knobs().set_error_rate(rate);
+        converge_guests(&env, bound);
+        env.sandbox().knobs().set_error_rate(0.0);
+        assert_eq!(plan_code(&env), 2, "the cluster layer is still to do at {rate}");
+        assert_eq!(guest_configs(&env), [100, 101, 102], "at {rate}");
+    }
+}
+
+#[test]
+fn an_api_answering_300_ms_late_converges_in_one_apply() {
+    let env = Env::new("homelab-k3s");
+    env.sandbox().knobs().set_latency(std::time::Duration::from_millis(300));
+    assert_eq!(converge_guests(&env, 1), 1);
+    assert_eq!(guest_configs(&env), [100, 101, 102]);
+}
+
+#[test]
+fn an_api_restarted_mid_apply_is_waited_for_and_the_apply_finishes() {
+    let mut env = Env::new("homelab-k3s");
+    let before = env.sandbox().fingerprint.clone();
+    let addr = env.sandbox().addr;
+    // Tasks that take as long as a real host's, so the API goes away while one is polled.
+    env.sandbox()
+        .knobs()
+        .set_task_durations(driftless_sandbox::TaskDurations::realistic());
+    let mut apply = spawn_apply(&env, &["--guests-only", "--parallelism", "1"]);
+    let (_, rest) = wait_for_line(&mut apply, "start  create k3s-master");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    let old = env.sandbox.take().unwrap();
+    env.rt.block_on(old.shutdown());
+    std::thread::sleep(std::time::Duration::from_secs(4));
+    let options = driftless_sandbox::SandboxOptions {
+        bind: addr,
+        ..driftless_sandbox::SandboxOptions::new(env.state.path())
+    };
+    env.sandbox = Some(env.rt.block_on(driftless_sandbox::start(options)).unwrap());
+    assert_eq!(
+        env.sandbox().fingerprint,
+        before,
+        "the same certificate on the same state"
+    );
+
+    let out = apply.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    drop(rest);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("Applied 3 of 3 steps."), "{stdout}");
+    assert!(
+        stdout.contains("The Proxmox API did not answer as it should"),
+        "the report says calls were retried: {stdout}"
+    );
+    assert_eq!(env.run(&["plan"], &["--guests-only", "--detailed-exitcode"]).code, 0);
+    assert_eq!(guest_configs(&env), [100, 101, 102]);
+}

@@ -402,6 +402,14 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
         if applied.stopped {
             let _ = writeln!(out, "A shutdown stopped the apply between two steps.\n");
         }
+        if applied.api_retries > 0 {
+            let _ = writeln!(
+                out,
+                "The Proxmox API did not answer as it should {} time{}: those calls were retried.\n",
+                applied.api_retries,
+                plural(applied.api_retries as usize)
+            );
+        }
         if !applied.not_done.is_empty() {
             let _ = writeln!(out, "Not done:\n");
             for n in &applied.not_done {
