@@ -246,3 +246,70 @@ fn an_api_restarted_mid_apply_is_waited_for_and_the_apply_finishes() {
     assert_eq!(env.run(&["plan"], &["--guests-only", "--detailed-exitcode"]).code, 0);
     assert_eq!(guest_configs(&env), [100, 101, 102]);
 }
+
+/// The files driftless writes in a container's /etc/rancher/k3s: none empty, none left as a
+/// temporary file.
+fn check_node_files(env: &Env) {
+    for vmid in [100, 101, 102] {
+        let dir = driftless_sandbox::k3s_sim::rootfs(env.state.path(), vmid).join("etc/rancher/k3s");
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            assert!(
+                ["config.yaml", "cluster-token", "k3s.yaml", "driftless-restart-pending"].contains(&name.as_str()),
+                "a temporary file was left: {}",
+                path.display()
+            );
+            assert!(
+                std::fs::metadata(&path).unwrap().len() > 0,
+                "{} is empty",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn kill_9_at_every_step_boundary_of_the_k3s_example_then_apply_converges() {
+    let env = Env::new("homelab-k3s");
+    let mut kills = 0;
+    // Each round lets one step finish, kills driftless as the next one starts, and checks
+    // what is left; the next round re-plans from there. Nine steps: at most nine rounds.
+    for round in 0..9 {
+        if env.run(&["plan"], &["--detailed-exitcode"]).code == 0 {
+            break;
+        }
+        // The lock the killed run held went with it: no wait is needed.
+        let mut apply = spawn_apply(&env, &["--parallelism", "1", "--lock-wait", "1s"]);
+        let (seen, rest) = wait_for_line(&mut apply, "] ok ");
+        let (more, rest) = {
+            use std::io::BufRead;
+            let mut reader = rest;
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            (line, reader)
+        };
+        apply.kill().unwrap();
+        let status = apply.wait().unwrap();
+        drop(rest);
+        if status.success() {
+            break;
+        }
+        kills += 1;
+        assert!(
+            !seen.iter().any(|l| l.contains("FAILED")),
+            "round {round}: {}{more}",
+            seen.join("")
+        );
+        guest_configs(&env);
+        check_node_files(&env);
+    }
+    assert!(kills >= 3, "driftless was killed at {kills} step boundaries");
+    let last = env.run(&["apply"], &["--auto-approve", "--lock-wait", "1s"]);
+    assert_eq!(last.code, 0, "{}\n{}", last.stdout, last.stderr);
+    assert_eq!(plan_code(&env), 0);
+    assert_eq!(guest_configs(&env), [100, 101, 102]);
+    check_node_files(&env);
+    env.run(&["health"], &[]).expect_code(0, "health");
+}
