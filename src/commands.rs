@@ -54,6 +54,10 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
             return Ok(Outcome::Invalid);
         }
     };
+    // On stderr whatever the output format: what loads but is left out.
+    for w in &desired.warnings {
+        eprintln!("{}", model::diag::Warning(w));
+    }
     match &cli.command {
         Command::Validate => validate(&desired, out)?,
         Command::Render(args) => render_cmd(&desired, artifacts, args, out)?,
@@ -111,6 +115,7 @@ fn validate(d: &Desired, out: OutputFormat) -> Result<()> {
                 "nodes": nodes,
                 "adrs": d.adrs,
                 "errors": [],
+                "warnings": d.warnings,
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
         }

@@ -121,6 +121,10 @@ pub struct StatusReport {
     /// before is no longer in it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history_rewritten: Option<String>,
+    /// What the revision holds that loads but is left out (an ADR whose status word is
+    /// unknown), as `FILE:LINE:COL: warning: ...` lines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// The commit signature check, when `verify:` is on.
     pub verification: Option<Verification>,
 }
@@ -357,6 +361,13 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
             md::code(previous)
         );
     }
+    if !r.warnings.is_empty() {
+        let _ = writeln!(out, "Warnings:\n");
+        for w in &r.warnings {
+            let _ = writeln!(out, "- {}", md::text(w));
+        }
+        let _ = writeln!(out);
+    }
     if let Some(v) = &r.verification {
         signatures_markdown(&mut out, v);
     }
@@ -591,6 +602,7 @@ mod tests {
             last_applied_revision: None,
             untrusted_changes: Vec::new(),
             history_rewritten: None,
+            warnings: Vec::new(),
             verification: None,
         }
     }

@@ -60,6 +60,7 @@ impl RunJob {
             last_applied_revision: None,
             untrusted_changes: Vec::new(),
             history_rewritten: None,
+            warnings: Vec::new(),
             verification: None,
         }
     }
@@ -665,24 +666,35 @@ impl Worker {
                     report.outcome = Outcome::Invalid;
                     report.errors = errors;
                 }
-                Ok(desired) if kind == RunKind::PullRequest => match self.trusted_state(&job.revisions).await {
-                    Err(e) => report.errors.push(e),
-                    Ok(trusted) => {
-                        let (desired, ignored) = trust::pull_request_state(desired, &trusted);
-                        report.untrusted_changes = ignored;
-                        secrets = self.secret_values(&trusted);
-                        self.render_and_run(&desired, &trusted, kind, &mut report).await;
-                    }
-                },
                 Ok(desired) => {
-                    // Only the watched branch's own revisions set the daemon's schedule.
-                    let r = &desired.cluster.reconcile;
-                    schedule = Some(Schedule {
-                        interval: model::parse_duration(&r.interval).map(Duration::from_secs),
-                        drift_schedule: r.drift_schedule.clone(),
-                    });
-                    secrets = self.secret_values(&desired);
-                    self.render_and_run(&desired, &desired, kind, &mut report).await;
+                    report.warnings = desired
+                        .warnings
+                        .iter()
+                        .map(|w| model::diag::Warning(w).to_string())
+                        .collect();
+                    for w in &report.warnings {
+                        tracing::warn!(%commit, warning = %w, "the revision loads with a warning");
+                    }
+                    if kind == RunKind::PullRequest {
+                        match self.trusted_state(&job.revisions).await {
+                            Err(e) => report.errors.push(e),
+                            Ok(trusted) => {
+                                let (desired, ignored) = trust::pull_request_state(desired, &trusted);
+                                report.untrusted_changes = ignored;
+                                secrets = self.secret_values(&trusted);
+                                self.render_and_run(&desired, &trusted, kind, &mut report).await;
+                            }
+                        }
+                    } else {
+                        // Only the watched branch's own revisions set the daemon's schedule.
+                        let r = &desired.cluster.reconcile;
+                        schedule = Some(Schedule {
+                            interval: model::parse_duration(&r.interval).map(Duration::from_secs),
+                            drift_schedule: r.drift_schedule.clone(),
+                        });
+                        secrets = self.secret_values(&desired);
+                        self.render_and_run(&desired, &desired, kind, &mut report).await;
+                    }
                 }
             },
         }
