@@ -129,6 +129,13 @@ pub struct ApplyReport {
     /// A shutdown stopped the apply between two steps.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub stopped: bool,
+    /// Proxmox API calls retried during the apply (the API unreachable or answering 5xx).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub api_retries: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ApplyReport {

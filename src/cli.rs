@@ -600,6 +600,15 @@ pub struct ConnectArgs {
         help_heading = "Cluster layer"
     )]
     pub parallelism: Option<usize>,
+    /// How long apply waits for another run (another apply, the daemon, another machine)
+    /// to release the cluster's run lock before it refuses, naming that run.
+    #[arg(long, env = "DRIFTLESS_LOCK_WAIT", value_name = "DURATION", default_value = "60s", value_parser = settings::parse_duration, help_heading = "Connection")]
+    pub lock_wait: std::time::Duration,
+    /// How long idempotent Proxmox API calls (reads, task status) are retried, with
+    /// exponential backoff, while the API is unreachable or answers 5xx: long enough to ride
+    /// out a restart of the Proxmox API.
+    #[arg(long, env = "DRIFTLESS_API_RETRY", value_name = "DURATION", default_value = "90s", value_parser = settings::parse_duration, help_heading = "Connection")]
+    pub api_retry: std::time::Duration,
 }
 
 /// `--host-shell`.
@@ -643,6 +652,8 @@ impl ConnectArgs {
             node_ssh_host: self.node_ssh_host.clone(),
             node_root: Some(self.node_root.clone()).filter(|r| !r.is_empty()),
             parallelism: self.parallelism,
+            lock_wait: Some(self.lock_wait),
+            api_retry: Some(self.api_retry),
         })
     }
 }

@@ -54,6 +54,10 @@ pub fn run(cli: &Cli) -> Result<Outcome> {
             return Ok(Outcome::Invalid);
         }
     };
+    // On stderr whatever the output format: what loads but is left out.
+    for w in &desired.warnings {
+        eprintln!("{}", model::diag::Warning(w));
+    }
     match &cli.command {
         Command::Validate => validate(&desired, out)?,
         Command::Render(args) => render_cmd(&desired, artifacts, args, out)?,
@@ -111,6 +115,7 @@ fn validate(d: &Desired, out: OutputFormat) -> Result<()> {
                 "nodes": nodes,
                 "adrs": d.adrs,
                 "errors": [],
+                "warnings": d.warnings,
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
         }
@@ -327,6 +332,8 @@ fn apply_cmd(desired: &Desired, artifacts: &[Artifact], args: &ApplyArgs, out: O
     let connection = connect(desired, &settings)?;
     let run = Reconcile::connected(desired, desired, artifacts, &connection);
     let rt = runtime()?;
+    // Held until this function returns: the plan and its apply, one run at a time.
+    let _lock = rt.block_on(run.lock(&driftless::reconcile::lock_holder("apply")))?;
     let plan = rt.block_on(run.plan())?;
     if out != OutputFormat::Json {
         print_plan(&plan, out, Wording::Plan)?;
@@ -417,6 +424,13 @@ fn report_apply(plan: &Plan, report: &ApplyReport, out: OutputFormat) -> Result<
         }
         if report.stopped {
             println!("Stopped between two steps, as asked.");
+        }
+        if report.api_retries > 0 {
+            println!(
+                "The Proxmox API did not answer as it should {} time{}: those calls were retried.",
+                report.api_retries,
+                if report.api_retries == 1 { "" } else { "s" }
+            );
         }
         if !report.not_done.is_empty() {
             println!("Not done: {}", report.not_done.join("; "));

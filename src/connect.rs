@@ -49,6 +49,17 @@ impl HostShell for AnyHostShell {
             AnyHostShell::Local(s) => s.write_file_if_unchanged(pve_node, path, contents, expected_sha1).await,
         }
     }
+    async fn hold(
+        &self,
+        pve_node: &str,
+        argv: &[String],
+        within: std::time::Duration,
+    ) -> Result<crate::ports::Held, ShellError> {
+        match self {
+            AnyHostShell::Ssh(s) => s.hold(pve_node, argv, within).await,
+            AnyHostShell::Local(s) => s.hold(pve_node, argv, within).await,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +163,8 @@ pub fn proxmox_client(settings: &RunSettings, cluster: &Cluster) -> Result<Proxm
         Some(u) => vec![u.clone()],
         None => cluster.proxmox.api.to_vec(),
     };
-    let options = ClientOptions::new(endpoints, token(settings, cluster)?, trust(settings, cluster)?);
+    let mut options = ClientOptions::new(endpoints, token(settings, cluster)?, trust(settings, cluster)?);
+    options.retry_for = settings.api_retry;
     ProxmoxClient::new(options).map_err(|e| ConnectError::Client(e.to_string()))
 }
 

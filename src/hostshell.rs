@@ -7,11 +7,13 @@
 //!   the plan was made is overwritten), edited with [`crate::pve::conf`] so it stays in
 //!   Proxmox's own format, and replaced with a compare-and-swap write.
 //! * root@pam-only options (`features` other than `nesting`, ...): `pct set VMID --KEY VALUE`.
+//! * The run lock ([`lock_run`]): one apply at a time per cluster, from any machine, held by a
+//!   `flock` on the first Proxmox node for as long as the apply's connection lives.
 //!
 //! [`set_raw_lxc_keys`] is pure; the `async` functions do the I/O.
 
 use crate::adapters::shell_quote::command_line;
-use crate::ports::{HostShell, ShellError};
+use crate::ports::{Held, HeldCommand, HostShell, ShellError};
 use crate::pve::conf::{self, ConfError, PveKind};
 use crate::pve::lxc_keys::{RawKeyVerdict, check_raw_key};
 
@@ -69,6 +71,105 @@ pub fn lxc_conf_path(pve_root: &str, node: &str, vmid: u32) -> String {
         pve_root.trim_end_matches('/')
     };
     format!("{root}/nodes/{node}/lxc/{vmid}.conf")
+}
+
+/// Takes the lock file `$1` (waiting up to `$2` seconds), writes `$3` (who holds it) and the
+/// time into it, prints `locked` and holds the lock until its stdin closes. When another run
+/// holds it past the wait, prints that run's line on stderr and exits 75. The lock is the
+/// open file descriptor: it goes with the process, so a driftless killed with SIGKILL (its
+/// connection, or its pipe, closing) leaves no stale lock behind.
+pub const RUN_LOCK_SCRIPT: &str = r#"lock=$1 wait=$2 holder=$3
+mkdir -p -- "${lock%/*}" || exit 70
+exec 9>>"$lock" || exit 70
+if ! flock -w "$wait" 9; then
+  head -c 512 -- "$lock" >&2
+  exit 75
+fi
+printf '%s since %s\n' "$holder" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" > "$lock"
+echo locked
+exec cat > /dev/null
+"#;
+
+const LOCK_BUSY_STATUS: u32 = 75;
+
+/// Where the run lock of `cluster` is: `/run/lock` on a real host (a tmpfs: a reboot
+/// releases it too); beside the sandbox's state when `pve_root` is not `/etc/pve`. The name
+/// is reduced to `[A-Za-z0-9_.-]`, so a cluster name never makes a path.
+pub fn run_lock_path(pve_root: &str, cluster: &str) -> String {
+    let name: String = cluster
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let root = pve_root.trim_end_matches('/');
+    if root.is_empty() || root == DEFAULT_PVE_ROOT {
+        format!("/run/lock/driftless-{name}.lock")
+    } else {
+        format!("{root}/.driftless-lock/driftless-{name}.lock")
+    }
+}
+
+/// Take the run lock at `path` on `pve_node`'s host, waiting up to `wait` for a run that
+/// holds it; `holder` says who this run is, for the one that waits next. The lock is held
+/// until the returned guard is dropped. Another run holding it past the wait is
+/// [`ShellError::Locked`], naming that run.
+pub async fn lock_run<H: HostShell>(
+    shell: &H,
+    pve_node: &str,
+    path: &str,
+    holder: &str,
+    wait: std::time::Duration,
+) -> Result<HeldCommand, ShellError> {
+    let argv: Vec<String> = [
+        "sh",
+        "-c",
+        RUN_LOCK_SCRIPT,
+        "sh",
+        path,
+        &wait.as_secs().to_string(),
+        holder,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    // The wait is the script's; the margin covers connecting and starting it.
+    match shell
+        .hold(pve_node, &argv, wait + std::time::Duration::from_secs(30))
+        .await?
+    {
+        Held::Running { first_line, command } if first_line == "locked" => Ok(command),
+        Held::Running { first_line, .. } => Err(ShellError::Other(format!(
+            "the run lock {path} on {pve_node} answered `{}`",
+            first_line.chars().take(80).collect::<String>()
+        ))),
+        Held::Exited(out) if out.status == LOCK_BUSY_STATUS => Err(ShellError::Locked {
+            host: pve_node.to_string(),
+            path: path.to_string(),
+            holder: String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .next()
+                .filter(|l| !l.trim().is_empty())
+                .unwrap_or("a run that wrote nothing yet")
+                .chars()
+                .take(200)
+                .collect(),
+        }),
+        Held::Exited(out) => Err(ShellError::Command {
+            host: pve_node.to_string(),
+            command: format!("take the run lock {path}"),
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr)
+                .trim_end()
+                .chars()
+                .take(500)
+                .collect(),
+        }),
+    }
 }
 
 /// True when `key` is owned according to `owned`: an entry is an exact key, or a prefix
@@ -474,5 +575,65 @@ lxc.apparmor.profile: generated
             pct_set_argv(&[], 7, &pairs(&[("a b", "x")])),
             Err(HostShellError::InvalidOption { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod run_lock_tests {
+    use super::*;
+    use crate::adapters::local_shell::LocalShell;
+    use std::time::Duration;
+
+    #[test]
+    fn the_lock_path_is_under_run_lock_on_a_host_and_never_a_path_the_cluster_name_makes() {
+        assert_eq!(run_lock_path("/etc/pve", "homelab"), "/run/lock/driftless-homelab.lock");
+        assert_eq!(run_lock_path("", "a/../b"), "/run/lock/driftless-a_.._b.lock");
+        assert_eq!(
+            run_lock_path("/srv/state/", "homelab"),
+            "/srv/state/.driftless-lock/driftless-homelab.lock"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_second_run_is_refused_naming_the_first_and_gets_the_lock_once_it_is_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = run_lock_path(dir.path().to_str().unwrap(), "homelab");
+        let first = lock_run(
+            &LocalShell,
+            "pve",
+            &path,
+            "driftless apply by alice@laptop (pid 1)",
+            Duration::ZERO,
+        )
+        .await
+        .unwrap();
+        let refused = lock_run(&LocalShell, "pve", &path, "driftless daemon by bob@pve", Duration::ZERO)
+            .await
+            .unwrap_err();
+        let message = refused.to_string();
+        assert!(matches!(refused, ShellError::Locked { .. }), "{message}");
+        assert!(
+            message.contains("holds") && message.contains("driftless apply by alice@laptop (pid 1) since 20"),
+            "{message}"
+        );
+        // A run that waits gets the lock as soon as the holder lets go.
+        let waiting = tokio::spawn({
+            let path = path.clone();
+            async move {
+                lock_run(
+                    &LocalShell,
+                    "pve",
+                    &path,
+                    "driftless daemon by bob@pve",
+                    Duration::from_secs(30),
+                )
+                .await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "it waits while the lock is held");
+        drop(first);
+        let second = waiting.await.unwrap().unwrap();
+        drop(second);
     }
 }

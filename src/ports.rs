@@ -212,6 +212,10 @@ impl ProxmoxError {
 /// The Proxmox VE API, the calls driftless makes. Implemented over HTTPS by
 /// `adapters::proxmox::ProxmoxClient`.
 pub trait ProxmoxApi: Send + Sync {
+    /// Calls retried so far because the API did not answer or answered 5xx (reports say so).
+    fn retries(&self) -> u64 {
+        0
+    }
     fn list_guests(&self) -> impl Future<Output = Result<Vec<GuestSummary>, ProxmoxError>> + Send;
     fn read_config(
         &self,
@@ -312,8 +316,36 @@ pub enum ShellError {
     /// and a run must not grow without bound on it.
     #[error("`{command}` on {host} printed more than {} MiB: stopped", MAX_COMMAND_OUTPUT >> 20)]
     TooMuchOutput { host: String, command: String },
+    /// The run lock is held by another run, which `holder` names (as that run wrote it).
+    #[error("another driftless run holds {path} on {host}: {holder}")]
+    Locked { host: String, path: String, holder: String },
     #[error("{0}")]
     Other(String),
+}
+
+/// A command kept running on a host with its stdin open (the run lock's `flock`). Dropping it
+/// closes that stdin, and the command ends; so does the end of the connection or process
+/// that started it, so a driftless killed with SIGKILL leaves nothing held.
+pub struct HeldCommand(#[allow(dead_code)] Box<dyn std::any::Any + Send + Sync>);
+
+impl HeldCommand {
+    pub fn new(guard: impl std::any::Any + Send + Sync) -> HeldCommand {
+        HeldCommand(Box::new(guard))
+    }
+}
+
+impl std::fmt::Debug for HeldCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HeldCommand")
+    }
+}
+
+/// What [`HostShell::hold`] saw: the command printed its first line and runs on, held; or it
+/// ended first, with its output.
+#[derive(Debug)]
+pub enum Held {
+    Running { first_line: String, command: HeldCommand },
+    Exited(CommandOutput),
 }
 
 /// The most a remote command's stdout or stderr may hold (each). Far above any config file
@@ -337,7 +369,10 @@ impl ShellError {
     pub fn retryable(&self) -> bool {
         matches!(
             self,
-            ShellError::Connect { .. } | ShellError::Command { .. } | ShellError::Changed { .. }
+            ShellError::Connect { .. }
+                | ShellError::Command { .. }
+                | ShellError::Changed { .. }
+                | ShellError::Locked { .. }
         )
     }
 }
@@ -370,6 +405,18 @@ pub trait HostShell: Send + Sync {
         contents: &[u8],
         expected_sha1: &str,
     ) -> impl Future<Output = Result<(), ShellError>> + Send;
+    /// Start argv on the host and keep it running with its stdin open: returns once it
+    /// printed a line (then it runs until the [`HeldCommand`] is dropped) or ended, waiting
+    /// at most `within` for either. The run lock is taken this way (`hostshell::lock_run`).
+    fn hold(
+        &self,
+        pve_node: &str,
+        argv: &[String],
+        within: std::time::Duration,
+    ) -> impl Future<Output = Result<Held, ShellError>> + Send {
+        let _ = (pve_node, argv, within);
+        async { Err(ShellError::Other("this host shell cannot hold a command".into())) }
+    }
 }
 
 /// A command or file operation on one cluster node: an LXC container reached through its

@@ -14,7 +14,7 @@ use crate::cluster::health::Health;
 use crate::connect::{AnyHostShell, Connection, NodeConnector};
 use crate::model::Desired;
 use crate::plan::{Notice, Plan, desired_guests};
-use crate::ports::{ClusterConnector, HostShell, ProxmoxApi, ProxmoxError, System};
+use crate::ports::{ClusterConnector, HeldCommand, HostShell, ProxmoxApi, ProxmoxError, ShellError, System};
 use crate::render::Artifact;
 use crate::secrets::SecretStore;
 use crate::settings::{HostShellSettings, RunSettings};
@@ -30,6 +30,8 @@ pub enum RunError {
     Cluster(ClusterError),
     #[error("the cluster layer is off for this run (--guests-only)")]
     NoClusterLayer,
+    #[error("cannot take the run lock: {0}")]
+    Lock(ShellError),
 }
 
 impl RunError {
@@ -39,6 +41,7 @@ impl RunError {
             RunError::Proxmox(_) => System::Proxmox,
             RunError::Cluster(e) => e.system(),
             RunError::NoClusterLayer => System::Repository,
+            RunError::Lock(_) => System::Ssh,
         }
     }
 
@@ -48,8 +51,27 @@ impl RunError {
             RunError::Proxmox(e) => e.retryable(),
             RunError::Cluster(e) => e.retryable(),
             RunError::NoClusterLayer => false,
+            RunError::Lock(e) => e.retryable(),
         }
     }
+}
+
+/// Who this process is, for the run lock's holder line: `driftless apply by
+/// USER@HOST (pid N)`.
+pub fn lock_holder(what: &str) -> String {
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "?".into());
+    let mut name = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates within it
+    // or truncates, and only bytes before the first NUL are read.
+    let host = if unsafe { libc::gethostname(name.as_mut_ptr().cast(), name.len()) } == 0 {
+        let end = name.iter().position(|b| *b == 0).unwrap_or(name.len());
+        String::from_utf8_lossy(&name[..end]).into_owned()
+    } else {
+        "?".into()
+    };
+    format!("driftless {what} by {user}@{host} (pid {})", std::process::id())
 }
 
 /// One run against one desired state.
@@ -63,6 +85,7 @@ pub struct Reconcile<'a, P: ProxmoxApi, H: HostShell, C: ClusterConnector> {
     parallelism: usize,
     /// `None` with `--guests-only`: guest steps only.
     cluster: Option<ClusterAccess<'a, C>>,
+    lock_wait: std::time::Duration,
 }
 
 impl<'a> Reconcile<'a, crate::adapters::proxmox::ProxmoxClient, AnyHostShell, NodeConnector> {
@@ -118,7 +141,33 @@ impl<'a, P: ProxmoxApi, H: HostShell, C: ClusterConnector> Reconcile<'a, P, H, C
                 .unwrap_or(desired.cluster.reconcile.parallelism as usize)
                 .max(1),
             cluster,
+            lock_wait: settings.lock_wait,
         }
+    }
+
+    /// Take the cluster's run lock for an apply (its plan included): one run at a time,
+    /// whichever machine it runs on, held on the first Proxmox node's host until the
+    /// returned guard is dropped. Waits up to `--lock-wait` for a run holding it, then
+    /// refuses naming that run. `None` without a host shell (an API-only setup): nothing
+    /// to hold a lock on. Plans take no lock; they write nothing.
+    pub async fn lock(&self, holder: &str) -> Result<Option<HeldCommand>, RunError> {
+        let Some(shell) = self.host else { return Ok(None) };
+        let node = self
+            .desired
+            .cluster
+            .proxmox
+            .hosts
+            .keys()
+            .next()
+            .or_else(|| self.desired.nodes.iter().map(|n| &n.proxmox_node).min())
+            .cloned()
+            .unwrap_or_else(|| "pve".into());
+        let path = crate::hostshell::run_lock_path(&self.host_settings.pve_root, &self.desired.cluster.name);
+        tracing::debug!(node = %node, path = %path, "taking the run lock");
+        crate::hostshell::lock_run(shell, &node, &path, holder, self.lock_wait)
+            .await
+            .map(Some)
+            .map_err(RunError::Lock)
     }
 
     /// Read Proxmox, then (unless the cluster layer is off) the nodes and the Kubernetes
@@ -156,7 +205,10 @@ impl<'a, P: ProxmoxApi, H: HostShell, C: ClusterConnector> Reconcile<'a, P, H, C
             parallelism: self.parallelism,
             control_plane: self.desired.control_plane().map(|n| n.name.clone()).collect(),
         };
-        applier.apply(plan, progress).await
+        let retried_before = self.proxmox.retries();
+        let mut report = applier.apply(plan, progress).await;
+        report.api_retries = self.proxmox.retries().saturating_sub(retried_before);
+        report
     }
 
     /// The cluster health view (`driftless health`).

@@ -44,6 +44,12 @@ pub const DEFAULT_SECRETS_DIR: &str = "secrets";
 pub const DEFAULT_GATE_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often a health gate asks again.
 pub const DEFAULT_GATE_INTERVAL: Duration = Duration::from_millis(500);
+/// How long an apply waits for another run to release the cluster's run lock.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(60);
+/// How long idempotent Proxmox API calls are retried while the API does not answer or
+/// answers 5xx: long enough for `systemctl restart pveproxy pvedaemon` or a node reboot's
+/// first minute.
+pub const DEFAULT_API_RETRY: Duration = Duration::from_secs(90);
 /// SSH user and port of VM nodes.
 pub const DEFAULT_NODE_SSH_USER: &str = "root";
 pub const DEFAULT_NODE_SSH_PORT: u16 = 22;
@@ -135,6 +141,20 @@ pub struct RunSettings {
     /// Steps applied at once per Proxmox node (`--parallelism`); `None`: cluster.yaml's
     /// `reconcile.parallelism`, else the default.
     pub parallelism: Option<usize>,
+    /// How long an apply waits for the run lock another run holds (`--lock-wait`).
+    #[serde(default = "default_lock_wait")]
+    pub lock_wait: Duration,
+    /// How long idempotent Proxmox API calls are retried (`--api-retry`).
+    #[serde(default = "default_api_retry")]
+    pub api_retry: Duration,
+}
+
+fn default_lock_wait() -> Duration {
+    DEFAULT_LOCK_WAIT
+}
+
+fn default_api_retry() -> Duration {
+    DEFAULT_API_RETRY
 }
 
 impl Default for RunSettings {
@@ -168,6 +188,8 @@ pub struct RunFlags {
     pub node_ssh_host: Option<String>,
     pub node_root: Option<String>,
     pub parallelism: Option<usize>,
+    pub lock_wait: Option<Duration>,
+    pub api_retry: Option<Duration>,
 }
 
 impl RunSettings {
@@ -220,6 +242,8 @@ impl RunSettings {
                 node_root: flags.node_root.unwrap_or_default(),
             },
             parallelism: flags.parallelism.filter(|&p| p > 0),
+            lock_wait: flags.lock_wait.unwrap_or(DEFAULT_LOCK_WAIT),
+            api_retry: flags.api_retry.unwrap_or(DEFAULT_API_RETRY),
         }
     }
 }

@@ -463,3 +463,29 @@ fn a_repository_that_does_not_exist_is_an_error_not_a_panic() {
     assert!(r.stderr.contains("/nonexistent/driftless-repo"), "{}", r.stderr);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
 }
+
+#[test]
+fn an_adr_whose_status_word_is_unknown_is_a_warning_at_its_line_and_is_not_applied() {
+    let repo = temp_copy(K3S);
+    let adr = "adr/ADR-004-readable-kubeconfig.md";
+    let path = repo.path().join(adr);
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("status: accepted", "status: ratified", 1)).unwrap();
+    let line = line_of(repo.path(), adr, "status: ratified");
+
+    let r = run_repo(repo.path(), ["validate"]);
+    r.expect_code(0, "validate with an unknown ADR status");
+    assert!(
+        r.stderr.contains(&format!(
+            "{adr}:{line}:1: warning: status `ratified` is not one driftless knows: this ADR's config is not applied"
+        )),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stdout.contains("2 ADRs (2 applied)"), "{}", r.stdout);
+    // Its config is not in what is rendered.
+    let config = render_one(repo.path(), &[], "k3s-master", "k3s-config");
+    assert!(!config.contains("write-kubeconfig-mode"), "{config}");
+    let json = run_repo(repo.path(), ["--output", "json", "validate"]).json();
+    assert_eq!(json["warnings"][0]["location"]["line"], line as u64, "{json:#}");
+}

@@ -218,6 +218,7 @@ fn report(git_ref: &str, revision: &str, outcome: Outcome) -> StatusReport {
         last_applied_revision: None,
         untrusted_changes: Vec::new(),
         history_rewritten: None,
+        warnings: Vec::new(),
         verification: None,
         replica: None,
     }

@@ -14,6 +14,7 @@ mod doctor;
 mod e2e_cluster;
 mod e2e_proxmox;
 mod e2e_talos;
+mod fault_matrix;
 mod git_source;
 mod import;
 mod known_hosts;

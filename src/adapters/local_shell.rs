@@ -2,10 +2,10 @@
 //! local processes (argv, no shell) and files are replaced with the same compare-and-swap
 //! rule as over SSH. Used with the sandbox (`driftless-sandbox`); real hosts use `ssh::SshHostShell`.
 
-use crate::ports::{CommandOutput, HostShell, ShellError, append_capped};
+use crate::ports::{CommandOutput, Held, HeldCommand, HostShell, ShellError, append_capped};
 use crate::pve::conf::digest_bytes;
 use std::path::Path;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, Clone, Default)]
 pub struct LocalShell;
@@ -93,6 +93,48 @@ impl HostShell for LocalShell {
         tokio::fs::rename(&tmp, Path::new(path))
             .await
             .map_err(|e| ShellError::Other(format!("cannot replace {path}: {e}")))
+    }
+
+    async fn hold(&self, _pve_node: &str, argv: &[String], within: std::time::Duration) -> Result<Held, ShellError> {
+        let (program, args) = argv
+            .split_first()
+            .ok_or_else(|| ShellError::Other("empty command".into()))?;
+        // The child's stdin is this process's pipe: it closes when driftless exits, however it
+        // exits, and the held command ends with it.
+        let mut child = tokio::process::Command::new(program)
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| ShellError::Connect {
+                host: "localhost".into(),
+                message: format!("cannot run {program}: {e}"),
+            })?;
+        let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        let read = tokio::time::timeout(within, stdout.read_line(&mut line)).await;
+        match read {
+            Ok(Ok(n)) if n > 0 && line.ends_with('\n') => Ok(Held::Running {
+                first_line: line.trim_end().to_string(),
+                command: HeldCommand::new(std::sync::Mutex::new((child, stdout))),
+            }),
+            Ok(_) => {
+                drop(child.stdin.take());
+                let stderr = read_capped(child.stderr.take()).await.unwrap_or_default();
+                let status = child.wait().await.map_err(|e| ShellError::Other(e.to_string()))?;
+                Ok(Held::Exited(CommandOutput {
+                    status: status.code().unwrap_or(255) as u32,
+                    stdout: line.into_bytes(),
+                    stderr,
+                }))
+            }
+            Err(_) => Err(ShellError::Other(format!(
+                "`{program}` printed nothing within {} s",
+                within.as_secs()
+            ))),
+        }
     }
 }
 

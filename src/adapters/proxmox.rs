@@ -4,9 +4,11 @@
 //!   the secret never appears in Debug, Display, errors or logs.
 //! * TLS verified as [`TlsTrust`] says (CA file, pinned fingerprint, system roots, or insecure).
 //! * Idempotent calls (GET, task polls) are retried with exponential backoff and jitter on
-//!   transport errors, 5xx and 429, and fail over to the next endpoint on transport errors.
+//!   transport errors, 5xx and 429, and fail over to the next endpoint on transport errors,
+//!   for up to `retry_for` (90 s: a restart of the API is ridden out), a warning logged.
 //!   POST/PUT/DELETE are sent once: a retried create could create twice. They only move to
-//!   the next endpoint when the connection could not be made at all (nothing was sent).
+//!   the next endpoint, or wait for the API to come back, when the connection could not be
+//!   made at all (nothing was sent).
 //! * A semaphore bounds concurrent requests; every request has a timeout.
 
 use std::collections::BTreeMap;
@@ -184,10 +186,17 @@ pub struct ClientOptions {
     pub timeout: Duration,
     /// TCP + TLS connect timeout (default 10 s).
     pub connect_timeout: Duration,
-    /// Retries of an idempotent call after the first attempt (default 4).
+    /// Retries of a call after the first attempt, at most (default 64; `retry_for` ends
+    /// them first). Only idempotent calls (GET) are retried after an answer of 5xx or 429, or
+    /// a connection that failed during the exchange; any call when its connection could not
+    /// be made (nothing was sent).
     pub retries: u32,
-    /// Base of the exponential backoff between retries (default 200 ms; ×2 each retry, +0–25 % jitter).
+    /// Base of the exponential backoff between retries (default 200 ms; ×2 each retry up to
+    /// 10 s, +0–25 % jitter).
     pub backoff: Duration,
+    /// How long after a call's first attempt a retry may still start (default 90 s): long
+    /// enough to ride out a restart of the Proxmox API (pveproxy) or of its host's services.
+    pub retry_for: Duration,
     /// Requests in flight at once (default 8).
     pub max_concurrent: usize,
     /// The shortest pause between two task status polls (default 50 ms). The first poll is
@@ -209,8 +218,9 @@ impl ClientOptions {
             trust,
             timeout: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
-            retries: 4,
+            retries: 64,
             backoff: Duration::from_millis(200),
+            retry_for: Duration::from_secs(90),
             max_concurrent: 8,
             task_poll_first: Duration::from_millis(50),
             task_poll_interval: Duration::from_secs(1),
@@ -230,6 +240,9 @@ pub struct ProxmoxClient {
     authorization: HeaderValue,
     retries: u32,
     backoff: Duration,
+    retry_for: Duration,
+    /// Retries made so far (what a report says of an API that did not answer).
+    retried: AtomicU64,
     task_poll_first: Duration,
     task_poll_interval: Duration,
     task_timeout: Duration,
@@ -279,6 +292,8 @@ impl ProxmoxClient {
             token: options.token,
             retries: options.retries,
             backoff: options.backoff,
+            retry_for: options.retry_for,
+            retried: AtomicU64::new(0),
             task_poll_first: options.task_poll_first,
             task_poll_interval: options.task_poll_interval,
             task_timeout: options.task_timeout,
@@ -291,6 +306,27 @@ impl ProxmoxClient {
     /// HTTP requests sent so far, retries included.
     pub fn request_count(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
+    }
+
+    /// The pause before retry number `retry` of a call first sent at `started`, when one may
+    /// still start within `retry_for`; logs the first retry of the call, as a warning.
+    fn next_retry(&self, what: &str, why: &str, started: tokio::time::Instant, retry: u32) -> Option<Duration> {
+        let delay = backoff_delay(self.backoff, retry);
+        if retry > self.retries || started.elapsed() + delay > self.retry_for {
+            return None;
+        }
+        self.retried.fetch_add(1, Ordering::Relaxed);
+        if retry == 1 {
+            tracing::warn!(
+                %what,
+                %why,
+                retry_for_secs = self.retry_for.as_secs(),
+                "the Proxmox API did not answer as it should; retrying with backoff"
+            );
+        } else {
+            tracing::debug!(%what, %why, retry, "retrying");
+        }
+        Some(delay)
     }
 
     /// The base URLs, normalized (no trailing `/`).
@@ -321,7 +357,7 @@ impl ProxmoxClient {
         let idempotent = method == Method::GET;
         let count = self.endpoints.len();
         let mut endpoint = self.preferred.load(Ordering::Relaxed) % count;
-        let mut retries_left = if idempotent { self.retries } else { 0 };
+        let started = tokio::time::Instant::now();
         let mut retry = 0u32;
         let mut tried_this_round = 1usize;
         loop {
@@ -333,14 +369,17 @@ impl ProxmoxClient {
                 }
                 Ok(answer) => {
                     let status = answer.status;
-                    let retryable = (status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED)
-                        || status == StatusCode::TOO_MANY_REQUESTS;
+                    let retryable = idempotent
+                        && ((status.is_server_error() && status != StatusCode::NOT_IMPLEMENTED)
+                            || status == StatusCode::TOO_MANY_REQUESTS);
                     let error = self.api_error(&what, answer);
-                    if retryable && retries_left > 0 && error != ProxmoxError::DigestMismatch {
-                        retries_left -= 1;
+                    if retryable
+                        && error != ProxmoxError::DigestMismatch
+                        && let Some(delay) =
+                            self.next_retry(&what, &format!("HTTP {}", status.as_u16()), started, retry + 1)
+                    {
                         retry += 1;
-                        tracing::debug!(%what, status = status.as_u16(), retry, "retrying after an error status");
-                        tokio::time::sleep(backoff_delay(self.backoff, retry)).await;
+                        tokio::time::sleep(delay).await;
                         tried_this_round = 1;
                         continue;
                     }
@@ -355,7 +394,8 @@ impl ProxmoxClient {
                              `pvenode cert info` on the node prints the fingerprint)",
                         );
                     }
-                    // Nothing was sent when the connection could not be made: any call may move on.
+                    // Nothing was sent when the connection could not be made: any call may
+                    // move on, or wait for the API to come back (a restart of pveproxy).
                     let may_fail_over = idempotent || err.is_connect();
                     tracing::debug!(%what, endpoint = %base, %message, "Proxmox request failed");
                     if may_fail_over && tried_this_round < count {
@@ -363,13 +403,21 @@ impl ProxmoxClient {
                         endpoint = (endpoint + 1) % count;
                         continue;
                     }
-                    if idempotent && !tls_failure && retries_left > 0 {
-                        retries_left -= 1;
+                    if may_fail_over
+                        && !tls_failure
+                        && let Some(delay) = self.next_retry(&what, "unreachable", started, retry + 1)
+                    {
                         retry += 1;
-                        tokio::time::sleep(backoff_delay(self.backoff, retry)).await;
+                        tokio::time::sleep(delay).await;
                         tried_this_round = 1;
                         endpoint = (endpoint + 1) % count;
                         continue;
+                    }
+                    if retry > 0 {
+                        message.push_str(&format!(
+                            " (retried {retry} times over {} s)",
+                            started.elapsed().as_secs()
+                        ));
                     }
                     return Err(ProxmoxError::Transport {
                         endpoint: base.clone(),
@@ -746,6 +794,10 @@ fn permissions(data: Value) -> Result<Permissions, String> {
 }
 
 impl ProxmoxApi for ProxmoxClient {
+    fn retries(&self) -> u64 {
+        self.retried.load(Ordering::Relaxed)
+    }
+
     async fn list_guests(&self) -> Result<Vec<GuestSummary>, ProxmoxError> {
         let data = self.call(Method::GET, "/cluster/resources", "type=vm", None).await?;
         let Value::Array(items) = data else {

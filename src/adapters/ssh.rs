@@ -37,7 +37,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 
 use crate::adapters::known_hosts::{KnownHosts, Presented, Verdict};
 use crate::adapters::shell_quote::{command_line, has_nul};
-use crate::ports::{CommandOutput, HostShell, ShellError, append_capped};
+use crate::ports::{CommandOutput, Held, HeldCommand, HostShell, ShellError, append_capped};
 use crate::pve::conf::sha256_hex;
 
 /// Where and how to reach the Proxmox host serving one node.
@@ -400,11 +400,23 @@ impl SshHostShell {
         // Held until the command is done, so the server never sees more channels than it allows.
         let _slot = host.channels.acquire().await.expect("the semaphore is never closed");
         tracing::debug!(node = pve_node, program = %argv[0], "ssh exec");
+        let (channel, _) = self.start_on(host, &line, &what).await?;
+        exec(channel, stdin, Instant::now() + self.command_timeout, &address, &what).await
+    }
+
+    /// Start `line` on the host's connection (made or made again as needed).
+    async fn start_on(
+        &self,
+        host: &Host,
+        line: &str,
+        what: &str,
+    ) -> Result<(Channel<Msg>, Arc<Handle<Client>>), ShellError> {
+        let address = host.target.address();
         let mut retried = false;
-        let channel = loop {
+        loop {
             let (handle, fresh) = self.connection(host).await?;
-            match self.start(&handle, &line, &what).await {
-                Ok(channel) => break channel,
+            match self.start(&handle, line, what).await {
+                Ok(channel) => return Ok((channel, handle)),
                 Err(NotStarted::Dropped(message)) => {
                     self.forget(host, &handle).await;
                     // A kept connection may have dropped since its last use: nothing ran, so
@@ -418,8 +430,54 @@ impl SshHostShell {
                 }
                 Err(NotStarted::Refused(message)) => return Err(ShellError::Connect { host: address, message }),
             }
-        };
-        exec(channel, stdin, Instant::now() + self.command_timeout, &address, &what).await
+        }
+    }
+}
+
+/// Wait for the first line a held command prints, or for its end.
+async fn first_line(
+    read: &mut russh::ChannelReadHalf,
+    within: Duration,
+    address: &str,
+    what: &str,
+) -> Result<Result<String, CommandOutput>, ShellError> {
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let mut status = None;
+    let waited = timeout(within, async {
+        loop {
+            match read.wait().await {
+                None | Some(ChannelMsg::Close) => break,
+                Some(ChannelMsg::Data { data }) => {
+                    if !append_capped(&mut stdout, &data) {
+                        break;
+                    }
+                    if let Some(end) = stdout.iter().position(|b| *b == b'\n') {
+                        return Some(String::from_utf8_lossy(&stdout[..end]).into_owned());
+                    }
+                }
+                Some(ChannelMsg::ExtendedData { data, ext: 1 }) => {
+                    let _ = append_capped(&mut stderr, &data);
+                }
+                Some(ChannelMsg::ExitStatus { exit_status }) => status = Some(exit_status),
+                Some(_) => {}
+            }
+        }
+        None
+    })
+    .await;
+    match waited {
+        Err(_) => Err(ShellError::Other(format!(
+            "`{what}` on {address} printed nothing within {} s",
+            within.as_secs()
+        ))),
+        Ok(Some(line)) => Ok(Ok(line)),
+        Ok(None) => match status {
+            Some(status) => Ok(Err(CommandOutput { status, stdout, stderr })),
+            None => Err(ShellError::Connect {
+                host: address.to_string(),
+                message: format!("the connection dropped while `{what}` was starting"),
+            }),
+        },
     }
 }
 
@@ -644,6 +702,49 @@ impl HostShell for SshHostShell {
                 status,
                 stderr: String::from_utf8_lossy(&out.stderr).trim_end().to_string(),
             }),
+        }
+    }
+
+    /// A channel of its own on the host's one connection, outside the slots commands share
+    /// (sshd's default MaxSessions of 10 leaves room for it). The remote command ends when
+    /// the channel closes: when the returned guard is dropped, or the connection dies with
+    /// driftless.
+    async fn hold(&self, pve_node: &str, argv: &[String], within: Duration) -> Result<Held, ShellError> {
+        if argv.is_empty() || has_nul(argv) {
+            return Err(ShellError::Other("an empty command, or one with a NUL byte".into()));
+        }
+        let host = self.host(pve_node)?;
+        let address = host.target.address();
+        let line = command_line(argv);
+        let what = argv[0].clone();
+        let (channel, handle) = self.start_on(host, &line, &what).await?;
+        let (mut read, write) = channel.split();
+        match first_line(&mut read, within, &address, &what).await {
+            Err(e) => {
+                let _ = write.close().await;
+                Err(e)
+            }
+            Ok(Err(output)) => Ok(Held::Exited(output)),
+            Ok(Ok(first_line)) => {
+                let (release, released) = tokio::sync::oneshot::channel::<()>();
+                let node = pve_node.to_string();
+                tokio::spawn(async move {
+                    let _connection = handle;
+                    tokio::select! {
+                        _ = released => {
+                            let _ = write.eof().await;
+                            let _ = write.close().await;
+                        }
+                        _ = async { while !matches!(read.wait().await, None | Some(ChannelMsg::Close)) {} } => {
+                            tracing::warn!(node = %node, program = %what, "a held command on the Proxmox host ended with its channel");
+                        }
+                    }
+                });
+                Ok(Held::Running {
+                    first_line,
+                    command: HeldCommand::new(release),
+                })
+            }
         }
     }
 }

@@ -16,11 +16,16 @@ pub const TOKEN_PATH: &str = "/etc/rancher/k3s/cluster-token";
 pub const SERVER_TOKEN_PATH: &str = "/var/lib/rancher/k3s/server/node-token";
 /// The admin kubeconfig a K3s server writes (server `https://127.0.0.1:6443`).
 pub const KUBECONFIG_PATH: &str = "/etc/rancher/k3s/k3s.yaml";
+/// Written before config.yaml or the token file changes and removed once the service has
+/// restarted with them: while it exists, the service may still run an older config (an apply
+/// killed or failed between the write and the restart), and the next plan restarts it.
+pub const RESTART_PENDING_PATH: &str = "/etc/rancher/k3s/driftless-restart-pending";
 /// The official install script; the version is pinned with INSTALL_K3S_VERSION.
 pub const INSTALL_URL: &str = "https://get.k3s.io";
 
 /// Prints what is there, one `key=value` per line: `version=` (installed K3s), `active=`
-/// (the running service), `config_sha256=` and `token_sha256=` (of $1 and $2 when present).
+/// (the running service), `config_sha256=` and `token_sha256=` (of $1 and $2 when present),
+/// `restart_pending=1` when the marker $3 exists.
 pub const OBSERVE_SCRIPT: &str = r#"if command -v k3s >/dev/null 2>&1; then
   echo "version=$(k3s --version 2>/dev/null | sed -n '1s/^k3s version \([^ ]*\).*/\1/p')"
 fi
@@ -29,6 +34,7 @@ for s in k3s k3s-agent; do
 done
 if [ -f "$1" ]; then echo "config_sha256=$(sha256sum < "$1" | cut -d' ' -f1)"; fi
 if [ -f "$2" ]; then echo "token_sha256=$(sha256sum < "$2" | cut -d' ' -f1)"; fi
+if [ -e "$3" ]; then echo "restart_pending=1"; fi
 true
 "#;
 
@@ -61,6 +67,10 @@ pub struct K3sObserved {
     pub active: Option<String>,
     pub config_sha256: Option<String>,
     pub token_sha256: Option<String>,
+    /// The restart marker ([`RESTART_PENDING_PATH`]) is there: a config or token written by
+    /// an earlier apply may not have been taken up by the service yet.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restart_pending: bool,
     /// The current config.yaml, read when its digest differs from the desired one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config: Option<String>,
@@ -80,6 +90,7 @@ impl K3sObserved {
                 "active" => o.active = Some(v.to_string()),
                 "config_sha256" => o.config_sha256 = Some(v.to_string()),
                 "token_sha256" => o.token_sha256 = Some(v.to_string()),
+                "restart_pending" => o.restart_pending = v == "1",
                 _ => {}
             }
         }
@@ -95,7 +106,14 @@ pub fn service(role: &str) -> &'static str {
 pub use crate::pve::conf::sha256_hex;
 
 pub async fn observe<N: NodeShell>(node: &N, desired_config_sha: &str) -> Result<K3sObserved, ShellError> {
-    let argv = script_argv(OBSERVE_SCRIPT, &[node.path(CONFIG_PATH), node.path(TOKEN_PATH)]);
+    let argv = script_argv(
+        OBSERVE_SCRIPT,
+        &[
+            node.path(CONFIG_PATH),
+            node.path(TOKEN_PATH),
+            node.path(RESTART_PENDING_PATH),
+        ],
+    );
     let out = run_checked(node, &argv, b"").await?;
     let mut observed = K3sObserved::parse(&String::from_utf8_lossy(&out.stdout));
     if observed
@@ -152,7 +170,9 @@ pub struct Configured {
 
 /// Write config.yaml and the join token where they differ from what the node has, then
 /// restart the role's service only when something was written, `force_restart` (an upgrade
-/// that must take over), or the service is not running.
+/// that must take over), the service is not running, or an earlier restart is still pending.
+/// The restart marker is written before the files and removed after the restart, so an apply
+/// that stops in between leaves the next plan a restart to do.
 pub async fn configure<N: NodeShell>(
     node: &N,
     role: &str,
@@ -160,21 +180,39 @@ pub async fn configure<N: NodeShell>(
     token: Option<&crate::secrets::Secret>,
     force_restart: bool,
 ) -> Result<Configured, ShellError> {
-    let seen = observe(node, &sha256_hex(config.as_bytes())).await?;
-    let mut done = Configured::default();
-    if seen.config_sha256.as_deref() != Some(sha256_hex(config.as_bytes()).as_str()) {
-        node.write_file(CONFIG_PATH, config.as_bytes(), 0o600).await?;
-        done.written.push(CONFIG_PATH);
+    let want_sha = sha256_hex(config.as_bytes());
+    let seen = observe(node, &want_sha).await?;
+    let mut writes: Vec<(&'static str, Vec<u8>)> = Vec::new();
+    if seen.config_sha256.as_deref() != Some(want_sha.as_str()) {
+        writes.push((CONFIG_PATH, config.as_bytes().to_vec()));
     }
     if let Some(token) = token {
         let contents = token_file_contents(token);
         if seen.token_sha256.as_deref() != Some(sha256_hex(&contents).as_str()) {
-            node.write_file(TOKEN_PATH, &contents, 0o600).await?;
-            done.written.push(TOKEN_PATH);
+            writes.push((TOKEN_PATH, contents));
         }
     }
-    if !done.written.is_empty() || force_restart || seen.active.as_deref() != Some(service(role)) {
+    let mut done = Configured::default();
+    if !writes.is_empty() && !seen.restart_pending {
+        node.write_file(RESTART_PENDING_PATH, format!("{want_sha}\n").as_bytes(), 0o600)
+            .await?;
+    }
+    for (path, contents) in writes {
+        node.write_file(path, &contents, 0o600).await?;
+        done.written.push(path);
+    }
+    if !done.written.is_empty()
+        || force_restart
+        || seen.restart_pending
+        || seen.active.as_deref() != Some(service(role))
+    {
         restart(node, role).await?;
+        run_checked(
+            node,
+            &["rm".into(), "-f".into(), "--".into(), node.path(RESTART_PENDING_PATH)],
+            b"",
+        )
+        .await?;
         done.restarted = true;
     }
     Ok(done)
@@ -245,6 +283,8 @@ mod tests {
         assert_eq!(o.active.as_deref(), Some("k3s"));
         assert_eq!(o.config_sha256.as_deref(), Some("abc"));
         assert_eq!(o.token_sha256, None);
+        assert!(!o.restart_pending);
+        assert!(K3sObserved::parse("active=k3s\nrestart_pending=1\n").restart_pending);
         // A k3s whose --version printed nothing counts as not installed.
         assert_eq!(K3sObserved::parse("version=\n").version, None);
     }

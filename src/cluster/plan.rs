@@ -173,6 +173,16 @@ fn k3s_steps(
         "its config changed".to_string()
     } else if k3s_observed.active.as_deref() != Some(service) {
         format!("{service} is not running")
+    } else if k3s_observed.restart_pending {
+        "pending since its config changed: the restart after the last write did not finish".to_string()
+    } else if let Some(unready) = cluster.kube_nodes.iter().find(|k| k.name == node.name && !k.ready) {
+        // A failed health gate, or a node that went unwell since: the restart and its gate
+        // are what the last apply did not get through.
+        format!(
+            "{} is not Ready ({}): the health gate did not pass",
+            node.name,
+            unready.not_ready_reason.as_deref().unwrap_or("no reason given")
+        )
     } else {
         String::new()
     };
@@ -727,6 +737,7 @@ mod tests {
                     active: Some(k3s::service(&node.role).into()),
                     config_sha256: Some(k3s::sha256_hex(config.content.as_bytes())),
                     token_sha256: Some("t".into()),
+                    restart_pending: false,
                     config: None,
                 }),
             );
@@ -748,6 +759,45 @@ mod tests {
         assert_eq!(steps.len(), 2);
         assert!(steps.iter().all(|s| s.disruptive && s.node == "k3s-worker-2"));
         assert_eq!(steps[0].action.verb(), "upgrade k3s");
+
+        // Failures are state: a restart that did not happen after its config was written, and
+        // a node whose gate did not pass, are each planned as a restart of that node alone.
+        let restart_of = |cluster: &ClusterObserved| -> Vec<(String, String)> {
+            full_plan(&desired, &artifacts, cluster)
+                .steps
+                .iter()
+                .filter_map(|s| match &s.action {
+                    Action::K3sConfigure { restart, changes, .. } if changes.is_empty() => {
+                        Some((s.node.clone(), restart.clone()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut pending = cluster.clone();
+        if let Some(NodeObserved::K3s(o)) = pending.nodes.get_mut("k3s-worker-1") {
+            o.restart_pending = true;
+        }
+        let r = restart_of(&pending);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].0, "k3s-worker-1");
+        assert!(r[0].1.contains("pending since its config changed"), "{r:?}");
+
+        let mut unready = cluster.clone();
+        let k = unready
+            .kube_nodes
+            .iter_mut()
+            .find(|k| k.name == "k3s-worker-2")
+            .unwrap();
+        k.ready = false;
+        k.not_ready_reason = Some("container runtime network not ready".into());
+        let r = restart_of(&unready);
+        assert_eq!(r.len(), 1, "{r:?}");
+        assert_eq!(r[0].0, "k3s-worker-2");
+        assert!(
+            r[0].1.contains("not Ready (container runtime network not ready)"),
+            "{r:?}"
+        );
     }
 
     #[test]

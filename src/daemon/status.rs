@@ -121,6 +121,10 @@ pub struct StatusReport {
     /// before is no longer in it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub history_rewritten: Option<String>,
+    /// What the revision holds that loads but is left out (an ADR whose status word is
+    /// unknown), as `FILE:LINE:COL: warning: ...` lines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
     /// The commit signature check, when `verify:` is on.
     pub verification: Option<Verification>,
     /// The replica that ran it, with leader election (`leader_election.identity`).
@@ -363,6 +367,13 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
             md::code(previous)
         );
     }
+    if !r.warnings.is_empty() {
+        let _ = writeln!(out, "Warnings:\n");
+        for w in &r.warnings {
+            let _ = writeln!(out, "- {}", md::text(w));
+        }
+        let _ = writeln!(out);
+    }
     if let Some(v) = &r.verification {
         signatures_markdown(&mut out, v);
     }
@@ -407,6 +418,14 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
         }
         if applied.stopped {
             let _ = writeln!(out, "A shutdown stopped the apply between two steps.\n");
+        }
+        if applied.api_retries > 0 {
+            let _ = writeln!(
+                out,
+                "The Proxmox API did not answer as it should {} time{}: those calls were retried.\n",
+                applied.api_retries,
+                plural(applied.api_retries as usize)
+            );
         }
         if !applied.not_done.is_empty() {
             let _ = writeln!(out, "Not done:\n");
@@ -589,6 +608,7 @@ mod tests {
             last_applied_revision: None,
             untrusted_changes: Vec::new(),
             history_rewritten: None,
+            warnings: Vec::new(),
             verification: None,
             replica: None,
         }

@@ -60,6 +60,7 @@ impl RunJob {
             last_applied_revision: None,
             untrusted_changes: Vec::new(),
             history_rewritten: None,
+            warnings: Vec::new(),
             verification: None,
             replica: self.settings.leader_election.as_ref().map(|l| l.identity.clone()),
         }
@@ -676,24 +677,35 @@ impl Worker {
                     report.outcome = Outcome::Invalid;
                     report.errors = errors;
                 }
-                Ok(desired) if kind == RunKind::PullRequest => match self.trusted_state(&job.revisions).await {
-                    Err(e) => report.errors.push(e),
-                    Ok(trusted) => {
-                        let (desired, ignored) = trust::pull_request_state(desired, &trusted);
-                        report.untrusted_changes = ignored;
-                        secrets = self.secret_values(&trusted);
-                        self.render_and_run(&desired, &trusted, kind, &mut report).await;
-                    }
-                },
                 Ok(desired) => {
-                    // Only the watched branch's own revisions set the daemon's schedule.
-                    let r = &desired.cluster.reconcile;
-                    schedule = Some(Schedule {
-                        interval: model::parse_duration(&r.interval).map(Duration::from_secs),
-                        drift_schedule: r.drift_schedule.clone(),
-                    });
-                    secrets = self.secret_values(&desired);
-                    self.render_and_run(&desired, &desired, kind, &mut report).await;
+                    report.warnings = desired
+                        .warnings
+                        .iter()
+                        .map(|w| model::diag::Warning(w).to_string())
+                        .collect();
+                    for w in &report.warnings {
+                        tracing::warn!(%commit, warning = %w, "the revision loads with a warning");
+                    }
+                    if kind == RunKind::PullRequest {
+                        match self.trusted_state(&job.revisions).await {
+                            Err(e) => report.errors.push(e),
+                            Ok(trusted) => {
+                                let (desired, ignored) = trust::pull_request_state(desired, &trusted);
+                                report.untrusted_changes = ignored;
+                                secrets = self.secret_values(&trusted);
+                                self.render_and_run(&desired, &trusted, kind, &mut report).await;
+                            }
+                        }
+                    } else {
+                        // Only the watched branch's own revisions set the daemon's schedule.
+                        let r = &desired.cluster.reconcile;
+                        schedule = Some(Schedule {
+                            interval: model::parse_duration(&r.interval).map(Duration::from_secs),
+                            drift_schedule: r.drift_schedule.clone(),
+                        });
+                        secrets = self.secret_values(&desired);
+                        self.render_and_run(&desired, &desired, kind, &mut report).await;
+                    }
                 }
             },
         }
@@ -808,6 +820,29 @@ impl Worker {
             }
         };
         let run = Reconcile::connected(desired, trusted, artifacts, &connection);
+        // A run that may apply holds the cluster's run lock from its plan to its last step.
+        let policy_applies = decide::applies(
+            kind,
+            decide::Policy {
+                suspend: trusted.cluster.reconcile.suspend,
+                auto_correct: self
+                    .settings
+                    .auto_correct
+                    .unwrap_or(trusted.cluster.reconcile.auto_correct),
+            },
+        );
+        let _lock = if policy_applies {
+            match run.lock(&crate::reconcile::lock_holder("daemon")).await {
+                Ok(lock) => lock,
+                Err(e) => {
+                    self.api_error(e.system());
+                    report.errors.push(e.to_string());
+                    return;
+                }
+            }
+        } else {
+            None
+        };
         let plan = match run.plan().await {
             Ok(p) => p,
             Err(e) => {

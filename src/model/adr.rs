@@ -92,7 +92,9 @@ pub fn is_adr_path(path: &str) -> bool {
 
 /// Parse one ADR. Returns `Ok(None)` for markdown that is no ADR and holds no config
 /// (an index page, a template), an error only where an ADR's config could be misread.
-pub fn parse(file: &str, text: &str) -> Result<Option<Adr>, Vec<Diagnostic>> {
+/// An ADR with config whose status word is unknown is left out with a warning in
+/// `warnings`, naming the file and line: never applied, and not an error either.
+pub fn parse(file: &str, text: &str, warnings: &mut Vec<Diagnostic>) -> Result<Option<Adr>, Vec<Diagnostic>> {
     let lines: Vec<&str> = text.lines().collect();
     let mut errors = Vec::new();
     let block = match find_block(file, &lines) {
@@ -110,14 +112,17 @@ pub fn parse(file: &str, text: &str) -> Result<Option<Adr>, Vec<Diagnostic>> {
     let number = number_from_file(file).or_else(|| number_from_title(&title));
     let status_seen = read_status(&lines);
     if let (Some(StatusSeen::Unknown(word, line)), Some(_)) = (&status_seen, &block) {
-        errors.push(
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        warnings.push(
             Diagnostic::new(
                 Location::new(file, *line, 1),
                 format!("status `{word}` is not one driftless knows: this ADR's config is not applied"),
             )
             .hint("Accepted (or Approved, Adopted, Decided, Implemented), Proposed (Draft, Pending), Rejected (Declined, Withdrawn), Deprecated, Superseded"),
         );
-        return Err(errors);
+        return Ok(None);
     }
     let status = match status_seen {
         Some(StatusSeen::Known(s, line)) => Some((s, line)),
@@ -395,7 +400,7 @@ mod tests {
     #[test]
     fn reads_the_three_seed_status_forms() {
         let bold = "# ADR-001: LXC\n\n**Status:** Accepted\n**Date:** 2026-01-05\n";
-        let a = parse("adr/ADR-001-lxc.md", bold)
+        let a = parse("adr/ADR-001-lxc.md", bold, &mut Vec::new())
             .unwrap()
             .expect("an ADR without config is still listed");
         assert_eq!((a.number, a.block.is_none()), (1, true));
@@ -433,20 +438,23 @@ mod tests {
     }
 
     #[test]
-    fn an_unknown_status_word_refuses_the_adrs_config_at_its_line() {
+    fn an_unknown_status_word_leaves_the_adr_out_with_a_warning_at_its_line() {
         let text = "# ADR-008: x\n\n**Status:** Ratified\n\n```yaml driftless\ncores: 8\n```\n";
-        let errors = parse("adr/ADR-008-x.md", text).unwrap_err();
-        assert_eq!(errors.len(), 1);
-        let e = errors[0].to_string();
+        let mut warnings = Vec::new();
+        assert_eq!(parse("adr/ADR-008-x.md", text, &mut warnings).unwrap(), None);
+        assert_eq!(warnings.len(), 1);
+        let w = crate::model::diag::Warning(&warnings[0]).to_string();
         assert!(
-            e.starts_with("adr/ADR-008-x.md:3:1: error: status `ratified` is not one driftless knows"),
-            "{e}"
+            w.starts_with("adr/ADR-008-x.md:3:1: warning: status `ratified` is not one driftless knows: this ADR's config is not applied"),
+            "{w}"
         );
-        // Without config it is only a document: listed nowhere, refused nowhere.
+        // Without config it is only a document: listed nowhere, warned about nowhere.
+        let mut none = Vec::new();
         assert_eq!(
-            parse("adr/ADR-009-y.md", "# ADR-009: y\n\n**Status:** Ratified\n").unwrap(),
+            parse("adr/ADR-009-y.md", "# ADR-009: y\n\n**Status:** Ratified\n", &mut none).unwrap(),
             None
         );
+        assert!(none.is_empty());
     }
 
     #[test]
@@ -462,7 +470,7 @@ mod tests {
     #[test]
     fn finds_the_block_and_its_offset() {
         let text = "# ADR-001: x\n**Status:** Accepted\n\n```yaml driftless\ncores: 2\n```\n";
-        let adr = parse("adr/ADR-001.md", text).unwrap().unwrap();
+        let adr = parse("adr/ADR-001.md", text, &mut Vec::new()).unwrap().unwrap();
         let block = adr.block.unwrap();
         assert_eq!(block.yaml, "cores: 2\n");
         assert_eq!(block.line_offset, 4, "cores is on line 5 of the file");
@@ -471,11 +479,11 @@ mod tests {
     #[test]
     fn refuses_two_blocks_and_unclosed_blocks() {
         let two = "# ADR-001\n**Status:** Accepted\n```yaml driftless\na: 1\n```\n```yaml driftless\nb: 1\n```\n";
-        let err = parse("adr/ADR-001.md", two).unwrap_err();
+        let err = parse("adr/ADR-001.md", two, &mut Vec::new()).unwrap_err();
         assert_eq!(err[0].location.line, 6);
         let open = "# ADR-001\n**Status:** Accepted\n```yaml driftless\na: 1\n";
         assert!(
-            parse("adr/ADR-001.md", open).unwrap_err()[0]
+            parse("adr/ADR-001.md", open, &mut Vec::new()).unwrap_err()[0]
                 .message
                 .contains("never closed")
         );

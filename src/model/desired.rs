@@ -173,6 +173,8 @@ pub struct Desired {
     pub adrs: Vec<AdrSummary>,
     /// Template name (`lxc.conf.j2`) -> the repository's override.
     pub templates: BTreeMap<String, UserTemplate>,
+    /// What loaded but is left out (`model::diag::Warning` prints them).
+    pub warnings: Vec<crate::model::diag::Diagnostic>,
 }
 
 impl Desired {

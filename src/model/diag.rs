@@ -92,6 +92,25 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+/// A diagnostic shown as a warning: the repository loads, and the thing it names is left
+/// out (an ADR whose status word is unknown is never applied). `validate`, `plan` and
+/// `apply` print them; the daemon's status report lists them.
+pub struct Warning<'a>(pub &'a Diagnostic);
+
+impl fmt::Display for Warning<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        write!(f, "{}: warning: {}", d.location, d.message)?;
+        for r in &d.related {
+            write!(f, "\n  {}: note: {}", r.location, r.message)?;
+        }
+        if let Some(h) = &d.hint {
+            write!(f, "\n  hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
 /// All problems of one repository, sorted by place so output is stable.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 #[serde(transparent)]

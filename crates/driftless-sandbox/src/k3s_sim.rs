@@ -202,6 +202,11 @@ impl Node<'_> {
                     Err(e) => ExecOutput::fail(1, format!("mv: cannot move '{from}' to '{to}': {e}\n")),
                 }
             }
+            ["rm", "-f", "--", file] | ["rm", "-f", file] => match std::fs::remove_file(self.path(file)) {
+                Ok(()) => ExecOutput::ok(""),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => ExecOutput::ok(""),
+                Err(e) => ExecOutput::fail(1, format!("rm: cannot remove '{file}': {e}\n")),
+            },
             ["cat", "--", file] | ["cat", file] => match std::fs::read(self.path(file)) {
                 Ok(b) => ExecOutput::ok(b),
                 Err(_) => ExecOutput::fail(1, format!("cat: {file}: No such file or directory\n")),
@@ -223,14 +228,14 @@ impl Node<'_> {
                     ..ExecOutput::default()
                 },
             },
-            (s, [config, token]) if s == k3s::OBSERVE_SCRIPT => self.observe(config, token),
+            (s, [config, token, pending]) if s == k3s::OBSERVE_SCRIPT => self.observe(config, token, pending),
             (s, [version, exec_as, _url]) if s == k3s::INSTALL_SCRIPT => self.install(Some(version), exec_as),
             (s, [exec_as]) if s == k3s::AIRGAP_INSTALL_SCRIPT => self.install(None, exec_as),
             _ => ExecOutput::fail(127, "the sandbox does not simulate this script\n"),
         }
     }
 
-    fn observe(&self, config: &str, token: &str) -> ExecOutput {
+    fn observe(&self, config: &str, token: &str, pending: &str) -> ExecOutput {
         let st = load_k3s(self.state_dir, self.vmid);
         let mut out = String::new();
         if let Some(v) = &st.installed {
@@ -243,6 +248,9 @@ impl Node<'_> {
             if let Ok(b) = std::fs::read(self.path(p)) {
                 out.push_str(&format!("{key}={}\n", k3s::sha256_hex(&b)));
             }
+        }
+        if self.path(pending).exists() {
+            out.push_str("restart_pending=1\n");
         }
         ExecOutput::ok(out)
     }

@@ -119,7 +119,7 @@ pub async fn serve(state_dir: PathBuf, bind: SocketAddr, seed: u64) -> Result<Ku
     };
     let url = format!("https://{host}:{}", addr.port());
 
-    let (ca_pem, server_cert) = pki(&addr)?;
+    let (ca_pem, server_cert) = kept_pki(&state_dir, &addr)?;
     let token = token(seed);
     let kubeconfig_path = cluster_state::admin_kubeconfig_path(&state_dir);
     if let Some(dir) = kubeconfig_path.parent() {
@@ -170,6 +170,34 @@ pub async fn serve(state_dir: PathBuf, bind: SocketAddr, seed: u64) -> Result<Ku
         join,
         controllers,
     })
+}
+
+/// The CA and server certificate an earlier start on this state made, or new ones, kept
+/// for the next start: a restarted API keeps its CA, so kubeconfigs made before still work.
+fn kept_pki(state_dir: &std::path::Path, addr: &SocketAddr) -> Result<(String, SelfSigned), SandboxError> {
+    let dir = tls::dir(state_dir);
+    let ca_path = dir.join("kube-ca.pem");
+    let mut made_ca = None;
+    let server = SelfSigned::kept(&dir, "kube-server", || {
+        let (ca, server) = pki(addr)?;
+        made_ca = Some(ca);
+        Ok(server)
+    })?;
+    match made_ca {
+        Some(ca) => {
+            atomic_write(&ca_path, ca.as_bytes()).map_err(|e| SandboxError::io(&ca_path, e))?;
+            Ok((ca, server))
+        }
+        None => match std::fs::read_to_string(&ca_path) {
+            Ok(ca) => Ok((ca, server)),
+            // A server certificate without its CA: make both again.
+            Err(_) => {
+                let (ca, server) = pki(addr)?;
+                atomic_write(&ca_path, ca.as_bytes()).map_err(|e| SandboxError::io(&ca_path, e))?;
+                Ok((ca, server))
+            }
+        },
+    }
 }
 
 /// A CA (PEM) and the server certificate it signed.

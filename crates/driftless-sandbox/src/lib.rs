@@ -474,7 +474,10 @@ pub async fn start(opts: SandboxOptions) -> Result<SandboxHandle, SandboxError> 
     };
 
     let cert = if opts.tls {
-        Some(tls::SelfSigned::generate(&opts.nodes[0])?)
+        let node = opts.nodes[0].clone();
+        Some(tls::SelfSigned::kept(&tls::dir(&opts.state_dir), "proxmox", || {
+            tls::SelfSigned::generate(&node)
+        })?)
     } else {
         None
     };

@@ -156,8 +156,17 @@ fn fresh_seed() -> u64 {
         ^ u64::from(std::process::id())
 }
 
+/// The seed an earlier `serve` on this state used: its token (and everything else the seed
+/// makes) stays the same across restarts on the same state.
+fn kept_seed(state: &Path) -> Option<u64> {
+    std::fs::read_to_string(state.join(".sandbox").join("seed"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .filter(|s| *s != 0)
+}
+
 fn sandbox_options(state: &Path, bind: std::net::SocketAddr, tls: bool) -> SandboxOptions {
-    let seed = fresh_seed();
+    let seed = kept_seed(state).unwrap_or_else(fresh_seed);
     SandboxOptions {
         bind,
         tls,

@@ -38,8 +38,10 @@
 //! templates/ISOs/backups and `local-lvm` disks (any other id is taken to hold disks, and a
 //! template need not exist to create from it); the OS type comes from the template's file
 //! name; QEMU options outside qemu-server's privilege classes are not refused to tokens
-//! (only `args`, `lock`, `hookscript`); task logs are not kept and tasks are forgotten on
-//! restart (the guests and their power state are not).
+//! (only `args`, `lock`, `hookscript`); task logs are not kept. Task records (UPID and exit
+//! status) are saved at shutdown and read back by the next start on the same state, as
+//! Proxmox's task index survives a restart of its API: a client polling a task across the
+//! restart finds it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -215,6 +217,7 @@ fn decode_urlencoded(data: &str) -> BTreeMap<String, String> {
     out
 }
 
+#[derive(serde::Serialize, serde::Deserialize)]
 struct TaskRecord {
     node: String,
     pid: u32,
@@ -276,11 +279,35 @@ impl Server {
                 let _ = w.await;
             }
         }
+        let path = tasks_path(&self.shared.store.root);
+        if let Ok(json) = serde_json::to_vec(&*lock(&self.shared.tasks)) {
+            let _ = store::atomic_write(&path, &json);
+        }
     }
+}
+
+fn tasks_path(root: &std::path::Path) -> std::path::PathBuf {
+    root.join(".sandbox").join("tasks.json")
+}
+
+/// The tasks an earlier start on this state saved at its shutdown.
+fn load_tasks(root: &std::path::Path) -> HashMap<String, TaskRecord> {
+    std::fs::read(tasks_path(root))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
 }
 
 pub(crate) fn serve(args: ServeArgs) -> Result<Server, SandboxError> {
     let seed = args.seed;
+    let tasks = load_tasks(&args.store.root);
+    // Past the pids of the tasks read back, so no UPID is handed out twice.
+    let first_pid = tasks
+        .values()
+        .map(|t| t.pid + 1)
+        .max()
+        .unwrap_or(0)
+        .max(0x1000 + (store::splitmix64(seed) % 0x8000) as u32);
     let shared = Arc::new(Shared {
         store: args.store,
         io: Mutex::new(()),
@@ -288,10 +315,10 @@ pub(crate) fn serve(args: ServeArgs) -> Result<Server, SandboxError> {
         auth: args.auth,
         acl: args.acl,
         bridges: args.bridges,
-        tasks: Mutex::new(HashMap::new()),
+        tasks: Mutex::new(tasks),
         workers: Mutex::new(Vec::new()),
         creating: Mutex::new(BTreeMap::new()),
-        next_pid: AtomicU32::new(0x1000 + (store::splitmix64(seed) % 0x8000) as u32),
+        next_pid: AtomicU32::new(first_pid),
         pstart: 0x100000 + (store::splitmix64(seed ^ 1) % 0x100000) as u32,
         seed,
         fingerprint: args.fingerprint,

@@ -1,5 +1,6 @@
 //! The sandbox's self-signed certificate and the rustls server configuration.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::SandboxError;
@@ -31,6 +32,45 @@ impl SelfSigned {
         })
     }
 
+    /// The certificate an earlier start on this state kept under `name` in `dir`, or the one
+    /// `make` makes, kept there for the next start: a sandbox restarted on its state keeps
+    /// its fingerprint (and a client that pinned it still connects).
+    pub fn kept(
+        dir: &Path,
+        name: &str,
+        make: impl FnOnce() -> Result<SelfSigned, SandboxError>,
+    ) -> Result<SelfSigned, SandboxError> {
+        let (cert_path, key_path) = Self::paths(dir, name);
+        if let (Ok(cert), Ok(key)) = (std::fs::read(&cert_path), std::fs::read(&key_path))
+            && let (Ok(certs), Ok(key)) = (driftless::pki::certificates(&cert), driftless::pki::private_key(&key))
+            && let (Some(der), rustls::pki_types::PrivateKeyDer::Pkcs8(key)) = (certs.first(), key)
+        {
+            let der = der.to_vec();
+            return Ok(SelfSigned {
+                fingerprint: fingerprint(&der),
+                pem: String::from_utf8_lossy(&cert).into_owned(),
+                key_der: key.secret_pkcs8_der().to_vec(),
+                der,
+            });
+        }
+        let made = make()?;
+        std::fs::create_dir_all(dir).map_err(|e| SandboxError::io(dir, e))?;
+        let key_pem = driftless::pki::pem_encode("PRIVATE KEY", &made.key_der);
+        crate::store::atomic_write(&key_path, key_pem.as_bytes()).map_err(|e| SandboxError::io(&key_path, e))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| SandboxError::io(&key_path, e))?;
+        }
+        crate::store::atomic_write(&cert_path, made.pem.as_bytes()).map_err(|e| SandboxError::io(&cert_path, e))?;
+        Ok(made)
+    }
+
+    fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        (dir.join(format!("{name}.pem")), dir.join(format!("{name}-key.pem")))
+    }
+
     /// rustls configuration with the aws-lc-rs provider given explicitly; HTTP/1.1 only,
     /// like pveproxy.
     pub fn server_config(&self) -> Result<Arc<rustls::ServerConfig>, SandboxError> {
@@ -51,3 +91,8 @@ impl SelfSigned {
 
 /// SHA-256 of DER bytes as `AB:CD:...` (what `pvenode cert info` shows): the product's.
 pub use driftless::pki::fingerprint_of_der as fingerprint;
+
+/// Where a sandbox keeps its certificates and CAs across restarts on one state.
+pub(crate) fn dir(state_dir: &Path) -> PathBuf {
+    state_dir.join(".sandbox").join("tls")
+}

@@ -56,7 +56,7 @@ impl Loader<'_> {
         let mut adrs: Vec<Adr> = Vec::new();
         for (file, bytes) in self.files.adr_files() {
             let text = String::from_utf8_lossy(bytes);
-            match adr::parse(file, &text) {
+            match adr::parse(file, &text, &mut self.warnings) {
                 Ok(Some(a)) => adrs.push(a),
                 Ok(None) => {}
                 Err(ds) => ds.into_iter().for_each(|d| self.diags.push(d)),

@@ -23,7 +23,7 @@ pub use layers::builtin_location;
 
 use super::adr::Adr;
 use super::desired::*;
-use super::diag::Diagnostics;
+use super::diag::{Diagnostic, Diagnostics};
 use super::files::RepoFiles;
 use super::schema::ClusterLevel;
 use super::validate;
@@ -40,6 +40,7 @@ pub fn load(files: &RepoFiles, opts: &LoadOptions) -> Result<Desired, Diagnostic
         files,
         opts,
         diags: Diagnostics::default(),
+        warnings: Vec::new(),
     };
     if loader.check_sizes() {
         return Err(loader.diags.finish());
@@ -68,6 +69,8 @@ struct Loader<'a> {
     files: &'a RepoFiles,
     opts: &'a LoadOptions,
     diags: Diagnostics,
+    /// What loads but is left out, said as warnings (an ADR whose status is unknown).
+    warnings: Vec<Diagnostic>,
 }
 
 impl Loader<'_> {
@@ -102,6 +105,7 @@ impl Loader<'_> {
             nodes,
             adrs: self.adr_summaries(adrs),
             templates: self.templates(),
+            warnings: std::mem::take(&mut self.warnings),
         })
     }
 
@@ -153,6 +157,7 @@ mod test_support {
             files,
             opts,
             diags: Diagnostics::default(),
+            warnings: Vec::new(),
         }
     }
 
