@@ -47,6 +47,8 @@ pub struct ClusterObserved {
     /// SHA-256 of the join token the nodes should hold (the `k3s.token` secret, or the first
     /// server's node-token); `None` when not known yet (no server runs).
     pub join_token_sha256: Option<String>,
+    /// The add-ons' objects and inventories, as the Kubernetes API answered.
+    pub addons: crate::addons::plan::AddonsObserved,
 }
 
 fn artifact<'a>(artifacts: &'a [Artifact], node: &str, kind: ArtifactKind) -> Option<&'a Artifact> {
@@ -496,6 +498,14 @@ pub fn merge(desired: &Desired, artifacts: &[Artifact], observed: &ClusterObserv
         }
     }
     steps.extend(metadata);
+    // The add-ons after every node, wave by wave (the all-nodes gate after the CNI's), then
+    // deletes of pruned guests.
+    let nodes_not_ready =
+        observed.kube_nodes.len() < desired.nodes.len() || observed.kube_nodes.iter().any(|k| !k.ready);
+    let (addon_steps, addon_notices) =
+        crate::addons::plan::steps(desired, artifacts, &observed.addons, !steps.is_empty(), nodes_not_ready);
+    steps.extend(addon_steps);
+    plan.notices.extend(addon_notices);
     steps.extend(deletes);
     plan.steps = steps;
     plan
@@ -528,9 +538,11 @@ mod tests {
         )
     }
 
+    /// The node steps of a plan (add-on steps have their own tests, in `addons`).
     fn verbs(p: &Plan) -> Vec<String> {
         p.steps
             .iter()
+            .filter(|s| !s.action.is_cluster_wide())
             .map(|s| format!("{} {}", s.action.verb(), s.node))
             .collect()
     }
@@ -706,7 +718,11 @@ mod tests {
             );
         }
         let p = full_plan(&desired, &artifacts, &cluster);
-        let cluster_steps: Vec<_> = p.steps.iter().filter(|s| s.action.is_cluster()).collect();
+        let cluster_steps: Vec<_> = p
+            .steps
+            .iter()
+            .filter(|s| s.action.is_cluster() && !s.action.is_cluster_wide())
+            .collect();
         assert_eq!(cluster_steps.len(), 1, "{:?}", verbs(&p));
         // An older Talos is said out loud, not upgraded behind the operator's back.
         assert_eq!(p.notices.len(), 1, "{:?}", p.notices);

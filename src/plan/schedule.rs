@@ -8,7 +8,9 @@
 //! 3. one disruptive step at a time: a disruptive step (a member's restart, a K3s upgrade, a
 //!    Talos apply) waits for every earlier disruptive step and every earlier step with a
 //!    health gate, so nothing is disrupted while an earlier gate may still fail the wave;
-//! 4. deletes last: a pruned guest goes after every other step.
+//! 4. deletes last: a pruned guest goes after every other step;
+//! 5. add-ons after the nodes, one at a time: a cluster-wide step (an add-on, the all-nodes
+//!    gate) waits for every earlier step, so waves run in order.
 //!
 //! Everything else may run side by side: creating guests, workers joining, updates that do
 //! not interrupt a node. A plan's order satisfies every edge, so running the steps one at a
@@ -44,6 +46,9 @@ pub fn dependencies(steps: &[Step], control_plane: &BTreeSet<String>) -> Vec<Vec
             }
             if is_delete(step) {
                 after.extend((0..i).filter(|&j| !is_delete(&earlier[j])));
+            }
+            if step.action.is_cluster_wide() {
+                after.extend(0..i);
             }
             after.into_iter().collect()
         })

@@ -95,6 +95,11 @@ impl Loader<'_> {
         if !self.diags.is_empty() {
             return Err(self.diags.finish());
         }
+        let mut cluster = cluster;
+        self.addon_files(&mut cluster);
+        if !self.diags.is_empty() {
+            return Err(self.diags.finish());
+        }
         let cp = cluster.distribution;
         nodes.sort_by(|a, b| (!cp.is_control_plane(&a.role), &a.name).cmp(&(!cp.is_control_plane(&b.role), &b.name)));
         Ok(Desired {
@@ -103,6 +108,50 @@ impl Loader<'_> {
             adrs: self.adr_summaries(adrs),
             templates: self.templates(),
         })
+    }
+
+    /// Give each declared add-on its files; a declared add-on without any, and a directory
+    /// under addons/ that nothing declares, are mistakes.
+    fn addon_files(&mut self, cluster: &mut Cluster) {
+        use crate::model::diag::{Diagnostic, Location};
+        use crate::model::files::addon_of;
+        for addon in &mut cluster.addons {
+            addon.files = self
+                .files
+                .addon_files()
+                .filter(|(p, _)| addon_of(p) == Some(addon.name.as_str()))
+                .map(|(p, b)| UserTemplate {
+                    file: p.to_string(),
+                    source: String::from_utf8_lossy(b).into_owned(),
+                })
+                .collect();
+            if addon.files.is_empty() {
+                self.diags.push(
+                    Diagnostic::new(
+                        addon.location.clone(),
+                        format!("add-on `{}` has no manifests in addons/{}/", addon.name, addon.name),
+                    )
+                    .hint("put its Kubernetes objects in addons/NAME/*.yaml (or *.yaml.j2 templates)"),
+                );
+            }
+        }
+        let mut reported = std::collections::BTreeSet::new();
+        for (path, _) in self.files.addon_files() {
+            let Some(dir) = addon_of(path) else { continue };
+            let declared = cluster.addons.iter().any(|a| a.name == dir)
+                || cluster.provenance.contains_key(&format!("addons.{dir}.wave"));
+            if !declared && reported.insert(dir.to_string()) {
+                self.diags.push(
+                    Diagnostic::new(
+                        Location::file_start(path),
+                        format!("addons/{dir}/ is not declared in cluster.yaml `addons:` or an accepted ADR"),
+                    )
+                    .hint(format!(
+                        "declare it: `addons: {{{dir}: {{wave: 1}}}}`, or remove the directory"
+                    )),
+                );
+            }
+        }
     }
 
     fn adr_summaries(&self, adrs: &[Adr]) -> Vec<AdrSummary> {
