@@ -2,7 +2,8 @@
 //! objects from `addons/NAME/*.yaml`, applied through the Kubernetes API after the nodes.
 //!
 //! * This file (pure): an add-on's files rendered into objects. A `*.yaml.j2` file is a
-//!   minijinja template that sees `cluster` and `nodes` (the values node templates see);
+//!   minijinja template that sees `cluster` and `nodes` (the values node templates see) and
+//!   the add-on's own `values` from its declaration;
 //!   every file may hold several YAML documents. Each object must say `apiVersion`, `kind`
 //!   and `metadata.name`; it is labelled `app.kubernetes.io/managed-by: driftless` and
 //!   `driftless.dev/addon: NAME`. The result is one artifact per add-on (`driftless render`
@@ -214,7 +215,13 @@ fn render_addon(env: &Environment<'_>, addon: &Addon, cluster: &Value, nodes: &V
         let text = if file.file.ends_with(".j2") {
             let rendered = env
                 .template_from_named_str(&file.file, &file.source)
-                .and_then(|t| t.render(minijinja::context! { cluster => cluster.clone(), nodes => nodes.clone() }));
+                .and_then(|t| {
+                    t.render(minijinja::context! {
+                        cluster => cluster.clone(),
+                        nodes => nodes.clone(),
+                        values => Value::from(minijinja::value::Serde(&addon.values)),
+                    })
+                });
             match rendered {
                 Ok(t) if t.len() <= MAX_ARTIFACT_BYTES => t,
                 Ok(_) => {
@@ -232,7 +239,7 @@ fn render_addon(env: &Environment<'_>, addon: &Addon, cluster: &Value, nodes: &V
                     }
                     diags.push(
                         Diagnostic::new(Location::new(&file.file, e.line().unwrap_or(1) as u32, 1), msg)
-                            .hint("add-on templates see `cluster` and `nodes`, as `driftless explain` shows them"),
+                            .hint("add-on templates see `cluster`, `nodes` and the add-on's `values`"),
                     );
                     continue;
                 }

@@ -112,6 +112,8 @@ pub struct Addon {
     pub force_conflicts: bool,
     /// Objects created by the add-on's charts or jobs that must be healthy too.
     pub health: Vec<HealthRef>,
+    /// What its templates see as `values`.
+    pub values: BTreeMap<String, Json>,
     /// Where it is declared: `ADR-002 adr/ADR-002-kubernetes-approach-talos.md:30`.
     pub declared: String,
     /// The same place, for diagnostics.

@@ -323,6 +323,9 @@ pub struct AddonDecl {
     /// Objects the add-on's charts or jobs create, waited for too: `Kind/namespace/name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<Vec<String>>,
+    /// What the add-on's templates see as `values` (an address pool, a chart version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<BTreeMap<String, serde_json::Value>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

@@ -284,6 +284,7 @@ fn addons_declared(level: &ClusterLevel, prov: &Provenance, doc: &Doc, diags: &m
                 .map(Setting::cite_with_adr)
                 .unwrap_or_else(|| loc.to_string()),
             location: loc,
+            values: decl.values.clone().unwrap_or_default(),
             files: Vec::new(),
         });
     }
