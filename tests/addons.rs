@@ -73,7 +73,12 @@ fn the_k3s_homelab_gets_its_core_apps_healthy_then_prunes_only_with_prune_on_and
     assert!(steps(&plan)[..9].iter().all(|s| !s.starts_with("addon")), "{plan:#}");
 
     let r = env.apply();
-    assert!(r.stdout.contains("Applied 13 of 13 steps."), "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("Applied 13 of 13 steps."),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
     let charts = kind("helm.cattle.io", "v1", "HelmChart", "helmcharts", true);
     for chart in ["metallb", "cert-manager", "longhorn"] {
         let c = get(&env, &charts, Some("kube-system"), chart).unwrap_or_else(|| panic!("{chart} applied"));
@@ -102,12 +107,16 @@ fn the_k3s_homelab_gets_its_core_apps_healthy_then_prunes_only_with_prune_on_and
     let r = env.run(&["plan"], &[]);
     r.expect_code(0, "plan");
     assert!(
-        r.stdout.contains("add-on `longhorn` left git; its 1 object(s) are left in the cluster (prune: false)"),
+        r.stdout
+            .contains("add-on `longhorn` left git; its 1 object(s) are left in the cluster (prune: false)"),
         "{}",
         r.stdout
     );
     env.apply();
-    assert!(get(&env, &charts, Some("kube-system"), "longhorn").is_some(), "left alone");
+    assert!(
+        get(&env, &charts, Some("kube-system"), "longhorn").is_some(),
+        "left alone"
+    );
 
     // Prune on: what its inventory lists goes, nothing else.
     edit_cluster_yaml(&env, |t| t.replace("  prune: false", "  prune: true"));
@@ -146,7 +155,11 @@ fn the_k3s_homelab_gets_its_core_apps_healthy_then_prunes_only_with_prune_on_and
         .await
         .unwrap();
         let l2 = kind("metallb.io", "v1beta1", "L2Advertisement", "l2advertisements", true);
-        assert!(kube.delete_object(&l2, Some("metallb-system"), "homelab").await.unwrap());
+        assert!(
+            kube.delete_object(&l2, Some("metallb-system"), "homelab")
+                .await
+                .unwrap()
+        );
     });
     let drift = env.run(&["--output", "json", "drift"], &[]);
     let report = drift.json();
@@ -193,7 +206,10 @@ fn the_talos_homelab_gets_ready_only_through_its_cilium_addon() {
     assert!(r.stderr.contains("registered (no CNI yet), API ready"), "{}", r.stderr);
     assert!(r.stderr.contains("every node Ready"), "{}", r.stderr);
     let ds = kind("apps", "v1", "DaemonSet", "daemonsets", true);
-    assert!(get(&env, &ds, Some("kube-system"), "cilium").is_some(), "what cilium install leaves");
+    assert!(
+        get(&env, &ds, Some("kube-system"), "cilium").is_some(),
+        "what cilium install leaves"
+    );
     env.run(&["health"], &[]).expect_code(0, "health");
     assert_eq!(steps(&env.plan_json()), Vec::<String>::new());
 }

@@ -261,7 +261,7 @@ pub async fn apply<K: KubeApi>(
     }
     log.push(format!("{}: {} object(s) applied, {created} new", name, applied.len()));
     for (kind, key) in &applied {
-        if let Some(judge) = judge_for(&key.group().to_string(), &key.kind) {
+        if let Some(judge) = judge_for(key.group(), &key.kind) {
             wait_for(kube, name, kind, key, waits, judge).await?;
         }
     }

@@ -213,15 +213,13 @@ fn render_addon(env: &Environment<'_>, addon: &Addon, cluster: &Value, nodes: &V
     let mut seen: BTreeSet<ObjectKey> = BTreeSet::new();
     for file in &addon.files {
         let text = if file.file.ends_with(".j2") {
-            let rendered = env
-                .template_from_named_str(&file.file, &file.source)
-                .and_then(|t| {
-                    t.render(minijinja::context! {
-                        cluster => cluster.clone(),
-                        nodes => nodes.clone(),
-                        values => Value::from(minijinja::value::Serde(&addon.values)),
-                    })
-                });
+            let rendered = env.template_from_named_str(&file.file, &file.source).and_then(|t| {
+                t.render(minijinja::context! {
+                    cluster => cluster.clone(),
+                    nodes => nodes.clone(),
+                    values => Value::from(minijinja::value::Serde(&addon.values)),
+                })
+            });
             match rendered {
                 Ok(t) if t.len() <= MAX_ARTIFACT_BYTES => t,
                 Ok(_) => {
@@ -310,10 +308,7 @@ fn check_object(o: &Json) -> Result<(), String> {
         return Err("a document is not a mapping".into());
     };
     for field in ["apiVersion", "kind"] {
-        if !map
-            .get(field)
-            .is_some_and(|v| v.as_str().is_some_and(|s| !s.is_empty()))
-        {
+        if map.get(field).and_then(Json::as_str).is_none_or(str::is_empty) {
             return Err(format!("an object without `{field}`"));
         }
     }

@@ -128,14 +128,14 @@ fn cluster_step(desired: &Desired, node: String, action: Action) -> Step {
     }
 }
 
-/// The add-on steps, in apply order, and what is left alone (as notices). `nodes_changing`:
-/// the plan has steps on the nodes, so a cluster whose CNI is an add-on must be seen Ready
-/// again after its CNI wave; `nodes_not_ready`: some node is NotReady now.
+/// The add-on steps, in apply order, and what is left alone (as notices).
+/// `nodes_not_ready`: some node is NotReady or not registered now. In a cluster whose CNI is
+/// an add-on, every node must then be seen Ready after the CNI's wave, as after any change of
+/// the CNI add-on itself (a node that was Ready is gated on its own, as everywhere).
 pub fn steps(
     desired: &Desired,
     artifacts: &[Artifact],
     observed: &AddonsObserved,
-    nodes_changing: bool,
     nodes_not_ready: bool,
 ) -> (Vec<Step>, Vec<Notice>) {
     let prune = desired.cluster.reconcile.prune;
@@ -147,8 +147,7 @@ pub fn steps(
         message,
     };
     let cni_addon = desired.cluster.addons.iter().find(|a| a.cni);
-    let gate = desired.cluster.cni_from_addon()
-        && (nodes_changing || nodes_not_ready || desired.cluster.addons.iter().any(|a| a.cni) && !observed.api);
+    let gate_now = desired.cluster.cni_from_addon() && (nodes_not_ready || !observed.api);
     let gate_step = |desired: &Desired| {
         cluster_step(
             desired,
@@ -160,7 +159,7 @@ pub fn steps(
         )
     };
     let mut gate_planned = false;
-    if gate && cni_addon.is_none() {
+    if gate_now && cni_addon.is_none() {
         steps.push(gate_step(desired));
         gate_planned = true;
     }
@@ -218,7 +217,8 @@ pub fn steps(
         } else {
             wanted.is_subset(&inventory)
         };
-        if !create.is_empty() || !change.is_empty() || !pruned.is_empty() || !recorded || !observed.api {
+        let planned = !create.is_empty() || !change.is_empty() || !pruned.is_empty() || !recorded || !observed.api;
+        if planned {
             steps.push(cluster_step(
                 desired,
                 artifact_node(&addon.name),
@@ -238,7 +238,7 @@ pub fn steps(
                 },
             ));
         }
-        if addon.cni && gate && !gate_planned {
+        if addon.cni && desired.cluster.cni_from_addon() && (gate_now || planned) && !gate_planned {
             steps.push(gate_step(desired));
             gate_planned = true;
         }

@@ -503,7 +503,7 @@ pub fn merge(desired: &Desired, artifacts: &[Artifact], observed: &ClusterObserv
     let nodes_not_ready =
         observed.kube_nodes.len() < desired.nodes.len() || observed.kube_nodes.iter().any(|k| !k.ready);
     let (addon_steps, addon_notices) =
-        crate::addons::plan::steps(desired, artifacts, &observed.addons, !steps.is_empty(), nodes_not_ready);
+        crate::addons::plan::steps(desired, artifacts, &observed.addons, nodes_not_ready);
     steps.extend(addon_steps);
     plan.notices.extend(addon_notices);
     steps.extend(deletes);

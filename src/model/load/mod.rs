@@ -110,10 +110,10 @@ impl Loader<'_> {
         })
     }
 
-    /// Give each declared add-on its files; a declared add-on without any, and a directory
-    /// under addons/ that nothing declares, are mistakes.
+    /// Give each declared add-on its files; a declared add-on without any is a mistake. A
+    /// directory nothing declares is not applied (a proposed ADR may bring one).
     fn addon_files(&mut self, cluster: &mut Cluster) {
-        use crate::model::diag::{Diagnostic, Location};
+        use crate::model::diag::Diagnostic;
         use crate::model::files::addon_of;
         for addon in &mut cluster.addons {
             addon.files = self
@@ -132,23 +132,6 @@ impl Loader<'_> {
                         format!("add-on `{}` has no manifests in addons/{}/", addon.name, addon.name),
                     )
                     .hint("put its Kubernetes objects in addons/NAME/*.yaml (or *.yaml.j2 templates)"),
-                );
-            }
-        }
-        let mut reported = std::collections::BTreeSet::new();
-        for (path, _) in self.files.addon_files() {
-            let Some(dir) = addon_of(path) else { continue };
-            let declared = cluster.addons.iter().any(|a| a.name == dir)
-                || cluster.provenance.contains_key(&format!("addons.{dir}.wave"));
-            if !declared && reported.insert(dir.to_string()) {
-                self.diags.push(
-                    Diagnostic::new(
-                        Location::file_start(path),
-                        format!("addons/{dir}/ is not declared in cluster.yaml `addons:` or an accepted ADR"),
-                    )
-                    .hint(format!(
-                        "declare it: `addons: {{{dir}: {{wave: 1}}}}`, or remove the directory"
-                    )),
                 );
             }
         }

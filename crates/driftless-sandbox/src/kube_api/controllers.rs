@@ -949,11 +949,39 @@ fn helm_release(shared: &Shared, objects: &Objects, chart: &Value, target: &str,
 /// The CRDs well-known charts install (the ones whose custom resources a cluster's add-ons
 /// declare next): (chart, group, version, kind, plural, namespaced).
 const CHART_CRDS: &[(&str, &str, &str, &str, &str, bool)] = &[
-    ("metallb", "metallb.io", "v1beta1", "IPAddressPool", "ipaddresspools", true),
-    ("metallb", "metallb.io", "v1beta1", "L2Advertisement", "l2advertisements", true),
-    ("cert-manager", "cert-manager.io", "v1", "Certificate", "certificates", true),
+    (
+        "metallb",
+        "metallb.io",
+        "v1beta1",
+        "IPAddressPool",
+        "ipaddresspools",
+        true,
+    ),
+    (
+        "metallb",
+        "metallb.io",
+        "v1beta1",
+        "L2Advertisement",
+        "l2advertisements",
+        true,
+    ),
+    (
+        "cert-manager",
+        "cert-manager.io",
+        "v1",
+        "Certificate",
+        "certificates",
+        true,
+    ),
     ("cert-manager", "cert-manager.io", "v1", "Issuer", "issuers", true),
-    ("cert-manager", "cert-manager.io", "v1", "ClusterIssuer", "clusterissuers", false),
+    (
+        "cert-manager",
+        "cert-manager.io",
+        "v1",
+        "ClusterIssuer",
+        "clusterissuers",
+        false,
+    ),
 ];
 
 /// What `helm install` of a well-known chart creates besides its release: its CRDs (made
@@ -962,7 +990,10 @@ fn chart_crds(shared: &Shared, objects: &Objects, chart: &Value) {
     let chart_name = chart["spec"]["chart"].as_str().unwrap_or("");
     for (_, group, version, kind, plural, namespaced) in CHART_CRDS.iter().filter(|c| c.0 == chart_name) {
         let name = format!("{plural}.{group}");
-        if objects.get("apiextensions.k8s.io", "customresourcedefinitions", None, &name).is_some() {
+        if objects
+            .get("apiextensions.k8s.io", "customresourcedefinitions", None, &name)
+            .is_some()
+        {
             continue;
         }
         create(
