@@ -23,8 +23,11 @@ pub struct ObjectObserved {
     pub key: Option<ObjectKey>,
     /// The server serves its kind (a CRD applied in the same run is not served yet).
     pub served: bool,
+    /// Never serialised: a Secret's data is in it.
+    #[serde(skip)]
     pub live: Option<Json>,
     /// The live object as a dry-run apply would leave it.
+    #[serde(skip)]
     pub would_be: Option<Json>,
     /// The dry run found fields another manager owns.
     pub conflict: Option<String>,

@@ -626,7 +626,12 @@ mod tests {
                 ..KubeNode::default()
             });
         }
-        let k3s_steps = |p: &Plan| p.steps.iter().filter(|s| s.action.is_cluster()).count();
+        let k3s_steps = |p: &Plan| {
+            p.steps
+                .iter()
+                .filter(|s| s.action.is_cluster() && !s.action.is_cluster_wide())
+                .count()
+        };
         assert_eq!(k3s_steps(&full_plan(&desired, &artifacts, &cluster)), 0);
 
         let mut older = cluster.clone();
@@ -634,7 +639,11 @@ mod tests {
             o.version = Some("v1.30.0+k3s1".into());
         }
         let p = full_plan(&desired, &artifacts, &older);
-        let steps: Vec<_> = p.steps.iter().filter(|s| s.action.is_cluster()).collect();
+        let steps: Vec<_> = p
+            .steps
+            .iter()
+            .filter(|s| s.action.is_cluster() && !s.action.is_cluster_wide())
+            .collect();
         assert_eq!(steps.len(), 2);
         assert!(steps.iter().all(|s| s.disruptive && s.node == "k3s-worker-2"));
         assert_eq!(steps[0].action.verb(), "upgrade k3s");

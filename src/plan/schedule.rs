@@ -98,6 +98,30 @@ mod tests {
     }
 
     #[test]
+    fn addons_wait_for_every_node_step_and_for_each_other() {
+        let addon = |name: &str, wave| Action::Addon {
+            addon: name.into(),
+            wave,
+            cni: false,
+            declared: String::new(),
+            create: Vec::new(),
+            change: Vec::new(),
+            prune: Vec::new(),
+            manifests: String::new(),
+        };
+        let steps = vec![
+            step("server", create(), false),
+            step("agent", create(), false),
+            step("agent", install(), false),
+            step("addons/metallb", addon("metallb", 1), false),
+            step("addons/pool", addon("pool", 2), false),
+        ];
+        let deps = dependencies(&steps, &BTreeSet::from(["server".to_string()]));
+        assert_eq!(deps[3], [0, 1, 2], "after every node step");
+        assert_eq!(deps[4], [0, 1, 2, 3], "and after the wave before it");
+    }
+
+    #[test]
     fn new_guests_are_created_side_by_side_and_agents_join_after_the_server() {
         let steps = vec![
             step("server", create(), false),
