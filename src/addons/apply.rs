@@ -130,11 +130,14 @@ fn placed(object: &Json, kind: &ApiKind) -> (Json, ObjectKey) {
 }
 
 /// Read the inventories, and every declared object: live, and as a dry-run apply would
-/// leave it. Writes nothing.
+/// leave it. Writes nothing. Without `dry_run` (a pull request's objects are untrusted: the
+/// cluster is sent none of them, not even as a dry run), the object is laid over the live one
+/// here instead: the fields it sets, compared without the server's defaulting.
 pub async fn observe<K: KubeApi>(
     kube: &K,
     desired: &Desired,
     artifacts: &[Artifact],
+    dry_run: bool,
 ) -> Result<AddonsObserved, KubeError> {
     let mut observed = AddonsObserved {
         api: true,
@@ -158,7 +161,11 @@ pub async fn observe<K: KubeApi>(
                 served: true,
                 ..ObjectObserved::default()
             };
-            if live.is_some() {
+            if let Some(live) = live.as_ref().filter(|_| !dry_run) {
+                let mut laid = live.clone();
+                overlay(&mut laid, &object);
+                seen.would_be = Some(laid);
+            } else if live.is_some() {
                 let ns = key.namespace.as_deref();
                 seen.would_be = match kube.apply_object(&kind, ns, &object, true, false).await {
                     Ok(o) => Some(o),
@@ -174,6 +181,18 @@ pub async fn observe<K: KubeApi>(
         }
     }
     Ok(observed)
+}
+
+/// `over` laid on `base`: mappings key by key, anything else replaced.
+fn overlay(base: &mut Json, over: &Json) {
+    match (base, over) {
+        (Json::Object(b), Json::Object(o)) => {
+            for (k, v) in o {
+                overlay(b.entry(k.clone()).or_insert(Json::Null), v);
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
 }
 
 /// Every add-on inventory in the cluster: add-on name -> objects.

@@ -141,7 +141,7 @@ fn rendering_labels_every_object_and_templates_see_the_cluster() {
 async fn plan_on(kube: &FakeKube, files: &RepoFiles) -> (Vec<Step>, Vec<String>) {
     let d = load(files, &LoadOptions::default()).unwrap();
     let artifacts = render_all(&d).unwrap();
-    let observed = apply::observe(kube, &d, &artifacts).await.unwrap();
+    let observed = apply::observe(kube, &d, &artifacts, true).await.unwrap();
     let (steps, notices) = plan::steps(&d, &artifacts, &observed, false);
     (steps, notices.into_iter().map(|n| n.message).collect())
 }
@@ -401,5 +401,37 @@ fn a_cluster_whose_cni_is_an_addon_is_gated_on_every_node_after_the_cni_wave() {
     assert!(
         matches!(&steps[0].action, Action::NodesReady { cni_addon: None, .. }),
         "{steps:#?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pull_requests_objects_are_compared_here_and_never_sent_to_the_cluster() {
+    let kube = FakeKube::default();
+    let files = repo(&[]);
+    let (steps, _) = plan_on(&kube, &files).await;
+    apply_all(&kube, &files, &steps).await.unwrap();
+    plan_on(&kube, &files).await;
+    let (writes, dry_runs) = (kube.writes().len(), kube.dry_runs());
+    assert!(dry_runs > 0, "the watched branch's plan asks the server");
+
+    let mut pr = files.clone();
+    pr.insert(
+        "addons/metallb/metallb.yaml",
+        METALLB.replace("replicas: 1", "replicas: 2"),
+    );
+    let d = load(&pr, &LoadOptions::default()).unwrap();
+    let artifacts = render_all(&d).unwrap();
+    kube.conflicting("controller"); // a dry run would have been refused
+    let observed = apply::observe(&kube, &d, &artifacts, false).await.unwrap();
+    let (steps, _) = plan::steps(&d, &artifacts, &observed, false);
+    let Action::Addon { change, .. } = &steps[0].action else {
+        panic!("{steps:#?}")
+    };
+    assert_eq!(change[0].object, "Deployment/metallb-system/controller");
+    assert_eq!(change[0].changes[0].key, "spec.replicas");
+    assert_eq!(
+        (kube.writes().len(), kube.dry_runs()),
+        (writes, dry_runs),
+        "nothing was sent"
     );
 }

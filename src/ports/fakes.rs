@@ -652,6 +652,8 @@ struct KubeState {
     /// Objects (by name) that never get healthy, and that conflict with another manager.
     stuck: BTreeSet<String>,
     conflicting: BTreeSet<String>,
+    /// Dry-run applies asked for.
+    dry_runs: usize,
 }
 
 /// The kinds the fake serves besides those of its stored CRDs: (apiVersion, kind, plural, namespaced).
@@ -717,6 +719,11 @@ impl FakeKube {
     /// Every object write so far, in order (`apply Kind/ns/name`, `delete Kind/ns/name`).
     pub fn writes(&self) -> Vec<String> {
         self.state.lock().unwrap().writes.clone()
+    }
+
+    /// How many dry-run applies were asked for.
+    pub fn dry_runs(&self) -> usize {
+        self.state.lock().unwrap().dry_runs
     }
 
     /// The object named `name` never gets healthy.
@@ -889,6 +896,9 @@ impl KubeApi for FakeKube {
         force: bool,
     ) -> Result<serde_json::Value, KubeError> {
         let mut s = self.state.lock().unwrap();
+        if dry_run {
+            s.dry_runs += 1;
+        }
         let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
         let k = (
             kind.api_version(),
