@@ -1160,6 +1160,39 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn before_a_cni_addon_runs_a_node_is_gated_on_the_api_then_every_node_on_ready() {
+        // examples/homelab-talos: Cilium, from an add-on; no node has a pod network yet.
+        let (desired, artifacts, _, _) = talos_lab();
+        let cluster = FakeCluster::default();
+        for n in ["talos-cp-1", "talos-worker-1", "talos-worker-2"] {
+            cluster.kube.node_ready_after(n, u32::MAX);
+        }
+        let secrets = secrets_with_kubeconfig();
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let mut log = Vec::new();
+        access.gate("talos-cp-1", &mut log).await.unwrap();
+        assert_eq!(log, ["talos-cp-1 registered (no CNI yet), API ready (0 ms)"]);
+        // After the CNI wave, NotReady is NotReady: the apply stops naming the nodes.
+        let err = access.all_nodes_ready(&mut Vec::new()).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "health gate: talos-cp-1, talos-worker-1, talos-worker-2 not Ready within 5 s (container runtime \
+             network not ready); the apply stops here"
+        );
+        // Once one node has a network, the others are gated on Ready again.
+        cluster.kube.ready_node("talos-cp-1");
+        let err = access.gate("talos-worker-1", &mut Vec::new()).await.unwrap_err();
+        assert!(matches!(err, ClusterError::Gate { .. }), "{err}");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn the_gate_names_an_unregistered_node_and_an_api_server_that_is_not_ready() {
         let (desired, artifacts) = lab();
         let cluster = FakeCluster::default();
