@@ -239,7 +239,6 @@ fn converge_tables(
             secs(max)
         );
     }
-
 }
 
 /// No-change plans of the converged sandboxes, and of 200 guests.

@@ -24,6 +24,7 @@
 //! assert!(conf.content.contains("cores: 2\nhostname: k3s-1\n"));
 //! ```
 pub mod adapters;
+pub mod addons;
 pub mod apply;
 pub mod cluster;
 pub mod connect;

@@ -579,6 +579,65 @@ pub trait KubeApi: Send + Sync {
     fn nodes(&self) -> impl Future<Output = Result<Vec<KubeNode>, KubeError>> + Send;
     fn patch_node(&self, name: &str, patch: &NodePatch) -> impl Future<Output = Result<(), KubeError>> + Send;
     fn pods(&self, namespace: &str) -> impl Future<Output = Result<Vec<PodSummary>, KubeError>> + Send;
+
+    // Arbitrary objects, for add-ons.
+
+    /// API discovery: the resource serving `kind` of `api_version`; `None` when the server
+    /// does not serve it (yet: a CRD that is not Established).
+    fn resolve(&self, api_version: &str, kind: &str)
+    -> impl Future<Output = Result<Option<ApiKind>, KubeError>> + Send;
+    fn get_object(
+        &self,
+        kind: &ApiKind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> impl Future<Output = Result<Option<serde_json::Value>, KubeError>> + Send;
+    /// Server-side apply with field manager `driftless` (`force`: take over conflicting
+    /// fields); a conflict is `Api { status: 409 }`. Returns the object as stored (or as it
+    /// would be, with `dry_run`).
+    fn apply_object(
+        &self,
+        kind: &ApiKind,
+        namespace: Option<&str>,
+        object: &serde_json::Value,
+        dry_run: bool,
+        force: bool,
+    ) -> impl Future<Output = Result<serde_json::Value, KubeError>> + Send;
+    /// Delete (in the background); `false` when it was not there.
+    fn delete_object(
+        &self,
+        kind: &ApiKind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> impl Future<Output = Result<bool, KubeError>> + Send;
+    fn list_objects(
+        &self,
+        kind: &ApiKind,
+        namespace: Option<&str>,
+        label_selector: &str,
+    ) -> impl Future<Output = Result<Vec<serde_json::Value>, KubeError>> + Send;
+}
+
+/// A kind as API discovery resolves it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize)]
+pub struct ApiKind {
+    /// `""` for the core group.
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+    /// The resource name in URLs: `deployments`.
+    pub plural: String,
+    pub namespaced: bool,
+}
+
+impl ApiKind {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
 }
 
 /// How Talos applies a new machine config (`talosctl apply-config --mode`).

@@ -33,7 +33,7 @@ fn both_examples_validate_with_a_summary_line() {
     r.expect_code(0, "validate homelab-k3s");
     assert_eq!(
         r.stdout.trim_end(),
-        "valid: cluster `homelab` (k3s v1.31.4+k3s1), 3 nodes, 3 ADRs (3 applied)"
+        "valid: cluster `homelab` (k3s v1.31.4+k3s1), 3 nodes, 4 ADRs (4 applied)"
     );
     assert!(r.stderr.is_empty(), "stderr: {}", r.stderr);
 
@@ -180,7 +180,7 @@ fn a_proposed_adr_is_not_applied() {
     write(repo.path(), "adr/ADR-005-storage-labels.md", PROPOSED_ADR);
     let r = run_repo(repo.path(), ["validate"]);
     r.expect_code(0, "validate with a proposed ADR");
-    assert!(r.stdout.contains("4 ADRs (3 applied)"), "{}", r.stdout);
+    assert!(r.stdout.contains("5 ADRs (4 applied)"), "{}", r.stdout);
     let k3s = render_one(repo.path(), &[], "k3s-worker-1", "k3s-config");
     assert!(!k3s.contains("storage=longhorn"), "{k3s}");
     let r = run_repo(repo.path(), ["explain", "k3s-worker-1", "labels"]);
@@ -196,7 +196,7 @@ fn assume_accepted_applies_a_proposed_adr() {
     args.push("validate");
     let r = run_repo(repo.path(), &args);
     r.expect_code(0, "validate --assume-accepted");
-    assert!(r.stdout.contains("4 ADRs (4 applied)"), "{}", r.stdout);
+    assert!(r.stdout.contains("5 ADRs (5 applied)"), "{}", r.stdout);
     let k3s = render_one(repo.path(), &assume, "k3s-worker-1", "k3s-config");
     assert!(k3s.contains("node-label:\n  - \"storage=longhorn\"\n"), "{k3s}");
     // servers are out of the ADR's scope
@@ -216,7 +216,7 @@ fn assume_accepted_applies_a_proposed_adr() {
     // other spellings of the id
     let r = run_repo(repo.path(), ["--assume-accepted", "5", "validate"]);
     r.expect_code(0, "--assume-accepted 5");
-    assert!(r.stdout.contains("(4 applied)"), "{}", r.stdout);
+    assert!(r.stdout.contains("(5 applied)"), "{}", r.stdout);
     let r = run_repo(repo.path(), ["--assume-accepted", "five", "validate"]);
     r.expect_code(1, "--assume-accepted five");
     assert!(r.stderr.contains("`five` is not an ADR id"), "{}", r.stderr);
@@ -240,7 +240,7 @@ fn a_superseded_adr_is_not_applied() {
     );
     let r = run_repo(repo.path(), ["validate"]);
     r.expect_code(0, "validate with a superseded ADR");
-    assert!(r.stdout.contains("5 ADRs (4 applied)"), "{}", r.stdout);
+    assert!(r.stdout.contains("6 ADRs (5 applied)"), "{}", r.stdout);
     let k3s = render_one(repo.path(), &[], "k3s-worker-2", "k3s-config");
     assert!(k3s.contains("\"storage=longhorn\""), "{k3s}");
     assert!(!k3s.contains("storage=local"), "{k3s}");
@@ -272,6 +272,10 @@ fn render_out_writes_one_directory_per_node() {
     r.expect_code(0, "render --out");
     let files = testkit::list_files(out.path());
     let mut want = Vec::new();
+    // The add-ons' objects beside the nodes' files.
+    for addon in ["cert-manager", "longhorn", "metallb-pool", "metallb"] {
+        want.push(format!("addons/{addon}/manifests.yaml"));
+    }
     for node in ["k3s-master", "k3s-worker-1", "k3s-worker-2"] {
         for file in ["k3s-config.yaml", "proxmox-api.json", "proxmox.conf"] {
             want.push(format!("{node}/{file}"));
@@ -280,7 +284,7 @@ fn render_out_writes_one_directory_per_node() {
     assert_eq!(files, want);
     assert_eq!(
         r.stdout.lines().filter(|l| l.starts_with("wrote ")).count(),
-        9,
+        13,
         "{}",
         r.stdout
     );
@@ -353,7 +357,8 @@ fn json_output_parses() {
                 assert_eq!(v["nodes"].as_array().map(Vec::len), Some(3));
             }
             "render" if args.contains(&"--out") => {
-                assert_eq!(v.as_array().map(Vec::len), Some(9), "{v}");
+                // Nine node files, and the four add-ons' objects.
+                assert_eq!(v.as_array().map(Vec::len), Some(13), "{v}");
             }
             "render" => {
                 for a in v.as_array().expect("a list of artifacts") {

@@ -42,6 +42,11 @@ fn the_seed_homelab_becomes_a_ready_k3s_cluster_and_stays_converged() {
             "create k3s-worker-2",
             "k3s_install k3s-worker-2",
             "k3s_configure k3s-worker-2",
+            // The core apps after the nodes, wave by wave (tests/addons.rs follows them).
+            "addon addons/cert-manager",
+            "addon addons/longhorn",
+            "addon addons/metallb",
+            "addon addons/metallb-pool",
         ]
     );
     assert_eq!(
@@ -50,7 +55,12 @@ fn the_seed_homelab_becomes_a_ready_k3s_cluster_and_stays_converged() {
     );
 
     let r = env.apply();
-    assert!(r.stdout.contains("Applied 9 of 9 steps."), "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("Applied 13 of 13 steps."),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
     // Every node joined and is Ready as the Kubernetes API reports it.
     for (name, vmid) in NODES {
         let n = env.node(name);
@@ -284,7 +294,12 @@ fn a_join_token_named_in_cluster_yaml_is_what_every_node_joins_with_and_is_never
     std::fs::write(&cluster, text).unwrap();
 
     let r = env.apply();
-    assert!(r.stdout.contains("Applied 9 of 9 steps."), "{}\n{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("Applied 13 of 13 steps."),
+        "{}\n{}",
+        r.stdout,
+        r.stderr
+    );
     // The server starts with the named token too, so its node-token carries it, and every
     // node (server included) holds it in token-file.
     let node_token = env.rootfs_file(100, "/var/lib/rancher/k3s/server/node-token").unwrap();

@@ -87,12 +87,15 @@ fn the_talos_homelab_bootstraps_to_a_ready_cluster_and_changes_go_through_talos_
             "talos_apply talos-worker-1",
             "create talos-worker-2",
             "talos_apply talos-worker-2",
+            // Cilium, the CNI add-on of ADR-002, then every node Ready (tests/addons.rs).
+            "addon addons/cilium",
+            "nodes_ready nodes",
         ]
     );
     assert_eq!(plan["steps"][1]["maintenance"], true);
 
     let r = env.apply();
-    assert!(r.stdout.contains("Applied 7 of 7 steps."), "{}\n{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("Applied 9 of 9 steps."), "{}\n{}", r.stdout, r.stderr);
     for (name, role) in [
         ("talos-cp-1", "controlplane"),
         ("talos-worker-1", "worker"),

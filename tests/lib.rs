@@ -4,6 +4,7 @@
 //!
 //! Run them with `cargo test --workspace` (it builds both binaries first).
 
+mod addons;
 mod broken;
 mod cli;
 mod daemon;

@@ -21,11 +21,12 @@ use std::time::Duration;
 use axum::http;
 use futures_util::FutureExt as _;
 use k8s_openapi::api::core::v1::{Node, Pod};
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
+use kube::discovery::Scope;
 use serde_json::{Map, Value, json};
 
-use crate::ports::{KubeApi, KubeError, KubeNode, NodePatch, PodSummary, Taint};
+use crate::ports::{ApiKind, KubeApi, KubeError, KubeNode, NodePatch, PodSummary, Taint};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -153,6 +154,112 @@ impl KubeApi for KubeClient {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let list = api.list(&ListParams::default()).await.map_err(|e| self.err(e))?;
         Ok(list.items.into_iter().map(pod_summary).collect())
+    }
+
+    async fn resolve(&self, api_version: &str, kind: &str) -> Result<Option<ApiKind>, KubeError> {
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let gvk = GroupVersionKind::gvk(group, version, kind);
+        match kube::discovery::pinned_kind(&self.client, &gvk).await {
+            Ok((ar, caps)) => Ok(Some(ApiKind {
+                group: ar.group,
+                version: ar.version,
+                kind: ar.kind,
+                plural: ar.plural,
+                namespaced: caps.scope == Scope::Namespaced,
+            })),
+            // A group the server does not serve, or a group without that kind.
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+            Err(kube::Error::Discovery(_)) => Ok(None),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    async fn get_object(
+        &self,
+        kind: &ApiKind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Option<Value>, KubeError> {
+        let found = self
+            .dynamic(kind, namespace)
+            .get_opt(name)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(found.map(|o| serde_json::to_value(o).expect("objects serialise")))
+    }
+
+    async fn apply_object(
+        &self,
+        kind: &ApiKind,
+        namespace: Option<&str>,
+        object: &Value,
+        dry_run: bool,
+        force: bool,
+    ) -> Result<Value, KubeError> {
+        let name = object
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| KubeError::Other("an object without metadata.name".into()))?;
+        let mut params = PatchParams::apply(crate::addons::FIELD_MANAGER);
+        if force {
+            params = params.force();
+        }
+        if dry_run {
+            params = params.dry_run();
+        }
+        let applied = self
+            .dynamic(kind, namespace)
+            .patch(name, &params, &Patch::Apply(object))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(serde_json::to_value(applied).expect("objects serialise"))
+    }
+
+    async fn delete_object(&self, kind: &ApiKind, namespace: Option<&str>, name: &str) -> Result<bool, KubeError> {
+        match self
+            .dynamic(kind, namespace)
+            .delete(name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+            Err(e) => Err(self.err(e)),
+        }
+    }
+
+    async fn list_objects(
+        &self,
+        kind: &ApiKind,
+        namespace: Option<&str>,
+        label_selector: &str,
+    ) -> Result<Vec<Value>, KubeError> {
+        let list = self
+            .dynamic(kind, namespace)
+            .list(&ListParams::default().labels(label_selector))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(list
+            .items
+            .into_iter()
+            .map(|o| serde_json::to_value(o).expect("objects serialise"))
+            .collect())
+    }
+}
+
+impl KubeClient {
+    /// The API of one resource, in `namespace` when it is namespaced.
+    fn dynamic(&self, kind: &ApiKind, namespace: Option<&str>) -> Api<DynamicObject> {
+        let ar = ApiResource {
+            group: kind.group.clone(),
+            version: kind.version.clone(),
+            api_version: kind.api_version(),
+            kind: kind.kind.clone(),
+            plural: kind.plural.clone(),
+        };
+        match namespace {
+            Some(ns) if kind.namespaced => Api::namespaced_with(self.client.clone(), ns, &ar),
+            _ => Api::all_with(self.client.clone(), &ar),
+        }
     }
 }
 

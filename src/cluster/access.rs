@@ -66,6 +66,17 @@ pub enum ClusterError {
     /// A health gate that did not pass in time: the wave stops.
     #[error("health gate: {node} did not become Ready within {secs} s ({last}); the wave stops here")]
     Gate { node: String, secs: u64, last: String },
+    /// An add-on did not apply or did not get healthy.
+    #[error(transparent)]
+    Addon(#[from] crate::addons::apply::AddonError),
+    /// Not every node got Ready after the CNI wave.
+    #[error("health gate: {nodes} not Ready within {secs} s ({last}){why}; the apply stops here")]
+    NodesNotReady {
+        nodes: String,
+        secs: u64,
+        last: String,
+        why: String,
+    },
     /// The repository asks for something this layer cannot do: retrying does not help.
     #[error("{0}")]
     Config(String),
@@ -80,7 +91,10 @@ impl ClusterError {
         match self {
             ClusterError::Node { .. } | ClusterError::NoNodeShell { .. } => System::Ssh,
             ClusterError::NotTrusted { .. } => System::Repository,
-            ClusterError::Kube(_) | ClusterError::Gate { .. } => System::Kubernetes,
+            ClusterError::Kube(_)
+            | ClusterError::Gate { .. }
+            | ClusterError::Addon(_)
+            | ClusterError::NodesNotReady { .. } => System::Kubernetes,
             ClusterError::Talos { .. } | ClusterError::TalosRefused { .. } => System::Talos,
             ClusterError::Secret(_) | ClusterError::SecretsDir(_) => System::Secrets,
             ClusterError::Config(_) => System::Repository,
@@ -94,7 +108,8 @@ impl ClusterError {
             ClusterError::Node { source, .. } => source.retryable(),
             ClusterError::Kube(e) => e.retryable(),
             ClusterError::Talos { error, .. } => error.retryable(),
-            ClusterError::Gate { .. } | ClusterError::Failed { .. } => true,
+            ClusterError::Addon(e) => e.retryable(),
+            ClusterError::Gate { .. } | ClusterError::Failed { .. } | ClusterError::NodesNotReady { .. } => true,
             ClusterError::NoNodeShell { .. }
             | ClusterError::NotTrusted { .. }
             | ClusterError::TalosRefused { .. }
@@ -501,7 +516,15 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         }
         if let Some(kube) = self.kube()? {
             match kube.nodes().await {
-                Ok(nodes) => observed.kube_nodes = nodes,
+                Ok(nodes) => {
+                    observed.kube_nodes = nodes;
+                    // A pull request's objects are never sent to the cluster, not even as a dry run.
+                    let trusted = std::ptr::eq(self.desired, self.trusted);
+                    match crate::addons::apply::observe(&kube, self.desired, self.artifacts, trusted).await {
+                        Ok(a) => observed.addons = a,
+                        Err(e) => notices.push(format!("the add-ons could not be read: {e}")),
+                    }
+                }
                 Err(e) => notices.push(format!("the Kubernetes API did not answer: {e}")),
             }
         }
@@ -527,6 +550,15 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
     // ---- steps ----
 
     async fn run_step(&self, step: &Step, log: &mut Vec<String>) -> Result<(), ClusterError> {
+        match &step.action {
+            Action::Addon { addon, manifests, .. } => return self.apply_addon(addon, manifests, log).await,
+            Action::AddonRemove { addon, .. } => {
+                let kube = self.kube_for_addons()?;
+                return Ok(crate::addons::apply::remove(&kube, addon, log).await?);
+            }
+            Action::NodesReady { .. } => return self.all_nodes_ready(log).await,
+            _ => {}
+        }
         let node = self.node(&step.node)?;
         match &step.action {
             Action::K3sInstall { version, .. } => self.k3s_install(node, version, log).await,
@@ -930,22 +962,138 @@ impl<'a, C: ClusterConnector> ClusterAccess<'a, C> {
         })
     }
 
+    // ---- add-ons ----
+
+    fn kube_for_addons(&self) -> Result<C::Kube, ClusterError> {
+        self.kube()?
+            .ok_or_else(|| ClusterError::kube_failed("no kubeconfig: the cluster has not been set up yet"))
+    }
+
+    fn waits(&self) -> crate::addons::apply::Waits {
+        crate::addons::apply::Waits {
+            timeout: self.settings.gate_timeout,
+            interval: self.settings.gate_interval,
+        }
+    }
+
+    async fn apply_addon(&self, name: &str, manifests: &str, log: &mut Vec<String>) -> Result<(), ClusterError> {
+        let addon = self
+            .desired
+            .cluster
+            .addons
+            .iter()
+            .find(|a| a.name == name)
+            .ok_or_else(|| ClusterError::Config(format!("add-on {name} is not declared")))?;
+        let kube = self.kube_for_addons()?;
+        // The API server must answer before anything is applied (a fresh Talos cluster has
+        // no CNI yet, so its nodes are not Ready: only the API is waited for).
+        self.api_ready(&kube, log).await?;
+        let prune = self.desired.cluster.reconcile.prune;
+        crate::addons::apply::apply(&kube, addon, manifests, prune, self.waits(), log).await?;
+        Ok(())
+    }
+
+    /// /readyz answers `ok`, within the gate timeout.
+    async fn api_ready(&self, kube: &C::Kube, log: &mut Vec<String>) -> Result<(), ClusterError> {
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.settings.gate_timeout;
+        loop {
+            match kube.readyz().await {
+                Ok(()) => {
+                    log.push(format!("API ready ({} ms)", started.elapsed().as_millis()));
+                    return Ok(());
+                }
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(ClusterError::Gate {
+                        node: "the API server".into(),
+                        secs: self.settings.gate_timeout.as_secs(),
+                        last: e.to_string(),
+                    });
+                }
+                Err(_) => tokio::time::sleep(self.settings.gate_interval).await,
+            }
+        }
+    }
+
+    /// Every node of the repository registered and Ready, within the gate timeout: after the
+    /// CNI wave of a cluster whose CNI is an add-on.
+    async fn all_nodes_ready(&self, log: &mut Vec<String>) -> Result<(), ClusterError> {
+        let kube = self.kube_for_addons()?;
+        let started = tokio::time::Instant::now();
+        let deadline = started + self.settings.gate_timeout;
+        loop {
+            let (waiting, last) = match kube.nodes().await {
+                Ok(nodes) => {
+                    let mut waiting = Vec::new();
+                    let mut last = String::new();
+                    for want in &self.desired.nodes {
+                        match nodes.iter().find(|n| n.name == want.name) {
+                            Some(n) if n.ready => {}
+                            Some(n) => {
+                                waiting.push(want.name.clone());
+                                last = n.not_ready_reason.clone().unwrap_or_else(|| "not Ready".into());
+                            }
+                            None => {
+                                waiting.push(want.name.clone());
+                                last = "not registered".into();
+                            }
+                        }
+                    }
+                    (waiting, last)
+                }
+                Err(e) => (vec!["the nodes".to_string()], e.to_string()),
+            };
+            if waiting.is_empty() {
+                log.push(format!("every node Ready ({} ms)", started.elapsed().as_millis()));
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let cluster = &self.desired.cluster;
+                let why = if cluster.addons.iter().any(|a| a.cni) {
+                    String::new()
+                } else {
+                    format!(
+                        "; the cluster's CNI ({}{}) is installed by an add-on and no declared add-on has `cni: true`",
+                        cluster.cni,
+                        cluster
+                            .provenance
+                            .get("cni")
+                            .map(|p| format!(", {}", p.cite_with_adr()))
+                            .unwrap_or_default()
+                    )
+                };
+                return Err(ClusterError::NodesNotReady {
+                    nodes: waiting.join(", "),
+                    secs: self.settings.gate_timeout.as_secs(),
+                    last,
+                    why,
+                });
+            }
+            tokio::time::sleep(self.settings.gate_interval).await;
+        }
+    }
+
     /// The health gate: the node is Ready and the API server's /readyz answers `ok`, within
-    /// the gate timeout; otherwise the wave stops with the last reason seen.
+    /// the gate timeout; otherwise the wave stops with the last reason seen. In a cluster
+    /// whose CNI is an add-on and where no node is Ready yet, there is no pod network to be
+    /// Ready with: the node must be registered and the API ready, and the all-nodes gate after
+    /// the CNI wave waits for Ready.
     pub async fn gate(&self, node: &str, log: &mut Vec<String>) -> Result<(), ClusterError> {
         let kube = self.kube()?.ok_or_else(|| {
             ClusterError::kube_failed(format!("cannot check that {node} is Ready: no kubeconfig yet"))
         })?;
+        let before_cni = self.desired.cluster.cni_from_addon();
         let started = tokio::time::Instant::now();
         let deadline = started + self.settings.gate_timeout;
         let mut last;
         loop {
             last = match kube.nodes().await {
                 Ok(nodes) => match nodes.iter().find(|n| n.name == node) {
-                    Some(n) if n.ready => match kube.readyz().await {
+                    Some(n) if n.ready || (before_cni && !nodes.iter().any(|n| n.ready)) => match kube.readyz().await {
                         Ok(()) => {
                             log.push(format!(
-                                "{node} Ready, API ready ({} ms)",
+                                "{node} {}, API ready ({} ms)",
+                                if n.ready { "Ready" } else { "registered (no CNI yet)" },
                                 started.elapsed().as_millis()
                             ));
                             return Ok(());
@@ -1086,6 +1234,39 @@ mod tests {
         let mut log = Vec::new();
         access.gate("k3s-1", &mut log).await.unwrap();
         assert_eq!(log, ["k3s-1 Ready, API ready (1500 ms)"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn before_a_cni_addon_runs_a_node_is_gated_on_the_api_then_every_node_on_ready() {
+        // examples/homelab-talos: Cilium, from an add-on; no node has a pod network yet.
+        let (desired, artifacts, _, _) = talos_lab();
+        let cluster = FakeCluster::default();
+        for n in ["talos-cp-1", "talos-worker-1", "talos-worker-2"] {
+            cluster.kube.node_ready_after(n, u32::MAX);
+        }
+        let secrets = secrets_with_kubeconfig();
+        let access = ClusterAccess::new(
+            &desired,
+            &desired,
+            &artifacts,
+            &cluster,
+            settings(),
+            SecretStore::new(secrets.path()),
+        );
+        let mut log = Vec::new();
+        access.gate("talos-cp-1", &mut log).await.unwrap();
+        assert_eq!(log, ["talos-cp-1 registered (no CNI yet), API ready (0 ms)"]);
+        // After the CNI wave, NotReady is NotReady: the apply stops naming the nodes.
+        let err = access.all_nodes_ready(&mut Vec::new()).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "health gate: talos-cp-1, talos-worker-1, talos-worker-2 not Ready within 5 s (container runtime \
+             network not ready); the apply stops here"
+        );
+        // Once one node has a network, the others are gated on Ready again.
+        cluster.kube.ready_node("talos-cp-1");
+        let err = access.gate("talos-worker-1", &mut Vec::new()).await.unwrap_err();
+        assert!(matches!(err, ClusterError::Gate { .. }), "{err}");
     }
 
     #[tokio::test(start_paused = true)]

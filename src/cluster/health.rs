@@ -90,7 +90,8 @@ impl Health {
             let _ = writeln!(
                 out,
                 "{} pod kube-system/{} {}",
-                mark(p.phase == "Running" && p.ready),
+                // A completed Job's pod (a HelmChart's install) has done its work.
+                mark((p.phase == "Running" && p.ready) || p.phase == "Succeeded"),
                 p.name,
                 p.phase
             );

@@ -47,6 +47,8 @@ pub struct ClusterObserved {
     /// SHA-256 of the join token the nodes should hold (the `k3s.token` secret, or the first
     /// server's node-token); `None` when not known yet (no server runs).
     pub join_token_sha256: Option<String>,
+    /// The add-ons' objects and inventories, as the Kubernetes API answered.
+    pub addons: crate::addons::plan::AddonsObserved,
 }
 
 fn artifact<'a>(artifacts: &'a [Artifact], node: &str, kind: ArtifactKind) -> Option<&'a Artifact> {
@@ -628,6 +630,14 @@ pub fn merge(desired: &Desired, artifacts: &[Artifact], observed: &ClusterObserv
         }
     }
     steps.extend(metadata);
+    // The add-ons after every node, wave by wave (the all-nodes gate after the CNI's), then
+    // deletes of pruned guests.
+    let nodes_not_ready =
+        observed.kube_nodes.len() < desired.nodes.len() || observed.kube_nodes.iter().any(|k| !k.ready);
+    let (addon_steps, addon_notices) =
+        crate::addons::plan::steps(desired, artifacts, &observed.addons, nodes_not_ready);
+    steps.extend(addon_steps);
+    plan.notices.extend(addon_notices);
     steps.extend(deletes);
     plan.steps = steps;
     plan
@@ -660,9 +670,11 @@ mod tests {
         )
     }
 
+    /// The node steps of a plan (add-on steps have their own tests, in `addons`).
     fn verbs(p: &Plan) -> Vec<String> {
         p.steps
             .iter()
+            .filter(|s| !s.action.is_cluster_wide())
             .map(|s| format!("{} {}", s.action.verb(), s.node))
             .collect()
     }
@@ -747,7 +759,12 @@ mod tests {
                 ..KubeNode::default()
             });
         }
-        let k3s_steps = |p: &Plan| p.steps.iter().filter(|s| s.action.is_cluster()).count();
+        let k3s_steps = |p: &Plan| {
+            p.steps
+                .iter()
+                .filter(|s| s.action.is_cluster() && !s.action.is_cluster_wide())
+                .count()
+        };
         assert_eq!(k3s_steps(&full_plan(&desired, &artifacts, &cluster)), 0);
 
         let mut older = cluster.clone();
@@ -755,7 +772,11 @@ mod tests {
             o.version = Some("v1.30.0+k3s1".into());
         }
         let p = full_plan(&desired, &artifacts, &older);
-        let steps: Vec<_> = p.steps.iter().filter(|s| s.action.is_cluster()).collect();
+        let steps: Vec<_> = p
+            .steps
+            .iter()
+            .filter(|s| s.action.is_cluster() && !s.action.is_cluster_wide())
+            .collect();
         assert_eq!(steps.len(), 2);
         assert!(steps.iter().all(|s| s.disruptive && s.node == "k3s-worker-2"));
         assert_eq!(steps[0].action.verb(), "upgrade k3s");
@@ -878,7 +899,11 @@ mod tests {
             );
         }
         let p = full_plan(&desired, &artifacts, &cluster);
-        let cluster_steps: Vec<_> = p.steps.iter().filter(|s| s.action.is_cluster()).collect();
+        let cluster_steps: Vec<_> = p
+            .steps
+            .iter()
+            .filter(|s| s.action.is_cluster() && !s.action.is_cluster_wide())
+            .collect();
         // The node on an older Talos is upgraded to cluster.yaml's version; the others' dry
         // runs decide their steps.
         let cluster_verbs: Vec<_> = verbs(&p).into_iter().filter(|v| !v.starts_with("create")).collect();

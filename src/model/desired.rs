@@ -91,6 +91,8 @@ pub struct Cluster {
     pub version: String,
     pub kubernetes_version: Option<String>,
     pub cni: String,
+    /// Declared add-ons that are enabled, in apply order: by wave, then name.
+    pub addons: Vec<Addon>,
     pub proxmox: ProxmoxSettings,
     pub network: Network,
     pub reconcile: ReconcilePolicy,
@@ -98,6 +100,63 @@ pub struct Cluster {
     pub talos: TalosCluster,
     pub secrets: BTreeMap<String, String>,
     pub provenance: Provenance,
+}
+
+/// An add-on: Kubernetes objects from `addons/NAME/`, applied through the Kubernetes API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Addon {
+    pub name: String,
+    pub wave: u32,
+    /// Installs the cluster's CNI: its wave comes first and is followed by the all-nodes-Ready gate.
+    pub cni: bool,
+    pub force_conflicts: bool,
+    /// Objects created by the add-on's charts or jobs that must be healthy too.
+    pub health: Vec<HealthRef>,
+    /// What its templates see as `values`.
+    pub values: BTreeMap<String, Json>,
+    /// Where it is declared: `ADR-002 adr/ADR-002-kubernetes-approach-talos.md:30`.
+    pub declared: String,
+    /// The same place, for diagnostics.
+    #[serde(skip)]
+    pub location: Location,
+    /// Its manifest files (`addons/NAME/*.yaml`, `*.yaml.j2`), by path.
+    pub files: Vec<UserTemplate>,
+}
+
+/// An object to wait for: `Kind/namespace/name`, or `Kind/name` for a cluster-wide one.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct HealthRef {
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl HealthRef {
+    /// The kinds driftless knows how to judge: rolled out, complete, installed.
+    pub const KINDS: &'static [&'static str] = &["Deployment", "DaemonSet", "StatefulSet", "Job", "HelmChart"];
+
+    pub fn parse(s: &str) -> Option<HealthRef> {
+        let parts: Vec<&str> = s.split('/').collect();
+        let (kind, namespace, name) = match parts.as_slice() {
+            [k, n] => (*k, None, *n),
+            [k, ns, n] => (*k, Some(ns.to_string()), *n),
+            _ => return None,
+        };
+        (!kind.is_empty() && !name.is_empty() && namespace.as_deref() != Some("")).then(|| HealthRef {
+            kind: kind.to_string(),
+            namespace,
+            name: name.to_string(),
+        })
+    }
+}
+
+impl fmt::Display for HealthRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{}/{}/{}", self.kind, ns, self.name),
+            None => write!(f, "{}/{}", self.kind, self.name),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -158,8 +217,8 @@ pub struct AdrSummary {
     pub has_config: bool,
 }
 
-/// A user template from the repository's templates/ directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A user template from the repository's templates/ directory (or an add-on's file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct UserTemplate {
     pub file: String,
     pub source: String,
@@ -175,6 +234,14 @@ pub struct Desired {
     pub templates: BTreeMap<String, UserTemplate>,
     /// What loaded but is left out (`model::diag::Warning` prints them).
     pub warnings: Vec<crate::model::diag::Diagnostic>,
+}
+
+impl Cluster {
+    /// The CNI is not one the distribution brings: an add-on must install it before any node
+    /// can be Ready.
+    pub fn cni_from_addon(&self) -> bool {
+        self.cni != "flannel"
+    }
 }
 
 impl Desired {

@@ -37,6 +37,15 @@ impl RepoFiles {
             || is_node_file(path)
             || super::adr::is_adr_path(path)
             || (path.starts_with("templates/") && path.ends_with(".j2"))
+            || is_addon_file(path)
+    }
+
+    /// `addons/<name>/*.yaml` (`.yml`, `.yaml.j2`), by path.
+    pub fn addon_files(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.files
+            .iter()
+            .filter(|(p, _)| is_addon_file(p))
+            .map(|(p, c)| (p.as_str(), c.as_slice()))
     }
 
     pub fn node_files(&self) -> impl Iterator<Item = (&str, &[u8])> {
@@ -65,6 +74,24 @@ impl RepoFiles {
 pub fn is_node_file(path: &str) -> bool {
     path.strip_prefix("nodes/")
         .is_some_and(|rest| !rest.contains('/') && (rest.ends_with(".yaml") || rest.ends_with(".yml")))
+}
+
+/// An add-on's manifest: `addons/<name>/<file>.yaml` (or `.yml`, or a `.yaml.j2` template).
+pub fn is_addon_file(path: &str) -> bool {
+    path.strip_prefix("addons/")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(dir, file)| {
+            !dir.is_empty()
+                && !file.contains('/')
+                && [".yaml", ".yml", ".yaml.j2", ".yml.j2"]
+                    .iter()
+                    .any(|e| file.ends_with(e))
+        })
+}
+
+/// The add-on a manifest belongs to: `addons/metallb/pool.yaml.j2` -> `metallb`.
+pub fn addon_of(path: &str) -> Option<&str> {
+    path.strip_prefix("addons/")?.split_once('/').map(|(d, _)| d)
 }
 
 /// The node name a file implies: `nodes/k3s-master.yaml` -> `k3s-master`.

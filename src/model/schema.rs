@@ -273,6 +273,8 @@ pub struct ClusterFile {
     pub version: Option<String>,
     pub kubernetes_version: Option<String>,
     pub cni: Option<String>,
+    /// Add-ons from `addons/NAME/`, by name (an accepted ADR may declare them too).
+    pub addons: Option<BTreeMap<String, AddonDecl>>,
     pub proxmox: ProxmoxSettings,
     pub network: NetworkSettings,
     #[serde(default)]
@@ -291,7 +293,7 @@ pub struct ClusterFile {
 }
 
 /// The cluster-level keys an ADR block may also set.
-pub const CLUSTER_LEVEL_KEYS: &[&str] = &["distribution", "version", "kubernetes_version", "cni"];
+pub const CLUSTER_LEVEL_KEYS: &[&str] = &["distribution", "version", "kubernetes_version", "cni", "addons"];
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -300,6 +302,30 @@ pub struct ClusterLevel {
     pub version: Option<String>,
     pub kubernetes_version: Option<String>,
     pub cni: Option<String>,
+    pub addons: Option<BTreeMap<String, AddonDecl>>,
+}
+
+/// An add-on's declaration: the manifests are in `addons/NAME/*.yaml` (or `*.yaml.j2`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddonDecl {
+    /// Add-ons are applied wave by wave, lowest first; each wave is waited for.
+    pub wave: u32,
+    /// This add-on installs the cluster's CNI: applied first, before nodes are required Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni: Option<bool>,
+    /// Take over fields another field manager owns (server-side apply `force`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub force_conflicts: Option<bool>,
+    /// `false` turns off an add-on an ADR declares.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    /// Objects the add-on's charts or jobs create, waited for too: `Kind/namespace/name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Vec<String>>,
+    /// What the add-on's templates see as `values` (an address pool, a chart version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub values: Option<BTreeMap<String, serde_json::Value>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]

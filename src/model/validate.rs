@@ -35,6 +35,7 @@ pub(crate) fn cluster(
     let version = version_matches_distribution(&level, distribution, &prov, doc, diags);
     talos_has_kubernetes_version(&level, distribution, doc, diags);
     let cni = cni_known(&level, &prov, doc, diags);
+    let addons = addons_declared(&level, &prov, doc, diags);
     proxmox_api_is_https(&cf.proxmox, doc, diags);
     fingerprint_is_sha256(&cf.proxmox, doc, diags);
     fingerprint_or_ca_file(&cf.proxmox, doc, diags);
@@ -55,6 +56,7 @@ pub(crate) fn cluster(
         version: version?,
         kubernetes_version: level.kubernetes_version,
         cni,
+        addons,
         proxmox: cf.proxmox.clone(),
         network: Network {
             cidr: cidr?.trunc(),
@@ -223,6 +225,105 @@ fn cni_known(level: &ClusterLevel, prov: &Provenance, doc: &Doc, diags: &mut Dia
         );
     }
     cni
+}
+
+/// The declared add-ons, enabled ones only, by wave then name: each name a DNS label (it
+/// names the add-on's directory, label and inventory), health checks `Kind/namespace/name` of
+/// a kind driftless can judge, at most one CNI add-on, and the CNI's wave before every other.
+fn addons_declared(level: &ClusterLevel, prov: &Provenance, doc: &Doc, diags: &mut Diagnostics) -> Vec<Addon> {
+    let Some(declared) = &level.addons else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for (name, decl) in declared {
+        let wave_key = format!("addons.{}.wave", display_key(std::slice::from_ref(name)));
+        let loc = level_loc(prov, &wave_key, doc);
+        if !is_dns_label(name) || name.len() > 47 {
+            diags.push(
+                Diagnostic::new(
+                    loc.clone(),
+                    format!("add-on name `{name}` is not a DNS label of at most 47 characters"),
+                )
+                .hint("lower-case letters, digits and `-`, like `metallb` or `cert-manager`"),
+            );
+            continue;
+        }
+        if decl.enabled == Some(false) {
+            continue;
+        }
+        let mut health = Vec::new();
+        let health_key = format!("addons.{name}.health");
+        for (i, h) in decl.health.iter().flatten().enumerate() {
+            let at = prov
+                .get(&health_key)
+                .and_then(|s| s.winner().items.get(i).cloned())
+                .unwrap_or_else(|| loc.clone());
+            match HealthRef::parse(h) {
+                Some(r) if HealthRef::KINDS.contains(&r.kind.as_str()) => health.push(r),
+                Some(r) => diags.push(
+                    Diagnostic::new(at, format!("add-on `{name}`: cannot judge the health of a {}", r.kind))
+                        .hint(format!("health checks wait for: {}", HealthRef::KINDS.join(", "))),
+                ),
+                None => diags.push(
+                    Diagnostic::new(
+                        at,
+                        format!("add-on `{name}`: health check `{h}` is not Kind/namespace/name"),
+                    )
+                    .hint("e.g. Deployment/metallb-system/metallb-controller"),
+                ),
+            }
+        }
+        out.push(Addon {
+            name: name.clone(),
+            wave: decl.wave,
+            cni: decl.cni.unwrap_or(false),
+            force_conflicts: decl.force_conflicts.unwrap_or(false),
+            health,
+            declared: prov
+                .get(&wave_key)
+                .map(Setting::cite_with_adr)
+                .unwrap_or_else(|| loc.to_string()),
+            location: loc,
+            values: decl.values.clone().unwrap_or_default(),
+            files: Vec::new(),
+        });
+    }
+    out.sort_by(|a, b| (a.wave, &a.name).cmp(&(b.wave, &b.name)));
+    let cnis: Vec<&Addon> = out.iter().filter(|a| a.cni).collect();
+    if let [first, second, ..] = cnis.as_slice() {
+        diags.push(
+            Diagnostic::new(
+                level_loc(prov, &format!("addons.{}.cni", second.name), doc),
+                format!("two add-ons install the CNI: `{}` and `{}`", first.name, second.name),
+            )
+            .hint("a cluster runs one CNI: set `cni: true` on one add-on"),
+        );
+    }
+    if let Some(cni) = cnis.first() {
+        for a in out.iter().filter(|a| !a.cni && a.wave <= cni.wave) {
+            diags.push(
+                Diagnostic::new(
+                    level_loc(prov, &format!("addons.{}.wave", a.name), doc),
+                    format!(
+                        "add-on `{}` is in wave {}, not after the CNI add-on `{}` (wave {})",
+                        a.name, a.wave, cni.name, cni.wave
+                    ),
+                )
+                .hint("nothing can run before the pod network: give it a later wave"),
+            );
+        }
+    }
+    out
+}
+
+/// A Kubernetes DNS label: lower-case letters, digits and `-`, not at either end.
+pub(crate) fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 /// Every Proxmox API URL is https://.

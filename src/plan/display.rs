@@ -57,6 +57,10 @@ fn symbol(a: &Action) -> &'static str {
         Action::NodeMetadata { .. } => "~",
         Action::TalosBootstrap => "+",
         Action::TalosUpgrade { .. } | Action::KubernetesUpgrade { .. } => "~",
+        Action::Addon { create, change, .. } if change.is_empty() && !create.is_empty() => "+",
+        Action::Addon { .. } => "~",
+        Action::AddonRemove { .. } => "-",
+        Action::NodesReady { .. } => ">",
     }
 }
 
@@ -134,6 +138,32 @@ fn cluster_lines(a: &Action) -> Vec<String> {
                 format!("refused: {refused}"),
             ]
         }
+        Action::Addon {
+            create, change, prune, ..
+        } => {
+            let mut v: Vec<String> = create.iter().map(|o| format!("+ {o}")).collect();
+            for c in change {
+                v.push(format!("~ {}", c.object));
+                for f in &c.changes {
+                    v.push(format!("    {}: {} -> {}", f.key, one_line(&f.old), one_line(&f.new)));
+                }
+                if let Some(conflict) = &c.conflict {
+                    v.push(format!("    conflict: {conflict}"));
+                }
+            }
+            v.extend(prune.iter().map(|o| format!("- {o} (prune: true)")));
+            v.push("then wait until its workloads, Jobs and HelmCharts are healthy".into());
+            v
+        }
+        Action::AddonRemove { prune, .. } => {
+            let mut v = vec!["the add-on left git (prune: true): delete what its inventory lists".to_string()];
+            v.extend(prune.iter().map(|o| format!("- {o}")));
+            v
+        }
+        Action::NodesReady { cni, cni_addon } => vec![match cni_addon {
+            Some(a) => format!("every node Ready once the {cni} CNI from add-on `{a}` runs"),
+            None => format!("every node Ready (the {cni} CNI must come from an add-on; none declares `cni: true`)"),
+        }],
         _ => Vec::new(),
     }
 }
@@ -204,6 +234,14 @@ pub fn summary(plan: &Plan, wording: Wording) -> String {
 }
 
 fn step_title(step: &Step) -> String {
+    match &step.action {
+        Action::Addon {
+            addon, wave, declared, ..
+        } => return format!("{} {addon} (wave {wave}, declared at {declared})", step.action.verb()),
+        Action::AddonRemove { addon, .. } => return format!("{} {addon}", step.action.verb()),
+        Action::NodesReady { .. } => return format!("{} Ready", step.action.verb()),
+        _ => {}
+    }
     format!(
         "{} {} ({} {} on {})",
         step.action.verb(),
@@ -404,13 +442,17 @@ pub fn markdown(plan: &Plan, wording: Wording) -> String {
         let _ = writeln!(out, "| | step | guest | key | from | to | set by |");
         let _ = writeln!(out, "|---|---|---|---|---|---|---|");
         for step in &plan.steps {
-            let guest = md::text(&format!(
-                "{} ({} {} on {})",
-                step.node,
-                step.kind.path(),
-                step.vmid,
-                step.pve_node
-            ));
+            let guest = if step.action.is_cluster_wide() {
+                md::text(&step.node)
+            } else {
+                md::text(&format!(
+                    "{} ({} {} on {})",
+                    step.node,
+                    step.kind.path(),
+                    step.vmid,
+                    step.pve_node
+                ))
+            };
             let verb = if step.disruptive {
                 format!("{} (disruptive)", step.action.verb())
             } else {

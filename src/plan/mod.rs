@@ -143,6 +143,43 @@ pub enum Action {
         #[serde(skip)]
         patch: crate::ports::NodePatch,
     },
+    /// Apply an add-on's objects (server-side apply; namespaces and CRDs first), wait until
+    /// its workloads, Jobs and HelmCharts are healthy, prune what left git (prune only), and
+    /// record its inventory.
+    Addon {
+        addon: String,
+        wave: u32,
+        cni: bool,
+        /// Where it is declared (`ADR-002 adr/...md:30`).
+        declared: String,
+        /// `Kind/namespace/name` of each object to create.
+        create: Vec<String>,
+        change: Vec<ObjectChange>,
+        /// In the inventory, no longer in git: deleted (prune is on).
+        prune: Vec<String>,
+        /// The rendered objects (the add-on's artifact).
+        #[serde(skip)]
+        manifests: String,
+    },
+    /// An add-on that left git: delete every object its inventory lists, then the inventory.
+    AddonRemove { addon: String, prune: Vec<String> },
+    /// Every node Ready, after the CNI wave, for a cluster whose CNI is an add-on.
+    NodesReady {
+        cni: String,
+        /// The add-on that installs it, when one is declared.
+        cni_addon: Option<String>,
+    },
+}
+
+/// One object an add-on step changes: the fields a server-side dry-run apply says would
+/// change (a Secret's values are never shown).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ObjectChange {
+    pub object: String,
+    pub changes: Vec<Change>,
+    /// Fields another field manager owns; applied only with the add-on's `force_conflicts`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conflict: Option<String>,
 }
 
 impl Action {
@@ -162,6 +199,9 @@ impl Action {
             Action::TalosUpgrade { .. } => "upgrade talos",
             Action::KubernetesUpgrade { .. } => "upgrade kubernetes",
             Action::NodeMetadata { .. } => "label",
+            Action::Addon { .. } => "apply add-on",
+            Action::AddonRemove { .. } => "remove add-on",
+            Action::NodesReady { .. } => "wait for nodes",
         }
     }
 
@@ -176,6 +216,17 @@ impl Action {
                 | Action::TalosUpgrade { .. }
                 | Action::KubernetesUpgrade { .. }
                 | Action::NodeMetadata { .. }
+                | Action::Addon { .. }
+                | Action::AddonRemove { .. }
+                | Action::NodesReady { .. }
+        )
+    }
+
+    /// A step of the cluster as a whole (add-ons, the all-nodes gate), not of one node.
+    pub fn is_cluster_wide(&self) -> bool {
+        matches!(
+            self,
+            Action::Addon { .. } | Action::AddonRemove { .. } | Action::NodesReady { .. }
         )
     }
 }

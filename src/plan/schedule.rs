@@ -8,7 +8,9 @@
 //! 3. one disruptive step at a time: a disruptive step (a member's restart, a K3s upgrade, a
 //!    Talos apply) waits for every earlier disruptive step and every earlier step with a
 //!    health gate, so nothing is disrupted while an earlier gate may still fail the wave;
-//! 4. deletes last: a pruned guest goes after every other step.
+//! 4. deletes last: a pruned guest goes after every other step;
+//! 5. add-ons after the nodes, one at a time: a cluster-wide step (an add-on, the all-nodes
+//!    gate) waits for every earlier step, so waves run in order.
 //!
 //! Everything else may run side by side: creating guests, workers joining, updates that do
 //! not interrupt a node. A plan's order satisfies every edge, so running the steps one at a
@@ -44,6 +46,9 @@ pub fn dependencies(steps: &[Step], control_plane: &BTreeSet<String>) -> Vec<Vec
             }
             if is_delete(step) {
                 after.extend((0..i).filter(|&j| !is_delete(&earlier[j])));
+            }
+            if step.action.is_cluster_wide() {
+                after.extend(0..i);
             }
             after.into_iter().collect()
         })
@@ -90,6 +95,30 @@ mod tests {
             raw_lxc: Vec::new(),
             provenance: Default::default(),
         }
+    }
+
+    #[test]
+    fn addons_wait_for_every_node_step_and_for_each_other() {
+        let addon = |name: &str, wave| Action::Addon {
+            addon: name.into(),
+            wave,
+            cni: false,
+            declared: String::new(),
+            create: Vec::new(),
+            change: Vec::new(),
+            prune: Vec::new(),
+            manifests: String::new(),
+        };
+        let steps = vec![
+            step("server", create(), false),
+            step("agent", create(), false),
+            step("agent", install(), false),
+            step("addons/metallb", addon("metallb", 1), false),
+            step("addons/pool", addon("pool", 2), false),
+        ];
+        let deps = dependencies(&steps, &BTreeSet::from(["server".to_string()]));
+        assert_eq!(deps[3], [0, 1, 2], "after every node step");
+        assert_eq!(deps[4], [0, 1, 2, 3], "and after the wave before it");
     }
 
     #[test]

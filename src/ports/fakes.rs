@@ -645,7 +645,36 @@ struct KubeState {
     readyz: Option<String>,
     patches: Vec<(String, NodePatch)>,
     calls: u32,
+    /// Stored objects: (apiVersion, kind, namespace, name) -> object.
+    objects: BTreeMap<(String, String, String, String), serde_json::Value>,
+    /// Every write, in order: `apply Kind/ns/name`, `delete Kind/ns/name`.
+    writes: Vec<String>,
+    /// Objects (by name) that never get healthy, and that conflict with another manager.
+    stuck: BTreeSet<String>,
+    conflicting: BTreeSet<String>,
+    /// Dry-run applies asked for.
+    dry_runs: usize,
 }
+
+/// The kinds the fake serves besides those of its stored CRDs: (apiVersion, kind, plural, namespaced).
+const FAKE_KINDS: &[(&str, &str, &str, bool)] = &[
+    ("v1", "Namespace", "namespaces", false),
+    ("v1", "ConfigMap", "configmaps", true),
+    ("v1", "Secret", "secrets", true),
+    ("v1", "Service", "services", true),
+    ("v1", "ServiceAccount", "serviceaccounts", true),
+    ("apps/v1", "Deployment", "deployments", true),
+    ("apps/v1", "DaemonSet", "daemonsets", true),
+    ("apps/v1", "StatefulSet", "statefulsets", true),
+    ("batch/v1", "Job", "jobs", true),
+    (
+        "apiextensions.k8s.io/v1",
+        "CustomResourceDefinition",
+        "customresourcedefinitions",
+        false,
+    ),
+    ("helm.cattle.io/v1", "HelmChart", "helmcharts", true),
+];
 
 /// A Kubernetes API in memory: nodes that become Ready after a number of looks (or never).
 #[derive(Debug, Clone, Default)]
@@ -694,6 +723,117 @@ impl FakeKube {
     pub fn patches(&self) -> Vec<(String, NodePatch)> {
         self.state.lock().unwrap().patches.clone()
     }
+
+    /// Every object write so far, in order (`apply Kind/ns/name`, `delete Kind/ns/name`).
+    pub fn writes(&self) -> Vec<String> {
+        self.state.lock().unwrap().writes.clone()
+    }
+
+    /// How many dry-run applies were asked for.
+    pub fn dry_runs(&self) -> usize {
+        self.state.lock().unwrap().dry_runs
+    }
+
+    /// The object named `name` never gets healthy.
+    pub fn stuck(&self, name: &str) {
+        self.state.lock().unwrap().stuck.insert(name.to_string());
+    }
+
+    /// The object named `name` has fields another manager owns: an apply without force is refused.
+    pub fn conflicting(&self, name: &str) {
+        self.state.lock().unwrap().conflicting.insert(name.to_string());
+    }
+
+    /// Store an object as if someone else had made or changed it.
+    pub fn put_object(&self, object: serde_json::Value) {
+        let k = fake_key(&object);
+        self.state.lock().unwrap().objects.insert(k, object);
+    }
+
+    pub fn object(&self, api_version: &str, kind: &str, namespace: &str, name: &str) -> Option<serde_json::Value> {
+        let k = (api_version.into(), kind.into(), namespace.into(), name.into());
+        self.state.lock().unwrap().objects.get(&k).cloned()
+    }
+}
+
+fn fake_key(o: &serde_json::Value) -> (String, String, String, String) {
+    let s = |p: &str| o.pointer(p).and_then(|v| v.as_str()).unwrap_or("").to_string();
+    (
+        s("/apiVersion"),
+        s("/kind"),
+        s("/metadata/namespace"),
+        s("/metadata/name"),
+    )
+}
+
+fn fake_show(k: &(String, String, String, String)) -> String {
+    if k.2.is_empty() {
+        format!("{}/{}", k.1, k.3)
+    } else {
+        format!("{}/{}/{}", k.1, k.2, k.3)
+    }
+}
+
+/// `over` merged into `base`: mappings key by key, everything else replaced.
+fn fake_merge(base: &mut serde_json::Value, over: &serde_json::Value) {
+    match (base, over) {
+        (serde_json::Value::Object(b), serde_json::Value::Object(o)) => {
+            for (k, v) in o {
+                fake_merge(b.entry(k.clone()).or_insert(serde_json::Value::Null), v);
+            }
+        }
+        (b, o) => *b = o.clone(),
+    }
+}
+
+/// What the fake's controllers would report at once: rolled out, complete, installed.
+fn fake_status(o: &mut serde_json::Value, healthy: bool) {
+    use serde_json::json;
+    let generation = o.pointer("/metadata/generation").and_then(|g| g.as_i64()).unwrap_or(1);
+    let replicas = o.pointer("/spec/replicas").and_then(|r| r.as_i64()).unwrap_or(1);
+    let n = if healthy { replicas } else { 0 };
+    let status = match o["kind"].as_str().unwrap_or("") {
+        "Deployment" | "StatefulSet" => {
+            json!({"observedGeneration": generation, "readyReplicas": n, "updatedReplicas": n, "replicas": replicas})
+        }
+        "DaemonSet" => json!({"observedGeneration": generation, "desiredNumberScheduled": 2,
+                              "numberReady": if healthy { 2 } else { 0 }, "updatedNumberScheduled": 2}),
+        "Job" if healthy => json!({"conditions": [{"type": "Complete", "status": "True"}]}),
+        "Job" => json!({"active": 1}),
+        "CustomResourceDefinition" => json!({"conditions": [{"type": "Established", "status": "True"}]}),
+        "HelmChart" => json!({"jobName": format!("helm-install-{}", o["metadata"]["name"].as_str().unwrap_or(""))}),
+        _ => return,
+    };
+    o["status"] = status;
+}
+
+impl FakeKube {
+    fn kind_of(&self, api_version: &str, kind: &str) -> Option<ApiKind> {
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let make = |plural: &str, namespaced| ApiKind {
+            group: group.into(),
+            version: version.into(),
+            kind: kind.into(),
+            plural: plural.into(),
+            namespaced,
+        };
+        if let Some((_, _, plural, namespaced)) = FAKE_KINDS.iter().find(|k| k.0 == api_version && k.1 == kind) {
+            return Some(make(plural, *namespaced));
+        }
+        // A stored CRD serves its kind.
+        let s = self.state.lock().unwrap();
+        s.objects.values().find_map(|o| {
+            (o["kind"] == "CustomResourceDefinition"
+                && o.pointer("/spec/group").and_then(|g| g.as_str()) == Some(group)
+                && o.pointer("/spec/names/kind").and_then(|k| k.as_str()) == Some(kind))
+            .then(|| {
+                make(
+                    o.pointer("/spec/names/plural").and_then(|p| p.as_str()).unwrap_or(""),
+                    o.pointer("/spec/scope").and_then(|p| p.as_str()) == Some("Namespaced"),
+                )
+            })
+        })
+    }
 }
 
 impl KubeApi for FakeKube {
@@ -734,6 +874,113 @@ impl KubeApi for FakeKube {
 
     async fn pods(&self, _namespace: &str) -> Result<Vec<PodSummary>, KubeError> {
         Ok(Vec::new())
+    }
+
+    async fn resolve(&self, api_version: &str, kind: &str) -> Result<Option<ApiKind>, KubeError> {
+        Ok(self.kind_of(api_version, kind))
+    }
+
+    async fn get_object(
+        &self,
+        kind: &ApiKind,
+        namespace: Option<&str>,
+        name: &str,
+    ) -> Result<Option<serde_json::Value>, KubeError> {
+        let k = (
+            kind.api_version(),
+            kind.kind.clone(),
+            namespace.unwrap_or("").into(),
+            name.into(),
+        );
+        Ok(self.state.lock().unwrap().objects.get(&k).cloned())
+    }
+
+    async fn apply_object(
+        &self,
+        kind: &ApiKind,
+        namespace: Option<&str>,
+        object: &serde_json::Value,
+        dry_run: bool,
+        force: bool,
+    ) -> Result<serde_json::Value, KubeError> {
+        let mut s = self.state.lock().unwrap();
+        if dry_run {
+            s.dry_runs += 1;
+        }
+        let name = object["metadata"]["name"].as_str().unwrap_or("").to_string();
+        let k = (
+            kind.api_version(),
+            kind.kind.clone(),
+            namespace.unwrap_or("").into(),
+            name.clone(),
+        );
+        if !force && s.conflicting.contains(&name) {
+            return Err(KubeError::Api {
+                status: 409,
+                message: "Apply failed with 1 conflict: conflict with \"kubectl-edit\": .spec.replicas".into(),
+            });
+        }
+        let mut stored = s.objects.get(&k).cloned().unwrap_or_else(|| serde_json::json!({}));
+        let before = stored.clone();
+        fake_merge(&mut stored, object);
+        let generation = before
+            .pointer("/metadata/generation")
+            .and_then(|g| g.as_i64())
+            .unwrap_or(0);
+        let changed = before.get("spec") != stored.get("spec") || generation == 0;
+        stored["metadata"]["generation"] = serde_json::json!(if changed { generation + 1 } else { generation });
+        if dry_run {
+            return Ok(stored);
+        }
+        let healthy = !s.stuck.contains(&name);
+        fake_status(&mut stored, healthy);
+        if kind.kind == "HelmChart" {
+            let job = serde_json::json!({"apiVersion": "batch/v1", "kind": "Job",
+                "metadata": {"name": format!("helm-install-{name}"), "namespace": namespace.unwrap_or("")},
+                "status": {"conditions": [{"type": if healthy { "Complete" } else { "Pending" }, "status": "True"}]}});
+            s.objects.insert(fake_key(&job), job);
+        }
+        s.writes.push(format!("apply {}", fake_show(&k)));
+        s.objects.insert(k, stored.clone());
+        Ok(stored)
+    }
+
+    async fn delete_object(&self, kind: &ApiKind, namespace: Option<&str>, name: &str) -> Result<bool, KubeError> {
+        let mut s = self.state.lock().unwrap();
+        let k = (
+            kind.api_version(),
+            kind.kind.clone(),
+            namespace.unwrap_or("").into(),
+            name.into(),
+        );
+        let found = s.objects.remove(&k).is_some();
+        if found {
+            s.writes.push(format!("delete {}", fake_show(&k)));
+        }
+        Ok(found)
+    }
+
+    async fn list_objects(
+        &self,
+        kind: &ApiKind,
+        namespace: Option<&str>,
+        label_selector: &str,
+    ) -> Result<Vec<serde_json::Value>, KubeError> {
+        let (label, value) = label_selector.split_once('=').unwrap_or((label_selector, ""));
+        let s = self.state.lock().unwrap();
+        Ok(s.objects
+            .iter()
+            .filter(|(k, o)| {
+                k.0 == kind.api_version()
+                    && k.1 == kind.kind
+                    && namespace.is_none_or(|ns| k.2 == ns)
+                    && o.pointer("/metadata/labels")
+                        .and_then(|l| l.get(label))
+                        .and_then(|v| v.as_str())
+                        == Some(value)
+            })
+            .map(|(_, o)| o.clone())
+            .collect())
     }
 }
 

@@ -47,6 +47,8 @@ pub enum ArtifactKind {
     K3sConfig,
     /// The Talos machine configuration.
     TalosConfig,
+    /// An add-on's Kubernetes objects (`addons/NAME/`), labelled, as one YAML stream.
+    AddonManifests,
 }
 
 impl ArtifactKind {
@@ -56,6 +58,7 @@ impl ArtifactKind {
             ArtifactKind::ProxmoxApi => "proxmox-api.json",
             ArtifactKind::K3sConfig => "k3s-config.yaml",
             ArtifactKind::TalosConfig => "talos-machineconfig.yaml",
+            ArtifactKind::AddonManifests => "manifests.yaml",
         }
     }
 }
@@ -361,6 +364,11 @@ pub fn render_all(desired: &Desired) -> Result<Vec<Artifact>, Diagnostics> {
             // Not rendered: an earlier node exhausted a template.
             None => break,
         }
+    }
+    // The add-ons, after every node: they are applied after the nodes.
+    match crate::addons::render(desired) {
+        Ok(a) => out.extend(a),
+        Err(d) => diags.extend(d),
     }
     if diags.is_empty() { Ok(out) } else { Err(diags.finish()) }
 }

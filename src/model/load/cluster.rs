@@ -91,7 +91,12 @@ impl Loader<'_> {
         let mut layers: Vec<&Layer> = adrs.cluster_layers.iter().collect();
         layers.push(&cluster_layer);
         let provenance = merge(&layers, &mut self.diags);
-        let paths: BTreeMap<String, Vec<String>> = provenance.keys().map(|k| (k.clone(), vec![k.clone()])).collect();
+        // Keys are nested below `addons`: each leaf's own path, by the key provenance uses.
+        let paths: BTreeMap<String, Vec<String>> = layers
+            .iter()
+            .flat_map(|l| l.leaves.iter())
+            .map(|leaf| (display_key(&leaf.path), leaf.path.clone()))
+            .collect();
         let level = serde_json::from_value(unflatten(&provenance, &paths)).unwrap_or_default();
         (level, provenance)
     }

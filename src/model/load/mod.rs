@@ -98,6 +98,11 @@ impl Loader<'_> {
         if !self.diags.is_empty() {
             return Err(self.diags.finish());
         }
+        let mut cluster = cluster;
+        self.addon_files(&mut cluster);
+        if !self.diags.is_empty() {
+            return Err(self.diags.finish());
+        }
         let cp = cluster.distribution;
         nodes.sort_by(|a, b| (!cp.is_control_plane(&a.role), &a.name).cmp(&(!cp.is_control_plane(&b.role), &b.name)));
         Ok(Desired {
@@ -107,6 +112,33 @@ impl Loader<'_> {
             templates: self.templates(),
             warnings: std::mem::take(&mut self.warnings),
         })
+    }
+
+    /// Give each declared add-on its files; a declared add-on without any is a mistake. A
+    /// directory nothing declares is not applied (a proposed ADR may bring one).
+    fn addon_files(&mut self, cluster: &mut Cluster) {
+        use crate::model::diag::Diagnostic;
+        use crate::model::files::addon_of;
+        for addon in &mut cluster.addons {
+            addon.files = self
+                .files
+                .addon_files()
+                .filter(|(p, _)| addon_of(p) == Some(addon.name.as_str()))
+                .map(|(p, b)| UserTemplate {
+                    file: p.to_string(),
+                    source: String::from_utf8_lossy(b).into_owned(),
+                })
+                .collect();
+            if addon.files.is_empty() {
+                self.diags.push(
+                    Diagnostic::new(
+                        addon.location.clone(),
+                        format!("add-on `{}` has no manifests in addons/{}/", addon.name, addon.name),
+                    )
+                    .hint("put its Kubernetes objects in addons/NAME/*.yaml (or *.yaml.j2 templates)"),
+                );
+            }
+        }
     }
 
     fn adr_summaries(&self, adrs: &[Adr]) -> Vec<AdrSummary> {

@@ -14,7 +14,8 @@
 //! * K3s's helm controller: a HelmChart gets a `helm-install-<name>` Job (its ServiceAccount
 //!   and values ConfigMap), its status names the Job (JobCreated); when the Job completes,
 //!   Helm's release record (`sh.helm.release.v1.<name>.v<N>` Secret) appears in the target
-//!   namespace. A changed chart gets a new Job and release revision.
+//!   namespace, with the CRDs of well-known charts (MetalLB's, cert-manager's). A changed chart
+//!   gets a new Job and release revision.
 //! * Namespaces: each gets its `default` ServiceAccount and `kube-root-ca.crt` ConfigMap; a
 //!   deleted one is emptied, then removed.
 //! * Garbage collection: objects whose owners are all gone are deleted; a deleted CRD takes
@@ -923,6 +924,7 @@ fn helm_release(shared: &Shared, objects: &Objects, chart: &Value, target: &str,
         "chart": {"metadata": {"name": chart["spec"]["chart"], "version": chart["spec"]["version"]}},
         "info": {"status": "deployed", "description": if revision == 1 { "Install complete" } else { "Upgrade complete" }},
     });
+    chart_crds(shared, objects, chart);
     use base64::Engine as _;
     let b64 = base64::engine::general_purpose::STANDARD;
     create(
@@ -942,6 +944,78 @@ fn helm_release(shared: &Shared, objects: &Objects, chart: &Value, target: &str,
         "helm",
     );
     (false, String::new())
+}
+
+/// The CRDs well-known charts install (the ones whose custom resources a cluster's add-ons
+/// declare next): (chart, group, version, kind, plural, namespaced).
+const CHART_CRDS: &[(&str, &str, &str, &str, &str, bool)] = &[
+    (
+        "metallb",
+        "metallb.io",
+        "v1beta1",
+        "IPAddressPool",
+        "ipaddresspools",
+        true,
+    ),
+    (
+        "metallb",
+        "metallb.io",
+        "v1beta1",
+        "L2Advertisement",
+        "l2advertisements",
+        true,
+    ),
+    (
+        "cert-manager",
+        "cert-manager.io",
+        "v1",
+        "Certificate",
+        "certificates",
+        true,
+    ),
+    ("cert-manager", "cert-manager.io", "v1", "Issuer", "issuers", true),
+    (
+        "cert-manager",
+        "cert-manager.io",
+        "v1",
+        "ClusterIssuer",
+        "clusterissuers",
+        false,
+    ),
+];
+
+/// What `helm install` of a well-known chart creates besides its release: its CRDs (made
+/// Established by the next pass of the apiextensions controller).
+fn chart_crds(shared: &Shared, objects: &Objects, chart: &Value) {
+    let chart_name = chart["spec"]["chart"].as_str().unwrap_or("");
+    for (_, group, version, kind, plural, namespaced) in CHART_CRDS.iter().filter(|c| c.0 == chart_name) {
+        let name = format!("{plural}.{group}");
+        if objects
+            .get("apiextensions.k8s.io", "customresourcedefinitions", None, &name)
+            .is_some()
+        {
+            continue;
+        }
+        create(
+            shared,
+            objects,
+            "apiextensions.k8s.io",
+            "customresourcedefinitions",
+            json!({
+                "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "Helm"}},
+                "spec": {
+                    "group": group,
+                    "scope": if *namespaced { "Namespaced" } else { "Cluster" },
+                    "names": {"kind": kind, "plural": plural, "singular": kind.to_lowercase(),
+                              "listKind": format!("{kind}List")},
+                    "versions": [{"name": version, "served": true, "storage": true,
+                                  "schema": {"openAPIV3Schema": {"type": "object",
+                                                                 "x-kubernetes-preserve-unknown-fields": true}}}],
+                },
+            }),
+            "helm",
+        );
+    }
 }
 
 // ---- deletion --------------------------------------------------------------------------------------
