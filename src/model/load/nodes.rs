@@ -72,30 +72,39 @@ impl NodeLayers<'_> {
     }
 }
 
+impl<'a> Loader<'a> {
+    /// A loader of its own for one node's phase on another thread; its problems are added to
+    /// this one's in the nodes' order afterwards.
+    fn for_one_node(&self) -> Loader<'a> {
+        Loader {
+            files: self.files,
+            opts: self.opts,
+            diags: Default::default(),
+            warnings: Vec::new(),
+        }
+    }
+
+    /// What a node's own loader found, added in the nodes' order.
+    fn absorb(&mut self, one: Loader<'a>) {
+        self.diags.extend(one.diags);
+        self.warnings.extend(one.warnings);
+    }
+}
+
 impl Loader<'_> {
     /// Every node file that parses, split into identity (vmid, role, ...) and settings.
     pub(super) fn node_inputs(&mut self) -> Vec<NodeInput> {
         let files: Vec<(&str, &[u8])> = self.files.node_files().collect();
         let read = crate::threads::map_in_order(&files, NODES_PER_THREAD, |_, (file, bytes)| {
             let mut one = self.for_one_node();
-            (one.node_input(file, bytes), one.diags)
+            (one.node_input(file, bytes), one)
         });
         read.into_iter()
-            .filter_map(|(input, diags)| {
-                self.diags.extend(diags);
+            .filter_map(|(input, one)| {
+                self.absorb(one);
                 input
             })
             .collect()
-    }
-
-    /// A loader of its own for one node's phase on another thread; its problems are added to
-    /// this one's in the nodes' order afterwards.
-    fn for_one_node(&self) -> Loader<'_> {
-        Loader {
-            files: self.files,
-            opts: self.opts,
-            diags: Default::default(),
-        }
     }
 
     fn node_input(&mut self, file: &str, bytes: &[u8]) -> Option<NodeInput> {
@@ -139,12 +148,12 @@ impl Loader<'_> {
         let inputs: Vec<&NodeInput> = inputs.iter().filter(|n| n.settings_ok).collect();
         let resolved = crate::threads::map_in_order(&inputs, NODES_PER_THREAD, |_, input| {
             let mut one = self.for_one_node();
-            (one.resolve_node(&layers, adrs.incomplete, cluster, input), one.diags)
+            (one.resolve_node(&layers, adrs.incomplete, cluster, input), one)
         });
         resolved
             .into_iter()
-            .filter_map(|(node, diags)| {
-                self.diags.extend(diags);
+            .filter_map(|(node, one)| {
+                self.absorb(one);
                 node
             })
             .collect()
