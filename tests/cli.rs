@@ -487,7 +487,7 @@ fn an_adr_whose_status_word_is_unknown_is_a_warning_at_its_line_and_is_not_appli
         "{}",
         r.stderr
     );
-    assert!(r.stdout.contains("2 ADRs (2 applied)"), "{}", r.stdout);
+    assert!(r.stdout.contains("3 ADRs (3 applied)"), "{}", r.stdout);
     // Its config is not in what is rendered.
     let config = render_one(repo.path(), &[], "k3s-master", "k3s-config");
     assert!(!config.contains("write-kubeconfig-mode"), "{config}");

@@ -378,17 +378,18 @@ const NODES_PER_THREAD: usize = 64;
 
 impl Renderer<'_> {
     /// Every node rendered, in order, on the machine's cores (a node's templates see only that
-    /// node and the cluster). A node after one whose template was exhausted is not rendered
-    /// (`None`); every node before it is, so the result is what rendering one node after the
-    /// other gives.
+    /// node and the cluster), each thread with a renderer of its own. A node after one whose
+    /// template was exhausted is not rendered (`None`); every node before it is, so the result
+    /// is what rendering one node after the other gives.
     fn nodes(&self, nodes: &[Node]) -> Vec<Option<Result<Vec<Artifact>, NodeError>>> {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let first_exhausted = AtomicUsize::new(usize::MAX);
-        crate::threads::map_in_order(nodes, NODES_PER_THREAD, |i, node| {
+        let own = || Renderer::new(self.desired).ok();
+        crate::threads::map_in_order_with(nodes, NODES_PER_THREAD, own, |own, i, node| {
             if i > first_exhausted.load(Ordering::Relaxed) {
                 return None;
             }
-            let result = self.node(node);
+            let result = own.as_ref().unwrap_or(self).node(node);
             if matches!(&result, Err(e) if e.exhausted) {
                 first_exhausted.fetch_min(i, Ordering::Relaxed);
             }
