@@ -173,10 +173,6 @@ pub struct Applier<'a, P: ProxmoxApi, H: HostShell> {
     pub control_plane: BTreeSet<String>,
 }
 
-fn describe(step: &Step) -> String {
-    format!("{} {} (vmid {})", step.action.verb(), step.node, step.vmid)
-}
-
 impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
     /// Run the plan's steps, each as soon as the steps it depends on are done
     /// (`plan::schedule`) and a slot on its Proxmox node is free. The first failure stops new
@@ -228,7 +224,7 @@ impl<P: ProxmoxApi, H: HostShell> Applier<'_, P, H> {
         }
         report.not_done = (0..total)
             .filter(|&i| state[i] == State::Waiting)
-            .map(|i| describe(&steps[i]))
+            .map(|i| steps[i].describe())
             .collect();
         report
     }

@@ -405,19 +405,17 @@ fn report_apply(plan: &Plan, report: &ApplyReport, out: OutputFormat) -> Result<
         let mut failed = report.done.iter().filter(|s| !s.ok);
         if let Some(first) = failed.next() {
             println!(
-                "Stopped at {} {} (vmid {}): {}",
+                "Stopped at {} {}: {}",
                 first.action,
-                first.node,
-                first.vmid,
+                driftless::plan::subject(&first.node, first.vmid),
                 first.error.as_deref().unwrap_or("failed")
             );
             // Steps that were running beside it finished, and may have failed too.
             for also in failed {
                 println!(
-                    "Also failed: {} {} (vmid {}): {}",
+                    "Also failed: {} {}: {}",
                     also.action,
-                    also.node,
-                    also.vmid,
+                    driftless::plan::subject(&also.node, also.vmid),
                     also.error.as_deref().unwrap_or("failed")
                 );
             }

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 fn what(step: &Step) -> String {
-    format!("{} {} (vmid {})", step.action.verb(), step.node, step.vmid)
+    step.describe()
 }
 
 fn finished_line(place: &str, what: &str, outcome: &StepOutcome) -> String {

@@ -406,11 +406,10 @@ pub fn markdown(r: &StatusReport, secrets: &[String]) -> String {
                 };
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} (vmid {}) | {} |",
+                    "| {} | {} | {} | {} |",
                     if s.ok { "ok" } else { "**failed**" },
                     s.action,
-                    md::text(&s.node),
-                    s.vmid,
+                    md::text(&crate::plan::subject(&s.node, s.vmid)),
                     md::text(&result)
                 );
             }

@@ -244,6 +244,23 @@ pub struct Step {
     pub action: Action,
 }
 
+impl Step {
+    /// How a step is named in progress lines and reports: `create k3s-2 (vmid 101)`.
+    pub fn describe(&self) -> String {
+        format!("{} {}", self.action.verb(), subject(&self.node, self.vmid))
+    }
+}
+
+/// What a step acts on, as people read it: `k3s-2 (vmid 101)`; a cluster-wide step (an
+/// add-on, the all-nodes gate) has no guest, and Proxmox never numbers one 0: `addons/cilium`.
+pub fn subject(node: &str, vmid: u32) -> String {
+    if vmid == 0 {
+        node.to_string()
+    } else {
+        format!("{node} (vmid {vmid})")
+    }
+}
+
 /// A guest driftless will not touch, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Conflict {

@@ -292,3 +292,10 @@ fn a_description_added_in_git_to_an_existing_guest_is_planned_with_its_source() 
     );
     assert!(!c.needs_restart);
 }
+
+#[test]
+fn a_step_is_named_with_its_guest_and_a_cluster_wide_step_without_one() {
+    assert_eq!(super::subject("k3s-2", 101), "k3s-2 (vmid 101)");
+    // Add-ons and the all-nodes gate act on no guest: no "(vmid 0)" in progress or reports.
+    assert_eq!(super::subject("addons/cilium", 0), "addons/cilium");
+}
