@@ -10,21 +10,27 @@ use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt};
 #[derive(Debug, Clone, Default)]
 pub struct LocalShell;
 
+/// `argv` (no shell) started with its three standard streams piped.
+fn spawn(argv: &[String], kill_on_drop: bool) -> Result<tokio::process::Child, ShellError> {
+    let (program, args) = argv
+        .split_first()
+        .ok_or_else(|| ShellError::Other("empty command".into()))?;
+    tokio::process::Command::new(program)
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(kill_on_drop)
+        .spawn()
+        .map_err(|e| ShellError::Connect {
+            host: "localhost".into(),
+            message: format!("cannot run {program}: {e}"),
+        })
+}
+
 impl HostShell for LocalShell {
     async fn run(&self, _pve_node: &str, argv: &[String], stdin: &[u8]) -> Result<CommandOutput, ShellError> {
-        let (program, args) = argv
-            .split_first()
-            .ok_or_else(|| ShellError::Other("empty command".into()))?;
-        let mut child = tokio::process::Command::new(program)
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .map_err(|e| ShellError::Connect {
-                host: "localhost".into(),
-                message: format!("cannot run {program}: {e}"),
-            })?;
+        let mut child = spawn(argv, false)?;
         // stdin is written while stdout and stderr are read: a command that answers before it
         // has read all its input must not deadlock on a full pipe.
         let mut input = child.stdin.take();
@@ -96,22 +102,9 @@ impl HostShell for LocalShell {
     }
 
     async fn hold(&self, _pve_node: &str, argv: &[String], within: std::time::Duration) -> Result<Held, ShellError> {
-        let (program, args) = argv
-            .split_first()
-            .ok_or_else(|| ShellError::Other("empty command".into()))?;
         // The child's stdin is this process's pipe: it closes when driftless exits, however it
         // exits, and the held command ends with it.
-        let mut child = tokio::process::Command::new(program)
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| ShellError::Connect {
-                host: "localhost".into(),
-                message: format!("cannot run {program}: {e}"),
-            })?;
+        let mut child = spawn(argv, true)?;
         let mut stdout = tokio::io::BufReader::new(child.stdout.take().expect("piped"));
         let mut line = String::new();
         let read = tokio::time::timeout(within, stdout.read_line(&mut line)).await;
@@ -131,7 +124,8 @@ impl HostShell for LocalShell {
                 }))
             }
             Err(_) => Err(ShellError::Other(format!(
-                "`{program}` printed nothing within {} s",
+                "`{}` printed nothing within {} s",
+                argv[0],
                 within.as_secs()
             ))),
         }
