@@ -42,3 +42,18 @@ pub fn load_files(files: &RepoFiles) -> (Desired, Vec<Artifact>) {
 pub fn lab() -> (Desired, Vec<Artifact>) {
     load_files(&files())
 }
+
+/// examples/homelab-talos with cluster.yaml's `version` and `kubernetes_version` set.
+pub fn talos_example_at(version: &str, kubernetes: &str) -> RepoFiles {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/homelab-talos");
+    let mut files = crate::source::read_dir(&dir).unwrap();
+    let text = String::from_utf8(files.files["cluster.yaml"].clone()).unwrap();
+    let text = text
+        .replace("version: v1.13.9", &format!("version: {version}"))
+        .replace(
+            "kubernetes_version: v1.34.1",
+            &format!("kubernetes_version: {kubernetes}"),
+        );
+    files.insert("cluster.yaml".to_string(), text);
+    files
+}

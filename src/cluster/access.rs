@@ -1608,16 +1608,7 @@ mod tests {
         kubernetes: &str,
     ) -> (Desired, Vec<Artifact>, tempfile::TempDir, Observed, FakeCluster) {
         let (_, _, secrets, guests) = talos_lab();
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/homelab-talos");
-        let mut files = crate::source::read_dir(&dir).unwrap();
-        let text = String::from_utf8(files.files["cluster.yaml"].clone()).unwrap();
-        let text = text
-            .replace("version: v1.13.9", &format!("version: {version}"))
-            .replace(
-                "kubernetes_version: v1.34.1",
-                &format!("kubernetes_version: {kubernetes}"),
-            );
-        files.insert("cluster.yaml".to_string(), text);
+        let files = crate::test_repo::talos_example_at(version, kubernetes);
         let (mut desired, artifacts) = crate::test_repo::load_files(&files);
         // The example's Cilium add-on is planned and applied in the add-on tests; these are
         // about the nodes.

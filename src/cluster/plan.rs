@@ -1043,19 +1043,7 @@ mod tests {
 
     /// examples/homelab-talos with cluster.yaml's `version` (and `kubernetes_version`) set.
     fn talos_example_at(version: &str, kubernetes: &str) -> (Desired, Vec<Artifact>) {
-        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/homelab-talos");
-        let mut files = crate::source::read_dir(&dir).unwrap();
-        let text = String::from_utf8(files.files["cluster.yaml"].clone()).unwrap();
-        let text = text
-            .replace("version: v1.13.9", &format!("version: {version}"))
-            .replace(
-                "kubernetes_version: v1.34.1",
-                &format!("kubernetes_version: {kubernetes}"),
-            );
-        files.insert("cluster.yaml".to_string(), text);
-        let desired = load(&files, &LoadOptions::default()).unwrap();
-        let artifacts = render_all(&desired).unwrap();
-        (desired, artifacts)
+        crate::test_repo::load_files(&crate::test_repo::talos_example_at(version, kubernetes))
     }
 
     /// The cluster steps for running guests (Proxmox has nothing to change).
