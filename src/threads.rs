@@ -13,32 +13,32 @@ where
     R: Send,
     F: Fn(usize, &T) -> R + Sync,
 {
-    map_in_order_with(items, per_thread, || (), |_, i, t| f(i, t))
+    map_in_order_with(items, per_thread, |_| (), |_, i, t| f(i, t))
 }
 
-/// [`map_in_order`] where each thread first makes its own `state` with `init`: what the
-/// threads would otherwise share and count references to on every use (a template
-/// environment's values) is then each thread's own.
+/// [`map_in_order`] where each thread first makes its own `state` with `init` (given the
+/// thread's number, 0 for the first or only one): what the threads would otherwise share and
+/// count references to on every use (a template environment's values) is then each thread's own.
 pub(crate) fn map_in_order_with<T, S, R, I, F>(items: &[T], per_thread: usize, init: I, f: F) -> Vec<R>
 where
     T: Sync,
     R: Send,
-    I: Fn() -> S + Sync,
+    I: Fn(usize) -> S + Sync,
     F: Fn(&mut S, usize, &T) -> R + Sync,
 {
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .min(items.len() / per_thread.max(1))
         .clamp(1, MAX_THREADS);
-    let run = |first: usize, part: &[T]| {
-        let mut state = init();
+    let run = |thread: usize, first: usize, part: &[T]| {
+        let mut state = init(thread);
         part.iter()
             .enumerate()
             .map(|(i, t)| f(&mut state, first + i, t))
             .collect::<Vec<R>>()
     };
     if threads == 1 {
-        return run(0, items);
+        return run(0, 0, items);
     }
     let chunk = items.len().div_ceil(threads);
     let run = &run;
@@ -46,7 +46,7 @@ where
         let workers: Vec<_> = items
             .chunks(chunk)
             .enumerate()
-            .map(|(c, part)| scope.spawn(move || run(c * chunk, part)))
+            .map(|(c, part)| scope.spawn(move || run(c, c * chunk, part)))
             .collect();
         workers
             .into_iter()

@@ -384,7 +384,8 @@ impl Renderer<'_> {
     fn nodes(&self, nodes: &[Node]) -> Vec<Option<Result<Vec<Artifact>, NodeError>>> {
         use std::sync::atomic::{AtomicUsize, Ordering};
         let first_exhausted = AtomicUsize::new(usize::MAX);
-        let own = || Renderer::new(self.desired).ok();
+        // The first (or only) thread uses this renderer; the others build their own.
+        let own = |thread: usize| (thread > 0).then(|| Renderer::new(self.desired).ok()).flatten();
         crate::threads::map_in_order_with(nodes, NODES_PER_THREAD, own, |own, i, node| {
             if i > first_exhausted.load(Ordering::Relaxed) {
                 return None;
